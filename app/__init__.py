@@ -1,0 +1,1 @@
+"""RLHF Workbench: human feedback annotation with the InstructGPT loop built in."""

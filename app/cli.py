@@ -1,0 +1,210 @@
+"""The `rlhf` command: serve, worker, db, users, models."""
+
+import logging
+from typing import Annotated
+
+import typer
+
+from app.config import get_settings
+from app.db.enums import Role
+from app.logs import configure_logging
+
+cli = typer.Typer(help="RLHF Workbench: human feedback and the training that follows from it.",
+                  no_args_is_help=True)
+db_cli = typer.Typer(help="Database migrations.", no_args_is_help=True)
+users_cli = typer.Typer(help="User accounts.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+cli.add_typer(users_cli, name="users")
+
+log = logging.getLogger("rlhf")
+
+
+def _setup() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level)
+
+
+def _print_settings() -> None:
+    for key, value in get_settings().describe().items():
+        log.info("setting %s = %s", key, value)
+
+
+@cli.command()
+def serve(
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="Run the web app only.")] = False,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+) -> None:
+    """Migrate the database, create the first admin if needed, and serve the web app
+    (with one in-process worker unless --no-worker)."""
+    import uvicorn
+
+    from app.db import migrate
+    from app.db.session import new_session
+    from app.main import create_app
+    from app.services.users import ensure_first_admin
+
+    _setup()
+    settings = get_settings()
+    _print_settings()
+    migrate.upgrade()
+    with new_session() as session:
+        pw = settings.admin_password.get_secret_value() if settings.admin_password else None
+        admin, generated = ensure_first_admin(session, username=settings.admin_username, password=pw)
+    if admin is not None:
+        if generated:
+            typer.secho(
+                f"\nCreated the first admin '{admin.username}' with password: {generated}\n"
+                "It is shown only this once; change it under Users after signing in.\n",
+                fg=typer.colors.YELLOW,
+            )
+        else:
+            log.info("created the first admin '%s' (password from RLHF_ADMIN_PASSWORD)", admin.username)
+    worker = None
+    if not no_worker:
+        from trainer.worker import start_background_worker
+
+        worker = start_background_worker(settings)
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=host or settings.host,
+            port=port or settings.port,
+            log_config=None,
+            proxy_headers=True,
+        )
+    finally:
+        if worker is not None:
+            worker.stop()
+
+
+@cli.command()
+def worker(
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: settings).")] = None,
+    concurrency: Annotated[int, typer.Option(help="Jobs run at once by this process.")] = 1,
+) -> None:
+    """Run a worker that takes generation and training jobs from the queue."""
+    from trainer.worker import run_worker
+
+    _setup()
+    _print_settings()
+    run_worker(get_settings(), queues=_queue_list(queues), concurrency=concurrency)
+
+
+def _queue_list(queues: str | None) -> list[str]:
+    raw = queues if queues is not None else get_settings().worker_queues
+    return [q.strip() for q in raw.split(",") if q.strip()]
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from app.db import migrate
+
+    _setup()
+    migrate.upgrade(revision)
+    typer.echo(f"database at {migrate.current_revision()}")
+
+
+@db_cli.command("downgrade")
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION ('base' removes every table)."""
+    from app.db import migrate
+
+    _setup()
+    migrate.downgrade(revision)
+    typer.echo(f"database at {migrate.current_revision()}")
+
+
+@db_cli.command("current")
+def db_current() -> None:
+    """Print the database's revision and the code's head revision."""
+    from app.db import migrate
+
+    _setup()
+    typer.echo(f"current: {migrate.current_revision()}  head: {migrate.head_revision()}")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@users_cli.command("create")
+def users_create(
+    username: str,
+    role: Annotated[Role, typer.Option(help="labeler, admin or engineer")] = Role.labeler,
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True,
+                                          envvar="RLHF_NEW_USER_PASSWORD")] = "",
+) -> None:
+    """Create an account."""
+    from app.db.session import new_session
+    from app.services import users
+    from app.services.errors import DomainError
+
+    _setup()
+    with new_session() as session:
+        try:
+            user = users.create_user(session, username=username, password=password, role=role)
+        except DomainError as exc:
+            _fail(exc.message)
+        typer.echo(f"created {user.role.value} '{user.username}' (id {user.id})")
+
+
+@users_cli.command("list")
+def users_list(role: Annotated[Role | None, typer.Option()] = None) -> None:
+    """List accounts."""
+    from app.db.session import new_session
+    from app.services import users
+
+    _setup()
+    with new_session() as session:
+        for user in users.list_users(session, role=role):
+            state = "active" if user.is_active else "deactivated"
+            typer.echo(f"{user.id:>5}  {user.username:<24} {user.role.value:<9} {state}")
+
+
+@users_cli.command("deactivate")
+def users_deactivate(username: str) -> None:
+    """Deactivate an account (its open task leases are released)."""
+    _change_user(username, active=False)
+
+
+@users_cli.command("activate")
+def users_activate(username: str) -> None:
+    """Re-activate an account."""
+    _change_user(username, active=True)
+
+
+@users_cli.command("set-password")
+def users_set_password(
+    username: str,
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True,
+                                          envvar="RLHF_NEW_USER_PASSWORD")] = "",
+) -> None:
+    """Set a new password."""
+    _change_user(username, password=password)
+
+
+def _change_user(username: str, *, active: bool | None = None, password: str | None = None) -> None:
+    from app.db.session import new_session
+    from app.services import users
+    from app.services.errors import DomainError
+
+    _setup()
+    with new_session() as session:
+        user = users.get_user_by_name(session, username)
+        if user is None:
+            _fail(f"no user named '{username}'")
+        try:
+            if password is not None:
+                users.set_password(session, user=user, password=password)
+            if active is not None:
+                users.set_active(session, user=user, active=active)
+        except DomainError as exc:
+            _fail(exc.message)
+        typer.echo(f"updated '{username}'")
+
+
+def main() -> None:
+    cli()

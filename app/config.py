@@ -1,0 +1,74 @@
+"""One typed settings object, read from environment variables and `.env`."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # Where the embedded PostgreSQL, artifacts and caches live.
+    data_dir: Path = Field(default=Path("var"), validation_alias="RLHF_DATA_DIR")
+    # Unset: `serve` starts an embedded PostgreSQL under data_dir/pgdata.
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    artifacts_dir: Path | None = Field(default=None, validation_alias="RLHF_ARTIFACTS_DIR")
+
+    host: str = Field(default="127.0.0.1", validation_alias="RLHF_HOST")
+    port: int = Field(default=8000, validation_alias="RLHF_PORT")
+    # Signs the session cookie. Unset: a random key is generated once and kept
+    # in data_dir/secret_key so sessions survive restarts.
+    secret_key: SecretStr | None = Field(default=None, validation_alias="RLHF_SECRET_KEY")
+    # Password of the first admin; unset: one is generated and printed once.
+    admin_password: SecretStr | None = Field(default=None, validation_alias="RLHF_ADMIN_PASSWORD")
+    admin_username: str = Field(default="admin", validation_alias="RLHF_ADMIN_USERNAME")
+    # Send the session cookie only over HTTPS (turn on behind TLS).
+    secure_cookies: bool = Field(default=False, validation_alias="RLHF_SECURE_COOKIES")
+    session_max_age_s: int = Field(default=14 * 24 * 3600, validation_alias="RLHF_SESSION_MAX_AGE_S")
+
+    # Failed logins allowed per account and per address in the window.
+    login_max_failures: int = Field(default=5, validation_alias="RLHF_LOGIN_MAX_FAILURES")
+    login_window_s: int = Field(default=15 * 60, validation_alias="RLHF_LOGIN_WINDOW_S")
+
+    # How long a labeler holds a task before it returns to the pool.
+    lease_s: int = Field(default=30 * 60, validation_alias="RLHF_LEASE_S")
+
+    # Worker: queues to listen on, device (auto = cuda > mps > cpu).
+    worker_queues: str = Field(default="default,gpu", validation_alias="RLHF_WORKER_QUEUES")
+    device: str = Field(default="auto", validation_alias="RLHF_DEVICE")
+
+    log_level: str = Field(default="INFO", validation_alias="RLHF_LOG_LEVEL")
+
+    @property
+    def artifacts_path(self) -> Path:
+        return self.artifacts_dir or self.data_dir / "artifacts"
+
+    @property
+    def pgdata_path(self) -> Path:
+        return self.data_dir / "pgdata"
+
+    def describe(self) -> dict[str, str]:
+        """Settings safe to print: secrets are never shown."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                out[name] = "(set)" if value else "(unset)"
+            elif name == "database_url":
+                out[name] = _redact_url(value) if value else "(embedded)"
+            else:
+                out[name] = str(value)
+        return out
+
+
+def _redact_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

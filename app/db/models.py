@@ -1,0 +1,482 @@
+"""The tables. Rules the database can enforce (unique, check, foreign keys) live here."""
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    text as sql,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db.base import Base, str_enum, utcnow
+from app.db.enums import (
+    AssignmentStatus,
+    DemonstrationStatus,
+    JobKind,
+    JobStatus,
+    ModelKind,
+    PromptSetKind,
+    PromptSetStatus,
+    Role,
+    Split,
+)
+
+
+def created_at_column() -> Mapped[datetime]:
+    return mapped_column(default=utcnow, server_default=sql("now()"))
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(str_enum(Role, "role"))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    is_active: Mapped[bool] = mapped_column(default=True, server_default=sql("true"))
+    created_at: Mapped[datetime] = created_at_column()
+    last_login_at: Mapped[datetime | None]
+
+    api_tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")
+
+    __table_args__ = (
+        CheckConstraint("username ~ '^[A-Za-z0-9_.@-]{2,64}$'", name="username_format"),
+    )
+
+    def can(self, *roles: Role) -> bool:
+        """Admins can do everything; others only what their role allows."""
+        return self.is_active and (self.role == Role.admin or self.role in roles)
+
+
+class ApiToken(Base):
+    """A personal bearer token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = created_at_column()
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(back_populates="api_tokens")
+
+
+class LoginAttempt(Base):
+    """Failed and successful logins, for rate limiting across web replicas."""
+
+    __tablename__ = "login_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(64))
+    succeeded: Mapped[bool]
+    at: Mapped[datetime] = created_at_column()
+
+    __table_args__ = (
+        Index("ix_login_attempts_username_at", "username", "at"),
+        Index("ix_login_attempts_address_at", "address", "at"),
+    )
+
+
+class Model(Base):
+    """A registered checkpoint: SFT, reward model or policy."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[ModelKind] = mapped_column(str_enum(ModelKind, "model_kind"))
+    # A directory (absolute, or relative to the artifacts dir) or a hub id.
+    path: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(100))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL", use_alter=True)
+    )
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=sql("'{}'"))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=sql("'{}'"))
+    is_default: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    created_at: Mapped[datetime] = created_at_column()
+
+    parent: Mapped["Model | None"] = relationship(remote_side=[id], foreign_keys=[parent_id])
+
+    __table_args__ = (
+        # At most one default model per kind.
+        Index("uq_models_default_kind", "kind", unique=True, postgresql_where=sql("is_default")),
+    )
+
+
+class PromptSet(Base):
+    __tablename__ = "prompt_sets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[PromptSetKind] = mapped_column(
+        str_enum(PromptSetKind, "prompt_set_kind"), default=PromptSetKind.ranking
+    )
+    instructions: Mapped[str] = mapped_column(Text, default="", server_default="")
+    generator_model_id: Mapped[int | None] = mapped_column(
+        ForeignKey("models.id", ondelete="RESTRICT")
+    )
+    k: Mapped[int] = mapped_column(default=4)
+    temperature: Mapped[float] = mapped_column(default=1.0)
+    top_p: Mapped[float] = mapped_column(default=0.95)
+    max_new_tokens: Mapped[int] = mapped_column(default=128)
+    seed: Mapped[int] = mapped_column(default=0)
+    overlap: Mapped[int] = mapped_column(default=1)
+    # Share of prompts in each split; a prompt's split is fixed by its text hash.
+    train_ratio: Mapped[float] = mapped_column(default=0.8)
+    validation_ratio: Mapped[float] = mapped_column(default=0.1)
+    rl_ratio: Mapped[float] = mapped_column(default=0.1)
+    # Generation round: bumped when a new generator is promoted.
+    round: Mapped[int] = mapped_column(default=1)
+    # Share of gold tasks mixed into a labeler's queue (0 = none).
+    gold_rate: Mapped[float] = mapped_column(default=0.0)
+    status: Mapped[PromptSetStatus] = mapped_column(
+        str_enum(PromptSetStatus, "prompt_set_status"), default=PromptSetStatus.draft
+    )
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = created_at_column()
+
+    generator_model: Mapped[Model | None] = relationship()
+    prompts: Mapped[list["Prompt"]] = relationship(back_populates="prompt_set")
+
+    __table_args__ = (
+        CheckConstraint("k BETWEEN 2 AND 9", name="k_range"),
+        CheckConstraint("overlap >= 1", name="overlap_positive"),
+        CheckConstraint("temperature > 0", name="temperature_positive"),
+        CheckConstraint("top_p > 0 AND top_p <= 1", name="top_p_range"),
+        CheckConstraint("max_new_tokens BETWEEN 1 AND 4096", name="max_new_tokens_range"),
+        CheckConstraint(
+            "train_ratio >= 0 AND validation_ratio >= 0 AND rl_ratio >= 0"
+            " AND abs(train_ratio + validation_ratio + rl_ratio - 1) < 1e-6",
+            name="split_ratios",
+        ),
+        CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name="gold_rate_range"),
+    )
+
+
+class PromptSetLabeler(Base):
+    """Labelers allowed on a prompt set. A set with no rows is open to every labeler."""
+
+    __tablename__ = "prompt_set_labelers"
+
+    prompt_set_id: Mapped[int] = mapped_column(
+        ForeignKey("prompt_sets.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_set_id: Mapped[int] = mapped_column(ForeignKey("prompt_sets.id", ondelete="CASCADE"))
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    # The conversation so far: [{"role": "user", "content": "..."}, ...].
+    messages: Mapped[list[Any]]
+    # The last user turn, for lists and search.
+    text: Mapped[str] = mapped_column(Text)
+    # SHA-256 of the canonical messages: duplicates and the split derive from it.
+    text_hash: Mapped[str] = mapped_column(String(64))
+    split: Mapped[Split] = mapped_column(str_enum(Split, "split"))
+    meta: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", default=dict, server_default=sql("'{}'")
+    )
+    created_at: Mapped[datetime] = created_at_column()
+
+    prompt_set: Mapped[PromptSet] = relationship(back_populates="prompts")
+    responses: Mapped[list["Response"]] = relationship(back_populates="prompt")
+
+    __table_args__ = (
+        UniqueConstraint("prompt_set_id", "text_hash"),
+        Index("ix_prompts_prompt_set_id_split", "prompt_set_id", "split"),
+    )
+
+
+class Response(Base):
+    __tablename__ = "responses"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    round: Mapped[int] = mapped_column(default=1)
+    sample_index: Mapped[int]
+    text: Mapped[str] = mapped_column(Text)
+    num_tokens: Mapped[int] = mapped_column(default=0)
+    # "eos" when the model ended the response, "length" when max_new_tokens cut it.
+    finish_reason: Mapped[str] = mapped_column(String(16), default="eos")
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    sampling: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=sql("'{}'"))
+    created_at: Mapped[datetime] = created_at_column()
+
+    prompt: Mapped[Prompt] = relationship(back_populates="responses")
+
+    __table_args__ = (
+        UniqueConstraint("prompt_id", "round", "sample_index"),
+        CheckConstraint("sample_index >= 0", name="sample_index_nonneg"),
+    )
+
+
+class Task(Base):
+    """One prompt with its K responses, shown to labelers in a fixed shuffled order."""
+
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_set_id: Mapped[int] = mapped_column(ForeignKey("prompt_sets.id", ondelete="CASCADE"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
+    round: Mapped[int] = mapped_column(default=1)
+    k: Mapped[int]
+    # Submitted annotations so far; compared with the set's overlap.
+    num_labels: Mapped[int] = mapped_column(default=0, server_default=sql("0"))
+    is_gold: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    # For gold tasks: {response_id: expected rank}.
+    gold_ranking: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = created_at_column()
+
+    prompt: Mapped[Prompt] = relationship()
+    prompt_set: Mapped[PromptSet] = relationship()
+    items: Mapped[list["TaskResponse"]] = relationship(
+        back_populates="task", order_by="TaskResponse.position"
+    )
+
+    __table_args__ = (
+        UniqueConstraint("prompt_id", "round"),
+        CheckConstraint("k BETWEEN 2 AND 9", name="k_range"),
+        CheckConstraint("num_labels >= 0", name="num_labels_nonneg"),
+        Index("ix_tasks_prompt_set_id_num_labels", "prompt_set_id", "num_labels"),
+    )
+
+
+class TaskResponse(Base):
+    """A response's place (A, B, C...) in a task's shuffled order."""
+
+    __tablename__ = "task_responses"
+
+    task_id: Mapped[int] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    response_id: Mapped[int] = mapped_column(
+        ForeignKey("responses.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int]
+
+    task: Mapped[Task] = relationship(back_populates="items")
+    response: Mapped[Response] = relationship()
+
+    __table_args__ = (
+        UniqueConstraint("task_id", "position"),
+        CheckConstraint("position BETWEEN 0 AND 8", name="position_range"),
+    )
+
+
+class Assignment(Base):
+    """A labeler's lease on a task. One row per (task, labeler): never labeled twice."""
+
+    __tablename__ = "assignments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    status: Mapped[AssignmentStatus] = mapped_column(
+        str_enum(AssignmentStatus, "assignment_status"), default=AssignmentStatus.active
+    )
+    leased_at: Mapped[datetime] = created_at_column()
+    expires_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("task_id", "user_id"),
+        Index("ix_assignments_user_id_status", "user_id", "status"),
+        Index("ix_assignments_task_id_status", "task_id", "status"),
+    )
+
+
+class Annotation(Base):
+    """One labeler's submission for one task."""
+
+    __tablename__ = "annotations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    time_spent_s: Mapped[float] = mapped_column(default=0.0)
+    prompt_flags: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
+    comment: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # The form's one-time key: a retried submit finds the stored annotation.
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # Excluded annotations stay stored but leave exports and training data.
+    excluded: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = created_at_column()
+
+    ratings: Mapped[list["Rating"]] = relationship(
+        back_populates="annotation", cascade="all, delete-orphan"
+    )
+    comparisons: Mapped[list["Comparison"]] = relationship(
+        back_populates="annotation", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (
+        UniqueConstraint("task_id", "user_id"),
+        Index("ix_annotations_user_id_created_at", "user_id", "created_at"),
+        CheckConstraint("time_spent_s >= 0", name="time_spent_nonneg"),
+    )
+
+
+class Rating(Base):
+    """Likert score, rank and flags of one response in one annotation."""
+
+    __tablename__ = "ratings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"))
+    task_id: Mapped[int]
+    response_id: Mapped[int]
+    likert: Mapped[int]
+    rank: Mapped[int]
+    flags: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
+
+    annotation: Mapped[Annotation] = relationship(back_populates="ratings")
+
+    __table_args__ = (
+        UniqueConstraint("annotation_id", "response_id"),
+        # The response must belong to the task.
+        ForeignKeyConstraint(
+            ["task_id", "response_id"],
+            ["task_responses.task_id", "task_responses.response_id"],
+            ondelete="CASCADE",
+        ),
+        CheckConstraint("likert BETWEEN 1 AND 7", name="likert_range"),
+        CheckConstraint("rank BETWEEN 1 AND 9", name="rank_range"),
+    )
+
+
+class Comparison(Base):
+    """One (chosen, rejected) pair expanded from a ranking; what the reward model trains on."""
+
+    __tablename__ = "comparisons"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"))
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    chosen_response_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"))
+    rejected_response_id: Mapped[int] = mapped_column(
+        ForeignKey("responses.id", ondelete="CASCADE")
+    )
+    rank_margin: Mapped[int]
+    rating_margin: Mapped[int]
+    created_at: Mapped[datetime] = created_at_column()
+
+    annotation: Mapped[Annotation] = relationship(back_populates="comparisons")
+
+    __table_args__ = (
+        UniqueConstraint("annotation_id", "chosen_response_id", "rejected_response_id"),
+        CheckConstraint("chosen_response_id <> rejected_response_id", name="distinct_pair"),
+        CheckConstraint("rank_margin > 0", name="rank_margin_positive"),
+    )
+
+
+class Demonstration(Base):
+    """A labeler's own response to a prompt; accepted ones are SFT data."""
+
+    __tablename__ = "demonstrations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    text: Mapped[str] = mapped_column(Text, default="", server_default="")
+    status: Mapped[DemonstrationStatus] = mapped_column(
+        str_enum(DemonstrationStatus, "demonstration_status"), default=DemonstrationStatus.draft
+    )
+    # True when the labeler started from the model's answer.
+    edit_mode: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    reject_reason: Mapped[str | None] = mapped_column(Text)
+    time_spent_s: Mapped[float] = mapped_column(default=0.0)
+    reviewed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    reviewed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = created_at_column()
+
+    __table_args__ = (
+        UniqueConstraint("prompt_id", "user_id"),
+        Index("ix_demonstrations_status", "status"),
+    )
+
+
+class Job(Base):
+    """The product's record of a run; the queue's own row is linked by queue_job_id."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[JobKind] = mapped_column(str_enum(JobKind, "job_kind"))
+    status: Mapped[JobStatus] = mapped_column(
+        str_enum(JobStatus, "job_status"), default=JobStatus.queued
+    )
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=sql("'{}'"))
+    queue: Mapped[str] = mapped_column(String(50), default="default")
+    queue_job_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    prompt_set_id: Mapped[int | None] = mapped_column(
+        ForeignKey("prompt_sets.id", ondelete="SET NULL"), index=True
+    )
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    progress_done: Mapped[int] = mapped_column(default=0, server_default=sql("0"))
+    progress_total: Mapped[int] = mapped_column(default=0, server_default=sql("0"))
+    attempts: Mapped[int] = mapped_column(default=0, server_default=sql("0"))
+    cancel_requested: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=sql("'{}'"))
+    created_at: Mapped[datetime] = created_at_column()
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    metrics: Mapped[list["JobMetric"]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (
+        Index("ix_jobs_status_created_at", "status", "created_at"),
+        CheckConstraint("progress_done >= 0 AND progress_total >= 0", name="progress_nonneg"),
+    )
+
+
+class JobMetric(Base):
+    """One scalar of a job at one step, for live curves."""
+
+    __tablename__ = "job_metrics"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    step: Mapped[int]
+    name: Mapped[str] = mapped_column(String(100))
+    value: Mapped[float]
+    created_at: Mapped[datetime] = created_at_column()
+
+    job: Mapped[Job] = relationship(back_populates="metrics")
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "name", "step"),
+    )

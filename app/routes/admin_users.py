@@ -1,0 +1,69 @@
+"""Admin: labeler and staff accounts."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+
+from app.db.enums import Role
+from app.routes.deps import AdminUser, SessionDep
+from app.services import users
+from app.services.errors import Invalid, NotAllowed
+from app.web import flash, redirect, render
+
+router = APIRouter(prefix="/admin/users", include_in_schema=False)
+
+
+@router.get("")
+def users_page(request: Request, session: SessionDep, admin: AdminUser):
+    return render(request, "pages/admin_users.html", {"users": users.list_users(session), "roles": list(Role)})
+
+
+@router.post("")
+def create_user(
+    request: Request,
+    session: SessionDep,
+    admin: AdminUser,
+    username: Annotated[str, Form(max_length=200)] = "",
+    password: Annotated[str, Form(max_length=1000)] = "",
+    role: Annotated[str, Form()] = Role.labeler.value,
+):
+    try:
+        user = users.create_user(session, username=username, password=password, role=role)
+    except Invalid as exc:
+        context = {
+            "users": users.list_users(session), "roles": list(Role),
+            "form": {"username": username, "role": role}, "form_errors": exc.errors, "error": exc.message,
+        }
+        return render(request, "pages/admin_users.html", context, block="create_form", status_code=422)
+    flash(request, f"Created {user.role.value} '{user.username}'.", "success")
+    return redirect(request, "/admin/users")
+
+
+@router.post("/{user_id}/active")
+def set_active(
+    request: Request,
+    session: SessionDep,
+    admin: AdminUser,
+    user_id: int,
+    active: Annotated[bool, Form()],
+):
+    user = users.get_user(session, user_id)
+    if user.id == admin.id and not active:
+        raise NotAllowed("You cannot deactivate your own account.")
+    users.set_active(session, user=user, active=active)
+    context = {"user": user, "roles": list(Role)}
+    return render(request, "partials/_user_row.html", context)
+
+
+@router.post("/{user_id}/password")
+def reset_password(
+    request: Request,
+    session: SessionDep,
+    admin: AdminUser,
+    user_id: int,
+    password: Annotated[str, Form(max_length=1000)],
+):
+    user = users.get_user(session, user_id)
+    users.set_password(session, user=user, password=password)
+    flash(request, f"Password of '{user.username}' reset.", "success")
+    return redirect(request, "/admin/users")

@@ -1,0 +1,93 @@
+"""Dependency aliases, declared once: the session, the current user, role checks."""
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.config import Settings, get_settings
+from app.db.enums import Role
+from app.db.models import User
+from app.db.session import new_session
+from app.services import auth
+from app.services.errors import NotAllowed, NotAuthenticated
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def get_session() -> Iterator[Session]:
+    with new_session() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def get_optional_user(request: Request, session: SessionDep) -> User | None:
+    """The user of a bearer token or of the session cookie; None when anonymous."""
+    raw = _bearer(request)
+    if raw is not None:
+        user = auth.user_for_token(session, raw)
+        if user is None:
+            raise NotAuthenticated("The API token is unknown, revoked, or its user is deactivated.")
+    else:
+        user_id = request.session.get("user_id")
+        user = session.get(User, user_id) if user_id else None
+        if user is not None and not user.is_active:
+            request.session.clear()
+            user = None
+    request.state.user = user
+    return user
+
+
+OptionalUser = Annotated[User | None, Depends(get_optional_user)]
+
+
+def get_current_user(user: OptionalUser) -> User:
+    if user is None:
+        raise NotAuthenticated("Please sign in.")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+class RequireRole:
+    """Passes users with one of the roles (admins always pass); 403 for others."""
+
+    def __init__(self, *roles: Role):
+        self.roles = roles
+
+    def __call__(self, user: CurrentUser) -> User:
+        if not user.can(*self.roles):
+            wanted = " or ".join(r.value for r in self.roles) or "admin"
+            raise NotAllowed(f"This page is for {wanted} accounts.")
+        return user
+
+
+AdminUser = Annotated[User, Depends(RequireRole(Role.admin))]
+EngineerUser = Annotated[User, Depends(RequireRole(Role.engineer))]
+LabelerUser = Annotated[User, Depends(RequireRole(Role.labeler))]
+
+
+async def verify_csrf(request: Request) -> None:
+    """Every state-changing request made with the session cookie must carry the
+    session's CSRF token, in the X-CSRF-Token header (htmx) or a csrf_token field."""
+    if request.method in SAFE_METHODS or _bearer(request) is not None:
+        return
+    expected = request.session.get("csrf")
+    sent = request.headers.get("X-CSRF-Token")
+    if not sent:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+            sent = (await request.form()).get("csrf_token")
+    if not expected or not isinstance(sent, str) or not hmac.compare_digest(expected, sent):
+        raise NotAllowed("The form has expired or lacks its security token; reload the page and try again.")

@@ -1,0 +1,101 @@
+"""Logging in, rate limiting failed logins, and personal API tokens."""
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.enums import Role
+from app.db.models import ApiToken, LoginAttempt, User
+from app.services.errors import Invalid, NotAllowed, NotFound, RateLimited
+from app.services.users import get_user_by_name, verify_password
+
+TOKEN_PREFIX = "rlhf_"
+
+
+def authenticate(
+    session: Session,
+    *,
+    username: str,
+    password: str,
+    address: str,
+    max_failures: int,
+    window_s: int,
+    now: datetime | None = None,
+) -> User:
+    """The user for these credentials. Raises RateLimited after too many failures
+    for the account or the address within the window, Invalid otherwise."""
+    now = now or utcnow()
+    username = username.strip()
+    since = now - timedelta(seconds=window_s)
+    failures = func.count().filter(LoginAttempt.succeeded.is_(False))
+    by_account = session.scalar(
+        select(failures).where(LoginAttempt.username == username, LoginAttempt.at >= since)
+    )
+    by_address = session.scalar(
+        select(failures).where(LoginAttempt.address == address, LoginAttempt.at >= since)
+    )
+    if by_account >= max_failures or by_address >= max_failures:
+        minutes = max(1, window_s // 60)
+        raise RateLimited(
+            f"Too many failed sign-in attempts for this account or address. "
+            f"Try again in {minutes} minutes."
+        )
+    user = get_user_by_name(session, username)
+    ok = verify_password(password, user.password_hash if user else None)
+    ok = ok and user is not None and user.is_active
+    session.add(LoginAttempt(username=username[:64], address=address[:64], succeeded=ok, at=now))
+    if not ok:
+        session.commit()
+        raise Invalid("Wrong username or password, or the account is deactivated.")
+    assert user is not None
+    user.last_login_at = now
+    session.commit()
+    return user
+
+
+def _token_hash(raw: str) -> str:
+    # Tokens are 256 random bits: a fast hash is enough (no dictionary to guess from).
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def create_api_token(session: Session, *, user: User, name: str) -> tuple[ApiToken, str]:
+    """A new bearer token; the raw value is returned once and only its hash is stored."""
+    if not user.can(Role.engineer):
+        raise NotAllowed("Only engineers and admins can create API tokens.")
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise Invalid("Give the token a name of 1-100 characters.", errors={"name": "1-100 characters"})
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(user=user, name=name, prefix=raw[:12], token_hash=_token_hash(raw))
+    session.add(token)
+    session.commit()
+    return token, raw
+
+
+def list_api_tokens(session: Session, *, user: User) -> Sequence[ApiToken]:
+    return session.scalars(
+        select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.created_at.desc())
+    ).all()
+
+
+def revoke_api_token(session: Session, *, user: User, token_id: int) -> None:
+    token = session.get(ApiToken, token_id)
+    if token is None or token.user_id != user.id:
+        raise NotFound(f"No token with id {token_id}.")
+    token.revoked_at = token.revoked_at or utcnow()
+    session.commit()
+
+
+def user_for_token(session: Session, raw: str) -> User | None:
+    """The active user owning this unrevoked token, or None."""
+    token = session.scalar(select(ApiToken).where(ApiToken.token_hash == _token_hash(raw)))
+    if token is None or token.revoked_at is not None or not token.user.is_active:
+        return None
+    token.last_used_at = utcnow()
+    session.commit()
+    return token.user

@@ -1,0 +1,117 @@
+"""Accounts: creation, passwords, activation."""
+
+import re
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+
+from pwdlib import PasswordHash
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.enums import AssignmentStatus, Role
+from app.db.models import Assignment, User
+from app.services.errors import Conflict, Invalid, NotFound
+
+_hasher = PasswordHash.recommended()  # argon2id
+# A hash of a random password, verified against when the user does not exist,
+# so a login for an unknown name takes as long as one for a known name.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{2,64}$")
+MIN_PASSWORD_LENGTH = 8
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password: str, password_hash: str | None) -> bool:
+    if password_hash is None:
+        _hasher.verify(password, _DUMMY_HASH)
+        return False
+    return _hasher.verify(password, password_hash)
+
+
+def check_password_rules(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise Invalid(
+            f"Password must be at least {MIN_PASSWORD_LENGTH} characters.",
+            errors={"password": f"at least {MIN_PASSWORD_LENGTH} characters"},
+        )
+
+
+def get_user(session: Session, user_id: int) -> User:
+    """The user with this id; raises NotFound."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"No user with id {user_id}.")
+    return user
+
+
+def get_user_by_name(session: Session, username: str) -> User | None:
+    return session.scalar(select(User).where(User.username == username))
+
+
+def list_users(session: Session, *, role: Role | None = None) -> Sequence[User]:
+    query = select(User).order_by(User.username)
+    if role is not None:
+        query = query.where(User.role == role)
+    return session.scalars(query).all()
+
+
+def create_user(session: Session, *, username: str, password: str, role: Role | str) -> User:
+    """Create an active account; raises Invalid for a bad name/password/role, Conflict if taken."""
+    username = username.strip()
+    if not USERNAME_RE.match(username):
+        raise Invalid(
+            "Username must be 2-64 letters, digits or . _ @ -",
+            errors={"username": "2-64 letters, digits or . _ @ -"},
+        )
+    try:
+        role = Role(role)
+    except ValueError:
+        choices = ", ".join(r.value for r in Role)
+        raise Invalid(f"Unknown role '{role}'; choose one of {choices}.", errors={"role": "unknown role"})
+    check_password_rules(password)
+    if get_user_by_name(session, username) is not None:
+        raise Conflict(f"A user named '{username}' already exists.", errors={"username": "already taken"})
+    user = User(username=username, role=role, password_hash=hash_password(password))
+    session.add(user)
+    session.commit()
+    return user
+
+
+def set_password(session: Session, *, user: User, password: str) -> None:
+    check_password_rules(password)
+    user.password_hash = hash_password(password)
+    session.commit()
+
+
+def set_active(session: Session, *, user: User, active: bool, now: datetime | None = None) -> None:
+    """Activate or deactivate; a deactivated labeler's open leases are released at once."""
+    user.is_active = active
+    if not active:
+        from app.db.base import utcnow
+
+        for assignment in session.scalars(
+            select(Assignment).where(
+                Assignment.user_id == user.id, Assignment.status == AssignmentStatus.active
+            )
+        ):
+            assignment.status = AssignmentStatus.released
+            assignment.finished_at = now or utcnow()
+    session.commit()
+
+
+def ensure_first_admin(
+    session: Session, *, username: str, password: str | None
+) -> tuple[User | None, str | None]:
+    """Create an admin if there is none. Returns (admin, generated password or None)."""
+    if session.scalar(select(User.id).where(User.role == Role.admin).limit(1)) is not None:
+        return None, None
+    generated = None
+    if not password:
+        password = generated = secrets.token_urlsafe(12)
+    user = create_user(session, username=username, password=password, role=Role.admin)
+    return user, generated

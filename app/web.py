@@ -1,0 +1,80 @@
+"""Templates, and the one helper that chooses between a full page and an htmx fragment."""
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2_fragments.fastapi import Jinja2Blocks
+from markdown_it import MarkdownIt
+from markupsafe import Markup
+
+ROOT = Path(__file__).resolve().parents[1]
+templates = Jinja2Blocks(directory=str(ROOT / "templates"))
+
+# Markdown with raw HTML disabled: everything a user or a model wrote is escaped.
+_markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
+
+
+def render_markdown(text: str | None) -> Markup:
+    return Markup(_markdown.render(text or ""))
+
+
+templates.env.filters["markdown"] = render_markdown
+
+
+def is_htmx(request: Request) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, created on first use."""
+    token = request.session.get("csrf")
+    if not token:
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def flash(request: Request, message: str, category: str = "info") -> None:
+    request.session.setdefault("flash", []).append({"message": message, "category": category})
+
+
+def pop_flashes(request: Request) -> list[dict[str, str]]:
+    return request.session.pop("flash", [])
+
+
+def render(
+    request: Request,
+    template: str,
+    context: dict[str, Any] | None = None,
+    *,
+    block: str | None = None,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+) -> HTMLResponse:
+    """Render the page, or only `block` of it when htmx asked (HX-Request)."""
+    ctx = {
+        "request": request,
+        "current_user": getattr(request.state, "user", None),
+        "csrf_token": csrf_token(request),
+        **(context or {}),
+    }
+    if block is not None and is_htmx(request):
+        response = templates.TemplateResponse(
+            request, template, ctx, block_name=block, status_code=status_code, headers=headers
+        )
+    else:
+        ctx["flashes"] = pop_flashes(request)
+        response = templates.TemplateResponse(
+            request, template, ctx, status_code=status_code, headers=headers
+        )
+    response.headers["Vary"] = "HX-Request"
+    return response
+
+
+def redirect(request: Request, url: str) -> Response:
+    """After a successful POST: a 303 for forms, an HX-Redirect for htmx requests."""
+    if is_htmx(request):
+        return Response(status_code=200, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)

@@ -1,0 +1,1 @@
+"""Training and generation: torch + transformers, no web imports."""
