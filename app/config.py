@@ -8,7 +8,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     # Where the embedded PostgreSQL, artifacts and caches live.
     data_dir: Path = Field(default=Path("var"), validation_alias="RLHF_DATA_DIR")

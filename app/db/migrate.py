@@ -12,6 +12,17 @@ from app.db.session import get_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The job queue (procrastinate) owns its tables; our first migration installs
+# them, but autogenerate must not propose dropping them.
+QUEUE_PREFIX = "procrastinate_"
+
+
+def include_object(obj, name, type_, reflected, compare_to) -> bool:
+    if type_ == "table" and name and name.startswith(QUEUE_PREFIX):
+        return False
+    table = getattr(getattr(obj, "table", None), "name", "") or ""
+    return not table.startswith(QUEUE_PREFIX)
+
 
 def alembic_config(engine: Engine | None = None) -> Config:
     cfg = Config(str(ROOT / "alembic.ini"))
