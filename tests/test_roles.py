@@ -1,0 +1,109 @@
+"""Every registered route, tried by every role and by an anonymous visitor.
+
+ROUTES is the access rule of each route, as data: a route missing here fails
+the test, so a new route cannot ship without a decision on who may use it.
+
+  public    anyone, signed in or not
+  user      any signed-in user
+  labeler   labelers (and admins)
+  engineer  engineers (and admins)
+  admin     admins only
+"""
+
+import pytest
+from fastapi.routing import APIRoute
+
+from app.db.enums import Role
+from tests.conftest import csrf_of, login, make_user
+
+ROUTES: dict[str, str] = {
+    "GET /healthz": "public",
+    "GET /readyz": "public",
+    "GET /login": "public",
+    "POST /login": "public",
+    "POST /logout": "public",
+    "GET /": "user",
+    "GET /api/v1/me": "user",
+    "GET /api/v1/users": "admin",
+    "POST /api/v1/users": "admin",
+    "PATCH /api/v1/users/{user_id}": "admin",
+    "GET /admin/users": "admin",
+    "POST /admin/users": "admin",
+    "POST /admin/users/{user_id}/active": "admin",
+    "POST /admin/users/{user_id}/password": "admin",
+    "GET /account/tokens": "engineer",
+    "POST /account/tokens": "engineer",
+    "POST /account/tokens/{token_id}/revoke": "engineer",
+}
+
+# Framework routes that are public by design (the schema and its viewer).
+FRAMEWORK = {"/api/v1/openapi.json", "/api/v1/docs", "/docs/oauth2-redirect", "/api/v1/docs/oauth2-redirect"}
+
+ALLOWED = {
+    "public": {None, Role.labeler, Role.engineer, Role.admin},
+    "user": {Role.labeler, Role.engineer, Role.admin},
+    "labeler": {Role.labeler, Role.admin},
+    "engineer": {Role.engineer, Role.admin},
+    "admin": {Role.admin},
+}
+
+
+def _walk(routes):
+    for route in routes:
+        # Included routers are wrapped; their routes carry the full path already
+        # (prefixes are set on our APIRouters, never on include_router).
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _walk(inner.routes)
+        elif isinstance(route, APIRoute):
+            yield route
+
+
+def registered_routes(app) -> list[tuple[str, str]]:
+    return [
+        (method, route.path)
+        for route in _walk(app.routes)
+        for method in sorted(route.methods - {"HEAD"})
+    ]
+
+
+def test_every_route_has_an_access_rule(app):
+    routes = {f"{m} {p}" for m, p in registered_routes(app) if p not in FRAMEWORK}
+    missing = sorted(routes - ROUTES.keys())
+    stale = sorted(ROUTES.keys() - routes)
+    assert not missing, f"routes without an entry in ROUTES: {missing}"
+    assert not stale, f"ROUTES lists routes that no longer exist: {stale}"
+
+
+def _fill(path: str) -> str:
+    # Path parameters point at ids that do not exist: allowed roles get 404/422, never 401/403.
+    import re
+
+    return re.sub(r"\{[^}]+\}", "999999", path)
+
+
+@pytest.mark.parametrize("role", [None, Role.labeler, Role.engineer, Role.admin], ids=lambda r: r or "anonymous")
+def test_role_matrix(app, client, session, role):
+    if role is not None:
+        user = make_user(session, role=role)
+        token = login(client, user)
+    else:
+        token = csrf_of(client)
+    for method, path in registered_routes(app):
+        if path in FRAMEWORK or method == "POST" and path in ("/login", "/logout"):
+            continue
+        rule = ROUTES[f"{method} {path}"]
+        url = _fill(path)
+        response = client.request(method, url, headers={"X-CSRF-Token": token})
+        got = response.status_code
+        where = f"{method} {path} as {role or 'anonymous'}"
+        assert got < 500, f"{where}: server error {got}"
+        if role in ALLOWED[rule]:
+            assert got not in (401, 403), f"{where}: refused with {got}"
+        elif role is None:
+            expected = 401 if path.startswith("/api/") else 302
+            assert got == expected, f"{where}: expected {expected}, got {got}"
+            if got == 302:
+                assert response.headers["location"].startswith("/login")
+        else:
+            assert got == 403, f"{where}: expected 403, got {got}"
