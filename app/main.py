@@ -43,7 +43,7 @@ class RequestIdMiddleware:
 
 def session_secret(settings: Settings) -> str:
     """The configured secret, or one generated once and kept in the data directory."""
-    if settings.secret_key is not None:
+    if settings.secret_key is not None and settings.secret_key.get_secret_value():
         return settings.secret_key.get_secret_value()
     path = Path(settings.data_dir) / "secret_key"
     if not path.exists():
