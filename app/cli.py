@@ -73,6 +73,7 @@ def serve(
             host=host or settings.host,
             port=port or settings.port,
             log_config=None,
+            access_log=False,  # app.access logs each request with its request id
             proxy_headers=True,
         )
     finally:

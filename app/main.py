@@ -1,6 +1,8 @@
 """The FastAPI application: middleware, error handlers, routers, static files."""
 
+import logging
 import secrets
+import time
 import uuid
 from pathlib import Path
 
@@ -11,14 +13,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings, get_settings
 from app.errors import install_error_handlers
-from app.logs import request_id_var
+from app.logs import request_id_var  # also installs the request-id log record factory
 from app.routes import account, admin_users, api, auth, health, home
 from app.routes.deps import verify_csrf
 from app.web import ROOT
 
 
+access_log = logging.getLogger("app.access")
+
+
 class RequestIdMiddleware:
-    """Gives every request an id (or keeps the caller's X-Request-ID) for the logs."""
+    """Gives every request an id (or keeps the caller's X-Request-ID) for the logs,
+    and logs one line per request: method, path (no query string: it may hold
+    secrets), status, duration."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -29,15 +36,22 @@ class RequestIdMiddleware:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode()[:64]
         request_id = incoming if incoming.isprintable() and incoming else uuid.uuid4().hex[:16]
         token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if not scope["path"].startswith("/static/"):
+                access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
+                                (time.perf_counter() - started) * 1000)
             request_id_var.reset(token)
 
 

@@ -192,3 +192,16 @@ def test_every_response_carries_a_request_id(client):
 def test_readyz_reports_database_and_migrations(client):
     body = client.get("/readyz").json()
     assert body["status"] == "ok" and body["database"] == "ok"
+
+
+def test_logs_carry_the_request_id_and_no_password(client, session, caplog):
+    import logging
+
+    user = make_user(session)
+    token = csrf_of(client)
+    with caplog.at_level(logging.INFO):
+        client.post("/login", data={"username": user.username, "password": TEST_PASSWORD, "csrf_token": token},
+                    headers={"X-Request-ID": "req-42"})
+    lines = [r for r in caplog.records if r.name == "app.access"]
+    assert any("POST /login 303" in r.getMessage() and r.request_id == "req-42" for r in lines)
+    assert all(TEST_PASSWORD not in r.getMessage() for r in caplog.records)
