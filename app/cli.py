@@ -53,6 +53,9 @@ def serve(
     with new_session() as session:
         pw = settings.admin_password.get_secret_value() if settings.admin_password else None
         admin, generated = ensure_first_admin(session, username=settings.admin_username, password=pw)
+        from app.services.models import ensure_default_model
+
+        ensure_default_model(session, settings)
     if admin is not None:
         if generated:
             typer.secho(
@@ -222,6 +225,50 @@ def models_provision_default() -> None:
     except RuntimeError as exc:
         _fail(str(exc))
     typer.echo(f"default model ready in {path}")
+
+
+@models_cli.command("add")
+def models_add(
+    path_or_hub_id: str,
+    name: Annotated[str | None, typer.Option(help="Registry name (default: the directory name).")] = None,
+    kind: Annotated[str, typer.Option(help="sft, reward or policy")] = "sft",
+    parent: Annotated[str | None, typer.Option(help="Name of the model it was trained from.")] = None,
+    default: Annotated[bool, typer.Option("--default", help="Make it the default of its kind.")] = False,
+) -> None:
+    """Register a causal LM: a local checkpoint directory (with config.json) or a hub id."""
+    from app.db.session import new_session
+    from app.services import models
+    from app.services.errors import DomainError
+
+    _setup()
+    with new_session() as session:
+        try:
+            parent_id = None
+            if parent is not None:
+                found = models.get_model_by_name(session, parent)
+                if found is None:
+                    _fail(f"no model named '{parent}'")
+                parent_id = found.id
+            model = models.register_checkpoint(
+                session, settings=get_settings(), path_or_hub_id=path_or_hub_id, name=name, kind=kind,
+                parent_id=parent_id, make_default=default,
+            )
+        except DomainError as exc:
+            _fail(exc.message)
+        typer.echo(f"registered {model.kind.value} model '{model.name}' (id {model.id}) at {model.path}")
+
+
+@models_cli.command("list")
+def models_list() -> None:
+    """List registered models, defaults first."""
+    from app.db.session import new_session
+    from app.services import models
+
+    _setup()
+    with new_session() as session:
+        for m in models.list_models(session):
+            mark = "*" if m.is_default else " "
+            typer.echo(f"{m.id:>5} {mark} {m.kind.value:<7} {m.name:<40} {m.source:<12} {m.path}")
 
 
 def main() -> None:

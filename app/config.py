@@ -38,6 +38,19 @@ class Settings(BaseSettings):
     # Worker: queues to listen on, device (auto = cuda > mps > cpu).
     worker_queues: str = Field(default="default,gpu", validation_alias="RLHF_WORKER_QUEUES")
     device: str = Field(default="auto", validation_alias="RLHF_DEVICE")
+    # Worker timing. Tests shrink these to seconds; the defaults suit production.
+    # Seconds between polls for new jobs (LISTEN/NOTIFY usually wakes workers sooner).
+    worker_poll_interval_s: float = Field(default=5.0, validation_alias="RLHF_WORKER_POLL_INTERVAL_S")
+    # Seconds between a worker's heartbeats.
+    worker_heartbeat_s: float = Field(default=10.0, validation_alias="RLHF_WORKER_HEARTBEAT_S")
+    # A worker silent this long is dead: its running jobs are retried or failed.
+    worker_stalled_after_s: float = Field(default=60.0, validation_alias="RLHF_WORKER_STALLED_AFTER_S")
+    # Seconds between stalled-job checks by each worker (also once at its start).
+    worker_recovery_interval_s: float = Field(default=60.0, validation_alias="RLHF_WORKER_RECOVERY_INTERVAL_S")
+    # On shutdown, seconds a running job gets to finish before it is stopped and requeued.
+    worker_shutdown_timeout_s: float = Field(default=10.0, validation_alias="RLHF_WORKER_SHUTDOWN_TIMEOUT_S")
+    # Runs of one job (first run + retries after a dead worker) before it is failed.
+    job_max_attempts: int = Field(default=3, validation_alias="RLHF_JOB_MAX_ATTEMPTS")
 
     log_level: str = Field(default="INFO", validation_alias="RLHF_LOG_LEVEL")
 

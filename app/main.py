@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.config import Settings, get_settings
 from app.errors import install_error_handlers
 from app.logs import request_id_var  # also installs the request-id log record factory
-from app.routes import account, admin_users, api, auth, health, home
+from app.routes import account, admin_users, api, api_prompt_sets, auth, health, home, prompt_sets
+from app.routes import api_label, label
 from app.routes.deps import verify_csrf
 from app.web import ROOT
 
@@ -87,6 +88,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
-    for module in (health, auth, home, admin_users, account, api):
+    for module in (health, auth, home, admin_users, account, api, prompt_sets, api_prompt_sets, label, api_label):
         app.include_router(module.router)
     return app

@@ -37,7 +37,9 @@ def csrf_token(request: Request) -> str:
 
 
 def flash(request: Request, message: str, category: str = "info") -> None:
-    request.session.setdefault("flash", []).append({"message": message, "category": category})
+    # Assign, not append: Starlette's session only notices top-level changes, so an
+    # appended second message (before the first was shown) would never be saved.
+    request.session["flash"] = [*request.session.get("flash", []), {"message": message, "category": category}]
 
 
 def pop_flashes(request: Request) -> list[dict[str, str]]:

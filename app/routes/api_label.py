@@ -1,0 +1,55 @@
+"""JSON API for labelers under /api/v1/label: lease the next task, submit a ranking."""
+
+from fastapi import APIRouter, Response, status
+
+from app.db.base import utcnow
+from app.routes.deps import LabelerUser, SessionDep, SettingsDep
+from app.schemas_label import FlagOut, LabelTaskOut, NextTaskOut, ResponseOut, SubmitIn, SubmitOut
+from app.services import annotations, assignment
+
+router = APIRouter(prefix="/api/v1/label", tags=["labeling"])
+
+
+def _flags(pairs) -> list[FlagOut]:
+    return [FlagOut(key=key, label=label) for key, label in pairs]
+
+
+@router.get("/next", response_model=NextTaskOut)
+def next_task(session: SessionDep, user: LabelerUser, settings: SettingsDep):
+    """The labeler's leased task (the same one until it is submitted, skipped or the lease
+    runs out), or a new lease; `task` is null when nothing is left."""
+    now = utcnow()
+    lease = assignment.lease_next_task(session, user=user, now=now, lease_s=settings.lease_s)
+    counts = annotations.labeler_counts(session, user=user, now=now)
+    task_out = None
+    if lease is not None:
+        task = lease.task
+        task_out = LabelTaskOut(
+            id=task.id, prompt_set_id=task.prompt_set_id, prompt_set_name=task.prompt_set.name,
+            instructions=task.prompt_set.instructions, messages=task.prompt.messages, k=task.k,
+            lease_expires_at=lease.assignment.expires_at,
+            responses=[
+                ResponseOut(id=item.response_id, label=annotations.letter(item.position),
+                            text=item.response.text, finish_reason=item.response.finish_reason)
+                for item in task.items
+            ],
+        )
+    return NextTaskOut(task=task_out, today=counts.today, total=counts.total,
+                       response_flags=_flags(annotations.RESPONSE_FLAGS),
+                       prompt_flags=_flags(annotations.PROMPT_FLAGS))
+
+
+@router.post("/{task_id}", response_model=SubmitOut, status_code=status.HTTP_201_CREATED,
+             responses={200: {"description": "A retry: this idempotency key's annotation, stored before."}})
+def submit(task_id: int, body: SubmitIn, response: Response, session: SessionDep, user: LabelerUser):
+    """Submit ratings and a ranking of every response of a leased task. Errors name each
+    field (rating-<response_id>, rank-<response_id>, ...)."""
+    result = annotations.submit_annotation(
+        session, user=user, task_id=task_id, ratings=body.ratings, ranks=body.ranks, flags=body.flags,
+        prompt_flags=body.prompt_flags, comment=body.comment, time_spent_s=body.time_spent_s,
+        idempotency_key=body.idempotency_key, now=utcnow(),
+    )
+    if not result.created:
+        response.status_code = status.HTTP_200_OK
+    return SubmitOut(annotation_id=result.annotation.id, task_id=task_id, created=result.created,
+                     comparisons=len(result.annotation.comparisons), warnings=result.warnings)

@@ -1,0 +1,123 @@
+"""JSON API for prompt sets under /api/v1/prompt-sets (admins)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, status
+from sqlalchemy.orm import Session
+
+from app.db.models import PromptSet
+from app.routes.deps import AdminUser, SessionDep
+from app.routes.uploads import ImportPayload, read_import_payload
+from app.schemas_prompt_sets import (
+    ImportResultOut,
+    JobBrief,
+    PromptImportBody,
+    PromptSetCountsOut,
+    PromptSetCreate,
+    PromptSetOut,
+    PromptSetUpdate,
+)
+from app.services import prompt_import, prompt_sets
+
+router = APIRouter(prefix="/api/v1/prompt-sets", tags=["prompt sets"])
+
+
+def _out(session: Session, prompt_set: PromptSet) -> PromptSetOut:
+    out = PromptSetOut.model_validate(prompt_set)
+    out.counts = PromptSetCountsOut.model_validate(prompt_sets.counts(session, prompt_set))
+    job = prompt_sets.latest_generation_job(session, prompt_set)
+    out.generation_job = JobBrief.model_validate(job) if job else None
+    return out
+
+
+@router.get("", response_model=list[PromptSetOut])
+def list_prompt_sets(session: SessionDep, admin: AdminUser):
+    return [
+        PromptSetOut.model_validate(s.prompt_set).model_copy(update={
+            "counts": PromptSetCountsOut.model_validate(s.counts),
+            "generation_job": JobBrief.model_validate(s.generation_job) if s.generation_job else None,
+        })
+        for s in prompt_sets.list_prompt_sets(session)
+    ]
+
+
+@router.post("", response_model=PromptSetOut, status_code=status.HTTP_201_CREATED)
+def create_prompt_set(body: PromptSetCreate, session: SessionDep, admin: AdminUser):
+    prompt_set = prompt_sets.create_prompt_set(session, **body.model_dump(), created_by_id=admin.id)
+    return _out(session, prompt_set)
+
+
+@router.get("/{prompt_set_id}", response_model=PromptSetOut)
+def get_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+    return _out(session, prompt_sets.get_prompt_set(session, prompt_set_id))
+
+
+@router.patch("/{prompt_set_id}", response_model=PromptSetOut)
+def update_prompt_set(prompt_set_id: int, body: PromptSetUpdate, session: SessionDep, admin: AdminUser):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    prompt_sets.update_prompt_set(session, prompt_set=prompt_set, **body.model_dump(exclude_unset=True))
+    return _out(session, prompt_set)
+
+
+_IMPORT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": PromptImportBody.model_json_schema()},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "format": {"type": "string", "enum": ["auto", "jsonl", "json", "csv"]},
+                },
+            }},
+        },
+    },
+}
+
+
+@router.post("/{prompt_set_id}/prompts", response_model=ImportResultOut, openapi_extra=_IMPORT_BODY,
+             responses={422: {"description": "Nothing stored; `errors` lists the problems by line."}})
+def import_prompts(prompt_set_id: int, session: SessionDep, admin: AdminUser,
+                   payload: Annotated[ImportPayload, Depends(read_import_payload)]):
+    """Import JSONL, a JSON array or CSV, all or nothing. Exact duplicates are skipped."""
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    result = prompt_import.import_prompts(
+        session, prompt_set=prompt_set, data=payload.data(), format=payload.format,
+        filename=payload.filename, user_id=admin.id,
+    )
+    return ImportResultOut(
+        added=result.added, duplicates=result.duplicates, duplicates_in_file=result.duplicates_in_file,
+        duplicates_existing=result.duplicates_existing, per_split=result.per_split,
+        generation_job_id=result.generation_job_id,
+    )
+
+
+@router.post("/{prompt_set_id}/start", response_model=PromptSetOut)
+def start_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+    """Draft -> active; queues generation of K responses per prompt."""
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    prompt_sets.start_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
+    return _out(session, prompt_set)
+
+
+@router.post("/{prompt_set_id}/pause", response_model=PromptSetOut)
+def pause_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    prompt_sets.pause_prompt_set(session, prompt_set=prompt_set)
+    return _out(session, prompt_set)
+
+
+@router.post("/{prompt_set_id}/resume", response_model=PromptSetOut)
+def resume_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    prompt_sets.resume_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
+    return _out(session, prompt_set)
+
+
+@router.post("/{prompt_set_id}/archive", response_model=PromptSetOut)
+def archive_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    prompt_sets.archive_prompt_set(session, prompt_set=prompt_set)
+    return _out(session, prompt_set)

@@ -1,0 +1,149 @@
+"""The labeling pages: the task card (leased, submitted and skipped through htmx),
+history, and editing a recent submission."""
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+
+from app.db.base import utcnow
+from app.db.models import Annotation, Assignment, Task, User
+from app.routes.deps import LabelerUser, SessionDep, SettingsDep
+from app.schemas_label import LabelForm, new_form_key
+from app.services import annotations, assignment
+from app.services.errors import Conflict, Invalid
+from app.web import flash, is_htmx, redirect, render
+
+router = APIRouter(prefix="/label", include_in_schema=False)
+
+HISTORY_PAGE_SIZE = 50
+
+
+async def read_label_form(request: Request) -> LabelForm:
+    return LabelForm(await request.form())
+
+
+LabelFormDep = Annotated[LabelForm, Depends(read_label_form)]
+
+
+def _context(session, user: User, now: datetime, *, task: Task | None, lease: Assignment | None = None,
+             form: LabelForm | None = None, values: dict[str, Any] | None = None, exc: Invalid | None = None,
+             editing: Annotation | None = None, notice: str | None = None,
+             notice_warnings: list[str] | None = None) -> dict[str, Any]:
+    values = values or (form.values() if form else {})
+    context: dict[str, Any] = {
+        "task": task, "lease": lease, "editing": editing,
+        "counts": annotations.labeler_counts(session, user=user, now=now),
+        "values": {"ratings": {}, "ranks": {}, "flags": {}, "prompt_flags": [], "comment": "",
+                   "skip_reason": "", "skip_reason_other": ""} | values,
+        "errors": exc.errors if exc else {}, "error": exc.message if exc else None,
+        "notice": notice, "notice_warnings": notice_warnings or [],
+        "response_flags": annotations.RESPONSE_FLAGS, "prompt_flag_choices": annotations.PROMPT_FLAGS,
+        "likert_labels": annotations.LIKERT_LABELS, "skip_reasons": assignment.SKIP_REASONS,
+        "idempotency_key": form.idempotency_key if form and exc else new_form_key(),
+        "started_at": form.started_at if form and exc else f"{now.timestamp():.3f}",
+    }
+    if task is not None:
+        context["form_action"] = (f"/label/annotations/{editing.id}" if editing else f"/label/{task.id}/submit")
+        context["letters"] = {item.response_id: annotations.letter(item.position) for item in task.items}
+        if editing is not None:
+            context["edit_until"] = annotations.edit_deadline(editing)
+    return context
+
+
+def _task_response(request: Request, context: dict[str, Any], status_code: int = 200):
+    """The task card alone for htmx, the whole page otherwise."""
+    template = "partials/_label_task.html" if is_htmx(request) else "pages/label.html"
+    return render(request, template, context, status_code=status_code)
+
+
+def _next_task(request: Request, session, user: User, settings, **extra: Any):
+    now = utcnow()
+    lease = assignment.lease_next_task(session, user=user, now=now, lease_s=settings.lease_s)
+    context = _context(session, user, now, task=lease.task if lease else None,
+                       lease=lease.assignment if lease else None, **extra)
+    return _task_response(request, context)
+
+
+@router.get("")
+def label_page(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep):
+    return _next_task(request, session, user, settings)
+
+
+@router.post("/{task_id}/submit")
+def submit(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, task_id: int,
+           form: LabelFormDep):
+    now = utcnow()
+    try:
+        result = annotations.submit_annotation(
+            session, user=user, task_id=task_id, ratings=form.ratings, ranks=form.ranks, flags=form.flags,
+            prompt_flags=form.prompt_flags, comment=form.comment, time_spent_s=form.time_spent_s(now),
+            idempotency_key=form.idempotency_key, now=now,
+        )
+    except Invalid as exc:
+        task = assignment.load_task(session, task_id)
+        return _task_response(request, _context(session, user, now, task=task, form=form, exc=exc), 422)
+    notice = f"Saved task {task_id}." if result.created else f"Task {task_id} was already saved."
+    if not is_htmx(request):
+        flash(request, " ".join([notice, *result.warnings]), "success")
+        return redirect(request, "/label")
+    return _next_task(request, session, user, settings, notice=notice, notice_warnings=result.warnings)
+
+
+@router.post("/{task_id}/skip")
+def skip(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, task_id: int,
+         form: LabelFormDep):
+    now = utcnow()
+    try:
+        assignment.skip_task(session, user=user, task_id=task_id, reason=form.skip_text(), now=now)
+    except Invalid as exc:
+        task = assignment.load_task(session, task_id)
+        return _task_response(request, _context(session, user, now, task=task, form=form, exc=exc), 422)
+    if not is_htmx(request):
+        flash(request, f"Skipped task {task_id}.")
+        return redirect(request, "/label")
+    return _next_task(request, session, user, settings, notice=f"Skipped task {task_id}.")
+
+
+@router.get("/history")
+def history_page(request: Request, session: SessionDep, user: LabelerUser, page: int = 1):
+    now = utcnow()
+    page = max(page, 1)
+    items = annotations.history(session, user=user, now=now, limit=HISTORY_PAGE_SIZE + 1,
+                                offset=(page - 1) * HISTORY_PAGE_SIZE)
+    context = {
+        "items": items[:HISTORY_PAGE_SIZE], "page": page, "has_more": len(items) > HISTORY_PAGE_SIZE,
+        "counts": annotations.labeler_counts(session, user=user, now=now),
+        "edit_hours": int(annotations.EDIT_WINDOW.total_seconds() // 3600),
+    }
+    return render(request, "pages/label_history.html", context)
+
+
+@router.get("/annotations/{annotation_id}/edit")
+def edit_page(request: Request, session: SessionDep, user: LabelerUser, annotation_id: int):
+    now = utcnow()
+    annotation = annotations.get_own_annotation(session, user=user, annotation_id=annotation_id)
+    if not annotations.can_edit(annotation, now):
+        raise Conflict("This submission can no longer be changed: the edit window has closed.")
+    task = assignment.load_task(session, annotation.task_id)
+    context = _context(session, user, now, task=task, editing=annotation,
+                       values=annotations.submission_values(annotation))
+    return _task_response(request, context)
+
+
+@router.post("/annotations/{annotation_id}")
+def edit(request: Request, session: SessionDep, user: LabelerUser, annotation_id: int, form: LabelFormDep):
+    now = utcnow()
+    try:
+        result = annotations.edit_annotation(
+            session, user=user, annotation_id=annotation_id, ratings=form.ratings, ranks=form.ranks,
+            flags=form.flags, prompt_flags=form.prompt_flags, comment=form.comment, now=now,
+        )
+    except Invalid as exc:
+        annotation = annotations.get_own_annotation(session, user=user, annotation_id=annotation_id)
+        task = assignment.load_task(session, annotation.task_id)
+        context = _context(session, user, now, task=task, form=form, exc=exc, editing=annotation)
+        return _task_response(request, context, 422)
+    flash(request, " ".join([f"Saved your changes to task {result.annotation.task_id}.", *result.warnings]),
+          "success")
+    return redirect(request, "/label/history")

@@ -1,0 +1,145 @@
+"""Admin pages: prompt sets, their prompts, settings and life cycle."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Request
+
+from app.db.enums import PromptSetKind
+from app.db.models import PromptSet
+from app.routes.deps import AdminUser, SessionDep
+from app.routes.uploads import ImportPayload, read_import_payload
+from app.schemas_prompt_sets import PromptSetForm
+from app.services import prompt_import, prompt_sets
+from app.services.errors import Conflict, Invalid
+from app.web import flash, redirect, render
+
+router = APIRouter(prefix="/admin/prompt-sets", include_in_schema=False)
+
+
+def _form_context(session, *, form: dict[str, Any], errors: dict | None = None, error: str | None = None,
+                  prompt_set: PromptSet | None = None) -> dict[str, Any]:
+    return {
+        "form": form, "form_errors": errors or {}, "form_error": error, "prompt_set": prompt_set,
+        "models": prompt_sets.list_generator_models(session), "kinds": list(PromptSetKind),
+        "limits": prompt_import.LIMITS,
+    }
+
+
+def _detail_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, Any]:
+    settings_form = {n: str(getattr(prompt_set, n)) for n in PromptSetForm.model_fields if n != "kind"}
+    settings_form["generator_model_id"] = str(prompt_set.generator_model_id or "")
+    context = _form_context(session, form=settings_form, prompt_set=prompt_set)
+    context |= {
+        "counts": prompt_sets.counts(session, prompt_set),
+        "job": prompt_sets.latest_generation_job(session, prompt_set),
+        "import_format": "auto", "paste": "",
+    }
+    return context | extra
+
+
+@router.get("")
+def list_page(request: Request, session: SessionDep, admin: AdminUser):
+    return render(request, "pages/prompt_sets_list.html", {"summaries": prompt_sets.list_prompt_sets(session)})
+
+
+@router.get("/new")
+def new_page(request: Request, session: SessionDep, admin: AdminUser):
+    form = PromptSetForm().model_dump()
+    default = prompt_sets.default_generator_model(session)
+    form["generator_model_id"] = str(default.id) if default else ""
+    return render(request, "pages/prompt_sets_new.html", _form_context(session, form=form))
+
+
+@router.post("")
+def create(request: Request, session: SessionDep, admin: AdminUser, data: Annotated[PromptSetForm, Form()]):
+    try:
+        prompt_set = prompt_sets.create_prompt_set(session, **data.model_dump(), created_by_id=admin.id)
+    except (Invalid, Conflict) as exc:
+        context = _form_context(session, form=data.model_dump(), errors=exc.errors, error=exc.message)
+        return render(request, "pages/prompt_sets_new.html", context, block="form", status_code=422)
+    flash(request, f"Created the prompt set '{prompt_set.name}'. Import prompts, then start it.", "success")
+    return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
+
+
+@router.get("/{prompt_set_id}")
+def detail_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    return render(request, "pages/prompt_sets_detail.html", _detail_context(session, prompt_set))
+
+
+@router.get("/{prompt_set_id}/status")
+def status_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+    """Counts and generation progress; the page polls it while a job is queued or running."""
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    context = {
+        "prompt_set": prompt_set, "counts": prompt_sets.counts(session, prompt_set),
+        "job": prompt_sets.latest_generation_job(session, prompt_set),
+    }
+    return render(request, "partials/_prompt_set_status.html", context)
+
+
+@router.post("/{prompt_set_id}/settings")
+def update_settings(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+                    data: Annotated[PromptSetForm, Form()]):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    try:
+        prompt_sets.update_prompt_set(session, prompt_set=prompt_set, **data.model_dump(exclude={"kind"}))
+    except (Invalid, Conflict) as exc:
+        context = _detail_context(session, prompt_set, form=data.model_dump(), form_errors=exc.errors,
+                                  form_error=exc.message)
+        return render(request, "pages/prompt_sets_detail.html", context, block="settings_form", status_code=422)
+    flash(request, "Settings saved.", "success")
+    return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
+
+
+@router.post("/{prompt_set_id}/prompts")
+def import_prompts(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+                   payload: Annotated[ImportPayload, Depends(read_import_payload)]):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    try:
+        result = prompt_import.import_prompts(
+            session, prompt_set=prompt_set, data=payload.data(), format=payload.format,
+            filename=payload.filename, user_id=admin.id,
+        )
+    except Invalid as exc:
+        context = _detail_context(session, prompt_set, import_error=exc.message, import_errors=exc.errors,
+                                  import_format=payload.format, paste=payload.echo)
+        return render(request, "pages/prompt_sets_detail.html", context, block="import_form", status_code=422)
+    flash(request, result.describe(), "success")
+    return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
+
+
+def _act(request: Request, prompt_set: PromptSet, message: str):
+    flash(request, message, "success")
+    return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
+
+
+@router.post("/{prompt_set_id}/start")
+def start(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    job = prompt_sets.start_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
+    queued = " Generation of responses is queued." if job else ""
+    return _act(request, prompt_set, f"Started '{prompt_set.name}'.{queued}")
+
+
+@router.post("/{prompt_set_id}/pause")
+def pause(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    prompt_sets.pause_prompt_set(session, prompt_set=prompt_set)
+    return _act(request, prompt_set, f"Paused '{prompt_set.name}': labelers get no new tasks from it.")
+
+
+@router.post("/{prompt_set_id}/resume")
+def resume(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    job = prompt_sets.resume_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
+    queued = " Generation of the new prompts is queued." if job else ""
+    return _act(request, prompt_set, f"Resumed '{prompt_set.name}'.{queued}")
+
+
+@router.post("/{prompt_set_id}/archive")
+def archive(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    prompt_sets.archive_prompt_set(session, prompt_set=prompt_set)
+    return _act(request, prompt_set, f"Archived '{prompt_set.name}'.")
+

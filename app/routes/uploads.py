@@ -1,0 +1,78 @@
+"""Reading a prompt import from a request: a multipart form (file upload or
+pasted text, from the page or the API) or a JSON body {"format", "content"}."""
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from app.schemas_prompt_sets import PromptImportBody
+from app.services.errors import Invalid
+from app.services.prompt_import import LIMITS, check_size
+
+# Pasted text is echoed back into the form after an error only up to this size.
+ECHO_LIMIT_CHARS = 1_000_000
+# A JSON string may escape each character into several; the service checks the real size.
+JSON_BODY_LIMIT = 2 * LIMITS.max_file_bytes + 64 * 1024
+
+
+@dataclass
+class ImportPayload:
+    file_data: bytes | None = None
+    # The upload's real size: only the first limit + 1 bytes are read.
+    file_size: int | None = None
+    filename: str | None = None
+    content: str = ""
+    format: str = "auto"
+    # A JSON body's content is the file itself, even when empty.
+    from_json: bool = False
+
+    def data(self) -> bytes | str:
+        """The bytes of the file or the pasted text; Invalid if neither or both were sent."""
+        if self.from_json:
+            return self.content
+        if self.file_data is not None and self.content.strip():
+            raise Invalid("Choose a file or paste prompts, not both.",
+                          errors=["choose a file or paste prompts, not both"])
+        if self.file_data is not None:
+            check_size(max(self.file_size or 0, len(self.file_data)))
+            return self.file_data
+        if self.content.strip():
+            return self.content
+        raise Invalid("Choose a file to upload or paste prompts into the text box.",
+                      errors=["no file chosen and nothing pasted"])
+
+    @property
+    def echo(self) -> str:
+        return self.content if len(self.content) <= ECHO_LIMIT_CHARS else ""
+
+
+async def read_import_payload(request: Request) -> ImportPayload:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        # Pasted text may be as large as a file: lift Starlette's 1 MB limit per field.
+        form = await request.form(max_part_size=LIMITS.max_file_bytes + 1)
+        payload = ImportPayload(format=str(form.get("format") or "auto"))
+        content = form.get("content")
+        payload.content = content if isinstance(content, str) else ""
+        upload = form.get("file")
+        # Browsers send an empty part with no filename when no file was chosen.
+        if isinstance(upload, UploadFile) and (upload.filename or upload.size):
+            payload.file_data = await upload.read(LIMITS.max_file_bytes + 1)
+            payload.file_size = upload.size
+            payload.filename = upload.filename
+        return payload
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > JSON_BODY_LIMIT:
+            raise Invalid(f"The request body is too large; the limit for prompts is"
+                          f" {LIMITS.max_file_bytes // (1024 * 1024)} MB.", errors=["request body too large"])
+    try:
+        parsed = PromptImportBody.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        errors = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
+        raise Invalid("Send JSON like {\"format\": \"jsonl\", \"content\": \"...\"}"
+                      " or a multipart form with a 'file' field.", errors=errors) from None
+    return ImportPayload(content=parsed.content, format=parsed.format, from_json=True)

@@ -1,0 +1,131 @@
+"""Schemas of prompt sets for the JSON API and the HTML forms.
+
+Types only: the ranges (K 2..9, ratios adding up to 1...) are checked once, in
+app.services.prompt_sets, so the API and the pages answer with the same messages.
+"""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.db.enums import JobStatus, PromptSetKind, PromptSetStatus
+from app.services.prompt_sets import DEFAULTS
+
+
+class PromptSetCreate(BaseModel):
+    name: str = Field(max_length=1000)
+    instructions: str = Field(default="", description="Markdown shown to labelers.")
+    generator_model_id: int | None = Field(
+        default=None, description="An SFT or policy model; unset: the default model.")
+    k: int = Field(default=DEFAULTS["k"], description="Responses per prompt, 2..9.")
+    temperature: float = DEFAULTS["temperature"]
+    top_p: float = DEFAULTS["top_p"]
+    max_new_tokens: int = DEFAULTS["max_new_tokens"]
+    seed: int = DEFAULTS["seed"]
+    overlap: int = Field(default=DEFAULTS["overlap"], description="Labelers per task.")
+    train_ratio: float = DEFAULTS["train_ratio"]
+    validation_ratio: float = DEFAULTS["validation_ratio"]
+    rl_ratio: float = DEFAULTS["rl_ratio"]
+    kind: PromptSetKind = PromptSetKind.ranking
+
+
+class PromptSetUpdate(BaseModel):
+    """Only the fields sent are changed."""
+
+    name: str | None = Field(default=None, max_length=1000)
+    instructions: str | None = None
+    generator_model_id: int | None = None
+    k: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+    overlap: int | None = None
+    train_ratio: float | None = None
+    validation_ratio: float | None = None
+    rl_ratio: float | None = None
+
+
+class PromptSetForm(BaseModel):
+    """The create/edit form as the browser sends it: every value a string,
+    checked by the service so bad values come back next to their fields."""
+
+    name: str = ""
+    instructions: str = ""
+    generator_model_id: str = ""
+    k: str = str(DEFAULTS["k"])
+    temperature: str = str(DEFAULTS["temperature"])
+    top_p: str = str(DEFAULTS["top_p"])
+    max_new_tokens: str = str(DEFAULTS["max_new_tokens"])
+    seed: str = str(DEFAULTS["seed"])
+    overlap: str = str(DEFAULTS["overlap"])
+    train_ratio: str = str(DEFAULTS["train_ratio"])
+    validation_ratio: str = str(DEFAULTS["validation_ratio"])
+    rl_ratio: str = str(DEFAULTS["rl_ratio"])
+    kind: str = PromptSetKind.ranking.value
+
+
+class PromptSetCountsOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    prompts: int
+    responses: int
+    tasks: int
+    tasks_ready: int
+    tasks_labeled: int
+    prompts_per_split: dict[str, int]
+    tasks_per_split: dict[str, int]
+
+
+class JobBrief(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    status: JobStatus
+    progress_done: int
+    progress_total: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class PromptSetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    kind: PromptSetKind
+    status: PromptSetStatus
+    instructions: str
+    generator_model_id: int | None
+    k: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    overlap: int
+    train_ratio: float
+    validation_ratio: float
+    rl_ratio: float
+    round: int
+    created_by_id: int | None
+    created_at: datetime
+    counts: PromptSetCountsOut | None = None
+    generation_job: JobBrief | None = None
+
+
+class PromptImportBody(BaseModel):
+    format: Literal["auto", "jsonl", "json", "csv"] = Field(
+        default="auto", description="auto: JSON when the text starts with { or [, else CSV.")
+    content: str = Field(description="The JSONL, JSON array or CSV text.")
+
+
+class ImportResultOut(BaseModel):
+    added: int
+    duplicates: int
+    duplicates_in_file: int
+    duplicates_existing: int
+    per_split: dict[str, int]
+    generation_job_id: int | None

@@ -1,0 +1,449 @@
+"""Submitting, editing and listing a labeler's annotations, and the rankings ->
+comparisons expansion the reward model trains on.
+
+A submission rates every response of the task (Likert 1-7), ranks them best
+(1) to worst (K) with ties allowed (ranks need not be distinct), and may flag
+responses and the prompt. In one transaction it stores the annotation, one
+rating row per response and one comparison per pair with different ranks
+(chosen = the better rank; tied pairs give none, so K responses fully ranked
+give K(K-1)/2), marks the lease submitted and counts the label on the task.
+
+A form carries a one-time idempotency key: a double click or a retry with the
+same key finds the stored annotation and returns it instead of storing twice.
+"""
+
+import itertools
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from app.db.enums import AssignmentStatus
+from app.db.models import (
+    Annotation,
+    Assignment,
+    Comparison,
+    Prompt,
+    PromptSet,
+    Rating,
+    Task,
+    TaskResponse,
+    User,
+)
+from app.services.assignment import load_task
+from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+
+# The labeling metadata of InstructGPT (Ouyang et al. 2022, appendix B): (key, label).
+RESPONSE_FLAGS: tuple[tuple[str, str], ...] = (
+    ("fails_instruction", "Fails to follow the instruction"),
+    ("hallucination", "Hallucination / makes up facts"),
+    ("inappropriate_for_assistant", "Inappropriate for a customer assistant"),
+    ("harmful_advice", "Harmful advice"),
+    ("sexual_content", "Sexual content"),
+    ("violent_content", "Violent content"),
+    ("denigrates_protected_class", "Denigrates a protected class"),
+    ("personal_information", "Contains personal information"),
+    ("moral_judgment", "Expresses a moral judgment or opinion when not asked"),
+)
+PROMPT_FLAGS: tuple[tuple[str, str], ...] = (
+    ("unclear", "Unclear"),
+    ("harmful", "Harmful"),
+    ("not_a_request", "Not a real request"),
+)
+RESPONSE_FLAG_KEYS = frozenset(key for key, _ in RESPONSE_FLAGS)
+PROMPT_FLAG_KEYS = frozenset(key for key, _ in PROMPT_FLAGS)
+LIKERT_LABELS = {1: "very bad", 2: "bad", 3: "poor", 4: "okay", 5: "good", 6: "very good", 7: "excellent"}
+
+# A labeler may change a submission for this long after making it.
+EDIT_WINDOW = timedelta(hours=24)
+# Time spent is clamped to this: a tab left open overnight is not 14 hours of work.
+MAX_TIME_SPENT_S = 2 * 3600.0
+MAX_COMMENT = 5000
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+LETTERS = "ABCDEFGHI"
+
+
+def letter(position: int) -> str:
+    """A, B, C... for display positions 0, 1, 2..."""
+    return LETTERS[position]
+
+
+# ---- pure rules -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    chosen: int
+    rejected: int
+    rank_margin: int  # rank of rejected - rank of chosen, > 0
+    rating_margin: int  # likert of chosen - likert of rejected (may be <= 0)
+
+
+def expand_comparisons(ratings: Mapping[int, int], ranks: Mapping[int, int]) -> list[Pair]:
+    """Every pair of responses with different ranks, better rank first; ties give none."""
+    ids = sorted(ranks, key=lambda rid: (ranks[rid], rid))
+    return [
+        Pair(a, b, ranks[b] - ranks[a], ratings[a] - ratings[b])
+        for a, b in itertools.combinations(ids, 2)
+        if ranks[a] < ranks[b]
+    ]
+
+
+def ranking_contradictions(ratings: Mapping[int, int], ranks: Mapping[int, int]) -> list[tuple[int, int]]:
+    """Pairs (x, y) where x is rated strictly higher than y but ranked strictly below it
+    (the same rule as the contradiction rate of app/services/agreement)."""
+    return [
+        (x, y)
+        for x, y in itertools.permutations(sorted(ranks), 2)
+        if x in ratings and y in ratings and ratings[x] > ratings[y] and ranks[x] > ranks[y]
+    ]
+
+
+def contradiction_warnings(task: Task, ratings: Mapping[int, int], ranks: Mapping[int, int]) -> list[str]:
+    """The soft warnings shown (client and server side) when the ranking contradicts the ratings."""
+    letters = {item.response_id: letter(item.position) for item in task.items}
+    return [
+        f"{letters[x]} is rated higher than {letters[y]} ({ratings[x]} vs {ratings[y]}) "
+        f"but ranked below it ({ranks[x]} vs {ranks[y]})."
+        for x, y in ranking_contradictions(ratings, ranks)
+    ]
+
+
+def clamp_time_spent(seconds: Any) -> float:
+    """Seconds spent, clamped to 0..MAX_TIME_SPENT_S; anything unreadable counts as 0."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        return 0.0
+    if value != value:  # NaN
+        return 0.0
+    return round(min(max(value, 0.0), MAX_TIME_SPENT_S), 3)
+
+
+# ---- validation ---------------------------------------------------------------------
+
+def _as_int(raw: Any) -> int | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, str) and re.fullmatch(r"\s*\d+\s*", raw):
+        return int(raw)
+    return None
+
+
+def _by_response(raw: Mapping[Any, Any] | None, response_ids: set[int], name: str,
+                 errors: dict[str, str]) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+    for key, value in (raw or {}).items():
+        rid = _as_int(key)
+        if rid not in response_ids:
+            errors[name] = f"response {key} is not part of this task"
+            continue
+        out[rid] = value
+    return out
+
+
+@dataclass
+class CleanSubmission:
+    ratings: dict[int, int]
+    ranks: dict[int, int]
+    flags: dict[int, list[str]]
+    prompt_flags: list[str]
+    comment: str
+
+
+def clean_submission(task: Task, *, ratings: Mapping[Any, Any] | None, ranks: Mapping[Any, Any] | None,
+                     flags: Mapping[Any, Iterable[str]] | None, prompt_flags: Iterable[str] | None,
+                     comment: str | None) -> CleanSubmission:
+    """Check a submission against the task. Raises Invalid with one message per field:
+    rating-<response_id>, rank-<response_id>, flags-<response_id>, prompt_flags, comment."""
+    items = sorted(task.items, key=lambda item: item.position)
+    k = len(items)
+    response_ids = {item.response_id for item in items}
+    errors: dict[str, str] = {}
+    raw_ratings = _by_response(ratings, response_ids, "ratings", errors)
+    raw_ranks = _by_response(ranks, response_ids, "ranks", errors)
+    raw_flags = _by_response(flags, response_ids, "flags", errors)
+    clean = CleanSubmission(ratings={}, ranks={}, flags={}, prompt_flags=[], comment="")
+    for item in items:
+        rid, name = item.response_id, letter(item.position)
+        value = raw_ratings.get(rid)
+        likert = _as_int(value)
+        if value is None or value == "":
+            errors[f"rating-{rid}"] = f"rate {name} from 1 (very bad) to 7 (excellent)"
+        elif likert is None or not 1 <= likert <= 7:
+            errors[f"rating-{rid}"] = f"the rating of {name} must be a whole number from 1 to 7"
+        else:
+            clean.ratings[rid] = likert
+        value = raw_ranks.get(rid)
+        rank = _as_int(value)
+        if value is None or value == "":
+            errors[f"rank-{rid}"] = f"put {name} in a rank slot (1 = best, {k} = worst)"
+        elif rank is None or not 1 <= rank <= k:
+            errors[f"rank-{rid}"] = f"the rank of {name} must be a whole number from 1 to {k}"
+        else:
+            clean.ranks[rid] = rank
+        chosen = raw_flags.get(rid) or []
+        chosen = [chosen] if isinstance(chosen, str) else list(chosen)
+        unknown = [f for f in chosen if f not in RESPONSE_FLAG_KEYS]
+        if unknown:
+            errors[f"flags-{rid}"] = f"unknown flag {unknown[0]!r} on {name}"
+        clean.flags[rid] = sorted(set(chosen) & RESPONSE_FLAG_KEYS, key=_flag_order)
+    given = [prompt_flags] if isinstance(prompt_flags, str) else list(prompt_flags or [])
+    unknown = [f for f in given if f not in PROMPT_FLAG_KEYS]
+    if unknown:
+        errors["prompt_flags"] = f"unknown prompt flag {unknown[0]!r}"
+    clean.prompt_flags = [key for key, _ in PROMPT_FLAGS if key in given]
+    clean.comment = (comment or "").strip()
+    if len(clean.comment) > MAX_COMMENT:
+        errors["comment"] = f"at most {MAX_COMMENT} characters ({len(clean.comment)} given)"
+    if errors:
+        missing = sum(1 for key in errors if key.startswith(("rating-", "rank-")))
+        detail = f"{missing} rating{'s' if missing != 1 else ''} or rank{'s' if missing != 1 else ''} missing or wrong" \
+            if missing else "some fields are wrong"
+        raise Invalid(f"Please fix the marked fields ({detail}).", errors=errors)
+    return clean
+
+
+_FLAG_ORDER = {key: i for i, (key, _) in enumerate(RESPONSE_FLAGS)}
+
+
+def _flag_order(key: str) -> int:
+    return _FLAG_ORDER[key]
+
+
+def _check_key(key: str | None) -> str:
+    key = (key or "").strip()
+    if not IDEMPOTENCY_KEY_RE.match(key):
+        raise Invalid(
+            "The form lacks its one-time key; reload the page and try again.",
+            errors={"idempotency_key": "8-64 letters, digits, _ or -"},
+        )
+    return key
+
+
+def _store(session: Session, annotation: Annotation, task: Task, clean: CleanSubmission) -> None:
+    for rid, likert in clean.ratings.items():
+        annotation.ratings.append(Rating(task_id=task.id, response_id=rid, likert=likert,
+                                         rank=clean.ranks[rid], flags=clean.flags.get(rid, [])))
+    for pair in expand_comparisons(clean.ratings, clean.ranks):
+        annotation.comparisons.append(Comparison(
+            task_id=task.id, chosen_response_id=pair.chosen, rejected_response_id=pair.rejected,
+            rank_margin=pair.rank_margin, rating_margin=pair.rating_margin,
+        ))
+
+
+# ---- use cases ------------------------------------------------------------------------
+
+@dataclass
+class Submission:
+    annotation: Annotation
+    created: bool  # False when a retry found the stored annotation
+    warnings: list[str] = field(default_factory=list)
+
+
+def _stored_warnings(task: Task, annotation: Annotation) -> list[str]:
+    ratings = {r.response_id: r.likert for r in annotation.ratings}
+    ranks = {r.response_id: r.rank for r in annotation.ratings}
+    return contradiction_warnings(task, ratings, ranks)
+
+
+def submit_annotation(
+    session: Session, *, user: User, task_id: int, ratings: Mapping[Any, Any] | None,
+    ranks: Mapping[Any, Any] | None, flags: Mapping[Any, Iterable[str]] | None = None,
+    prompt_flags: Iterable[str] | None = None, comment: str | None = "", time_spent_s: Any = None,
+    idempotency_key: str | None, now: datetime,
+) -> Submission:
+    """Store the labeler's annotation of a task they hold an active lease on, with its
+    ratings and comparisons, in one transaction. A retry with the same key returns
+    the stored annotation. Raises Invalid (per field), NotFound, NotAllowed, Conflict."""
+    key = _check_key(idempotency_key)
+    task = load_task(session, task_id)
+    # The lease row is the lock: a concurrent submit of the same labeler waits here,
+    # then finds the annotation its twin stored.
+    assignment = session.scalar(
+        select(Assignment)
+        .where(Assignment.task_id == task_id, Assignment.user_id == user.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    stored = session.scalar(
+        select(Annotation).where(Annotation.idempotency_key == key)
+        .options(selectinload(Annotation.ratings))
+        .execution_options(populate_existing=True)
+    )
+    if stored is not None:
+        if stored.user_id != user.id or stored.task_id != task_id:
+            raise Conflict("This form was already used for another submission; reload the page.")
+        session.commit()
+        return Submission(annotation=stored, created=False, warnings=_stored_warnings(task, stored))
+    if assignment is None:
+        raise NotAllowed(f"You have not been given task {task_id}; open Label to get a task.")
+    if assignment.status == AssignmentStatus.submitted:
+        raise Conflict(f"You already submitted task {task_id}; change it from your history instead.")
+    if assignment.status != AssignmentStatus.active or assignment.expires_at <= now:
+        raise Conflict(
+            f"Your lease on task {task_id} ran out, so it may have gone to another labeler. "
+            "Open Label to get a task."
+        )
+    clean = clean_submission(task, ratings=ratings, ranks=ranks, flags=flags,
+                             prompt_flags=prompt_flags, comment=comment)
+    annotation = Annotation(
+        task_id=task_id, user_id=user.id, time_spent_s=clamp_time_spent(time_spent_s),
+        prompt_flags=clean.prompt_flags, comment=clean.comment, idempotency_key=key,
+        created_at=now, updated_at=now,
+    )
+    session.add(annotation)
+    _store(session, annotation, task, clean)
+    assignment.status = AssignmentStatus.submitted
+    assignment.finished_at = now
+    session.execute(update(Task).where(Task.id == task_id).values(num_labels=Task.num_labels + 1))
+    session.commit()
+    return Submission(annotation=annotation, created=True,
+                      warnings=contradiction_warnings(task, clean.ratings, clean.ranks))
+
+
+def edit_deadline(annotation: Annotation) -> datetime:
+    return annotation.created_at + EDIT_WINDOW
+
+
+def can_edit(annotation: Annotation, now: datetime) -> bool:
+    return now < edit_deadline(annotation)
+
+
+def get_own_annotation(session: Session, *, user: User, annotation_id: int) -> Annotation:
+    """The labeler's own annotation with its ratings; raises NotFound (also for others' annotations)."""
+    annotation = session.scalar(
+        select(Annotation)
+        .where(Annotation.id == annotation_id, Annotation.user_id == user.id)
+        .options(selectinload(Annotation.ratings))
+    )
+    if annotation is None:
+        raise NotFound(f"You have no annotation {annotation_id}.")
+    return annotation
+
+
+def edit_annotation(
+    session: Session, *, user: User, annotation_id: int, ratings: Mapping[Any, Any] | None,
+    ranks: Mapping[Any, Any] | None, flags: Mapping[Any, Iterable[str]] | None = None,
+    prompt_flags: Iterable[str] | None = None, comment: str | None = "", now: datetime,
+) -> Submission:
+    """Replace the ratings, flags and comparisons of the labeler's own annotation while
+    the edit window (EDIT_WINDOW after submitting) is open. Raises NotFound, Conflict, Invalid."""
+    annotation = session.scalar(
+        select(Annotation)
+        .where(Annotation.id == annotation_id, Annotation.user_id == user.id)
+        .with_for_update()
+        .options(selectinload(Annotation.ratings), selectinload(Annotation.comparisons))
+        .execution_options(populate_existing=True)
+    )
+    if annotation is None:
+        raise NotFound(f"You have no annotation {annotation_id}.")
+    if not can_edit(annotation, now):
+        raise Conflict(
+            f"This submission can no longer be changed: edits are possible for "
+            f"{int(EDIT_WINDOW.total_seconds() // 3600)} hours after submitting."
+        )
+    task = load_task(session, annotation.task_id)
+    clean = clean_submission(task, ratings=ratings, ranks=ranks, flags=flags,
+                             prompt_flags=prompt_flags, comment=comment)
+    annotation.ratings.clear()
+    annotation.comparisons.clear()
+    session.flush()  # the old rows go before the new ones take their unique keys
+    _store(session, annotation, task, clean)
+    annotation.prompt_flags = clean.prompt_flags
+    annotation.comment = clean.comment
+    annotation.updated_at = now
+    session.commit()
+    return Submission(annotation=annotation, created=False,
+                      warnings=contradiction_warnings(task, clean.ratings, clean.ranks))
+
+
+def submission_values(annotation: Annotation) -> dict[str, Any]:
+    """A stored annotation as form values (for the edit form)."""
+    return {
+        "ratings": {r.response_id: str(r.likert) for r in annotation.ratings},
+        "ranks": {r.response_id: str(r.rank) for r in annotation.ratings},
+        "flags": {r.response_id: list(r.flags) for r in annotation.ratings},
+        "prompt_flags": list(annotation.prompt_flags),
+        "comment": annotation.comment,
+    }
+
+
+# ---- counts and history ------------------------------------------------------------
+
+@dataclass
+class LabelerCounts:
+    today: int  # since midnight UTC
+    total: int
+
+
+def labeler_counts(session: Session, *, user: User, now: datetime) -> LabelerCounts:
+    """How many tasks the labeler submitted today (UTC) and in total."""
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    today, total = session.execute(
+        select(func.count().filter(Annotation.created_at >= midnight), func.count())
+        .where(Annotation.user_id == user.id)
+    ).one()
+    return LabelerCounts(today=today, total=total)
+
+
+@dataclass
+class HistoryRating:
+    letter: str
+    likert: int
+    rank: int
+    flags: list[str]
+
+
+@dataclass
+class HistoryItem:
+    annotation: Annotation
+    prompt_set_name: str
+    prompt_text: str
+    ratings: list[HistoryRating]  # in display order A, B, C...
+    comparisons: int
+    editable: bool
+    edit_until: datetime
+
+
+def history(session: Session, *, user: User, now: datetime, limit: int = 50, offset: int = 0) -> list[HistoryItem]:
+    """The labeler's submissions, newest first."""
+    comparison_count = (
+        select(func.count(Comparison.id)).where(Comparison.annotation_id == Annotation.id)
+        .correlate(Annotation).scalar_subquery()
+    )
+    rows = session.execute(
+        select(Annotation, PromptSet.name, Prompt.text, comparison_count)
+        .join(Task, Task.id == Annotation.task_id)
+        .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .where(Annotation.user_id == user.id)
+        .order_by(Annotation.created_at.desc(), Annotation.id.desc())
+        .limit(limit).offset(offset)
+    ).all()
+    ids = [row[0].id for row in rows]
+    by_annotation: dict[int, list[HistoryRating]] = {i: [] for i in ids}
+    for rating, position in session.execute(
+        select(Rating, TaskResponse.position)
+        .join(TaskResponse, (TaskResponse.task_id == Rating.task_id) & (TaskResponse.response_id == Rating.response_id))
+        .where(Rating.annotation_id.in_(ids))
+        .order_by(Rating.annotation_id, TaskResponse.position)
+    ):
+        by_annotation[rating.annotation_id].append(
+            HistoryRating(letter=letter(position), likert=rating.likert, rank=rating.rank, flags=list(rating.flags))
+        )
+    return [
+        HistoryItem(
+            annotation=annotation, prompt_set_name=set_name, prompt_text=text,
+            ratings=by_annotation[annotation.id], comparisons=n,
+            editable=can_edit(annotation, now), edit_until=edit_deadline(annotation),
+        )
+        for annotation, set_name, text, n in rows
+    ]

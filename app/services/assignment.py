@@ -1,0 +1,292 @@
+"""Which labeler labels which task: leases, overlap, skipping.
+
+Rules:
+- A labeler holds at most one lease at a time; asking again (a reload) gives the
+  same task back until the lease expires (Settings.lease_s, default 30 minutes).
+- A task's holders are its submitted assignments plus its active, unexpired
+  leases. An ordinary task never gets more holders than its set's overlap, and
+  never the same labeler twice (assignments are unique per task and labeler).
+  An expired or released lease no longer holds the task; the same labeler may
+  lease it again later (their row is reused).
+- Tasks with labels already are offered first (finish the overlap before
+  starting new tasks), then the oldest.
+- Only tasks of the current generation round of active ranking sets the
+  labeler is allowed on (a set listing no labelers is open to all).
+- Gold tasks (a known answer, see app/services/gold) measure labelers, so every
+  labeler may get each of them once: they ignore the overlap. They are mixed in
+  at the set's gold_rate, deterministically per labeler: the (n+1)-th task a
+  labeler finishes in a set is gold while their gold count is below
+  floor((n+1) * gold_rate) and a gold task is left for them.
+
+Concurrency: the chosen task row is locked with SELECT ... FOR UPDATE SKIP
+LOCKED, and its holders are counted again (a fresh statement, so it sees every
+lease committed meanwhile) before the lease is written. Every path that adds a
+holder goes through here, so concurrent labelers never exceed the overlap. A
+transaction-scoped advisory lock per labeler serialises one labeler's own
+requests (a double click never gives two leases).
+"""
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, exists, func, or_, select, text, update
+from sqlalchemy.orm import Session, selectinload
+
+from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus
+from app.db.models import (
+    Annotation,
+    Assignment,
+    PromptSet,
+    PromptSetLabeler,
+    Task,
+    TaskResponse,
+    User,
+)
+from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+
+# Namespace of the per-labeler advisory lock (any constant int4 of our own).
+_LEASE_LOCK_NS = 7_301
+# Tasks found full after locking (a stale candidate) before giving up.
+_MAX_ATTEMPTS = 50
+MAX_SKIP_REASON = 500
+SKIP_REASONS = (
+    "I cannot judge this topic",
+    "The responses are broken or unreadable",
+    "The prompt is harmful or inappropriate",
+    "Other",
+)
+
+
+@dataclass
+class Lease:
+    assignment: Assignment
+    task: Task
+
+
+def holders_clause(now: datetime):
+    """SQL: the assignment holds its task (submitted, or leased and not expired)."""
+    return or_(
+        Assignment.status == AssignmentStatus.submitted,
+        and_(Assignment.status == AssignmentStatus.active, Assignment.expires_at > now),
+    )
+
+
+def _holder_count(now: datetime):
+    return (
+        select(func.count(Assignment.id))
+        .where(Assignment.task_id == Task.id, holders_clause(now))
+        .correlate(Task)
+        .scalar_subquery()
+    )
+
+
+def _eligible_sets(user_id: int):
+    """SQL: the task's set is an active ranking set, in its current round, open to the labeler."""
+    listed_any = exists().where(PromptSetLabeler.prompt_set_id == PromptSet.id)
+    listed_me = exists().where(
+        PromptSetLabeler.prompt_set_id == PromptSet.id, PromptSetLabeler.user_id == user_id
+    )
+    return and_(
+        PromptSet.status == PromptSetStatus.active,
+        PromptSet.kind == PromptSetKind.ranking,
+        Task.round == PromptSet.round,
+        or_(~listed_any, listed_me),
+    )
+
+
+def load_task(session: Session, task_id: int) -> Task:
+    """The task with its prompt, set and responses in display order; raises NotFound."""
+    task = session.scalar(
+        select(Task)
+        .where(Task.id == task_id)
+        .options(
+            selectinload(Task.items).selectinload(TaskResponse.response),
+            selectinload(Task.prompt),
+            selectinload(Task.prompt_set),
+        )
+        .execution_options(populate_existing=True)
+    )
+    if task is None:
+        raise NotFound(f"There is no task {task_id}.")
+    return task
+
+
+def current_lease(session: Session, *, user: User, now: datetime) -> Lease | None:
+    """The labeler's active, unexpired lease on a task they may still label, if any."""
+    assignment = session.scalar(
+        select(Assignment)
+        .join(Task, Task.id == Assignment.task_id)
+        .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+        .where(
+            Assignment.user_id == user.id,
+            Assignment.status == AssignmentStatus.active,
+            Assignment.expires_at > now,
+            _eligible_sets(user.id),
+        )
+        .order_by(Assignment.leased_at, Assignment.id)
+        .limit(1)
+    )
+    if assignment is None:
+        return None
+    return Lease(assignment=assignment, task=load_task(session, assignment.task_id))
+
+
+def _gold_due_sets(session: Session, user_id: int) -> list[int]:
+    """Sets where the labeler's next task should be gold (see the module docstring)."""
+    rates = dict(session.execute(
+        select(PromptSet.id, PromptSet.gold_rate).where(
+            PromptSet.status == PromptSetStatus.active, PromptSet.gold_rate > 0
+        )
+    ).all())
+    if not rates:
+        return []
+    done = {
+        set_id: (n, gold)
+        for set_id, n, gold in session.execute(
+            select(Task.prompt_set_id, func.count(), func.count().filter(Task.is_gold))
+            .join(Annotation, Annotation.task_id == Task.id)
+            .where(Annotation.user_id == user_id, Task.prompt_set_id.in_(list(rates)))
+            .group_by(Task.prompt_set_id)
+        )
+    }
+    due = []
+    for set_id, rate in rates.items():
+        n, gold = done.get(set_id, (0, 0))
+        # 1e-9: (n+1)*rate computed in floats may land just under a whole number.
+        if gold < math.floor((n + 1) * rate + 1e-9):
+            due.append(set_id)
+    return due
+
+
+def _pick(session: Session, *, user_id: int, now: datetime, gold_sets: list[int],
+          exclude: set[int], skip_locked: bool) -> int | None:
+    """Lock and return the id of the best candidate task, or None."""
+    mine = select(Assignment.task_id).where(
+        Assignment.user_id == user_id,
+        or_(
+            Assignment.status.in_([AssignmentStatus.submitted, AssignmentStatus.skipped]),
+            and_(Assignment.status == AssignmentStatus.active, Assignment.expires_at > now),
+        ),
+    )
+    ordinary = and_(~Task.is_gold, _holder_count(now) < PromptSet.overlap)
+    gold = and_(Task.is_gold, Task.prompt_set_id.in_(gold_sets)) if gold_sets else None
+    query = (
+        select(Task.id)
+        .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+        .where(
+            _eligible_sets(user_id),
+            Task.id.not_in(mine),
+            or_(ordinary, gold) if gold is not None else ordinary,
+        )
+        .order_by(Task.is_gold.desc(), Task.num_labels.desc(), Task.created_at, Task.id)
+        .limit(1)
+        .with_for_update(of=Task, skip_locked=skip_locked)
+    )
+    if exclude:
+        query = query.where(Task.id.not_in(exclude))
+    return session.scalar(query)
+
+
+def _has_room(session: Session, *, task_id: int, now: datetime) -> bool:
+    """Counted again after the row lock, in a new statement: sees every committed lease."""
+    task = session.get(Task, task_id, populate_existing=True)
+    if task.is_gold:
+        return True
+    holders = session.scalar(
+        select(func.count(Assignment.id)).where(Assignment.task_id == task_id, holders_clause(now))
+    )
+    overlap = session.scalar(select(PromptSet.overlap).where(PromptSet.id == task.prompt_set_id))
+    return holders < overlap
+
+
+def lease_next_task(session: Session, *, user: User, now: datetime, lease_s: int) -> Lease | None:
+    """The labeler's current lease, or a new one on the best task they may take;
+    None when nothing is left for them. Commits."""
+    if lease_s <= 0:
+        raise Invalid("The lease must last at least one second.", errors={"lease_s": "must be positive"})
+    user_id = user.id
+    session.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"), {"ns": _LEASE_LOCK_NS, "uid": user_id})
+    lease = current_lease(session, user=user, now=now)
+    if lease is not None:
+        session.commit()
+        return lease
+    # The labeler's own leases that ran out are marked as such (their rows are reused).
+    session.execute(
+        update(Assignment)
+        .where(Assignment.user_id == user_id, Assignment.status == AssignmentStatus.active,
+               Assignment.expires_at <= now)
+        .values(status=AssignmentStatus.expired)
+    )
+    gold_sets = _gold_due_sets(session, user_id)
+    tried: set[int] = set()
+    for _ in range(_MAX_ATTEMPTS):
+        # A savepoint per attempt: rolling it back releases the lock on a task found full.
+        attempt = session.begin_nested()
+        task_id = _pick(session, user_id=user_id, now=now, gold_sets=gold_sets, exclude=tried, skip_locked=True)
+        if task_id is None:
+            # Every candidate is locked by someone leasing it right now: wait for
+            # one, it may still have room once that lease is written.
+            task_id = _pick(session, user_id=user_id, now=now, gold_sets=gold_sets, exclude=tried,
+                            skip_locked=False)
+        if task_id is None:
+            attempt.rollback()
+            break
+        if not _has_room(session, task_id=task_id, now=now):
+            attempt.rollback()
+            tried.add(task_id)
+            continue
+        assignment = session.scalar(
+            select(Assignment).where(Assignment.task_id == task_id, Assignment.user_id == user_id)
+        )
+        if assignment is None:
+            assignment = Assignment(task_id=task_id, user_id=user_id)
+            session.add(assignment)
+        assignment.status = AssignmentStatus.active
+        assignment.leased_at = now
+        assignment.expires_at = now + timedelta(seconds=lease_s)
+        assignment.finished_at = None
+        assignment.skip_reason = None
+        attempt.commit()
+        session.commit()
+        return Lease(assignment=assignment, task=load_task(session, task_id))
+    session.commit()
+    return None
+
+
+def skip_task(session: Session, *, user: User, task_id: int, reason: str, now: datetime) -> Assignment:
+    """Give the task back, never to be offered to this labeler again. The labeler
+    must have leased it. Raises Invalid (no reason), NotAllowed, Conflict."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise Invalid("Say why you skip this task.", errors={"reason": "choose or write a reason"})
+    if len(reason) > MAX_SKIP_REASON:
+        raise Invalid(f"The reason is too long ({len(reason)} characters; at most {MAX_SKIP_REASON}).",
+                      errors={"reason": f"at most {MAX_SKIP_REASON} characters"})
+    assignment = session.scalar(
+        select(Assignment)
+        .where(Assignment.task_id == task_id, Assignment.user_id == user.id)
+        .with_for_update()
+    )
+    if assignment is None:
+        raise NotAllowed(f"You have not been given task {task_id}; open Label to get a task.")
+    if assignment.status == AssignmentStatus.submitted:
+        raise Conflict(f"You already submitted task {task_id}; it cannot be skipped any more.")
+    if assignment.status != AssignmentStatus.skipped:
+        assignment.status = AssignmentStatus.skipped
+        assignment.skip_reason = reason
+        assignment.finished_at = now
+    session.commit()
+    return assignment
+
+
+def expire_leases(session: Session, *, now: datetime) -> int:
+    """Mark every lease past its time as expired (housekeeping: expired leases
+    already stop holding their task without this). Returns how many. Commits."""
+    count = session.execute(
+        update(Assignment)
+        .where(Assignment.status == AssignmentStatus.active, Assignment.expires_at <= now)
+        .values(status=AssignmentStatus.expired)
+    ).rowcount
+    session.commit()
+    return count

@@ -1,0 +1,514 @@
+"""Exports of labeled data, and the one rule of which annotations count.
+
+`included_annotations_query` is the single definition of "data we train on and
+export": annotations that are not excluded, of non-gold tasks (gold tasks are
+tests of the labelers; every labeler answers them, so they would outweigh
+ordinary prompts), narrowed by the caller's filters. The reward-model job reads
+`included_comparisons_query` / `iter_ranked_groups`; the download and the CLI
+read `iter_export`. All of them stream from a server-side cursor (yield_per),
+so a set of 100k comparisons never sits in memory.
+
+Formats:
+- comparisons, `plain`: one JSON line per comparison, {"prompt": str,
+  "chosen": str, "rejected": str, ...}; the prompt is the user's text when the
+  conversation is one user turn, else a "Role: content" transcript ending in
+  "Assistant:". This and the next are the preference formats TRL's reward and
+  DPO trainers read.
+- comparisons, `conversational`: {"prompt": [messages], "chosen": [{"role":
+  "assistant", "content": ...}], "rejected": [...], ...}.
+  Both carry provenance columns (comparison_id, labeler_id, split, ...) that
+  TRL ignores. The rank difference is named rank_margin, not "margin": TRL's
+  reward trainer would read a "margin" column as a loss margin.
+- annotations, `jsonl`: one line per annotation (gold ones included, marked)
+  with its ratings: likert, rank, flags and text of every response.
+- annotations, `csv`: one row per rating, the annotation's columns repeated.
+
+What was filtered is stated in a sidecar document (`export_meta`): the
+filters, what is always left out, labelers dropped by the agreement filter,
+the row count, the time and the format.
+"""
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Select, and_, false, func, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from app.db.base import utcnow
+from app.db.enums import Split
+from app.db.models import Annotation, Comparison, Prompt, PromptSet, Rating, Response, Task, TaskResponse, User
+from app.services.agreement import compute_set_agreement
+from app.services.errors import Invalid, NotFound
+
+KINDS = ("comparisons", "annotations")
+FORMATS: dict[str, tuple[str, ...]] = {
+    "comparisons": ("plain", "conversational"),
+    "annotations": ("jsonl", "csv"),
+}
+YIELD_PER = 1000  # rows fetched from the server-side cursor at a time
+CHUNK_BYTES = 64 * 1024  # bytes handed to the response at a time
+ALWAYS_LEFT_OUT = [
+    "excluded annotations (kept in the database, left out of every export and of training data)",
+]
+GOLD_RULE = "annotations of gold tasks (labeler tests; see the annotations export)"
+
+COMPARISON_COLUMNS = [
+    "prompt", "chosen", "rejected", "comparison_id", "annotation_id", "task_id", "prompt_id",
+    "prompt_set_id", "split", "labeler_id", "rank_margin", "rating_margin", "created_at",
+]
+ANNOTATION_JSONL_COLUMNS = [
+    "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
+    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "prompt", "ratings",
+]
+ANNOTATION_CSV_COLUMNS = [
+    "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
+    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "prompt",
+    "response_id", "position", "likert", "rank", "response_flags", "response_text",
+]
+
+
+# ---- filters --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportFilters:
+    """What to export. Bounds on the annotation's creation time: from inclusive, before exclusive."""
+
+    prompt_set_ids: tuple[int, ...]
+    split: Split | None = None
+    user_ids: tuple[int, ...] | None = None  # labelers included; None = all
+    min_agreement: float | None = None  # leave-one-out consensus agreement, 0..1
+    created_from: datetime | None = None
+    created_before: datetime | None = None
+
+
+def _parse_moment(raw: str, *, end: bool) -> datetime:
+    """A day (YYYY-MM-DD: the whole day, UTC) or an ISO time (naive = UTC)."""
+    raw = raw.strip()
+    try:
+        day = date.fromisoformat(raw)
+    except ValueError:
+        moment = datetime.fromisoformat(raw)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    start = datetime.combine(day, time(0), tzinfo=UTC)
+    return start + timedelta(days=1) if end else start
+
+
+def _ids(raw: Iterable[Any] | str | None) -> list[str]:
+    if raw is None:
+        return []
+    items = [raw] if isinstance(raw, (str, int)) else list(raw)
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def parse_filters(*, prompt_set_ids: Iterable[int] | int, split: str | None = None,
+                  labelers: Iterable[Any] | str | None = None, min_agreement: Any = None,
+                  date_from: str | date | None = None, date_to: str | date | None = None) -> ExportFilters:
+    """Filters from form, query or CLI values (strings allowed; empty = no filter).
+    date_to names the last day included (or an exclusive time). Raises Invalid per field."""
+    errors: dict[str, str] = {}
+    ids = (prompt_set_ids,) if isinstance(prompt_set_ids, int) else tuple(prompt_set_ids)
+    clean_split = None
+    if split not in (None, ""):
+        try:
+            clean_split = Split(split)
+        except ValueError:
+            errors["split"] = f"'{split}' is not a split; choose one of {', '.join(s.value for s in Split)}"
+    user_ids = None
+    raw_ids = _ids(labelers)
+    if raw_ids:
+        bad = [r for r in raw_ids if not r.isdigit()]
+        if bad:
+            errors["labelers"] = f"not labeler ids: {', '.join(bad)}"
+        else:
+            user_ids = tuple(sorted({int(r) for r in raw_ids}))
+    agreement = None
+    if min_agreement not in (None, ""):
+        try:
+            agreement = float(min_agreement)
+        except (TypeError, ValueError):
+            errors["min_agreement"] = f"'{min_agreement}' is not a number; give a share between 0 and 1"
+        else:
+            if not 0 <= agreement <= 1:
+                errors["min_agreement"] = "must be between 0 and 1"
+    bounds: dict[str, datetime | None] = {"date_from": None, "date_to": None}
+    for name, raw in (("date_from", date_from), ("date_to", date_to)):
+        if raw in (None, ""):
+            continue
+        try:
+            if isinstance(raw, datetime):
+                bounds[name] = raw if raw.tzinfo else raw.replace(tzinfo=UTC)
+            else:
+                bounds[name] = _parse_moment(raw.isoformat() if isinstance(raw, date) else str(raw),
+                                             end=name == "date_to")
+        except ValueError:
+            errors[name] = f"'{raw}' is not a date; write YYYY-MM-DD"
+    if bounds["date_from"] and bounds["date_to"] and bounds["date_from"] >= bounds["date_to"]:
+        errors["date_to"] = "must not be before date_from"
+    if errors:
+        detail = "; ".join(f"{k}: {v}" for k, v in errors.items())
+        raise Invalid(f"The export filters are not valid ({detail}).", errors=errors)
+    return ExportFilters(prompt_set_ids=ids, split=clean_split, user_ids=user_ids, min_agreement=agreement,
+                         created_from=bounds["date_from"], created_before=bounds["date_to"])
+
+
+# ---- the one rule ---------------------------------------------------------------
+
+def included_annotations_query(
+    prompt_set_ids: Sequence[int],
+    *,
+    split: Split | str | None = None,
+    user_ids: Sequence[int] | None = None,
+    set_user_pairs: Sequence[tuple[int, int]] | None = None,
+    created_from: datetime | None = None,
+    created_before: datetime | None = None,
+    include_gold: bool = False,
+) -> Select:
+    """SELECT annotations.id of the data that counts: never excluded, never gold
+    (unless include_gold), of the given sets, narrowed by split, labelers,
+    (set, labeler) pairs and creation time."""
+    query = (
+        select(Annotation.id)
+        .join(Task, Task.id == Annotation.task_id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .where(Task.prompt_set_id.in_(list(prompt_set_ids)), Annotation.excluded.is_(False))
+    )
+    if not include_gold:
+        query = query.where(Task.is_gold.is_(False))
+    if split is not None:
+        query = query.where(Prompt.split == Split(split))
+    if user_ids is not None:
+        query = query.where(Annotation.user_id.in_(list(user_ids)))
+    if set_user_pairs is not None:
+        query = query.where(or_(false(), *(
+            and_(Task.prompt_set_id == s, Annotation.user_id == u) for s, u in set_user_pairs
+        )))
+    if created_from is not None:
+        query = query.where(Annotation.created_at >= created_from)
+    if created_before is not None:
+        query = query.where(Annotation.created_at < created_before)
+    return query
+
+
+def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str | None = None,
+                               user_ids: Sequence[int] | None = None, **filters: Any) -> Select:
+    """The comparisons training may use (see included_annotations_query), with the
+    prompt messages and both texts, in a stable order. Stream it with
+    session.execute(query, execution_options={"yield_per": N})."""
+    chosen, rejected = aliased(Response), aliased(Response)
+    included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
+    return (
+        select(
+            Comparison.id.label("comparison_id"), Comparison.annotation_id, Comparison.task_id,
+            Task.prompt_id, Task.prompt_set_id, Prompt.split, Annotation.user_id.label("labeler_id"),
+            Prompt.messages, Comparison.chosen_response_id, chosen.text.label("chosen"),
+            Comparison.rejected_response_id, rejected.text.label("rejected"),
+            Comparison.rank_margin, Comparison.rating_margin, Annotation.created_at,
+        )
+        .join(Annotation, Annotation.id == Comparison.annotation_id)
+        .join(Task, Task.id == Comparison.task_id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .join(chosen, chosen.id == Comparison.chosen_response_id)
+        .join(rejected, rejected.id == Comparison.rejected_response_id)
+        .where(Comparison.annotation_id.in_(included))
+        .order_by(Comparison.id)
+    )
+
+
+def _ratings_query(included: Select) -> Select:
+    """Rating-level rows of the given annotations, grouped by annotation, in display order."""
+    return (
+        select(
+            Annotation.id.label("annotation_id"), Annotation.task_id, Task.prompt_set_id, Task.prompt_id,
+            Task.round, Prompt.split, Task.is_gold, Annotation.user_id.label("labeler_id"),
+            User.username.label("labeler"), Annotation.time_spent_s, Annotation.prompt_flags, Annotation.comment,
+            Annotation.created_at, Annotation.updated_at, Prompt.messages, Prompt.text.label("prompt_text"),
+            Rating.response_id, TaskResponse.position, Rating.likert, Rating.rank, Rating.flags,
+            Response.text.label("response_text"),
+        )
+        .select_from(Rating)
+        .join(Annotation, Annotation.id == Rating.annotation_id)
+        .join(User, User.id == Annotation.user_id)
+        .join(Task, Task.id == Annotation.task_id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .join(TaskResponse, and_(TaskResponse.task_id == Rating.task_id,
+                                 TaskResponse.response_id == Rating.response_id))
+        .join(Response, Response.id == Rating.response_id)
+        .where(Annotation.id.in_(included))
+        .order_by(Annotation.id, TaskResponse.position)
+    )
+
+
+def iter_ranked_groups(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
+                       user_ids: Sequence[int] | None = None,
+                       **filters: Any) -> Iterator[tuple[list[dict[str, str]], list[str], list[int]]]:
+    """(messages, K response texts, their ranks) per included annotation, streamed:
+    what the reward model trains on (all K responses of an annotation together)."""
+    included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
+    for rows in _grouped(session, _ratings_query(included)):
+        yield rows[0].messages, [r.response_text for r in rows], [r.rank for r in rows]
+
+
+def _stream(session: Session, query: Select) -> Iterator[Any]:
+    result = session.execute(query, execution_options={"yield_per": YIELD_PER})
+    try:
+        yield from result
+    finally:
+        result.close()
+
+
+def _grouped(session: Session, query: Select) -> Iterator[list[Any]]:
+    """Consecutive rows of one annotation together (the query orders by annotation)."""
+    group: list[Any] = []
+    for row in _stream(session, query):
+        if group and row.annotation_id != group[0].annotation_id:
+            yield group
+            group = []
+        group.append(row)
+    if group:
+        yield group
+
+
+# ---- plans, rows and files ------------------------------------------------------
+
+@dataclass
+class ExportPlan:
+    """A validated export: kind, format, filters, and the labelers they leave in."""
+
+    kind: str
+    fmt: str
+    filters: ExportFilters
+    prompt_sets: list[dict[str, Any]]
+    # (set, labeler) pairs kept by the agreement filter; None when no agreement filter.
+    set_user_pairs: list[tuple[int, int]] | None = None
+    dropped_by_agreement: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def filename(self) -> str:
+        sets = "-".join(str(s["id"]) for s in self.prompt_sets)
+        ext = "csv" if self.fmt == "csv" else "jsonl"
+        return f"set-{sets}-{self.kind}-{self.fmt}.{ext}"
+
+    @property
+    def media_type(self) -> str:
+        return "text/csv; charset=utf-8" if self.fmt == "csv" else "application/x-ndjson"
+
+    @property
+    def columns(self) -> list[str]:
+        if self.kind == "comparisons":
+            return COMPARISON_COLUMNS
+        return ANNOTATION_CSV_COLUMNS if self.fmt == "csv" else ANNOTATION_JSONL_COLUMNS
+
+    def included(self) -> Select:
+        f = self.filters
+        return included_annotations_query(
+            f.prompt_set_ids, split=f.split, user_ids=f.user_ids, set_user_pairs=self.set_user_pairs,
+            created_from=f.created_from, created_before=f.created_before,
+            include_gold=self.kind == "annotations",
+        )
+
+    def query(self) -> Select:
+        if self.kind == "comparisons":
+            f = self.filters
+            return included_comparisons_query(
+                f.prompt_set_ids, f.split, f.user_ids, set_user_pairs=self.set_user_pairs,
+                created_from=f.created_from, created_before=f.created_before,
+            )
+        return _ratings_query(self.included())
+
+
+def plan_export(session: Session, *, kind: str, fmt: str, filters: ExportFilters) -> ExportPlan:
+    """Check kind, format and sets, and apply the agreement filter (labelers whose
+    consensus agreement on a set is unknown or under the minimum are dropped from
+    that set). Raises Invalid, NotFound."""
+    if kind not in KINDS:
+        raise Invalid(f"Unknown export '{kind}'; choose comparisons or annotations.", errors={"kind": "unknown"})
+    if fmt not in FORMATS[kind]:
+        choices = " or ".join(FORMATS[kind])
+        raise Invalid(f"{kind.capitalize()} export in '{fmt}' is not offered; choose {choices}.",
+                      errors={"format": f"choose {choices}"})
+    if not filters.prompt_set_ids:
+        raise Invalid("Choose at least one prompt set to export.", errors={"prompt_set": "required"})
+    prompt_sets = []
+    for set_id in filters.prompt_set_ids:
+        prompt_set = session.get(PromptSet, set_id)
+        if prompt_set is None:
+            raise NotFound(f"No prompt set with id {set_id}.")
+        prompt_sets.append({"id": prompt_set.id, "name": prompt_set.name})
+    plan = ExportPlan(kind=kind, fmt=fmt, filters=filters, prompt_sets=prompt_sets)
+    if filters.min_agreement is not None:
+        plan.set_user_pairs = []
+        for set_id in filters.prompt_set_ids:
+            for f in compute_set_agreement(session, prompt_set_id=set_id).labelers:
+                if f.consensus_agreement is not None and f.consensus_agreement >= filters.min_agreement:
+                    plan.set_user_pairs.append((set_id, f.user_id))
+                elif filters.user_ids is None or f.user_id in filters.user_ids:
+                    plan.dropped_by_agreement.append({
+                        "prompt_set_id": set_id, "labeler_id": f.user_id, "labeler": f.username,
+                        "consensus_agreement": f.consensus_agreement,
+                    })
+    return plan
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def render_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """The plain-text prompt: a lone user turn as is, else a role-labelled transcript
+    that ends where the assistant's answer begins."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join(turns + ["Assistant:"])
+
+
+def _comparison_row(row: Any, fmt: str) -> dict[str, Any]:
+    if fmt == "plain":
+        prompt: Any = render_prompt(row.messages)
+        chosen: Any = row.chosen
+        rejected: Any = row.rejected
+    else:
+        prompt = [{"role": m["role"], "content": m["content"]} for m in row.messages]
+        chosen = [{"role": "assistant", "content": row.chosen}]
+        rejected = [{"role": "assistant", "content": row.rejected}]
+    return {
+        "prompt": prompt, "chosen": chosen, "rejected": rejected,
+        "comparison_id": row.comparison_id, "annotation_id": row.annotation_id, "task_id": row.task_id,
+        "prompt_id": row.prompt_id, "prompt_set_id": row.prompt_set_id, "split": Split(row.split).value,
+        "labeler_id": row.labeler_id, "rank_margin": row.rank_margin, "rating_margin": row.rating_margin,
+        "created_at": _iso(row.created_at),
+    }
+
+
+def _annotation_head(row: Any) -> dict[str, Any]:
+    return {
+        "annotation_id": row.annotation_id, "task_id": row.task_id, "prompt_set_id": row.prompt_set_id,
+        "prompt_id": row.prompt_id, "round": row.round, "split": Split(row.split).value,
+        "is_gold": row.is_gold, "labeler_id": row.labeler_id, "labeler": row.labeler,
+        "time_spent_s": row.time_spent_s, "prompt_flags": row.prompt_flags, "comment": row.comment,
+        "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
+    }
+
+
+def iter_rows(session: Session, plan: ExportPlan) -> Iterator[dict[str, Any]]:
+    """The export's rows as dicts, streamed from the database."""
+    if plan.kind == "comparisons":
+        for row in _stream(session, plan.query()):
+            yield _comparison_row(row, plan.fmt)
+    elif plan.fmt == "jsonl":
+        for rows in _grouped(session, plan.query()):
+            yield _annotation_head(rows[0]) | {
+                "prompt": rows[0].messages,
+                "ratings": [
+                    {"response_id": r.response_id, "position": r.position, "likert": r.likert, "rank": r.rank,
+                     "flags": r.flags, "text": r.response_text}
+                    for r in rows
+                ],
+            }
+    else:
+        for r in _stream(session, plan.query()):
+            yield _annotation_head(r) | {
+                "prompt_flags": json.dumps(r.prompt_flags, ensure_ascii=False), "prompt": r.prompt_text,
+                "response_id": r.response_id, "position": r.position, "likert": r.likert, "rank": r.rank,
+                "response_flags": json.dumps(r.flags, ensure_ascii=False), "response_text": r.response_text,
+            }
+
+
+def iter_export(session: Session, plan: ExportPlan, *, chunk_bytes: int = CHUNK_BYTES,
+                counter: list[int] | None = None) -> Iterator[bytes]:
+    """The export file as byte chunks of about chunk_bytes. counter[0] (if given)
+    counts the rows written."""
+    buffer = io.StringIO()
+    writer = None
+    if plan.fmt == "csv":
+        writer = csv.DictWriter(buffer, fieldnames=plan.columns, lineterminator="\n")
+        writer.writeheader()
+    for row in iter_rows(session, plan):
+        if writer is not None:
+            writer.writerow(row)
+        else:
+            buffer.write(json.dumps(row, ensure_ascii=False))
+            buffer.write("\n")
+        if counter is not None:
+            counter[0] += 1
+        if buffer.tell() >= chunk_bytes:
+            yield buffer.getvalue().encode("utf-8")
+            buffer.seek(0)
+            buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue().encode("utf-8")
+
+
+def count_rows(session: Session, plan: ExportPlan) -> int:
+    """How many rows (lines after a CSV header) the export has."""
+    if plan.kind == "annotations" and plan.fmt == "jsonl":
+        query = plan.included()
+    else:
+        query = plan.query().order_by(None)
+    return session.scalar(select(func.count()).select_from(query.subquery())) or 0
+
+
+def export_meta(session: Session, plan: ExportPlan, *, rows: int | None = None,
+                generated_at: datetime | None = None) -> dict[str, Any]:
+    """The sidecar document: what was exported, how, with which filters, how many rows."""
+    f = plan.filters
+    left_out = list(ALWAYS_LEFT_OUT)
+    if plan.kind == "comparisons":
+        left_out.append(GOLD_RULE)
+    return {
+        "kind": plan.kind,
+        "format": plan.fmt,
+        "file": plan.filename,
+        "rows": count_rows(session, plan) if rows is None else rows,
+        "row_unit": {"comparisons": "comparison", "annotations": "annotation" if plan.fmt == "jsonl" else "rating"
+                     }[plan.kind],
+        "columns": plan.columns,
+        "generated_at": _iso(generated_at or utcnow()),
+        "prompt_sets": plan.prompt_sets,
+        "filters": {
+            "split": f.split.value if f.split else None,
+            "labelers": list(f.user_ids) if f.user_ids is not None else "all",
+            "min_agreement": f.min_agreement,
+            "created_from": _iso(f.created_from),
+            "created_before": _iso(f.created_before),
+        },
+        "always_left_out": left_out,
+        "dropped_by_min_agreement": plan.dropped_by_agreement,
+        "notes": {
+            "min_agreement": "leave-one-out consensus agreement per labeler and set (see the quality page); "
+                             "labelers with no agreement figure are dropped when a minimum is set",
+            "dates": "annotation creation time, UTC; created_from inclusive, created_before exclusive",
+        },
+    }
+
+
+def write_export(session: Session, plan: ExportPlan, out: Path) -> dict[str, Any]:
+    """Write the export to `out` and its sidecar to `out`.meta.json, each through a
+    temporary file renamed at the end, so a failure leaves no half-written file."""
+    out = Path(out)
+    meta_path = out.with_name(out.name + ".meta.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    generated_at = utcnow()
+    counter = [0]
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            for chunk in iter_export(session, plan, counter=counter):
+                fh.write(chunk)
+        meta = export_meta(session, plan, rows=counter[0], generated_at=generated_at)
+        meta["file"] = out.name
+        meta_tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(out)
+        meta_tmp.replace(meta_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
+    return meta

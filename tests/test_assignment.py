@@ -1,0 +1,235 @@
+"""Leases: overlap, never twice per labeler, expiry, reload, order, gold mixing, concurrency."""
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from app.db.enums import AssignmentStatus, PromptSetStatus
+from app.db.models import Assignment, PromptSet, Task, User
+from app.db.session import new_session, session_scope
+from app.services import annotations
+from app.services.assignment import expire_leases, lease_next_task, skip_task
+from app.services.errors import Conflict, Invalid, NotAllowed
+from tests.conftest import make_user
+from tests.factories import make_prompt_set, make_task
+
+NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+LEASE_S = 1800
+
+
+def lease(session, user, now=NOW):
+    got = lease_next_task(session, user=user, now=now, lease_s=LEASE_S)
+    return got.task if got else None
+
+
+def submit(session, user, task, now=NOW, key=None):
+    ids = [item.response_id for item in task.items]
+    return annotations.submit_annotation(
+        session, user=user, task_id=task.id,
+        ratings={rid: 7 - i for i, rid in enumerate(ids)}, ranks={rid: i + 1 for i, rid in enumerate(ids)},
+        idempotency_key=key or f"key-{user.id}-{task.id}-x", now=now,
+    )
+
+
+def test_reload_gives_back_the_same_leased_task(session):
+    prompt_set = make_prompt_set(session, overlap=1)
+    tasks = [make_task(session, prompt_set) for _ in range(3)]
+    labeler = make_user(session)
+    first = lease(session, labeler)
+    assert first.id == tasks[0].id
+    assert lease(session, labeler, NOW + timedelta(minutes=10)).id == first.id
+    assert session.scalar(select(Assignment.expires_at).where(Assignment.user_id == labeler.id)) \
+        == NOW + timedelta(seconds=LEASE_S)
+
+
+def test_overlap_respected_and_never_twice_per_labeler(session):
+    prompt_set = make_prompt_set(session, overlap=2)
+    task = make_task(session, prompt_set)
+    a, b, c = (make_user(session) for _ in range(3))
+    assert lease(session, a).id == task.id
+    assert lease(session, b).id == task.id
+    assert lease(session, c) is None  # two holders already
+    submit(session, a, task)
+    assert lease(session, a) is None  # never the same task twice
+    submit(session, b, task)
+    assert lease(session, c) is None
+    assert session.get(Task, task.id).num_labels == 2
+    assert session.scalar(select(Assignment).where(Assignment.task_id == task.id, Assignment.user_id == c.id)) is None
+
+
+def test_expired_lease_returns_the_task_to_the_pool(session):
+    prompt_set = make_prompt_set(session, overlap=1)
+    task = make_task(session, prompt_set)
+    a, b = make_user(session), make_user(session)
+    assert lease(session, a).id == task.id
+    assert lease(session, b, NOW + timedelta(seconds=LEASE_S - 1)) is None
+    later = NOW + timedelta(seconds=LEASE_S + 1)
+    assert lease(session, b, later).id == task.id
+    # a's own lease ran out and the task is b's now.
+    assert lease(session, a, later) is None
+    row = session.scalar(select(Assignment).where(Assignment.user_id == a.id))
+    assert row.status == AssignmentStatus.expired
+    with pytest.raises(Conflict, match="ran out"):
+        submit(session, a, task, now=later)
+
+
+def test_same_labeler_re_leases_an_expired_task_on_the_same_row(session):
+    prompt_set = make_prompt_set(session, overlap=1)
+    task = make_task(session, prompt_set)
+    a = make_user(session)
+    lease(session, a)
+    first_id = session.scalar(select(Assignment.id).where(Assignment.user_id == a.id))
+    later = NOW + timedelta(hours=2)
+    assert lease(session, a, later).id == task.id
+    rows = session.scalars(select(Assignment).where(Assignment.user_id == a.id)).all()
+    assert [(r.id, r.status, r.expires_at) for r in rows] == [
+        (first_id, AssignmentStatus.active, later + timedelta(seconds=LEASE_S))
+    ]
+    submit(session, a, task, now=later + timedelta(minutes=1))
+    assert session.get(Task, task.id).num_labels == 1
+
+
+def test_partially_labeled_tasks_are_finished_first(session):
+    prompt_set = make_prompt_set(session, overlap=3)
+    old = make_task(session, prompt_set, created_at=NOW - timedelta(days=2))
+    newer = make_task(session, prompt_set, created_at=NOW - timedelta(days=1))
+    first = make_user(session)
+    # Someone labeled the newer task already (their lease on `old` is long gone).
+    session.add(Assignment(task_id=newer.id, user_id=first.id, expires_at=NOW, status=AssignmentStatus.active,
+                           leased_at=NOW - timedelta(hours=1)))
+    session.flush()
+    submit(session, first, newer, now=NOW - timedelta(minutes=30))
+    labeler = make_user(session)
+    assert lease(session, labeler).id == newer.id
+    # Among unlabeled tasks, the oldest comes first.
+    other = make_user(session)
+    session.add(Assignment(task_id=newer.id, user_id=other.id, expires_at=NOW, status=AssignmentStatus.skipped))
+    session.flush()
+    assert lease(session, other).id == old.id
+
+
+def test_only_active_sets_the_labeler_is_allowed_on(session):
+    labeler, someone = make_user(session), make_user(session)
+    paused = make_prompt_set(session, status=PromptSetStatus.paused)
+    make_task(session, paused)
+    closed = make_prompt_set(session, allowed=[someone])
+    make_task(session, closed)
+    assert lease(session, labeler) is None
+    assert lease(session, someone).prompt_set_id == closed.id
+    mine = make_prompt_set(session, allowed=[labeler, someone])
+    task = make_task(session, mine)
+    assert lease(session, labeler).id == task.id
+
+
+def test_tasks_of_an_earlier_round_are_not_offered(session):
+    prompt_set = make_prompt_set(session)
+    make_task(session, prompt_set)
+    prompt_set.round = 2
+    session.flush()
+    assert lease(session, make_user(session)) is None
+
+
+def test_skipped_task_goes_to_others_and_never_back(session):
+    prompt_set = make_prompt_set(session, overlap=1)
+    task = make_task(session, prompt_set)
+    a, b = make_user(session), make_user(session)
+    lease(session, a)
+    with pytest.raises(Invalid) as err:
+        skip_task(session, user=a, task_id=task.id, reason="  ", now=NOW)
+    assert "reason" in err.value.errors
+    skip_task(session, user=a, task_id=task.id, reason="I cannot judge this topic", now=NOW)
+    row = session.scalar(select(Assignment).where(Assignment.user_id == a.id))
+    assert (row.status, row.skip_reason) == (AssignmentStatus.skipped, "I cannot judge this topic")
+    assert lease(session, a, NOW + timedelta(hours=3)) is None
+    assert lease(session, b).id == task.id
+    with pytest.raises(NotAllowed):
+        skip_task(session, user=make_user(session), task_id=task.id, reason="no", now=NOW)
+
+
+def test_gold_tasks_are_mixed_in_at_the_gold_rate_and_ignore_overlap(session):
+    prompt_set = make_prompt_set(session, overlap=1, gold_rate=0.5)
+    normal = [make_task(session, prompt_set) for _ in range(4)]
+    gold = [make_task(session, prompt_set, is_gold=True) for _ in range(2)]
+    a, b = make_user(session), make_user(session)
+    got = []
+    now = NOW
+    for _ in range(5):
+        task = lease(session, a, now)
+        got.append(task.is_gold)
+        submit(session, a, task, now=now)
+        now += timedelta(minutes=1)
+    # Every second task is gold while gold tasks last; then only ordinary ones.
+    assert got == [False, True, False, True, False]
+    assert [t.id for t in session.scalars(select(Task).join(Assignment).where(Assignment.user_id == a.id)
+                                          .order_by(Assignment.leased_at))] == \
+        [normal[0].id, gold[0].id, normal[1].id, gold[1].id, normal[2].id]
+    # b gets a gold task a already answered although the overlap is 1.
+    sequence = []
+    for _ in range(3):
+        task = lease(session, b, now)
+        sequence.append(task.id if task else None)
+        if task:
+            submit(session, b, task, now=now)
+        now += timedelta(minutes=1)
+    assert sequence == [normal[3].id, gold[0].id, None]
+
+
+def test_gold_tasks_are_not_served_when_the_rate_is_zero(session):
+    prompt_set = make_prompt_set(session, gold_rate=0.0)
+    make_task(session, prompt_set, is_gold=True)
+    assert lease(session, make_user(session)) is None
+
+
+def test_expire_leases_marks_overdue_leases(session):
+    prompt_set = make_prompt_set(session, overlap=2)
+    make_task(session, prompt_set)
+    a, b = make_user(session), make_user(session)
+    lease(session, a)
+    lease(session, b, NOW + timedelta(minutes=20))
+    assert expire_leases(session, now=NOW + timedelta(seconds=LEASE_S)) == 1
+    statuses = dict(session.execute(select(Assignment.user_id, Assignment.status)).all())
+    assert statuses == {a.id: AssignmentStatus.expired, b.id: AssignmentStatus.active}
+
+
+def test_fifty_concurrent_labelers_never_exceed_the_overlap(committed):
+    with session_scope() as s:
+        prompt_set = make_prompt_set(s, overlap=3)
+        task_ids = [make_task(s, prompt_set).id for _ in range(10)]
+        users = [User(username=f"crowd{i}", role="labeler", password_hash="-") for i in range(50)]
+        s.add_all(users)
+        s.flush()
+        user_ids = [u.id for u in users]
+    barrier = threading.Barrier(len(user_ids))
+    results: dict[int, int | None] = {}
+    errors: list[BaseException] = []
+    now = datetime.now(UTC)
+
+    def labeler(user_id: int) -> None:
+        try:
+            barrier.wait()
+            with new_session() as s:
+                got = lease_next_task(s, user=s.get(User, user_id), now=now, lease_s=LEASE_S)
+                results[user_id] = got.task.id if got else None
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=labeler, args=(uid,)) for uid in user_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    per_task = Counter(tid for tid in results.values() if tid is not None)
+    assert max(per_task.values()) <= 3
+    # Capacity is 10 tasks x 3: every slot is taken and nobody got two leases.
+    assert sum(per_task.values()) == 30
+    with session_scope() as s:
+        rows = s.execute(select(Assignment.task_id, Assignment.user_id)).all()
+        assert len(rows) == 30
+        assert len({u for _, u in rows}) == 30
+        assert all(n <= 3 for n in Counter(t for t, _ in rows).values())
+        assert set(Counter(t for t, _ in rows)) == set(task_ids)
+        assert s.get(PromptSet, prompt_set.id).overlap == 3

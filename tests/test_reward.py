@@ -1,0 +1,215 @@
+"""Reward-model training: the K-wise loss by hand, the head's pooling, learning a known rule,
+normalisation, reproducibility, gradient accumulation, LoRA, cancellation."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import synthetic
+from trainer.common import CONFIG_FILE, Cancelled, pad_left, pad_right, prepare_tokenizer
+from trainer.models import load_tokenizer
+from trainer.reward import (
+    RankedGroup,
+    RewardConfig,
+    evaluate_reward_model,
+    load_reward_model,
+    pairwise,
+    ranking_loss,
+    score,
+    sequence_scores,
+    train_reward_model,
+)
+
+
+def nll(x: float) -> float:
+    """-log sigmoid(x), by hand."""
+    return math.log(1 + math.exp(-x))
+
+
+# ---- the loss, against hand-computed values ----------------------------------------
+
+def test_kwise_loss_equals_mean_of_its_pairwise_losses():
+    rewards = torch.tensor([[1.0, 0.5, -0.2]])
+    ranks = torch.tensor([[1, 2, 3]])
+    loss, correct, pairs = ranking_loss(rewards, ranks, torch.ones(1, 3, dtype=torch.bool))
+
+    expected = (nll(1.0 - 0.5) + nll(1.0 + 0.2) + nll(0.5 + 0.2)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert (int(correct), int(pairs)) == (3, 3)
+    # The same three comparisons as plain K = 2 groups: mean over groups of one pair each.
+    pair_rewards = torch.tensor([[1.0, 0.5], [1.0, -0.2], [0.5, -0.2]])
+    pair_loss, _, _ = ranking_loss(pair_rewards, torch.tensor([[1, 2]] * 3), torch.ones(3, 2, dtype=torch.bool))
+    assert pair_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_tied_responses_contribute_nothing():
+    ranks = torch.tensor([[1, 2, 2]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    loss, correct, pairs = ranking_loss(torch.tensor([[1.0, 0.5, -0.2]]), ranks, valid)
+    assert loss.item() == pytest.approx((nll(0.5) + nll(1.2)) / 2, rel=1e-6)
+    assert int(pairs) == 2
+    # Swapping the tied responses' rewards changes nothing.
+    swapped, _, _ = ranking_loss(torch.tensor([[1.0, -0.2, 0.5]]), ranks, valid)
+    assert swapped.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_groups_of_different_sizes_average_per_group():
+    rewards = torch.tensor([[2.0, 0.0, 1.0], [0.3, -0.3, 99.0]])  # 99: a padding slot, must be ignored
+    ranks = torch.tensor([[1, 3, 2], [2, 1, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    loss, correct, pairs = ranking_loss(rewards, ranks, valid)
+    first = (nll(2.0) + nll(1.0) + nll(1.0)) / 3
+    second = nll(-0.6)  # the worse-ranked one scored higher
+    assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
+    assert (int(correct), int(pairs)) == (3, 4)
+
+
+# ---- the head reads the last real token ----------------------------------------------
+
+def _fresh_reward_model(model_dir: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=torch.float32)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    return model.eval()
+
+
+def test_reward_head_reads_the_last_real_token_whatever_the_padding(tiny_model_dir):
+    model = _fresh_reward_model(tiny_model_dir)
+    tokenizer = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)))
+    seqs = [[1, 520, 9531, 198, 1123, 3187, 2], [1, 520, 9531, 198, 2], [1, 520, 2]]
+    alone = torch.stack([sequence_scores(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
+                         for s in seqs])
+
+    with torch.no_grad():
+        ids, mask = pad_right(seqs, tokenizer.pad_token_id)
+        right = sequence_scores(model, ids, mask)
+        junk = ids.masked_fill(mask == 0, 4626)  # other tokens in the padding: the score must not move
+        right_junk = sequence_scores(model, junk, mask)
+        ids, mask = pad_left(seqs, tokenizer.pad_token_id)
+        left = sequence_scores(model, ids, mask)
+    torch.testing.assert_close(right, alone.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(right_junk, right)
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-5)
+    # It is the LAST token that counts: the final EOS, which equals SmolLM2's own pad token.
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    cut = sequence_scores(model, torch.tensor([seqs[0][:-1]]), torch.ones(1, 6, dtype=torch.long))
+    assert cut.item() != pytest.approx(alone[0].item())
+
+
+def test_smollm2_tokenizer_gets_a_pad_token_distinct_from_eos(tiny_model_dir):
+    raw = load_tokenizer(str(tiny_model_dir))
+    assert raw.pad_token_id == raw.eos_token_id  # as shipped
+    tokenizer = prepare_tokenizer(raw)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token == "<|endoftext|>"
+
+
+# ---- learning ------------------------------------------------------------------------
+
+FAST = RewardConfig(epochs=1, batch_size=8, learning_rate=1e-3, eval_batch_size=32)
+
+
+def test_reward_model_learns_a_ranking_rule_on_held_out_prompts(tiny_model_dir, tmp_path):
+    train = synthetic.ranked_groups(range(0, 200), k=4, seed=1)
+    validation = synthetic.ranked_groups(range(1000, 1040), k=4, seed=2)  # prompts never trained on
+    sft_samples = [(synthetic.prompt(i), synthetic.response(random.Random(i), i % 3, 6))
+                   for i in range(2000, 2040)]
+    steps = []
+    result = train_reward_model(FAST, train, validation, model_path=tiny_model_dir, output_dir=tmp_path / "rm",
+                                sft_samples=sft_samples, on_step=lambda step, m: steps.append((step, m)))
+
+    assert result.metrics["val_accuracy"] > 0.9
+    assert result.metrics["val_pairs"] > 100
+    assert any("val_accuracy" in m for _, m in steps) and all("lr" in m for _, m in steps if "loss" in m)
+    # The checkpoint: safetensors, config with the normalisation, tokenizer, our JSON.
+    out = result.output_dir
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    ours = json.loads((out / CONFIG_FILE).read_text())
+    assert ours["kind"] == "reward" and ours["config"]["learning_rate"] == 1e-3
+    model, tokenizer = load_reward_model(out)
+    prompt = synthetic.prompt(5000)
+    rewards = score(model, tokenizer, prompt, ["good good good river lamp", "good river lamp stone tree",
+                                               "cloud river lamp stone tree"])
+    assert rewards[0] > rewards[1] > rewards[2]
+    # Normalised: the SFT samples score mean 0, std 1.
+    normalised = torch.cat([score(model, tokenizer, m, [r]) for m, r in sft_samples])
+    assert normalised.mean().item() == pytest.approx(0.0, abs=1e-3)
+    assert normalised.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert evaluate_reward_model(model, tokenizer, validation)["accuracy"] == pytest.approx(
+        result.metrics["val_accuracy"], abs=1e-6)
+
+
+def test_reward_model_learns_from_plain_pairwise_comparisons(tiny_model_dir, tmp_path):
+    def pairs(groups):
+        out = []
+        for messages, responses, ranks in groups:
+            best, worst = min(range(4), key=lambda i: ranks[i]), max(range(4), key=lambda i: ranks[i])
+            out.append(pairwise(messages, responses[best], responses[worst]))
+        return out
+
+    train = pairs(synthetic.ranked_groups(range(0, 300), seed=3))
+    validation = pairs(synthetic.ranked_groups(range(1000, 1040), seed=4))
+    result = train_reward_model(FAST, train, validation, model_path=tiny_model_dir, output_dir=tmp_path / "rm")
+    assert result.metrics["val_accuracy"] > 0.9
+    assert result.metrics["train_pairs"] == len([g for g in train if len(set(g.ranks)) == 2])
+
+
+def test_same_seed_gives_the_same_loss_curve(tiny_model_dir, tmp_path):
+    train = synthetic.ranked_groups(range(0, 48), seed=5)
+    validation = synthetic.ranked_groups(range(1000, 1010), seed=6)
+
+    def curve(seed: int, name: str) -> list[float]:
+        config = RewardConfig(epochs=1, batch_size=8, learning_rate=1e-3, seed=seed)
+        result = train_reward_model(config, train, validation, model_path=tiny_model_dir, output_dir=tmp_path / name)
+        return [h["loss"] for h in result.history if "loss" in h] + [result.metrics["val_loss"]]
+
+    first, second = curve(0, "a"), curve(0, "b")
+    assert first == second
+    assert curve(1, "c") != first  # the seed does reach the head's init and the shuffling
+
+
+def test_gradient_accumulation_matches_the_bigger_batch(tiny_model_dir, tmp_path):
+    train = synthetic.ranked_groups(range(0, 32), seed=7)
+    validation = synthetic.ranked_groups(range(1000, 1010), seed=8)
+    common = dict(epochs=1, learning_rate=1e-3, lr_schedule="constant", warmup_ratio=0.0)
+    big = train_reward_model(RewardConfig(batch_size=8, **common), train, validation,
+                             model_path=tiny_model_dir, output_dir=tmp_path / "big")
+    accumulated = train_reward_model(RewardConfig(batch_size=4, gradient_accumulation_steps=2, **common), train,
+                                     validation, model_path=tiny_model_dir, output_dir=tmp_path / "acc")
+    assert accumulated.metrics["steps"] == big.metrics["steps"] == 4
+    assert accumulated.metrics["val_loss"] == pytest.approx(big.metrics["val_loss"], rel=1e-4)
+
+
+def test_malformed_ranking_is_refused_with_its_position(tiny_model_dir, tmp_path):
+    good = synthetic.ranked_groups(range(2), seed=0)
+    bad = [good[0], RankedGroup(synthetic.prompt(1), ["a", "b", "c"], [1, 2])]
+    with pytest.raises(ValueError, match="train group 1: 3 responses but 2 ranks"):
+        train_reward_model(FAST, bad, good, model_path=tiny_model_dir, output_dir=tmp_path / "rm")
+    assert not (tmp_path / "rm").exists()
+    with pytest.raises(ValueError, match="batch_size"):
+        RewardConfig(batch_size=0)
+
+
+def test_should_stop_cancels_without_writing_a_checkpoint(tiny_model_dir, tmp_path):
+    train = synthetic.ranked_groups(range(0, 32), seed=9)
+    with pytest.raises(Cancelled):
+        train_reward_model(FAST, train, train[:4], model_path=tiny_model_dir, output_dir=tmp_path / "rm",
+                           should_stop=lambda: True)
+    assert not (tmp_path / "rm").exists()
+
+
+def test_lora_reward_model_saves_a_plain_checkpoint(tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    train = synthetic.ranked_groups(range(0, 32), seed=10)
+    config = RewardConfig(epochs=1, batch_size=8, learning_rate=1e-3, lora_r=4)
+    result = train_reward_model(config, train, train[:8], model_path=tiny_model_dir, output_dir=tmp_path / "rm")
+    model, tokenizer = load_reward_model(result.output_dir)  # no peft needed to load it back
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    rewards = score(model, tokenizer, synthetic.prompt(0), ["good", "river"])
+    assert rewards.shape == (2,) and torch.isfinite(rewards).all()

@@ -1,0 +1,379 @@
+"""Batched sampling of K responses per prompt, and the `generate` job.
+
+Every response has its own seed, derived from the prompt set's seed, the prompt
+id, the sample index and the resample attempt. Sampling draws each row's next
+token from that row's own torch.Generator (SeededSampler below), so a response
+depends on its seed only, not on which other prompts shared its batch: a run
+that resumes after a crash produces what an uninterrupted run would have.
+
+The job writes a batch's responses, the tasks of the prompts it completes and
+the job's progress in one transaction; a run that dies loses at most the
+batch in flight, and the next run starts from the prompts that still have no
+task (the unique (prompt_id, round, sample_index) and (prompt_id, round)
+constraints make a second writer harmless).
+"""
+
+import hashlib
+import importlib.util
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sqlalchemy import exists, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from app.db.enums import JobKind, ModelKind, PromptSetKind, PromptSetStatus
+from app.db.models import Model, Prompt, PromptSet, Response, Task, TaskResponse
+from trainer.jobs import JobCancelled, JobContext, JobFailed, handler
+from trainer.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+# Rounds of resampling for empty responses or repeats of another response of
+# the same prompt; what is still empty or repeated after them is kept.
+MAX_RESAMPLE_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass(frozen=True)
+class Sample:
+    text: str
+    num_tokens: int  # generated tokens, the end-of-sequence token not counted
+    finish_reason: str  # "eos" | "length"
+    seed: int
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (fits PostgreSQL's bigint)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+class SeededSampler(LogitsProcessor):
+    """Temperature + top-p sampling where row i draws with generators[i].
+
+    It returns logits that are -inf everywhere except at the drawn token, and
+    generate() runs greedy (do_sample=False), so it picks exactly that token.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_p: float):
+        assert temperature > 0 and 0 < top_p <= 1
+        self.generators = list(generators)
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        B, V = scores.shape
+        assert B == len(self.generators), f"batch of {B} rows, {len(self.generators)} generators"
+        logits = scores.float() / self.temperature  # (B, V)
+        if self.top_p < 1.0:
+            # Drop the least likely tokens whose total probability is below 1 - top_p
+            # (always keeping the most likely one), as transformers' TopPLogitsWarper.
+            sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+            remove_sorted = cumulative <= (1 - self.top_p)
+            remove_sorted[:, -1] = False
+            remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+            logits = logits.masked_fill(remove, float("-inf"))
+        probs = logits.softmax(dim=-1)  # (B, V)
+        # argmax(p / E) with E ~ Exponential(1) draws from p (the "exponential race",
+        # as torch.multinomial, but much faster over a 50k vocabulary); each row's
+        # noise comes from its own generator.
+        noise = torch.stack([
+            torch.empty(V, device=probs.device).exponential_(1.0, generator=g) for g in self.generators
+        ])  # (B, V)
+        picked = (probs / noise).argmax(dim=-1)  # (B,)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(B, device=scores.device), picked] = 0.0
+        return out
+
+
+class TransformersSampler:
+    """Batched sampling with transformers' generate(): left padding, the model's
+    chat template, stop at end of sequence."""
+
+    engine = "transformers"
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype | None = None):
+        self.device = device
+        self.tokenizer = load_tokenizer(path)
+        self.tokenizer.padding_side = "left"  # generation appends on the right
+        self.model = load_causal_lm(path, device, dtype).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids = sorted(i for i in eos_ids if i is not None)
+        assert self.eos_ids, "the model has no end-of-sequence token"
+
+    def prompt_text(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    @torch.inference_mode()
+    def sample(self, conversations: Sequence[list[dict[str, str]]], seeds: Sequence[int],
+               settings: SamplingSettings) -> list[Sample]:
+        """One response per (conversation, seed) row."""
+        assert len(conversations) == len(seeds)
+        if not conversations:
+            return []
+        texts = [self.prompt_text(c) for c in conversations]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        T = enc.input_ids.shape[1]
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        config = GenerationConfig(
+            max_new_tokens=settings.max_new_tokens, do_sample=False,
+            eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        out = self.model.generate(
+            **enc, generation_config=config,
+            logits_processor=LogitsProcessorList([SeededSampler(generators, settings.temperature, settings.top_p)]),
+        )  # (B, T + new)
+        new_tokens = out[:, T:].tolist()
+        samples = []
+        for tokens, seed in zip(new_tokens, seeds, strict=True):
+            end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+            body = tokens if end is None else tokens[:end]
+            samples.append(Sample(
+                text=self.tokenizer.decode(body, skip_special_tokens=True).strip(),
+                num_tokens=len(body),
+                finish_reason="length" if end is None else "eos",
+                seed=seed,
+            ))
+        return samples
+
+
+class VllmSampler:
+    """The same interface on vLLM, used on CUDA when vLLM is installed (untested
+    on machines without a GPU)."""
+
+    engine = "vllm"
+
+    def __init__(self, path: str, dtype: torch.dtype | None = None):
+        from vllm import LLM
+
+        self.llm = LLM(model=path, dtype="bfloat16" if dtype == torch.bfloat16 else "auto")
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def sample(self, conversations, seeds, settings: SamplingSettings) -> list[Sample]:
+        from vllm import SamplingParams
+
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                   for c in conversations]
+        params = [SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                 max_tokens=settings.max_new_tokens, seed=s) for s in seeds]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        samples = []
+        for output, seed in zip(outputs, seeds, strict=True):
+            completion = output.outputs[0]
+            n = len(completion.token_ids)
+            if completion.finish_reason == "stop" and n and completion.token_ids[-1] == self.tokenizer.eos_token_id:
+                n -= 1
+            samples.append(Sample(text=completion.text.strip(), num_tokens=n, seed=seed,
+                                  finish_reason="length" if completion.finish_reason == "length" else "eos"))
+        return samples
+
+
+def load_sampler(path: str, device: torch.device, dtype: torch.dtype, engine: str = "auto"):
+    """vLLM on CUDA when it is installed (engine="auto"), else transformers."""
+    if engine == "vllm" or (engine == "auto" and device.type == "cuda" and importlib.util.find_spec("vllm")):
+        return VllmSampler(path, dtype)
+    return TransformersSampler(path, device, dtype)
+
+
+def sample_prompt(sampler, messages, *, prompt_seed: int, indexes: Sequence[int], existing: Sequence[str],
+                  settings: SamplingSettings) -> tuple[dict[int, Sample], int, int]:
+    """Sampled responses for the given sample indexes of one prompt. See sample_batch."""
+    out, resampled, unresolved = sample_batch(sampler, [(messages, prompt_seed, indexes, existing)], settings)
+    return out[0], resampled, unresolved
+
+
+def sample_batch(sampler, items: Sequence[tuple[list, int, Sequence[int], Sequence[str]]],
+                 settings: SamplingSettings) -> tuple[list[dict[int, Sample]], int, int]:
+    """For each (messages, prompt_seed, sample indexes, texts it already has): a
+    response per index, all in one batch. Empty responses and repeats of another
+    response of the same prompt are drawn again with a new seed, for up to
+    MAX_RESAMPLE_ROUNDS rounds. Returns ({index: sample} per item, resampled,
+    unresolved)."""
+    results: list[dict[int, Sample]] = [{} for _ in items]
+    pending = [(i, idx) for i, (_, _, indexes, _) in enumerate(items) for idx in indexes]
+    resampled = 0
+    for attempt in range(MAX_RESAMPLE_ROUNDS + 1):
+        if not pending:
+            break
+        seeds = [derive_seed(items[i][1], idx, attempt) for i, idx in pending]
+        samples = sampler.sample([items[i][0] for i, _ in pending], seeds, settings)
+        retry = []
+        for (i, idx), sample in zip(pending, samples, strict=True):
+            taken = set(items[i][3]) | {s.text for j, s in results[i].items() if j != idx}
+            results[i][idx] = sample
+            if (not sample.text or sample.text in taken) and attempt < MAX_RESAMPLE_ROUNDS:
+                retry.append((i, idx))
+        # Repeats within this round: the first keeps its text, later ones are drawn again.
+        pending = retry
+        resampled += len(retry)
+    unresolved = 0
+    for i, (_, _, _, existing) in enumerate(items):
+        texts = list(existing) + [s.text for s in results[i].values()]
+        unresolved += sum(1 for t in texts if not t) + len(texts) - len(set(texts))
+    return results, resampled, unresolved
+
+
+# ---- the job -------------------------------------------------------------------
+
+def generator_model(session: Session, prompt_set: PromptSet) -> Model:
+    """The set's generator, else the default SFT model. Raises JobFailed."""
+    if prompt_set.generator_model_id is not None:
+        model = session.get(Model, prompt_set.generator_model_id)
+        if model is None:
+            raise JobFailed(f"The generator model (id {prompt_set.generator_model_id}) of '{prompt_set.name}' is gone.")
+        return model
+    model = session.scalar(select(Model).where(Model.kind == ModelKind.sft, Model.is_default))
+    if model is None:
+        raise JobFailed(
+            f"The prompt set '{prompt_set.name}' has no generator model and no default SFT model is "
+            "registered: choose a generator for the set, or register one with `rlhf models add`.")
+    return model
+
+
+def _prompts_without_task(session: Session, prompt_set: PromptSet) -> list[int]:
+    has_task = exists().where(Task.prompt_id == Prompt.id, Task.round == prompt_set.round)
+    return list(session.scalars(
+        select(Prompt.id).where(Prompt.prompt_set_id == prompt_set.id, ~has_task).order_by(Prompt.id)
+    ))
+
+
+def _stop_if_not_generating(prompt_set: PromptSet) -> None:
+    if prompt_set.status in (PromptSetStatus.paused, PromptSetStatus.archived):
+        raise JobCancelled(f"Stopped: the prompt set '{prompt_set.name}' is {prompt_set.status.value}.")
+
+
+def _create_task(session: Session, prompt: Prompt, prompt_set: PromptSet, prompt_seed: int) -> bool:
+    """The prompt's task with its K responses in a seeded shuffled order, when it
+    has K responses in the round and no task yet. True when created."""
+    responses = session.scalars(
+        select(Response).where(Response.prompt_id == prompt.id, Response.round == prompt_set.round,
+                               Response.sample_index < prompt_set.k).order_by(Response.sample_index)
+    ).all()
+    if len(responses) < prompt_set.k:
+        return False
+    task_id = session.scalar(
+        insert(Task).values(prompt_set_id=prompt_set.id, prompt_id=prompt.id, round=prompt_set.round,
+                            k=prompt_set.k)
+        .on_conflict_do_nothing(index_elements=["prompt_id", "round"]).returning(Task.id)
+    )
+    if task_id is None:  # another writer made it
+        return False
+    order = list(responses)
+    random.Random(derive_seed(prompt_seed, "order", prompt_set.round)).shuffle(order)
+    session.execute(insert(TaskResponse).values([
+        {"task_id": task_id, "response_id": r.id, "position": position} for position, r in enumerate(order)
+    ]))
+    return True
+
+
+@handler(JobKind.generate)
+def generate_job(ctx: JobContext) -> dict[str, Any]:
+    """Sample K responses for every prompt of the set's current round that has no
+    task yet, and create the tasks. Params: prompt_set_id; optional batch_size
+    (sequences per forward batch) and engine ("auto" | "transformers" | "vllm")."""
+    prompt_set_id = ctx.params.get("prompt_set_id")
+    if not isinstance(prompt_set_id, int):
+        raise JobFailed("The job's parameters lack prompt_set_id (an integer).")
+    with ctx.new_session() as session:
+        prompt_set = session.get(PromptSet, prompt_set_id)
+        if prompt_set is None:
+            raise JobFailed(f"No prompt set with id {prompt_set_id}.")
+        if prompt_set.kind != PromptSetKind.ranking:
+            raise JobFailed(f"The prompt set '{prompt_set.name}' collects demonstrations; it needs no generated responses.")
+        _stop_if_not_generating(prompt_set)
+        model = generator_model(session, prompt_set)
+        model_id, model_name, model_path = model.id, model.name, model.path
+        k, round_, set_seed = prompt_set.k, prompt_set.round, prompt_set.seed
+        settings = SamplingSettings(prompt_set.temperature, prompt_set.top_p, prompt_set.max_new_tokens)
+        todo = _prompts_without_task(session, prompt_set)
+    total = len(todo)
+    ctx.progress(0, total)
+    if not todo:
+        return {"prompts": 0, "responses": 0, "tasks": 0, "model_id": model_id}
+
+    path = resolve_model_path(model_path, ctx.settings.artifacts_path)
+    engine = str(ctx.params.get("engine", "auto"))
+    log.info("generating %d x %d responses for set %s with %s (%s) on %s",
+             total, k, prompt_set_id, model_name, path, ctx.device)
+    ctx.check_cancelled(force=True)
+    sampler = load_sampler(path, ctx.device, ctx.dtype, engine)
+    batch_size = int(ctx.params.get("batch_size") or (256 if ctx.device.type == "cuda" else 32))
+    prompts_per_batch = max(1, batch_size // k)
+    sampling = {**settings.as_dict(), "model": model_name, "engine": sampler.engine}
+
+    done = n_responses = n_tasks = n_resampled = n_unresolved = n_tokens = 0
+    started = time.perf_counter()
+    for step, start in enumerate(range(0, total, prompts_per_batch)):
+        ctx.check_cancelled()
+        chunk = todo[start:start + prompts_per_batch]
+        with ctx.new_session() as session:
+            prompt_set = session.get(PromptSet, prompt_set_id)
+            _stop_if_not_generating(prompt_set)
+            prompts = session.scalars(select(Prompt).where(Prompt.id.in_(chunk)).order_by(Prompt.id)).all()
+            have: dict[int, dict[int, str]] = {p.id: {} for p in prompts}
+            for pid, idx, text in session.execute(
+                select(Response.prompt_id, Response.sample_index, Response.text)
+                .where(Response.prompt_id.in_(chunk), Response.round == round_)
+            ):
+                have[pid][idx] = text
+            items = [(p.messages, derive_seed(set_seed, p.id), [i for i in range(k) if i not in have[p.id]],
+                      list(have[p.id].values())) for p in prompts]
+            session.rollback()  # no transaction held open while the model runs
+
+            t0 = time.perf_counter()
+            sampled, resampled, unresolved = sample_batch(sampler, items, settings)
+            batch_s = time.perf_counter() - t0
+            n_resampled += resampled
+            n_unresolved += unresolved
+
+            rows = []
+            for prompt, by_index in zip(prompts, sampled, strict=True):
+                for idx, s in by_index.items():
+                    rows.append({"prompt_id": prompt.id, "model_id": model_id, "job_id": ctx.job_id,
+                                 "round": round_, "sample_index": idx, "text": s.text,
+                                 "num_tokens": s.num_tokens, "finish_reason": s.finish_reason,
+                                 "seed": s.seed, "sampling": sampling})
+            if rows:
+                written = session.scalars(
+                    insert(Response).values(rows)
+                    .on_conflict_do_nothing(index_elements=["prompt_id", "round", "sample_index"])
+                    .returning(Response.id)
+                ).all()
+                n_responses += len(written)
+            batch_tokens = sum(r["num_tokens"] for r in rows)
+            n_tokens += batch_tokens
+            for prompt, item in zip(prompts, items, strict=True):
+                n_tasks += _create_task(session, prompt, prompt_set, item[1])
+            done += len(chunk)
+            # Responses, tasks and progress commit together: a crash loses the batch, never half of it.
+            ctx.progress(done, total, session=session)
+            ctx.metrics(step, {
+                "responses_per_s": len(rows) / batch_s if batch_s else 0.0,
+                "tokens_per_s": batch_tokens / batch_s if batch_s else 0.0,
+                "resampled": float(resampled),
+            }, session=session)
+            session.commit()
+    elapsed = time.perf_counter() - started
+    return {
+        "prompts": total, "responses": n_responses, "tasks": n_tasks, "resampled": n_resampled,
+        "unresolved": n_unresolved, "tokens": n_tokens, "model_id": model_id, "model": model_name,
+        "engine": sampler.engine, "seconds": round(elapsed, 2),
+    }

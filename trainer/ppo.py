@@ -1,0 +1,475 @@
+"""PPO against a reward model with a KL penalty to the SFT reference (step 3 of the InstructGPT recipe).
+
+Per step: sample responses from the policy, score them with the reward model,
+reward per token = -beta * KL(policy || reference) with the reward-model score
+added at the last token, values from a value model initialised from the reward
+model, GAE advantages (whitened), then a few epochs of clipped policy and value
+updates over minibatches.
+
+What decides whether it works, after "The N Implementation Details of RLHF
+with PPO" (Huang et al. 2023) and TRL's / OpenRLHF's PPO, each marked where it
+happens below:
+- a pad token distinct from EOS, left-padded prompts, position ids from the mask;
+- sampling with top_k=0, top_p=1 and the logits divided by the temperature
+  before the log-probs, so the ratios are those of the distribution sampled;
+- responses truncated after their first EOS before scoring, and a penalty for
+  responses that never end;
+- reward-model scores normalised (SFT samples: mean 0, std 1) from the RM's
+  stored normalisation;
+- per-token KL (k1, or k3 as an option) with the score at the last token, and a
+  fixed or adaptive (Ziegler et al. 2019) KL coefficient;
+- whitened advantages; value head initialised from the reward model; dropout
+  off; gradient clipping; learning rate annealed to 0.
+TRL's current PPO has neither the adaptive KL controller nor InstructGPT's
+pretraining term (ptx); here both are options.
+"""
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer.common import (
+    Cancelled,
+    Messages,
+    add_lora,
+    autocast,
+    encode_prompt,
+    encode_response,
+    lr_lambda,
+    masked_mean,
+    masked_whiten,
+    pad_left,
+    prepare_tokenizer,
+    response_logprobs,
+    save_checkpoint,
+    seed_everything,
+    sequence_nll,
+    truncate_after_eos,
+    unwrap_lora,
+)
+from trainer.models import load_causal_lm, load_tokenizer, pick_device
+from trainer.reward import load_reward_model, reward_normalisation, sequence_scores, token_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 10  # PPO iterations; each samples batch_size responses
+    batch_size: int = 8  # prompts (rollouts) per iteration
+    mini_batch_size: int = 4  # rollouts per gradient step; batch_size must be a multiple
+    ppo_epochs: int = 4  # passes over each batch of rollouts
+    learning_rate: float = 1e-6  # 1e-6..1e-5 for real models; the tiny test models want ~1e-4
+    lr_schedule: str = "linear"  # linear | cosine | constant: annealed to 0 over the run
+    warmup_steps: int = 0  # optimizer steps of linear warmup
+    max_grad_norm: float = 1.0  # gradient clipping over policy and value together
+    max_new_tokens: int = 32  # response length limit
+    max_prompt_length: int = 256  # longer prompts keep their last tokens
+    temperature: float = 0.7  # sampling temperature; log-probs use the same
+    kl_coef: float = 0.05  # beta, the (initial) KL coefficient
+    adaptive_kl: bool = False  # adapt beta toward target_kl (Ziegler et al. 2019)
+    target_kl: float = 6.0  # nats per response, for the adaptive controller
+    kl_horizon: int = 10000  # the adaptive controller's horizon, in samples
+    kl_estimator: str = "k1"  # k1: log p - log q (unbiased); k3: (q/p - 1) - log(q/p), never negative
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value prediction clip around the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = 1.0  # subtracted from the (normalised) score of a response without EOS
+    ptx_coef: float = 0.0  # weight of the SFT language-modelling loss (InstructGPT's PPO-ptx); needs sft_data
+    seed: int = 0
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda ...
+    mixed_precision: bool = True  # bf16 autocast on CUDA; ignored elsewhere
+    lora_r: int = 0  # 0: full fine-tuning; > 0: LoRA on policy and value (needs peft)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "mini_batch_size": 1 <= self.mini_batch_size <= self.batch_size and self.batch_size % self.mini_batch_size == 0,
+            "ppo_epochs": self.ppo_epochs >= 1,
+            "learning_rate": self.learning_rate > 0,
+            "lr_schedule": self.lr_schedule in ("linear", "cosine", "constant"),
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "max_prompt_length": self.max_prompt_length >= 1,
+            "temperature": self.temperature > 0,
+            "kl_coef": self.kl_coef >= 0,
+            "target_kl": self.target_kl > 0,
+            "kl_horizon": self.kl_horizon >= 1,
+            "kl_estimator": self.kl_estimator in ("k1", "k3"),
+            "cliprange": self.cliprange > 0,
+            "cliprange_value": self.cliprange_value > 0,
+            "gamma": 0 <= self.gamma <= 1,
+            "lam": 0 <= self.lam <= 1,
+            "ptx_coef": self.ptx_coef >= 0,
+            "lora_r": self.lora_r >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid PPO settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}"
+                             + (" (batch_size must be a multiple of mini_batch_size)" if "mini_batch_size" in bad else ""))
+
+
+@dataclass
+class PPOResult:
+    output_dir: Path
+    metrics: dict[str, float]  # the last step's metrics plus validation rewards before/after
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per PPO step
+    samples_before: list[dict] = field(default_factory=list)  # {"prompt", "response", "reward", "ended"}
+    samples_after: list[dict] = field(default_factory=list)
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: beta <- beta * (1 + e * n / horizon), e = clip(KL / target - 1, -0.2, 0.2)."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value = kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """KL(policy || reference) estimated per sampled token (http://joschu.net/blog/kl-approx.html)."""
+    log_ratio = logprobs - ref_logprobs  # (B, R): log p(x) - log q(x), x sampled from p
+    if estimator == "k1":
+        return log_ratio
+    assert estimator == "k3", estimator
+    return (torch.exp(-log_ratio) - 1) + log_ratio  # (q/p - 1) - log(q/p) >= 0
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens. All (B, R); padding has mask 0.
+
+    A padded position has value 0 and reward 0, so the last real token
+    bootstraps from 0 (the episode ends there) and padding gets advantage 0.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    R = rewards.shape[1]
+    last_gae = torch.zeros_like(rewards[:, 0])  # (B,)
+    reversed_advantages = []
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        reversed_advantages.append(last_gae)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1) * mask  # (B, R)
+    returns = (advantages + values) * mask  # (B, R)
+    return advantages, returns
+
+
+def score_with_penalty(score: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None) -> torch.Tensor:
+    """A response that ran out of tokens without EOS loses missing_eos_penalty (TRL's convention)."""
+    if missing_eos_penalty is None:
+        return score
+    return torch.where(ended, score, score - missing_eos_penalty)
+
+
+def _generation_config(config: PPOConfig, tokenizer):
+    from transformers import GenerationConfig
+
+    # Every sampling knob named: a checkpoint's generation_config.json (top_p=0.9, top_k=50 is
+    # transformers' default) must not change the distribution that the log-probs assume.
+    return GenerationConfig(
+        do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=config.max_new_tokens, min_new_tokens=0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+@torch.no_grad()
+def _generate(policy, query: torch.Tensor, query_mask: torch.Tensor, generation_config) -> torch.Tensor:
+    """Sampled responses to left-padded prompts: (B, R), R <= max_new_tokens."""
+    output = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=generation_config)
+    return output[:, query.shape[1]:]  # (B, R)
+
+
+def train_ppo(
+    config: PPOConfig,
+    prompts: list[Messages],
+    *,
+    policy_path: str | Path,
+    reference_path: str | Path,
+    reward_path: str | Path,
+    output_dir: Path,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    sft_data: list[tuple[Messages, str]] | None = None,
+    validation_prompts: list[Messages] | None = None,
+) -> PPOResult:
+    """Optimise the policy against the reward model; save it to output_dir.
+
+    on_step(step, metrics) is called after every PPO step; should_stop() is
+    asked after every step and raises Cancelled (nothing saved) when true.
+    validation_prompts are sampled before and after training with a fixed seed.
+    """
+    if not prompts:
+        raise ValueError("PPO needs at least one prompt")
+    if config.ptx_coef > 0 and not sft_data:
+        raise ValueError("ptx_coef > 0 needs sft_data (SFT demonstrations for the pretraining-loss term)")
+
+    # 0. seed and device
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    use_lora = config.lora_r > 0
+
+    # 1. models: policy (trained), reference (frozen), reward model (frozen), value model (trained, from the RM)
+    tokenizer = prepare_tokenizer(load_tokenizer(str(policy_path)))  # a pad distinct from EOS
+    policy = load_causal_lm(str(policy_path), device, torch.float32)
+    # With LoRA on the same weights, the reference is the policy with its adapters switched off.
+    shared_reference = use_lora and Path(reference_path).resolve() == Path(policy_path).resolve()
+    reference = None if shared_reference else load_causal_lm(str(reference_path), device, torch.float32)
+    reward_model, reward_tokenizer = load_reward_model(reward_path, device)
+    assert reward_tokenizer.get_vocab() == tokenizer.get_vocab(), \
+        "the reward model and the policy must share a tokenizer: responses are scored token for token"
+    rm_mean, rm_std = reward_normalisation(reward_model)
+    value_model, _ = load_reward_model(reward_path, device)  # value head initialised from the reward model
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    if use_lora:
+        policy = add_lora(policy, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, task_type="CAUSAL_LM")
+        value_model = add_lora(value_model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                               task_type="SEQ_CLS")
+    for frozen in (reference, reward_model):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+    # eval() everywhere: dropout off, so the rollout's log-probs and the update's agree (ratio 1 at the start).
+    for model in (policy, reference, reward_model, value_model):
+        if model is not None:
+            model.eval()
+
+    # 2. data: prompts tokenised once; a seeded endless stream of shuffled prompt indices
+    prompt_ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
+    shuffle = torch.Generator().manual_seed(config.seed)
+    stream = itertools.chain.from_iterable(torch.randperm(len(prompt_ids), generator=shuffle).tolist()
+                                           for _ in itertools.count())
+    sft_encoded = []
+    for messages, text in (sft_data or []) if config.ptx_coef > 0 else []:
+        p, r = encode_prompt(tokenizer, messages, config.max_prompt_length), encode_response(tokenizer, text)
+        sft_encoded.append((p + r, [0] * len(p) + [1] * len(r)))
+    generation_config = _generation_config(config, tokenizer)
+
+    # 3. optimizer over policy and value; lr annealed to 0 over every gradient step of the run
+    params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5)
+    minibatches = config.batch_size // config.mini_batch_size
+    total_updates = config.steps * config.ppo_epochs * minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_updates))
+    kl_controller = (AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+                     if config.adaptive_kl else FixedKLController(config.kl_coef))
+
+    def reference_logprobs(query_response, attention, context_length):
+        if reference is None:
+            with policy.disable_adapter():
+                return response_logprobs(policy, query_response, attention, context_length, config.temperature)[0]
+        return response_logprobs(reference, query_response, attention, context_length, config.temperature)[0]
+
+    def sample_responses(indices: list[int], ids: list[list[int]]) -> dict:
+        """Left-pad the prompts, sample, truncate after the first EOS (no gradients)."""
+        query, query_mask = pad_left([ids[i] for i in indices], tokenizer.pad_token_id)  # (B, P)
+        query, query_mask = query.to(device), query_mask.to(device)
+        with autocast(device, config.mixed_precision):
+            responses = _generate(policy, query, query_mask, generation_config)  # (B, R)
+        responses, response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        return {"query": query, "query_mask": query_mask, "responses": responses,
+                "response_mask": response_mask, "ended": ended}
+
+    @torch.no_grad()
+    def rm_scores(query_response, attention) -> torch.Tensor:
+        with autocast(device, config.mixed_precision):
+            return sequence_scores(reward_model, query_response, attention)  # (B,)
+
+    def validation_samples() -> list[dict]:
+        if not validation_prompts:
+            return []
+        ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in validation_prompts]
+        samples = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed + 1)  # the same draws before and after training
+            for start in range(0, len(ids), config.batch_size):
+                indices = list(range(start, min(start + config.batch_size, len(ids))))
+                rollout = sample_responses(indices, ids)
+                query_response = torch.cat([rollout["query"], rollout["responses"]], 1)
+                attention = torch.cat([rollout["query_mask"], rollout["response_mask"]], 1)
+                raw = rm_scores(query_response, attention)
+                for row, i in enumerate(indices):
+                    tokens = rollout["responses"][row][rollout["response_mask"][row].bool()]
+                    samples.append({
+                        "prompt": validation_prompts[i],
+                        "response": tokenizer.decode(tokens, skip_special_tokens=True),
+                        "reward": (raw[row].item() - rm_mean) / rm_std,
+                        "ended": bool(rollout["ended"][row]),
+                    })
+        return samples
+
+    samples_before = validation_samples()
+
+    # 4. the loop
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    B, mb = config.batch_size, config.mini_batch_size
+    for step in range(1, config.steps + 1):
+        t0 = time.perf_counter()
+        assert not policy.training and not value_model.training, "dropout must stay off"
+
+        # 1. generate: sample responses from the policy for a batch of left-padded prompts
+        indices = [next(stream) for _ in range(B)]
+        rollout = sample_responses(indices, prompt_ids)
+        query, responses = rollout["query"], rollout["responses"]  # (B, P), (B, R)
+        response_mask, ended = rollout["response_mask"], rollout["ended"]  # (B, R), (B,)
+        P = query.shape[1]
+        query_response = torch.cat([query, responses], 1)  # (B, P + R)
+        attention = torch.cat([rollout["query_mask"], response_mask], 1)  # (B, P + R)
+        mask = response_mask.bool()  # (B, R)
+        t1 = time.perf_counter()
+
+        # 2. score: old log-probs, reference log-probs, values and reward-model scores, in minibatch chunks
+        with torch.no_grad(), autocast(device, config.mixed_precision):
+            chunks = [slice(i, i + mb) for i in range(0, B, mb)]
+            old = [response_logprobs(policy, query_response[c], attention[c], P, config.temperature, with_entropy=True)
+                   for c in chunks]
+            logprobs = torch.cat([lp for lp, _ in old])  # (B, R)
+            entropy = torch.cat([e for _, e in old])  # (B, R)
+            ref_logprobs = torch.cat([reference_logprobs(query_response[c], attention[c], P) for c in chunks])  # (B, R)
+            values = torch.cat([token_scores(value_model, query_response[c], attention[c])[:, P - 1:-1]
+                                for c in chunks]).float()  # (B, R): value of the state before each response token
+            raw_score = torch.cat([rm_scores(query_response[c], attention[c]) for c in chunks])  # (B,)
+        score = (raw_score - rm_mean) / rm_std  # (B,): SFT samples have mean 0, std 1
+        penalised = score_with_penalty(score, ended, config.missing_eos_penalty)  # (B,)
+        t2 = time.perf_counter()
+
+        # 3. compute KL and rewards: -beta * KL at every token, the score added at the last real token
+        kl = per_token_kl(logprobs, ref_logprobs, config.kl_estimator).masked_fill(~mask, 0.0)  # (B, R)
+        kl_k1 = (logprobs - ref_logprobs).masked_fill(~mask, 0.0)  # (B, R), for logging and the controller
+        beta = kl_controller.value
+        rewards = -beta * kl  # (B, R)
+        last = response_mask.sum(1) - 1  # (B,): the EOS, or the last token of an unfinished response
+        rewards[torch.arange(B, device=device), last] += penalised
+        values = values.masked_fill(~mask, 0.0)
+
+        # 4. GAE advantages and returns
+        advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)  # (B, R) each
+
+        # 5. whiten advantages over the real tokens
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        # 6. PPO epochs: clipped policy and value losses over shuffled minibatches
+        stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": [],
+                 "ptx_loss": []}
+        lr = scheduler.get_last_lr()[0]
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(B, generator=shuffle).tolist()
+            for start in range(0, B, mb):
+                idx = torch.tensor(order[start:start + mb], device=device)
+                m = mask[idx]  # (mb, R)
+                with autocast(device, config.mixed_precision):
+                    new_logprobs, _ = response_logprobs(policy, query_response[idx], attention[idx], P, config.temperature)
+                    vpred = token_scores(value_model, query_response[idx], attention[idx])[:, P - 1:-1]  # (mb, R)
+                vpred = vpred.float()
+                vpred_clipped = values[idx] + (vpred - values[idx]).clamp(-config.cliprange_value, config.cliprange_value)
+                vf_losses = torch.max((vpred - returns[idx]) ** 2, (vpred_clipped - returns[idx]) ** 2)  # (mb, R)
+                value_loss = 0.5 * masked_mean(vf_losses, m)
+                log_ratio = (new_logprobs - logprobs[idx]).masked_fill(~m, 0.0)  # (mb, R)
+                ratio = torch.exp(log_ratio)
+                pg_losses = -advantages[idx] * ratio  # (mb, R)
+                pg_losses_clipped = -advantages[idx] * ratio.clamp(1 - config.cliprange, 1 + config.cliprange)
+                policy_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), m)
+                loss = policy_loss + config.vf_coef * value_loss
+                if config.ptx_coef > 0:
+                    # InstructGPT's PPO-ptx: keep the likelihood of SFT data up while optimising the reward.
+                    picks = torch.randint(len(sft_encoded), (mb,), generator=shuffle).tolist()
+                    # Left-padded so the responses line up at the end and only their logits are computed.
+                    ids, ptx_attention = pad_left([sft_encoded[i][0] for i in picks], tokenizer.pad_token_id)
+                    loss_mask, _ = pad_left([sft_encoded[i][1] for i in picks], 0)
+                    with autocast(device, config.mixed_precision):
+                        ptx_loss = sequence_nll(policy, ids.to(device), ptx_attention.to(device), loss_mask.to(device))
+                    loss = loss + config.ptx_coef * ptx_loss
+                    stats["ptx_loss"].append(ptx_loss.item())
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    stats["policy_loss"].append(policy_loss.item())
+                    stats["value_loss"].append(value_loss.item())
+                    stats["clip_frac"].append(masked_mean((pg_losses_clipped > pg_losses).float(), m).item())
+                    stats["value_clip_frac"].append(masked_mean((vf_losses > (vpred - returns[idx]) ** 2).float(), m).item())
+                    stats["approx_kl"].append(0.5 * masked_mean(log_ratio ** 2, m).item())
+        t3 = time.perf_counter()
+
+        # 7. KL controller: move beta toward the target KL (no-op when fixed)
+        mean_kl = kl_k1.sum(1).mean().item()
+        kl_controller.update(mean_kl, B)
+
+        # 8. log and check for cancellation
+        metrics = {
+            "reward": score.mean().item(),  # the RM score (normalised), before penalties and KL
+            "reward_unnormalised": raw_score.mean().item(),
+            "kl": mean_kl,  # nats per response, k1
+            "total_reward": (rewards.sum(1)).mean().item(),  # score - penalty - beta * KL, summed per response
+            "entropy": masked_mean(entropy, mask).item(),  # per token, at the sampling temperature
+            "policy_loss": _mean(stats["policy_loss"]),
+            "value_loss": _mean(stats["value_loss"]),
+            "clip_frac": _mean(stats["clip_frac"]),
+            "value_clip_frac": _mean(stats["value_clip_frac"]),
+            "approx_kl": _mean(stats["approx_kl"]),
+            "response_length": response_mask.sum(1).float().mean().item(),
+            "eos_fraction": ended.float().mean().item(),
+            "lr": lr,
+            "kl_coef": beta,
+            "generation_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2,
+        }
+        if stats["ptx_loss"]:
+            metrics["ptx_loss"] = _mean(stats["ptx_loss"])
+        history.append({"step": step, **metrics})
+        if on_step is not None:
+            on_step(step, metrics)
+        log.info("ppo step %d: reward %.3f kl %.3f", step, metrics["reward"], metrics["kl"])
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"PPO stopped at step {step}")
+
+    # 5. validation samples after, then save the policy (adapters merged) with its settings and metrics
+    samples_after = validation_samples()
+    final = dict(history[-1])
+    final.pop("step")
+    final["steps"] = config.steps
+    final["seconds"] = time.perf_counter() - started
+    if samples_before:
+        final["validation_reward_before"] = _mean([s["reward"] for s in samples_before])
+        final["validation_reward_after"] = _mean([s["reward"] for s in samples_after])
+    policy = unwrap_lora(policy)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy.generation_config.eos_token_id = tokenizer.eos_token_id
+    save_checkpoint(policy, tokenizer, output_dir, {
+        "kind": "policy", "policy_path": str(policy_path), "reference_path": str(reference_path),
+        "reward_path": str(reward_path), "config": asdict(config), "metrics": final,
+    })
+    return PPOResult(output_dir=Path(output_dir), metrics=final, history=history,
+                     samples_before=samples_before, samples_after=samples_after)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,413 @@
+"""Supervised fine-tuning on demonstrations (step 1 of the InstructGPT recipe).
+
+Labelers write the response they would want for a prompt; the pretrained model
+is fine-tuned on those (prompt, response) pairs with the ordinary next-token
+loss, counted ONLY on the response: the prompt, the system prompt the chat
+template adds and the template's role markers are context, not targets
+(InstructGPT section 3.5; TRL's `completion_only_loss`).
+
+An example is tokenised exactly as the policy later sees and produces it:
+the prompt is the chat template applied to the messages with the assistant
+generation prompt (trainer.common.encode_prompt), the response is what the
+template puts after it for the assistant turn, up to and including the EOS
+that closes the turn (SmolLM2: "<|im_end|>"). Template tokens after that EOS
+(a newline) are dropped: the model stops at EOS, it never produces them.
+
+Packing puts several whole examples in one row of up to max_length tokens.
+Each example's position ids restart at 0 and no attention mask is passed, so
+transformers builds a block-diagonal causal mask (masking_utils
+find_packed_sequence_indices): an example never attends to its neighbours and
+its loss is the same as unpacked. Packing only saves the padding.
+
+The loss of an optimizer step is the sum of the response tokens' negative
+log-likelihood divided by the number of response tokens in the whole step
+(all micro-batches), so gradient accumulation and packing do not change what
+a token weighs (transformers issue #34242 "gradient accumulation loss").
+"""
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from trainer.common import (
+    Cancelled,
+    Messages,
+    add_lora,
+    autocast,
+    encode_prompt,
+    lr_lambda,
+    prepare_tokenizer,
+    read_workbench_json,
+    save_checkpoint,
+    seed_everything,
+    unwrap_lora,
+)
+from trainer.models import load_tokenizer, pick_device
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # the label of a token that is not learned (PyTorch's cross_entropy ignore_index)
+
+
+class SFTExample(NamedTuple):
+    """One demonstration: the conversation so far (ending with a user turn) and the response to learn."""
+
+    messages: Messages
+    response: str
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 1  # passes over the training demonstrations
+    batch_size: int = 8  # rows per forward pass (examples, or packed rows of examples)
+    gradient_accumulation_steps: int = 1  # forward passes per optimizer step
+    learning_rate: float = 2e-5  # full fine-tuning of a ~100M model; LoRA wants ~1e-4, tiny test models ~1e-3
+    lr_schedule: str = "cosine"  # linear | cosine | constant, after warmup, decaying to 0
+    warmup_ratio: float = 0.03  # fraction of optimizer steps spent warming up
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_length: int = 512  # tokens of prompt + response (and of a packed row)
+    packing: bool = False  # several whole examples per row; no padding, same loss
+    eval_batch_size: int = 8  # examples per forward pass when computing the validation loss
+    seed: int = 0
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
+    mixed_precision: bool = True  # bf16 autocast on CUDA; ignored elsewhere
+    lora_r: int = 0  # 0: train every weight; > 0: LoRA of that rank (needs peft), merged into the saved weights
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
+            "learning_rate": self.learning_rate > 0,
+            "lr_schedule": self.lr_schedule in ("linear", "cosine", "constant"),
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "max_length": self.max_length >= 8,
+            "eval_batch_size": self.eval_batch_size >= 1,
+            "lora_r": self.lora_r >= 0,
+            "max_grad_norm": self.max_grad_norm > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid SFT settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    metrics: dict[str, float]  # final figures: val_loss, initial_val_loss, train_loss, tokens_per_s, ...
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per optimizer step / evaluation
+
+
+class Tokenised(NamedTuple):
+    input_ids: list[int]
+    labels: list[int]  # IGNORE for prompt and template tokens, the token id for response tokens
+
+
+# ---- data -------------------------------------------------------------------------
+
+def completion_ids(tokenizer, messages: Messages, response: str) -> list[int]:
+    """The tokens the chat template puts after the generation prompt for this assistant
+    response, up to and including the EOS that ends the turn."""
+    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": response}], tokenize=False
+    )
+    # A template that rewrites earlier turns once an answer follows (some drop the
+    # reasoning of past turns) would make the prompt differ from what the policy sees.
+    assert full_text.startswith(prompt_text), "the chat template changes the prompt when an answer follows it"
+    ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        return ids[: ids.index(eos) + 1]
+    return ids + [eos]  # a template that ends the turn with another token: EOS still ends the response
+
+
+def tokenise_example(tokenizer, example: SFTExample, max_length: int) -> tuple[Tokenised, bool]:
+    """prompt + response tokens with the loss mask (labels). Too long: the prompt keeps its
+    last tokens (at least half the length when the response is long), then the response
+    is cut at the end. Returns (tokenised, truncated)."""
+    prompt = encode_prompt(tokenizer, example.messages)
+    completion = completion_ids(tokenizer, example.messages, example.response)
+    truncated = len(prompt) + len(completion) > max_length
+    if truncated:
+        keep_prompt = min(len(prompt), max(max_length // 2, max_length - len(completion)))
+        prompt = prompt[len(prompt) - keep_prompt:]
+        completion = completion[: max_length - keep_prompt]
+    ids = prompt + completion
+    labels = [IGNORE] * len(prompt) + completion
+    assert len(ids) == len(labels) <= max_length
+    return Tokenised(ids, labels), truncated
+
+
+def _tokenise_all(tokenizer, examples: list[SFTExample], max_length: int, name: str) -> tuple[list[Tokenised], int]:
+    out, truncated = [], 0
+    for index, example in enumerate(examples):
+        messages, response = example
+        where = f"{name} example {index}"
+        if not messages:
+            raise ValueError(f"{where}: the prompt has no messages")
+        if messages[-1].get("role") != "user":
+            raise ValueError(f"{where}: the prompt must end with a user turn, not {messages[-1].get('role')!r}")
+        if not isinstance(response, str) or not response.strip():
+            raise ValueError(f"{where}: the response is empty")
+        tokenised, cut = tokenise_example(tokenizer, SFTExample(messages, response), max_length)
+        out.append(tokenised)
+        truncated += cut
+    return out, truncated
+
+
+class Batch(NamedTuple):
+    input_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor | None  # (B, T); None for packed rows (the positions mark the examples)
+    tokens: int  # response tokens (the loss's denominator)
+    real_tokens: int  # tokens that are not padding
+
+
+def pad_batch(rows: list[Tokenised], pad_id: int) -> Batch:
+    """One example per row, right-padded, with an attention mask."""
+    T = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[b, :n] = torch.tensor(r.input_ids)
+        labels[b, :n] = torch.tensor(r.labels)
+        mask[b, :n] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return Batch(ids, labels, positions, mask, int((labels[:, 1:] != IGNORE).sum()), int(mask.sum()))
+
+
+def pack_rows(examples: list[Tokenised], max_length: int, order: list[int]) -> list[list[Tokenised]]:
+    """Whole examples packed into rows of at most max_length tokens: first fit, longest
+    first (ties in `order`), so rows fill well and nothing is cut."""
+    ranked = sorted(order, key=lambda i: -len(examples[i].input_ids))  # stable: ties keep the shuffled order
+    rows: list[list[Tokenised]] = []
+    room: list[int] = []
+    for i in ranked:
+        n = len(examples[i].input_ids)
+        slot = next((r for r, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([])
+            room.append(max_length)
+            slot = len(rows) - 1
+        rows[slot].append(examples[i])
+        room[slot] -= n
+    return rows
+
+
+def packed_batch(rows: list[list[Tokenised]], pad_id: int) -> Batch:
+    """Rows of several examples; each example's positions restart at 0 (a block-diagonal mask)."""
+    flat = [
+        (sum((e.input_ids for e in row), []), sum((e.labels for e in row), []),
+         sum((list(range(len(e.input_ids))) for e in row), []))
+        for row in rows
+    ]
+    T = max(len(ids) for ids, _, _ in flat)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)  # (B, T)
+    # Padding is one more "example" whose positions start at 0: it attends only to itself.
+    positions = torch.arange(T).repeat(len(rows), 1)  # (B, T)
+    for b, (row_ids, row_labels, row_positions) in enumerate(flat):
+        n = len(row_ids)
+        ids[b, :n] = torch.tensor(row_ids)
+        labels[b, :n] = torch.tensor(row_labels)
+        positions[b, :n] = torch.tensor(row_positions)
+        positions[b, n:] = torch.arange(T - n)
+    return Batch(ids, labels, positions, None, int((labels[:, 1:] != IGNORE).sum()), sum(len(f[0]) for f in flat))
+
+
+# ---- the loss ---------------------------------------------------------------------
+
+def _core(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # through a LoRA wrapper
+
+
+def response_nll_sum(model, batch: Batch, device: torch.device, mixed_precision: bool = False) -> torch.Tensor:
+    """Sum of -log p(token) over the batch's response tokens.
+
+    The LM head runs on the response positions only: a (B, T, V) logits tensor
+    (V = 49k for SmolLM2) is most of the memory and time of a small model, and
+    the prompt's logits are never used.
+    """
+    core = _core(model)
+    # Models that transform their logits after the head cannot take this short cut.
+    assert not getattr(core.config, "final_logit_softcapping", None), "logit soft-capping is not supported"
+    ids = batch.input_ids.to(device)
+    with autocast(device, mixed_precision):
+        hidden = core.get_decoder()(
+            input_ids=ids,
+            attention_mask=batch.attention_mask.to(device) if batch.attention_mask is not None else None,
+            position_ids=batch.position_ids.to(device),
+            use_cache=False,
+        ).last_hidden_state  # (B, T, D)
+        targets = batch.labels[:, 1:].to(device)  # (B, T-1): column t is predicted at t-1
+        keep = targets != IGNORE  # (B, T-1)
+        logits = core.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), N response tokens
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Tokenised], pad_id: int, device: torch.device,
+                  batch_size: int, mixed_precision: bool = False) -> float:
+    """Mean negative log-likelihood per response token over all examples (token-weighted)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[i:i + batch_size], pad_id)
+        total += response_nll_sum(model, batch, device, mixed_precision).item()
+        tokens += batch.tokens
+    model.train(was_training)
+    return total / max(1, tokens)
+
+
+# ---- training ---------------------------------------------------------------------
+
+def train_sft(
+    config: SFTConfig,
+    train_examples: list[SFTExample],
+    validation_examples: list[SFTExample],
+    *,
+    base_path: str | Path,
+    output_dir: Path,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> SFTResult:
+    """Fine-tune the causal LM at base_path on the demonstrations, report the validation
+    loss before training and after each epoch, save weights (safetensors), config,
+    tokenizer and our settings to output_dir.
+
+    validation_examples should hold prompts never seen in training. Raises
+    ValueError for malformed data, Cancelled when should_stop() says so
+    (nothing is saved then).
+    """
+    started = time.perf_counter()
+    history: list[dict[str, float]] = []
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        history.append({"step": step, **metrics})
+        if on_step is not None:
+            on_step(step, metrics)
+
+    # 0. seed and device
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+
+    # 1. data: every example tokenised once, the loss mask beside it
+    tokenizer = prepare_tokenizer(load_tokenizer(str(base_path)))
+    pad_id = tokenizer.pad_token_id
+    if not train_examples:
+        raise ValueError("there are no training demonstrations")
+    if not validation_examples:
+        raise ValueError("there are no validation demonstrations")
+    train, truncated = _tokenise_all(tokenizer, train_examples, config.max_length, "train")
+    val, val_truncated = _tokenise_all(tokenizer, validation_examples, config.max_length, "validation")
+    shuffle = random.Random(config.seed)
+
+    def epoch_batches() -> list[Batch]:
+        order = list(range(len(train)))
+        shuffle.shuffle(order)
+        if config.packing:
+            rows = pack_rows(train, config.max_length, order)
+            shuffle.shuffle(rows)
+            return [packed_batch(rows[i:i + config.batch_size], pad_id) for i in range(0, len(rows), config.batch_size)]
+        return [pad_batch([train[j] for j in order[i:i + config.batch_size]], pad_id)
+                for i in range(0, len(order), config.batch_size)]
+
+    # First fit decreasing gives the same number of rows whatever the order of the examples.
+    rows = len(pack_rows(train, config.max_length, list(range(len(train))))) if config.packing else len(train)
+    micro_batches = -(-rows // config.batch_size)
+
+    # 2. model: float32 weights (autocast does bf16 on CUDA), optional LoRA
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
+    if config.lora_r > 0:
+        model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                         task_type="CAUSAL_LM")
+    model.train()
+
+    # 3. optimizer and schedule
+    steps_per_epoch = -(-micro_batches // config.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * config.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
+
+    initial_val_loss = evaluate_loss(model, val, pad_id, device, config.eval_batch_size, config.mixed_precision)
+    report(0, {"epoch": 0, "val_loss": initial_val_loss})
+    log.info("validation loss before training: %.4f", initial_val_loss)
+
+    # 4. the loop: forward, summed response NLL / tokens of the step, backward, clip, step, log; evaluate each epoch
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    val_loss = initial_val_loss
+    epoch_loss = 0.0
+    for epoch in range(1, config.epochs + 1):
+        batches = epoch_batches()
+        assert len(batches) == micro_batches
+        epoch_nll, epoch_tokens = 0.0, 0
+        for first in range(0, len(batches), config.gradient_accumulation_steps):
+            window = batches[first:first + config.gradient_accumulation_steps]
+            window_tokens = sum(b.tokens for b in window)
+            t0 = time.perf_counter()
+            window_nll = 0.0
+            for batch in window:
+                if batch.tokens == 0:
+                    continue  # every response cut away by max_length: nothing to learn here
+                nll = response_nll_sum(model, batch, device, config.mixed_precision)
+                (nll / window_tokens).backward()
+                window_nll += nll.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_seconds += time.perf_counter() - t0
+            step += 1
+            tokens_seen += sum(b.real_tokens for b in window)
+            epoch_nll += window_nll
+            epoch_tokens += window_tokens
+            report(step, {"epoch": epoch, "loss": window_nll / max(1, window_tokens), "grad_norm": float(grad_norm),
+                          "lr": lr, "response_tokens": window_tokens})
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"SFT stopped at step {step}")
+        epoch_loss = epoch_nll / max(1, epoch_tokens)
+        val_loss = evaluate_loss(model, val, pad_id, device, config.eval_batch_size, config.mixed_precision)
+        report(step, {"epoch": epoch, "train_loss": epoch_loss, "val_loss": val_loss})
+        log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch, epoch_loss, val_loss)
+
+    # 5. save: LoRA merged in, weights, config, tokenizer, our settings and metrics
+    model = unwrap_lora(model)
+    model.eval()
+    model.generation_config.pad_token_id = pad_id
+    metrics = {
+        "val_loss": val_loss, "initial_val_loss": initial_val_loss, "train_loss": epoch_loss,
+        "steps": step, "epochs": config.epochs, "train_examples": len(train), "val_examples": len(val),
+        "truncated_examples": truncated + val_truncated,
+        # Prompt and response tokens (not padding) trained on per second of training steps.
+        "tokens_per_s": tokens_seen / train_seconds if train_seconds > 0 else 0.0,
+        "seconds": time.perf_counter() - started,
+    }
+    save_checkpoint(model, tokenizer, output_dir, {
+        "kind": "sft", "base_model": str(base_path), "config": asdict(config), "metrics": metrics,
+    })
+    return SFTResult(output_dir=Path(output_dir), metrics=metrics, history=history)
+
+
+def read_sft_checkpoint(path: str | Path) -> dict:
+    """Our JSON beside an SFT checkpoint: its settings and metrics."""
+    return read_workbench_json(Path(path))
