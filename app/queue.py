@@ -38,11 +38,12 @@ class _RunJobRetry(BaseRetryStrategy):
     process still holds it; a handler's own error fails the job (retrying would
     repeat it), and the page offers a manual retry."""
 
-    locked_retry_s = 30
-
     def get_retry_decision(self, *, exception: BaseException, job) -> RetryDecision | None:
         if isinstance(exception, JobLocked):
-            return RetryDecision(retry_in={"seconds": self.locked_retry_s})
+            from app.config import get_settings
+
+            # By then a run that only looked stalled has ended or shown it is alive.
+            return RetryDecision(retry_in={"seconds": max(1, round(get_settings().worker_stalled_after_s))})
         # A JobAborted reaches the strategy only when the worker shuts down
         # (procrastinate does not retry user-requested aborts).
         if isinstance(exception, pq_exceptions.JobAborted):

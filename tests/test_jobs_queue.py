@@ -224,3 +224,27 @@ def test_recovery_closes_a_running_row_whose_queue_job_has_ended(committed):
     assert [(r.job_id, r.action) for r in done] == [(job.id, "closed")]
     closed = load_job(job.id)
     assert closed.status == JobStatus.failed and "without recording an outcome" in closed.error
+
+
+def test_a_job_still_held_by_another_process_waits_for_it(workers, database_url, tmp_path):
+    """The second guard: a run holds an advisory lock on its job; a worker that
+    gets the job while another process holds it (a run that only looked stalled)
+    puts it back instead of running it alongside."""
+    import psycopg
+
+    from app.db.session import libpq_url
+
+    log = tmp_path / "runs.log"
+    with new_session() as session:
+        job = steps_job(session, steps=2, log=log)
+    holder = psycopg.connect(libpq_url(database_url), autocommit=True)
+    try:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (jobs.RUN_LOCK_KEY, job.id))
+        workers.start()
+        wait_for(lambda: "running elsewhere" in workers.logs(), 60, "the worker to find the job locked", workers)
+        assert load_job(job.id).status == JobStatus.queued and run_log(log) == []
+    finally:
+        holder.close()  # the other "run" ends
+    done = wait_for(lambda: load_job(job.id).status.finished and load_job(job.id), 60, "the job to run", workers)
+    assert done.status == JobStatus.succeeded and done.attempts == 1
+    assert [w for w, _, _ in run_log(log)] == ["start", "end"]

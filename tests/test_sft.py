@@ -100,18 +100,18 @@ def test_packing_gives_the_same_loss_as_one_example_per_row(tiny_model_dir):
 
 
 def test_fine_tuning_lowers_validation_loss_and_teaches_the_answer(tiny_model_dir, tmp_path):
-    train = [colour_example(i) for i in range(16)]
+    train = [colour_example(i) for i in range(8)]
     validation = [colour_example(i) for i in range(100, 104)]  # unseen prompts of the same kinds
     steps = []
-    config = SFTConfig(epochs=8, batch_size=4, learning_rate=3e-3, lr_schedule="constant", warmup_ratio=0.0,
-                       max_length=128, seed=1)
+    config = SFTConfig(epochs=16, batch_size=4, learning_rate=5e-3, lr_schedule="constant", warmup_ratio=0.0,
+                       max_length=128, seed=0)
     result = train_sft(config, train, validation, base_path=tiny_model_dir, output_dir=tmp_path / "sft",
                        on_step=lambda step, metrics: steps.append((step, metrics)))
 
     val_losses = [m["val_loss"] for _, m in steps if "val_loss" in m]
     assert len(val_losses) == 1 + config.epochs  # before training, then after each epoch
-    assert result.metrics["val_loss"] == val_losses[-1] < 0.25 * val_losses[0]
-    assert result.metrics["steps"] == 8 * 4
+    assert result.metrics["val_loss"] == val_losses[-1] < 0.1 * val_losses[0]
+    assert result.metrics["steps"] == 16 * 2
     assert [s for s, m in steps if "loss" in m] == list(range(1, 33))
     assert greedy(result.output_dir, colour_example(201).messages) == SKY
     assert greedy(result.output_dir, colour_example(202).messages) == ROSE
@@ -121,7 +121,7 @@ def test_fine_tuning_lowers_validation_loss_and_teaches_the_answer(tiny_model_di
     assert (result.output_dir / "tokenizer.json").exists()
     assert json.loads((result.output_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     saved = read_sft_checkpoint(result.output_dir)
-    assert saved["kind"] == "sft" and saved["config"]["learning_rate"] == 3e-3
+    assert saved["kind"] == "sft" and saved["config"]["learning_rate"] == 5e-3
     assert saved["metrics"]["val_loss"] == result.metrics["val_loss"]
 
 

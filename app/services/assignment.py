@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
+from app.db.base import utcnow
 from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus
 from app.db.models import (
     Annotation,
@@ -254,7 +255,8 @@ def lease_next_task(session: Session, *, user: User, now: datetime, lease_s: int
     return None
 
 
-def skip_task(session: Session, *, user: User, task_id: int, reason: str, now: datetime) -> Assignment:
+def skip_task(session: Session, *, user: User, task_id: int, reason: str,
+              now: datetime | None = None) -> Assignment:
     """Give the task back, never to be offered to this labeler again. The labeler
     must have leased it. Raises Invalid (no reason), NotAllowed, Conflict."""
     reason = (reason or "").strip()
@@ -275,7 +277,7 @@ def skip_task(session: Session, *, user: User, task_id: int, reason: str, now: d
     if assignment.status != AssignmentStatus.skipped:
         assignment.status = AssignmentStatus.skipped
         assignment.skip_reason = reason
-        assignment.finished_at = now
+        assignment.finished_at = now or utcnow()
     session.commit()
     return assignment
 

@@ -52,6 +52,8 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "comparisons": ("plain", "conversational"),
     "annotations": ("jsonl", "csv"),
 }
+# The kind a format belongs to, so a download link can name the format alone.
+FORMAT_KIND = {fmt: kind for kind, fmts in FORMATS.items() for fmt in fmts}
 YIELD_PER = 1000  # rows fetched from the server-side cursor at a time
 CHUNK_BYTES = 64 * 1024  # bytes handed to the response at a time
 ALWAYS_LEFT_OUT = [
@@ -72,6 +74,14 @@ ANNOTATION_CSV_COLUMNS = [
     "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "prompt",
     "response_id", "position", "likert", "rank", "response_flags", "response_text",
 ]
+
+
+def kind_of(fmt: str) -> str:
+    """comparisons for plain/conversational, annotations for jsonl/csv; raises Invalid."""
+    if fmt not in FORMAT_KIND:
+        raise Invalid(f"Unknown export format '{fmt}'; choose one of {', '.join(FORMAT_KIND)}.",
+                      errors={"format": f"choose one of {', '.join(FORMAT_KIND)}"})
+    return FORMAT_KIND[fmt]
 
 
 # ---- filters --------------------------------------------------------------------

@@ -141,3 +141,15 @@ def list_gold_tasks(session: Session, *, prompt_set_id: int) -> list[GoldTask]:
         .order_by(Task.id)
     ).all()
     return [GoldTask(task=task, annotations=n) for task, n in rows]
+
+
+def candidate_tasks(session: Session, *, prompt_set_id: int, limit: int = 10) -> list[Task]:
+    """Ordinary tasks of the set's current round that could be made gold, most labeled first."""
+    return list(session.scalars(
+        select(Task)
+        .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+        .where(Task.prompt_set_id == prompt_set_id, Task.is_gold.is_(False), Task.round == PromptSet.round)
+        .options(selectinload(Task.prompt))
+        .order_by(Task.num_labels.desc(), Task.id)
+        .limit(limit)
+    ))

@@ -159,7 +159,12 @@
     if (window.Sortable) {
       for (const list of r.querySelectorAll(".rank-list")) {
         // One shared group: a response can go to any slot, and a slot can hold several (a tie).
-        Sortable.create(list, { group: `ranks-${r.dataset.taskId}`, animation: 120, onEnd: () => sync(r) });
+        // forceFallback: Sortable's own pointer-event dragging, the same on mouse, touch
+        // and pen (native HTML5 drag and drop differs between browsers).
+        Sortable.create(list, {
+          group: `ranks-${r.dataset.taskId}`, animation: 120, forceFallback: true,
+          onEnd: () => sync(r),
+        });
       }
     }
     r.addEventListener("change", () => warn(r));

@@ -1,0 +1,231 @@
+"""Admin: a set's quality page (agreement, labelers, progress, allowed labelers,
+gold tasks) and its export page with streamed downloads."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.db.models import PromptSet
+from app.routes.deps import AdminUser, SessionDep
+from app.services import export, gold, labelers
+from app.services.agreement import compute_set_agreement
+from app.services.errors import Invalid
+from app.services.progress import set_progress
+from app.services.prompt_sets import get_prompt_set
+from app.web import render
+
+router = APIRouter(prefix="/admin/prompt-sets/{prompt_set_id}", include_in_schema=False)
+
+DEFAULT_THRESHOLD = 0.6
+# InstructGPT (Ouyang et al. 2022, section 5.1 / appendix B): training labelers
+# agreed with each other 72.6 ± 1.5% of the time.
+INSTRUCTGPT_AGREEMENT = 0.726
+Threshold = Annotated[float, Query(ge=0, le=1, description="Agreement under which a labeler is highlighted")]
+QUICK_PICKS = 10  # non-gold tasks offered as quick picks in the gold form
+
+
+def _agreement_rows(session, prompt_set_id: int) -> dict[str, Any]:
+    agreement = compute_set_agreement(session, prompt_set_id=prompt_set_id)
+    rows = labelers.labeler_rows(session, prompt_set_id=prompt_set_id, agreement=agreement)
+    # Worst agreement first, unknown agreement last; the table re-sorts in the browser.
+    rows.sort(key=lambda r: (r.agreement is None, r.agreement or 0.0, r.username))
+    return {"agreement": agreement, "rows": rows}
+
+
+def _allowed_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, Any]:
+    return {
+        "prompt_set": prompt_set,
+        "allowed": labelers.allowed_labelers(session, prompt_set_id=prompt_set.id),
+        "choices": labelers.labeler_choices(session, prompt_set_id=prompt_set.id),
+    } | extra
+
+
+def _gold_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, Any]:
+    return {
+        "prompt_set": prompt_set,
+        "gold_tasks": gold.list_gold_tasks(session, prompt_set_id=prompt_set.id),
+        "quick_tasks": gold.candidate_tasks(session, prompt_set_id=prompt_set.id, limit=QUICK_PICKS),
+    } | extra
+
+
+def _page_context(session, prompt_set: PromptSet, threshold: float) -> dict[str, Any]:
+    return (
+        {"prompt_set": prompt_set, "threshold": threshold, "reference": INSTRUCTGPT_AGREEMENT,
+         "progress": set_progress(session, prompt_set_id=prompt_set.id)}
+        | _agreement_rows(session, prompt_set.id)
+        | _allowed_context(session, prompt_set)
+        | _gold_context(session, prompt_set)
+    )
+
+
+@router.get("/quality")
+def quality_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+                 threshold: Threshold = DEFAULT_THRESHOLD):
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    return render(request, "pages/quality.html", _page_context(session, prompt_set, threshold))
+
+
+@router.get("/quality/figures")
+def figures_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+    """The set's figures; the page reloads them after a labeler is excluded or included."""
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    context = {"prompt_set": prompt_set, "reference": INSTRUCTGPT_AGREEMENT,
+               "agreement": compute_set_agreement(session, prompt_set_id=prompt_set_id)}
+    return render(request, "partials/_quality_figures.html", context)
+
+
+def _set_excluded(request: Request, session, prompt_set_id: int, user_id: int, *, excluded: bool,
+                  everywhere: bool, threshold: float):
+    get_prompt_set(session, prompt_set_id)
+    labelers.set_excluded(session, user_id=user_id, excluded=excluded,
+                          prompt_set_id=None if everywhere else prompt_set_id)
+    rows = labelers.labeler_rows(session, prompt_set_id=prompt_set_id, user_id=user_id)
+    context = {"prompt_set_id": prompt_set_id, "threshold": threshold, "row": rows[0] if rows else None}
+    # The row swaps in place; the set's figures listen for this event and reload.
+    return render(request, "partials/_quality_labeler_row.html", context,
+                  headers={"HX-Trigger": "quality-changed"})
+
+
+@router.post("/quality/labelers/{user_id}/exclude")
+def exclude_labeler(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int,
+                    everywhere: Annotated[bool, Form()] = False,
+                    threshold: Annotated[float, Form(ge=0, le=1)] = DEFAULT_THRESHOLD):
+    return _set_excluded(request, session, prompt_set_id, user_id, excluded=True, everywhere=everywhere,
+                         threshold=threshold)
+
+
+@router.post("/quality/labelers/{user_id}/include")
+def include_labeler(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int,
+                    everywhere: Annotated[bool, Form()] = False,
+                    threshold: Annotated[float, Form(ge=0, le=1)] = DEFAULT_THRESHOLD):
+    return _set_excluded(request, session, prompt_set_id, user_id, excluded=False, everywhere=everywhere,
+                         threshold=threshold)
+
+
+# ---- allowed labelers ---------------------------------------------------------------
+
+@router.post("/quality/allowed")
+def allow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+          username: Annotated[str, Form(max_length=200)] = ""):
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    try:
+        labelers.allow_labeler(session, prompt_set_id=prompt_set_id, username=username)
+    except Invalid as exc:
+        context = _allowed_context(session, prompt_set, allowed_error=exc.message, username=username)
+        return render(request, "partials/_quality_allowed.html", context, status_code=422)
+    return render(request, "partials/_quality_allowed.html", _allowed_context(session, prompt_set))
+
+
+@router.post("/quality/allowed/{user_id}/remove")
+def disallow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int):
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    labelers.disallow_labeler(session, prompt_set_id=prompt_set_id, user_id=user_id)
+    return render(request, "partials/_quality_allowed.html", _allowed_context(session, prompt_set))
+
+
+# ---- gold ------------------------------------------------------------------------------
+
+@router.get("/quality/gold/form")
+def gold_form(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+              task_id: Annotated[int, Query(ge=1)]):
+    """The expected-answer form of one task of the set."""
+    task = gold.get_task(session, prompt_set_id=prompt_set_id, task_id=task_id)
+    return render(request, "partials/_quality_gold_form.html", {"prompt_set_id": prompt_set_id, "task": task})
+
+
+async def _form_fields(request: Request) -> dict[str, str]:
+    return {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
+
+
+@router.post("/quality/gold/{task_id}")
+def mark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, task_id: int,
+              form: Annotated[dict[str, str], Depends(_form_fields)]):
+    """Fields rank_<response id> (a ranking) or best_response_id (an expected best response)."""
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    ranks = {key.removeprefix("rank_"): value for key, value in form.items() if key.startswith("rank_")}
+    best = form.get("best_response_id")
+    try:
+        gold.mark_gold(session, prompt_set_id=prompt_set_id, task_id=task_id,
+                       ranking=None if best else ranks, best_response_id=best or None)
+    except Invalid as exc:
+        task = gold.get_task(session, prompt_set_id=prompt_set_id, task_id=task_id)
+        context = {"prompt_set_id": prompt_set_id, "task": task, "form_error": exc.message,
+                   "form_errors": exc.errors, "values": form}
+        return render(request, "partials/_quality_gold_form.html", context, status_code=422)
+    return render(request, "partials/_quality_gold.html", _gold_context(session, prompt_set))
+
+
+@router.post("/quality/gold/{task_id}/unmark")
+def unmark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, task_id: int):
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    gold.unmark_gold(session, prompt_set_id=prompt_set_id, task_id=task_id)
+    return render(request, "partials/_quality_gold.html", _gold_context(session, prompt_set))
+
+
+@router.post("/quality/gold-rate")
+def gold_rate(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+              gold_rate: Annotated[str, Form(max_length=50)] = ""):
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    try:
+        gold.set_gold_rate(session, prompt_set_id=prompt_set_id, rate=gold_rate)
+    except Invalid as exc:
+        context = _gold_context(session, prompt_set, rate_error=exc.message, rate_value=gold_rate)
+        return render(request, "partials/_quality_gold.html", context, status_code=422)
+    return render(request, "partials/_quality_gold.html", _gold_context(session, prompt_set, rate_saved=True))
+
+
+# ---- export -----------------------------------------------------------------------------
+
+def plan_from_query(session, prompt_set_id: int, *, kind: str | None, fmt: str, split: str | None,
+                    labelers: list[str] | None, min_agreement: str | None, date_from: str | None,
+                    date_to: str | None) -> export.ExportPlan:
+    """An export plan from query values (shared with the JSON API)."""
+    filters = export.parse_filters(prompt_set_ids=prompt_set_id, split=split, labelers=labelers,
+                                   min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+    return export.plan_export(session, kind=kind or export.kind_of(fmt), fmt=fmt, filters=filters)
+
+
+def stream(session, plan: export.ExportPlan) -> StreamingResponse:
+    return StreamingResponse(
+        export.iter_export(session, plan), media_type=plan.media_type,
+        headers={"Content-Disposition": f'attachment; filename="{plan.filename}"', "Cache-Control": "no-store"},
+    )
+
+
+def meta_response(session, plan: export.ExportPlan) -> JSONResponse:
+    return JSONResponse(export.export_meta(session, plan), headers={
+        "Content-Disposition": f'attachment; filename="{plan.filename}.meta.json"', "Cache-Control": "no-store",
+    })
+
+
+Fmt = Annotated[str, Query(alias="format", max_length=20)]
+Text = Annotated[str | None, Query(max_length=50)]
+Ids = Annotated[list[str] | None, Query()]
+
+
+@router.get("/export")
+def export_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    rows = labelers.labeler_rows(session, prompt_set_id=prompt_set_id)
+    return render(request, "pages/quality_export.html", {
+        "prompt_set": prompt_set, "rows": rows, "formats": export.FORMATS,
+    })
+
+
+@router.get("/export/download")
+def export_download(session: SessionDep, admin: AdminUser, prompt_set_id: int, fmt: Fmt = "plain",
+                    kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
+                    date_from: Text = None, date_to: Text = None):
+    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
+                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+    return stream(session, plan)
+
+
+@router.get("/export/meta")
+def export_sidecar(session: SessionDep, admin: AdminUser, prompt_set_id: int, fmt: Fmt = "plain",
+                   kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
+                   date_from: Text = None, date_to: Text = None):
+    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
+                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+    return meta_response(session, plan)

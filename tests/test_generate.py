@@ -1,0 +1,245 @@
+"""The generate job: K responses per prompt, tasks in a stored shuffled order,
+reproducible seeds, resampling, resume after a killed worker."""
+
+import os
+import re
+import signal
+import time
+from collections import Counter
+
+import pytest
+from procrastinate.exceptions import JobAborted
+from sqlalchemy import delete, func, select
+
+from app.config import Settings
+from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetStatus
+from app.db.models import Prompt, PromptSet, Response, Task, TaskResponse
+from app.db.session import new_session
+from app.services import jobs
+from tests.conftest import default_model_dir
+from tests.factories_jobs import add_prompt, make_model, make_prompt_set
+from tests.workers import load_job, pid_of, wait_for, workers  # noqa: F401 (fixture)
+from trainer.worker import execute_job
+
+
+def run_generate(prompt_set_id: int, **params) -> int:
+    """Queue a generate job and run it here, as a worker would (no queue involved)."""
+    with new_session() as session:
+        job = jobs.enqueue_job(session, kind=JobKind.generate, params={"prompt_set_id": prompt_set_id, **params})
+    execute_job(job.id, settings=Settings(device="cpu"))
+    return job.id
+
+
+def snapshot(prompt_set_id: int) -> tuple[dict, dict]:
+    """({(prompt_id, sample_index): text}, {prompt_id: [sample_index by position]})."""
+    with new_session() as session:
+        texts = {(r.prompt_id, r.sample_index): r.text for r in session.scalars(
+            select(Response).join(Prompt).where(Prompt.prompt_set_id == prompt_set_id))}
+        orders = {}
+        for task in session.scalars(select(Task).where(Task.prompt_set_id == prompt_set_id)):
+            orders[task.prompt_id] = [item.response.sample_index for item in task.items]
+    return texts, orders
+
+
+@pytest.fixture
+def tiny_set(committed, tiny_model_dir):
+    def make(n_prompts=4, **values):
+        with new_session() as session:
+            model = make_model(session, tiny_model_dir)
+            prompt_set = make_prompt_set(session, model=model, prompts=[f"Tell me about topic {i}." for i in
+                                                                        range(n_prompts)], **values)
+            session.commit()
+            return prompt_set.id
+    return make
+
+
+def test_generate_samples_k_responses_per_prompt_and_creates_shuffled_tasks(tiny_set):
+    set_id = tiny_set(n_prompts=6, k=4, max_new_tokens=8)
+    job = load_job(run_generate(set_id, batch_size=12))
+    assert job.status == JobStatus.succeeded, job.traceback
+    assert (job.progress_done, job.progress_total) == (6, 6)
+    assert job.result["prompts"] == 6 and job.result["responses"] == 24 and job.result["tasks"] == 6
+
+    with new_session() as session:
+        responses = session.scalars(select(Response).join(Prompt).where(Prompt.prompt_set_id == set_id)).all()
+        tasks = session.scalars(select(Task).where(Task.prompt_set_id == set_id)).all()
+        by_prompt = {}
+        for r in responses:
+            by_prompt.setdefault(r.prompt_id, []).append(r)
+            assert r.finish_reason in ("eos", "length")
+            assert 0 <= r.num_tokens <= 8 and (r.finish_reason == "eos" or r.num_tokens == 8)
+            assert r.sampling["temperature"] == 1.0 and r.sampling["max_new_tokens"] == 8
+            assert r.seed is not None and r.job_id == job.id and r.round == 1
+        assert len(by_prompt) == 6
+        for rs in by_prompt.values():
+            assert sorted(r.sample_index for r in rs) == [0, 1, 2, 3]
+            assert all(r.text for r in rs) and len({r.text for r in rs}) == 4  # non-empty, distinct
+        assert len({r.seed for r in responses}) == 24
+        assert len(tasks) == 6
+        orders = []
+        for task in tasks:
+            assert task.k == 4 and task.round == 1
+            assert [i.position for i in task.items] == [0, 1, 2, 3]
+            assert {i.response.prompt_id for i in task.items} == {task.prompt_id}
+            orders.append(tuple(i.response.sample_index for i in task.items))
+    assert len(set(orders)) > 1  # shuffled, not always in sampling order
+
+
+def test_generation_is_reproducible_from_the_set_seed(tiny_set):
+    set_id = tiny_set(n_prompts=2, k=3, seed=11, max_new_tokens=8)
+    run_generate(set_id, batch_size=6)
+    first = snapshot(set_id)
+    with new_session() as session:
+        session.execute(delete(Task).where(Task.prompt_set_id == set_id))
+        session.execute(delete(Response))
+        session.commit()
+    # Another batch size: each response depends on its own seed only.
+    run_generate(set_id, batch_size=3)
+    assert snapshot(set_id) == first
+
+    with new_session() as session:
+        session.execute(delete(Task).where(Task.prompt_set_id == set_id))
+        session.execute(delete(Response))
+        session.get(PromptSet, set_id).seed = 12
+        session.commit()
+    run_generate(set_id, batch_size=6)
+    assert snapshot(set_id)[0] != first[0]
+
+
+def test_generation_only_fills_prompts_without_a_task(tiny_set):
+    set_id = tiny_set(n_prompts=2, k=2)
+    run_generate(set_id)
+    before, _ = snapshot(set_id)
+    with new_session() as session:
+        prompt_set = session.get(PromptSet, set_id)
+        add_prompt(session, prompt_set, "A prompt imported later.")
+        session.commit()
+    job = load_job(run_generate(set_id))
+    after, orders = snapshot(set_id)
+    assert job.progress_total == 1 and job.result["responses"] == 2
+    assert {key: after[key] for key in before} == before  # earlier responses untouched
+    assert len(after) == 6 and len(orders) == 3
+
+
+def test_identical_responses_are_resampled_a_bounded_number_of_times(tiny_set):
+    # One token at a near-zero temperature: every draw of a prompt is the same token.
+    set_id = tiny_set(n_prompts=1, k=3, max_new_tokens=1, temperature=0.01)
+    job = load_job(run_generate(set_id))
+    assert job.status == JobStatus.succeeded
+    from trainer.generate import MAX_RESAMPLE_ROUNDS
+
+    # At least the two repeats are redrawn in every round (all three when the one
+    # token decodes to nothing), and never more rounds than the bound.
+    assert 2 * MAX_RESAMPLE_ROUNDS <= job.result["resampled"] <= 3 * MAX_RESAMPLE_ROUNDS
+    assert job.result["unresolved"] >= 2  # kept after the last round: the task still has K responses
+    texts, orders = snapshot(set_id)
+    assert len(texts) == 3 and len(orders) == 1
+
+
+def test_paused_set_stops_the_job(tiny_set):
+    set_id = tiny_set(n_prompts=2, status=PromptSetStatus.paused)
+    with new_session() as session:
+        job = jobs.enqueue_job(session, kind=JobKind.generate, params={"prompt_set_id": set_id})
+    with pytest.raises(JobAborted):
+        execute_job(job.id, settings=Settings(device="cpu"))
+    stopped = load_job(job.id)
+    assert stopped.status == JobStatus.cancelled
+    assert "is paused" in stopped.error
+    assert snapshot(set_id) == ({}, {})
+
+
+def test_set_without_generator_uses_the_default_sft_model(committed, tiny_model_dir):
+    with new_session() as session:
+        make_model(session, tiny_model_dir, kind=ModelKind.policy)
+        default = make_model(session, tiny_model_dir, is_default=True)
+        prompt_set = make_prompt_set(session, prompts=["Hello?"])
+        orphan = make_prompt_set(session, prompts=["Hi?"])
+        session.commit()
+    job = load_job(run_generate(prompt_set.id))
+    assert job.status == JobStatus.succeeded and job.result["model_id"] == default.id
+
+    with new_session() as session:
+        session.get(type(default), default.id).is_default = False
+        session.commit()
+    with pytest.raises(Exception):
+        run_generate(orphan.id)
+    with new_session() as session:
+        failed = session.scalars(select(jobs.Job).order_by(jobs.Job.id.desc())).first()
+    assert failed.status == JobStatus.failed
+    assert "no generator model and no default SFT model" in failed.error
+
+
+def test_generate_resumes_after_a_killed_worker_without_duplicates_or_gaps(workers, tiny_model_dir):
+    n_prompts, k = 30, 2
+    with new_session() as session:
+        model = make_model(session, tiny_model_dir)
+        prompt_set = make_prompt_set(session, model=model, k=k, max_new_tokens=16,
+                                     prompts=[f"Question number {i}?" for i in range(n_prompts)])
+        job = jobs.enqueue_job(session, kind=JobKind.generate,
+                               params={"prompt_set_id": prompt_set.id, "batch_size": 2})
+    first = workers.start(cli=True)  # the real `rlhf worker`
+    running = wait_for(lambda: (j := load_job(job.id)).progress_done >= 2 and j, 120, "generation to start",
+                       workers)
+    assert pid_of(running) == first.pid
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    with new_session() as session:
+        kept = set(session.scalars(select(Response.id)))
+    assert kept  # the first run's batches were committed
+
+    workers.start(cli=True)
+    done = wait_for(lambda: load_job(job.id).status.finished and load_job(job.id), 120, "generation to finish",
+                    workers)
+    assert done.status == JobStatus.succeeded, done.error
+    assert done.attempts == 2
+    with new_session() as session:
+        per_prompt = Counter(session.scalars(select(Response.prompt_id)))
+        assert kept <= set(session.scalars(select(Response.id)))  # nothing written twice or replaced
+        n_tasks = session.scalar(select(func.count()).select_from(Task))
+        n_items = session.scalar(select(func.count()).select_from(TaskResponse))
+    assert len(per_prompt) == n_prompts and set(per_prompt.values()) == {k}
+    assert n_tasks == n_prompts and n_items == n_prompts * k
+
+
+def test_in_process_worker_of_serve_runs_generation_and_stops(tiny_set):
+    from trainer.worker import start_background_worker
+
+    set_id = tiny_set(n_prompts=2, k=2)
+    settings = Settings(device="cpu", worker_poll_interval_s=0.2, worker_heartbeat_s=0.5,
+                        worker_recovery_interval_s=1, worker_shutdown_timeout_s=2)
+    worker = start_background_worker(settings)
+    try:
+        assert worker.wait_ready(30)
+        with new_session() as session:
+            job = jobs.enqueue_job(session, kind=JobKind.generate, params={"prompt_set_id": set_id})
+        done = wait_for(lambda: load_job(job.id).status.finished and load_job(job.id), 60, "generation")
+        assert done.status == JobStatus.succeeded and done.result["tasks"] == 2
+    finally:
+        started = time.monotonic()
+        worker.stop()
+        assert not worker.thread.is_alive() and time.monotonic() - started < 15
+
+
+ENGLISH = {"the", "a", "an", "is", "are", "to", "of", "and", "in", "it", "you", "i", "can", "for", "that",
+           "this", "be", "with", "as", "on", "or", "your", "have", "my", "not"}
+
+
+@pytest.mark.slow
+def test_default_model_generates_english_text(committed):
+    path = default_model_dir()
+    with new_session() as session:
+        model = make_model(session, path.resolve(), name="SmolLM2-135M-Instruct (test)")
+        prompt_set = make_prompt_set(session, model=model, k=2, max_new_tokens=40, temperature=0.7, top_p=0.9,
+                                     prompts=["What is the capital of France?", "Give me a tip for sleeping well."])
+        session.commit()
+    job = load_job(run_generate(prompt_set.id))
+    assert job.status == JobStatus.succeeded, job.traceback
+    texts, orders = snapshot(prompt_set.id)
+    assert len(texts) == 4 and len(orders) == 2
+    for text in texts.values():
+        assert text.strip()
+        words = re.findall(r"[A-Za-z']+", text.lower())
+        assert len(words) >= 3, text
+        letters = sum(c.isascii() and (c.isalpha() or c.isspace()) for c in text)
+        assert letters / len(text) > 0.8, text
+        assert ENGLISH & set(words), text
