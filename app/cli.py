@@ -1,6 +1,7 @@
 """The `rlhf` command: serve, worker, db, users, models."""
 
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +18,9 @@ cli.add_typer(db_cli, name="db")
 models_cli = typer.Typer(help="The model registry.", no_args_is_help=True)
 cli.add_typer(users_cli, name="users")
 cli.add_typer(models_cli, name="models")
+export_cli = typer.Typer(help="Export labeled data (TRL preference format, full annotations).",
+                         no_args_is_help=True)
+cli.add_typer(export_cli, name="export")
 
 log = logging.getLogger("rlhf")
 
@@ -269,6 +273,64 @@ def models_list() -> None:
         for m in models.list_models(session):
             mark = "*" if m.is_default else " "
             typer.echo(f"{m.id:>5} {mark} {m.kind.value:<7} {m.name:<40} {m.source:<12} {m.path}")
+
+
+def _export(kind: str, prompt_set_id: int, fmt: str, out: Path, split: str | None, labelers: list[str] | None,
+            min_agreement: float | None, date_from: str | None, date_to: str | None) -> None:
+    from app.db.session import new_session
+    from app.services import export
+    from app.services.errors import DomainError
+
+    _setup()
+    with new_session() as session:
+        try:
+            filters = export.parse_filters(prompt_set_ids=prompt_set_id, split=split, labelers=labelers,
+                                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+            plan = export.plan_export(session, kind=kind, fmt=fmt, filters=filters)
+            meta = export.write_export(session, plan, out)
+        except DomainError as exc:
+            _fail(exc.message)
+    typer.echo(f"wrote {meta['rows']} {meta['row_unit']} rows to {out} and its sidecar {out}.meta.json")
+
+
+_SET = typer.Option("--set", help="Prompt set id.")
+_OUT = typer.Option("--out", help="File to write; FILE.meta.json gets the sidecar.")
+_SPLIT = typer.Option(help="train, validation or rl (default: all).")
+_LABELER = typer.Option("--labeler", help="Labeler id to include (repeat; default: all).")
+_MIN_AGREEMENT = typer.Option(help="Drop labelers whose agreement on the set is below this (0..1) or unknown.")
+_FROM = typer.Option("--from", help="First day (YYYY-MM-DD, UTC) or time.")
+_TO = typer.Option("--to", help="Last day included (YYYY-MM-DD, UTC), or an exclusive time.")
+
+
+@export_cli.command("comparisons")
+def export_comparisons(
+    prompt_set_id: Annotated[int, _SET],
+    out: Annotated[Path, _OUT],
+    fmt: Annotated[str, typer.Option("--format", help="plain or conversational (TRL preference formats).")] = "plain",
+    split: Annotated[str | None, _SPLIT] = None,
+    labelers: Annotated[list[str] | None, _LABELER] = None,
+    min_agreement: Annotated[float | None, _MIN_AGREEMENT] = None,
+    date_from: Annotated[str | None, _FROM] = None,
+    date_to: Annotated[str | None, _TO] = None,
+) -> None:
+    """Pairwise comparisons as JSONL with prompt, chosen, rejected (excluded annotations and gold tasks left out)."""
+    _export("comparisons", prompt_set_id, fmt, out, split, labelers, min_agreement, date_from, date_to)
+
+
+@export_cli.command("annotations")
+def export_annotations(
+    prompt_set_id: Annotated[int, _SET],
+    out: Annotated[Path, _OUT],
+    fmt: Annotated[str, typer.Option("--format", help="jsonl (one line per annotation) or csv (one row per rating).")
+                   ] = "jsonl",
+    split: Annotated[str | None, _SPLIT] = None,
+    labelers: Annotated[list[str] | None, _LABELER] = None,
+    min_agreement: Annotated[float | None, _MIN_AGREEMENT] = None,
+    date_from: Annotated[str | None, _FROM] = None,
+    date_to: Annotated[str | None, _TO] = None,
+) -> None:
+    """Every annotation with its ratings, ranks, flags, labeler and time (excluded ones left out)."""
+    _export("annotations", prompt_set_id, fmt, out, split, labelers, min_agreement, date_from, date_to)
 
 
 def main() -> None:

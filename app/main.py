@@ -16,6 +16,9 @@ from app.errors import install_error_handlers
 from app.logs import request_id_var  # also installs the request-id log record factory
 from app.routes import account, admin_users, api, api_prompt_sets, auth, health, home, prompt_sets
 from app.routes import api_label, label
+from app.routes import api_quality, quality
+from app.routes import api_jobs, jobs
+from app.routes import demonstrations, demonstrations_admin, sft
 from app.routes.deps import verify_csrf
 from app.web import ROOT
 
@@ -88,6 +91,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
-    for module in (health, auth, home, admin_users, account, api, prompt_sets, api_prompt_sets, label, api_label):
+    for module in (health, auth, home, admin_users, account, api, prompt_sets, api_prompt_sets, label, api_label,
+                   quality, api_quality):
+        app.include_router(module.router)
+    for module in (jobs, api_jobs):
+        app.include_router(module.router)
+    for module in (demonstrations, demonstrations_admin, sft):
         app.include_router(module.router)
     return app

@@ -70,8 +70,10 @@ def run_job(context: procrastinate.JobContext, job_id: int) -> None:
     execute_job(job_id, queue_context=context)
 
 
+# The queueing lock keeps at most one of these waiting, so a deployment with no
+# worker on the default queue does not pile them up.
 @app.periodic(cron="* * * * *", periodic_id="stalled")
-@app.task(name=RECOVER_TASK, queue=DEFAULT_QUEUE, pass_context=False)
+@app.task(name=RECOVER_TASK, queue=DEFAULT_QUEUE, pass_context=False, queueing_lock=RECOVER_TASK)
 def recover_stalled_jobs_task(timestamp: int) -> None:
     """Every minute on some free worker: jobs of dead workers are retried or failed.
     (Busy workers also check on their own, see trainer.worker.)"""

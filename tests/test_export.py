@@ -243,8 +243,8 @@ def test_unknown_kind_format_or_set(session, labeled):
 def test_a_big_export_streams_in_chunks_from_a_server_side_cursor(session):
     ps = make_set(session, k=4, overlap=2)
     users = {make_user(session).id: "consistent", make_user(session).id: "consistent", make_user(session).id: "random"}
-    counts = bulk_seed_session(session, prompt_set_id=ps.id, labelers=users, tasks=600, k=4, overlap=2)
-    assert counts.comparisons == 600 * 2 * 6  # no ties in the synthetic rankings
+    counts = bulk_seed_session(session, prompt_set_id=ps.id, labelers=users, tasks=400, k=4, overlap=2)
+    assert counts.comparisons == 400 * 2 * 6  # no ties in the synthetic rankings
     plan = export.plan_export(session, kind="comparisons", fmt="plain",
                               filters=export.parse_filters(prompt_set_ids=ps.id))
     counter = [0]

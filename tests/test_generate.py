@@ -170,17 +170,17 @@ def test_set_without_generator_uses_the_default_sft_model(committed, tiny_model_
 
 
 def test_generate_resumes_after_a_killed_worker_without_duplicates_or_gaps(workers, tiny_model_dir):
-    n_prompts, k = 30, 2
+    n_prompts, k = 12, 2
     with new_session() as session:
         model = make_model(session, tiny_model_dir)
-        prompt_set = make_prompt_set(session, model=model, k=k, max_new_tokens=16,
+        prompt_set = make_prompt_set(session, model=model, k=k, max_new_tokens=8,
                                      prompts=[f"Question number {i}?" for i in range(n_prompts)])
         job = jobs.enqueue_job(session, kind=JobKind.generate,
                                params={"prompt_set_id": prompt_set.id, "batch_size": 2})
     first = workers.start(cli=True)  # the real `rlhf worker`
     running = wait_for(lambda: (j := load_job(job.id)).progress_done >= 2 and j, 120, "generation to start",
                        workers)
-    assert pid_of(running) == first.pid
+    assert pid_of(running) == first.pid and running.progress_done < n_prompts
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     with new_session() as session:
@@ -230,7 +230,7 @@ def test_default_model_generates_english_text(committed):
     with new_session() as session:
         model = make_model(session, path.resolve(), name="SmolLM2-135M-Instruct (test)")
         prompt_set = make_prompt_set(session, model=model, k=2, max_new_tokens=40, temperature=0.7, top_p=0.9,
-                                     prompts=["What is the capital of France?", "Give me a tip for sleeping well."])
+                                     prompts=["How do I boil an egg?", "Give me a tip for sleeping well."])
         session.commit()
     job = load_job(run_generate(prompt_set.id))
     assert job.status == JobStatus.succeeded, job.traceback

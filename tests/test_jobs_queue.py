@@ -109,7 +109,8 @@ def test_handler_error_fails_the_job_with_message_and_traceback(workers):
     assert failed.status == JobStatus.failed
     assert failed.error == "KeyError: 'steps'"
     assert "Traceback" in failed.traceback and "steps_job" in failed.traceback
-    assert queue_status(failed.queue_job_id) == "failed"
+    # The queue records its outcome just after ours.
+    wait_for(lambda: queue_status(failed.queue_job_id) == "failed", 10, "the queue job to fail", workers)
 
 
 # ---- cancel and retry ----------------------------------------------------------------
@@ -143,7 +144,7 @@ def test_cancel_running_job_stops_it_at_its_next_step(workers, tmp_path):
     assert stopped.status == JobStatus.cancelled
     assert stopped.progress_done < 400
     assert [w for w, _, _ in run_log(tmp_path / "runs.log")] == ["start"]  # never reached its end
-    assert queue_status(job.queue_job_id) == "aborted"
+    wait_for(lambda: queue_status(job.queue_job_id) == "aborted", 10, "the queue job to be aborted", workers)
 
 
 def test_retry_runs_a_new_attempt_of_a_cancelled_job(workers):
@@ -248,3 +249,22 @@ def test_a_job_still_held_by_another_process_waits_for_it(workers, database_url,
     done = wait_for(lambda: load_job(job.id).status.finished and load_job(job.id), 60, "the job to run", workers)
     assert done.status == JobStatus.succeeded and done.attempts == 1
     assert [w for w, _, _ in run_log(log)] == ["start", "end"]
+
+
+def test_stopping_a_worker_puts_its_running_job_back_in_the_queue(workers, tmp_path):
+    log = tmp_path / "runs.log"
+    first = workers.start(RLHF_WORKER_SHUTDOWN_TIMEOUT_S="0.5")
+    with new_session() as session:
+        job = steps_job(session, steps=60, step_s=0.05, log=log)
+    wait_for(lambda: load_job(job.id).progress_done >= 2, 60, "the job to run", workers)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    requeued = load_job(job.id)
+    assert requeued.status == JobStatus.queued and "shut down" in requeued.error
+    assert requeued.attempts == 0  # a shutdown is not the job's fault
+    assert queue_status(job.queue_job_id) == "todo"
+
+    second = workers.start()
+    done = wait_for(lambda: load_job(job.id).status.finished and load_job(job.id), 60, "the job to finish", workers)
+    assert done.status == JobStatus.succeeded and pid_of(done) == second.pid and done.attempts == 1
+    assert [(w, p) for w, p, _ in run_log(log)] == [("start", first.pid), ("start", second.pid), ("end", second.pid)]

@@ -193,3 +193,17 @@ def test_fine_tuning_the_default_model_for_a_few_steps(tmp_path):
     assert result.metrics["val_loss"] < result.metrics["initial_val_loss"]
     assert result.metrics["tokens_per_s"] > 0
     assert greedy(result.output_dir, [{"role": "user", "content": "What colour is the sky?"}], max_new_tokens=4)
+
+
+def test_the_response_loss_is_the_library_loss_with_masked_labels(tiny_model_dir):
+    """Cross-check of the shift and the mask: transformers' own loss over labels -100 elsewhere."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    batch = pad_batch([tokenise_example(tokenizer, colour_example(i), 128)[0] for i in range(3)],
+                      tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = response_nll_sum(model, batch, torch.device("cpu")) / batch.tokens
+        theirs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)

@@ -193,13 +193,6 @@ def load_sampler(path: str, device: torch.device, dtype: torch.dtype, engine: st
     return TransformersSampler(path, device, dtype)
 
 
-def sample_prompt(sampler, messages, *, prompt_seed: int, indexes: Sequence[int], existing: Sequence[str],
-                  settings: SamplingSettings) -> tuple[dict[int, Sample], int, int]:
-    """Sampled responses for the given sample indexes of one prompt. See sample_batch."""
-    out, resampled, unresolved = sample_batch(sampler, [(messages, prompt_seed, indexes, existing)], settings)
-    return out[0], resampled, unresolved
-
-
 def sample_batch(sampler, items: Sequence[tuple[list, int, Sequence[int], Sequence[str]]],
                  settings: SamplingSettings) -> tuple[list[dict[int, Sample]], int, int]:
     """For each (messages, prompt_seed, sample indexes, texts it already has): a

@@ -35,6 +35,7 @@ Handler = Callable[["JobContext"], Mapping[str, Any] | None]
 # Job kind -> handler, or "module:function" imported on first use.
 HANDLERS: dict[JobKind, Handler | str] = {
     JobKind.generate: "trainer.generate:generate_job",
+    JobKind.train_sft: "trainer.sft_job:train_sft_job",
 }
 
 

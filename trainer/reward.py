@@ -322,7 +322,14 @@ def train_reward_model(
     # 2. model: the SFT model with a fresh scalar head, float32 weights (autocast does bf16 on CUDA)
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1, dtype=torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report calls the new head "MISSING": that is the point
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_id
     hidden = model.score.weight.shape[1]
     # std 1/sqrt(d+1), as OpenAI's lm-human-preferences and TRL initialise the reward head.

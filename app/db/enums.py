@@ -65,3 +65,4 @@ class DemonstrationStatus(StrEnum):
     submitted = "submitted"
     accepted = "accepted"
     rejected = "rejected"
+    skipped = "skipped"

@@ -411,10 +411,17 @@ class Demonstration(Base):
     edit_mode: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
     reject_reason: Mapped[str | None] = mapped_column(Text)
     time_spent_s: Mapped[float] = mapped_column(default=0.0)
+    # A draft is the labeler's lease on the prompt until then (see app/services/demonstrations).
+    expires_at: Mapped[datetime | None]
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    prompt_flags: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
     reviewed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     reviewed_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = created_at_column()
+
+    prompt: Mapped[Prompt] = relationship()
+    user: Mapped[User] = relationship(foreign_keys=[user_id])
 
     __table_args__ = (
         UniqueConstraint("prompt_id", "user_id"),

@@ -13,15 +13,16 @@ from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid
 from app.services.progress import set_progress
 from app.services.prompt_sets import get_prompt_set
-from app.web import render
+from app.web import flash, is_htmx, redirect, render
 
 router = APIRouter(prefix="/admin/prompt-sets/{prompt_set_id}", include_in_schema=False)
 
 DEFAULT_THRESHOLD = 0.6
-# InstructGPT (Ouyang et al. 2022, section 5.1 / appendix B): training labelers
+# InstructGPT (Ouyang et al. 2022, "Training language models to follow instructions"): training labelers
 # agreed with each other 72.6 ± 1.5% of the time.
 INSTRUCTGPT_AGREEMENT = 0.726
 Threshold = Annotated[float, Query(ge=0, le=1, description="Agreement under which a labeler is highlighted")]
+CHANGED = {"HX-Trigger": "quality-changed"}  # the figures and labeler rows reload on it
 QUICK_PICKS = 10  # non-gold tasks offered as quick picks in the gold form
 
 
@@ -47,6 +48,16 @@ def _gold_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, Any
         "gold_tasks": gold.list_gold_tasks(session, prompt_set_id=prompt_set.id),
         "quick_tasks": gold.candidate_tasks(session, prompt_set_id=prompt_set.id, limit=QUICK_PICKS),
     } | extra
+
+
+def _done(request: Request, prompt_set_id: int, template: str, context: dict[str, Any], *,
+          status_code: int = 200, error: str | None = None, headers: dict[str, str] | None = None):
+    """An htmx request gets the fragment; a plain form post goes back to the page."""
+    if is_htmx(request):
+        return render(request, template, context, status_code=status_code, headers=headers)
+    if error:
+        flash(request, error, "error")
+    return redirect(request, f"/admin/prompt-sets/{prompt_set_id}/quality")
 
 
 def _page_context(session, prompt_set: PromptSet, threshold: float) -> dict[str, Any]:
@@ -75,6 +86,15 @@ def figures_fragment(request: Request, session: SessionDep, admin: AdminUser, pr
     return render(request, "partials/_quality_figures.html", context)
 
 
+@router.get("/quality/labelers")
+def labeler_rows_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+                          threshold: Threshold = DEFAULT_THRESHOLD):
+    """The labeler table's rows; the page reloads them after an exclusion changes everyone's agreement."""
+    get_prompt_set(session, prompt_set_id)
+    context = {"prompt_set_id": prompt_set_id, "threshold": threshold} | _agreement_rows(session, prompt_set_id)
+    return render(request, "partials/_quality_labeler_rows.html", context)
+
+
 def _set_excluded(request: Request, session, prompt_set_id: int, user_id: int, *, excluded: bool,
                   everywhere: bool, threshold: float):
     get_prompt_set(session, prompt_set_id)
@@ -82,9 +102,9 @@ def _set_excluded(request: Request, session, prompt_set_id: int, user_id: int, *
                           prompt_set_id=None if everywhere else prompt_set_id)
     rows = labelers.labeler_rows(session, prompt_set_id=prompt_set_id, user_id=user_id)
     context = {"prompt_set_id": prompt_set_id, "threshold": threshold, "row": rows[0] if rows else None}
-    # The row swaps in place; the set's figures listen for this event and reload.
-    return render(request, "partials/_quality_labeler_row.html", context,
-                  headers={"HX-Trigger": "quality-changed"})
+    # The row swaps in place; the set's figures and the other rows listen for this event and reload.
+    return _done(request, prompt_set_id, "partials/_quality_labeler_row.html", context,
+                 headers=CHANGED)
 
 
 @router.post("/quality/labelers/{user_id}/exclude")
@@ -113,15 +133,16 @@ def allow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id
         labelers.allow_labeler(session, prompt_set_id=prompt_set_id, username=username)
     except Invalid as exc:
         context = _allowed_context(session, prompt_set, allowed_error=exc.message, username=username)
-        return render(request, "partials/_quality_allowed.html", context, status_code=422)
-    return render(request, "partials/_quality_allowed.html", _allowed_context(session, prompt_set))
+        return _done(request, prompt_set_id, "partials/_quality_allowed.html", context, status_code=422,
+                     error=exc.message)
+    return _done(request, prompt_set_id, "partials/_quality_allowed.html", _allowed_context(session, prompt_set))
 
 
 @router.post("/quality/allowed/{user_id}/remove")
 def disallow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int):
     prompt_set = get_prompt_set(session, prompt_set_id)
     labelers.disallow_labeler(session, prompt_set_id=prompt_set_id, user_id=user_id)
-    return render(request, "partials/_quality_allowed.html", _allowed_context(session, prompt_set))
+    return _done(request, prompt_set_id, "partials/_quality_allowed.html", _allowed_context(session, prompt_set))
 
 
 # ---- gold ------------------------------------------------------------------------------
@@ -150,17 +171,22 @@ def mark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_se
                        ranking=None if best else ranks, best_response_id=best or None)
     except Invalid as exc:
         task = gold.get_task(session, prompt_set_id=prompt_set_id, task_id=task_id)
-        context = {"prompt_set_id": prompt_set_id, "task": task, "form_error": exc.message,
-                   "form_errors": exc.errors, "values": form}
-        return render(request, "partials/_quality_gold_form.html", context, status_code=422)
-    return render(request, "partials/_quality_gold.html", _gold_context(session, prompt_set))
+        context = _gold_context(session, prompt_set, prompt_set_id=prompt_set_id, task=task, form_error=exc.message,
+                                form_errors=exc.errors, values=form)
+        return _done(request, prompt_set_id, "partials/_quality_gold.html", context, status_code=422,
+                     error=exc.message)
+    # Gold tasks leave the agreement figures and score the labelers: the table reloads.
+    return _done(request, prompt_set_id, "partials/_quality_gold.html", _gold_context(session, prompt_set),
+                 headers=CHANGED)
 
 
 @router.post("/quality/gold/{task_id}/unmark")
 def unmark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, task_id: int):
     prompt_set = get_prompt_set(session, prompt_set_id)
     gold.unmark_gold(session, prompt_set_id=prompt_set_id, task_id=task_id)
-    return render(request, "partials/_quality_gold.html", _gold_context(session, prompt_set))
+    # Gold tasks leave the agreement figures and score the labelers: the table reloads.
+    return _done(request, prompt_set_id, "partials/_quality_gold.html", _gold_context(session, prompt_set),
+                 headers=CHANGED)
 
 
 @router.post("/quality/gold-rate")
@@ -171,8 +197,10 @@ def gold_rate(request: Request, session: SessionDep, admin: AdminUser, prompt_se
         gold.set_gold_rate(session, prompt_set_id=prompt_set_id, rate=gold_rate)
     except Invalid as exc:
         context = _gold_context(session, prompt_set, rate_error=exc.message, rate_value=gold_rate)
-        return render(request, "partials/_quality_gold.html", context, status_code=422)
-    return render(request, "partials/_quality_gold.html", _gold_context(session, prompt_set, rate_saved=True))
+        return _done(request, prompt_set_id, "partials/_quality_gold.html", context, status_code=422,
+                     error=exc.message)
+    return _done(request, prompt_set_id, "partials/_quality_gold.html",
+                 _gold_context(session, prompt_set, rate_saved=True))
 
 
 # ---- export -----------------------------------------------------------------------------

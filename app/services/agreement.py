@@ -106,14 +106,9 @@ def krippendorff_alpha_ordinal(units: np.ndarray, values: np.ndarray, coders: np
 def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreement:
     """Every agreement figure of one prompt set, and per-labeler quality figures."""
     params = {"set_id": prompt_set_id}
-    pairwise = session.execute(text(f"""
-        WITH p AS ({_PREFS})
-        SELECT count(*) FILTER (WHERE p.pref <> 0 AND q.pref <> 0 AND p.pref = q.pref) AS agree,
-               count(*) FILTER (WHERE p.pref <> 0 AND q.pref <> 0) AS strict,
-               count(*) AS total
-        FROM p JOIN p q ON q.task_id = p.task_id AND q.ri = p.ri AND q.rj = p.rj AND p.user_id < q.user_id
-    """), params).one()
-    tau = session.execute(text(f"""
+    # One pass over the shared pairs gives pairwise agreement and tau-b: per (task,
+    # labeler pair), nc = same strict preference, nd = opposite ones, t1/t2 = ties.
+    shared = session.execute(text(f"""
         WITH p AS ({_PREFS}),
         per_pair AS (
             SELECT p.task_id, p.user_id AS u, q.user_id AS v,
@@ -125,15 +120,19 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
             FROM p JOIN p q ON q.task_id = p.task_id AND q.ri = p.ri AND q.rj = p.rj AND p.user_id < q.user_id
             GROUP BY p.task_id, p.user_id, q.user_id
         )
-        SELECT avg((nc - nd) / sqrt(((n0 - t1) * (n0 - t2))::float)), count(*)
-        FROM per_pair WHERE n0 > t1 AND n0 > t2
+        SELECT coalesce(sum(nc), 0)::bigint AS agree, coalesce(sum(nc + nd), 0)::bigint AS strict,
+               coalesce(sum(n0), 0)::bigint AS total,
+               avg((nc - nd) / sqrt(((n0 - t1) * (n0 - t2))::float)) FILTER (WHERE n0 > t1 AND n0 > t2) AS tau,
+               count(*) FILTER (WHERE n0 > t1 AND n0 > t2) AS tau_pairs
+        FROM per_pair
     """), params).one()
 
-    judgements = session.execute(text("""
+    # Plain tuples: numpy reads a list of SQLAlchemy Rows element by element (~70x slower).
+    judgements = [tuple(row) for row in session.execute(text("""
         SELECT r.task_id, r.response_id, a.user_id, r.likert, r.rank
         FROM ratings r JOIN annotations a ON a.id = r.annotation_id JOIN tasks t ON t.id = a.task_id
         WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold
-    """), params).all()
+    """), params)]
     if judgements:
         arr = np.array(judgements, dtype=np.int64)  # (N, 5)
         unit = arr[:, 0] * 1_000_000_007 + arr[:, 1]
@@ -147,11 +146,11 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
     return SetAgreement(
         prompt_set_id=prompt_set_id,
         annotations=n_annotations,
-        pairwise_agreement=pairwise.agree / pairwise.strict if pairwise.strict else None,
-        pairwise_pairs=pairwise.strict,
-        tie_rate=(pairwise.total - pairwise.strict) / pairwise.total if pairwise.total else None,
-        kendall_tau_b=float(tau[0]) if tau[0] is not None else None,
-        tau_pairs=tau[1],
+        pairwise_agreement=shared.agree / shared.strict if shared.strict else None,
+        pairwise_pairs=shared.strict,
+        tie_rate=(shared.total - shared.strict) / shared.total if shared.total else None,
+        kendall_tau_b=float(shared.tau) if shared.tau is not None else None,
+        tau_pairs=shared.tau_pairs,
         alpha_ratings=alpha_ratings,
         alpha_ranks=alpha_ranks,
         labelers=labelers,

@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session, selectinload
 
 from app.db.models import Annotation, PromptSet, Task, TaskResponse
 from app.services.errors import Invalid, NotFound
+
+LETTERS = "ABCDEFGHI"  # display letters of positions 0..8, as labelers see them
 from app.services.prompt_sets import get_prompt_set
 
 
@@ -123,10 +125,24 @@ def set_gold_rate(session: Session, *, prompt_set_id: int, rate: Any) -> PromptS
     return prompt_set
 
 
+def expected_text(task: Task) -> str:
+    """The expected answer by display letters, best first: "B > A = C"."""
+    ranking = task.gold_ranking or {}
+    letters = {item.response_id: LETTERS[item.position] for item in task.items}
+    by_rank: dict[int, list[str]] = {}
+    for rid, rank in ranking.items():
+        by_rank.setdefault(int(rank), []).append(letters.get(int(rid), "?"))
+    return " > ".join(" = ".join(sorted(group)) for _, group in sorted(by_rank.items()))
+
+
 @dataclass
 class GoldTask:
     task: Task
     annotations: int  # labelers who answered it
+
+    @property
+    def expected(self) -> str:
+        return expected_text(self.task)
 
 
 def list_gold_tasks(session: Session, *, prompt_set_id: int) -> list[GoldTask]:

@@ -157,12 +157,6 @@ def eta_s(job: Job, now: datetime | None = None) -> float | None:
     return max(0.0, elapsed / job.progress_done * (job.progress_total - job.progress_done))
 
 
-def progress_fraction(job: Job) -> float | None:
-    if job.progress_total <= 0:
-        return None
-    return min(1.0, job.progress_done / job.progress_total)
-
-
 # ---- cancel and retry ----------------------------------------------------------
 
 def request_cancel(session: Session, *, job_id: int) -> Job:
@@ -295,16 +289,19 @@ def record_metrics(session: Session, *, job_id: int, step: int, values: Mapping[
 
 
 def is_cancel_requested(session: Session, *, job_id: int) -> bool:
-    """True when someone asked to cancel the job, or it is no longer this run's to finish."""
+    """True when someone asked to cancel the job, or it has ended without this run
+    (gone, or failed/cancelled by the stalled-job check). A row put back to
+    queued by that check while this run is in fact alive is no reason to stop:
+    the run holds the job's lock, so no other run starts, and its outcome counts."""
     row = session.execute(select(Job.cancel_requested, Job.status).where(Job.id == job_id)).one_or_none()
     session.rollback()  # a fresh snapshot next time; never holds a transaction open
-    return row is None or row.cancel_requested or row.status != JobStatus.running
+    return row is None or row.cancel_requested or JobStatus(row.status).finished
 
 
 def mark_succeeded(session: Session, *, job_id: int, result: Mapping[str, Any] | None = None,
                    model_id: int | None = None) -> None:
     job = _locked(session, job_id)
-    if job.status != JobStatus.running:
+    if job.status.finished:
         session.commit()
         return
     _finish(job, JobStatus.succeeded)

@@ -122,6 +122,16 @@ def set_excluded(session: Session, *, user_id: int, excluded: bool, prompt_set_i
     return changed
 
 
+def annotation_counts(session: Session, *, prompt_set_id: int, user_id: int) -> tuple[int, int]:
+    """(annotations, excluded ones) of the labeler on the set."""
+    total, excluded = session.execute(
+        select(func.count(Annotation.id), func.count(Annotation.id).filter(Annotation.excluded))
+        .join(Task, Task.id == Annotation.task_id)
+        .where(Task.prompt_set_id == prompt_set_id, Annotation.user_id == user_id)
+    ).one()
+    return total, excluded
+
+
 # ---- the labeler table ----------------------------------------------------------
 
 @dataclass

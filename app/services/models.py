@@ -9,6 +9,7 @@ reach a hub. No torch here: the web process lists and chooses models.
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,12 @@ def checkpoint_sha256(directory: Path) -> str | None:
 
 def stored_path(path: Path, artifacts_dir: Path) -> str:
     """How a directory is stored: relative to the artifacts dir when inside it."""
-    resolved = path.resolve()
+    # abspath, not resolve(): a symlink placed inside the artifacts dir stays inside it.
+    absolute, root = Path(os.path.abspath(path)), Path(os.path.abspath(artifacts_dir))
     try:
-        return str(resolved.relative_to(artifacts_dir.resolve()))
+        return str(absolute.relative_to(root))
     except ValueError:
-        return str(resolved)
+        return str(absolute)
 
 
 def local_path(model: Model, artifacts_dir: Path) -> Path | None:
@@ -207,7 +209,7 @@ def ensure_default_model(session: Session, settings: Settings) -> Model | None:
     the default when there is no default SFT model. None when it is not provisioned."""
     directory = settings.artifacts_path / DEFAULT_MODEL_DIR
     path = stored_path(directory, settings.artifacts_path)
-    model = session.scalar(select(Model).where(Model.path.in_([path, str(directory.resolve())])))
+    model = session.scalar(select(Model).where(Model.path.in_([path, os.path.abspath(directory)])))
     if model is None:
         if not (directory / _PROVISIONED_MARKER).exists():
             log.warning("the default model is not provisioned in %s; run `rlhf models provision-default`",

@@ -1,0 +1,55 @@
+"""JSON API of jobs: list, one job, its metrics, cancel and retry."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.db.enums import JobKind, JobStatus
+from app.db.models import Job
+from app.routes.deps import EngineerUser, SessionDep
+from app.schemas_jobs import JobMetricOut, JobOut
+from app.services import jobs
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+
+
+def _out(job: Job) -> JobOut:
+    return JobOut.model_validate(job).model_copy(update={"eta_s": jobs.eta_s(job)})
+
+
+@router.get("", response_model=list[JobOut])
+def list_jobs(
+    session: SessionDep,
+    user: EngineerUser,
+    status: JobStatus | None = None,
+    kind: JobKind | None = None,
+    prompt_set_id: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+):
+    """Newest first."""
+    found = jobs.list_jobs(session, status=status, kind=kind, prompt_set_id=prompt_set_id, limit=limit, offset=offset)
+    return [_out(j) for j in found]
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: int, session: SessionDep, user: EngineerUser):
+    return _out(jobs.get_job(session, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=list[JobMetricOut])
+def get_metrics(job_id: int, session: SessionDep, user: EngineerUser):
+    jobs.get_job(session, job_id)
+    return jobs.list_metrics(session, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel(job_id: int, session: SessionDep, user: EngineerUser):
+    """Queued: cancelled at once. Running: stops at its next step (status shows when)."""
+    return _out(jobs.request_cancel(session, job_id=job_id))
+
+
+@router.post("/{job_id}/retry", response_model=JobOut, status_code=201)
+def retry(job_id: int, session: SessionDep, user: EngineerUser):
+    """A new job with the same kind and parameters as a failed or cancelled one."""
+    return _out(jobs.retry_job(session, job_id=job_id, user_id=user.id))

@@ -1,0 +1,87 @@
+"""JSON API of a set's quality: agreement figures, progress, streamed exports, exclusion."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+
+from app.routes.deps import AdminUser, SessionDep
+from app.routes.quality import Ids, Text, meta_response, plan_from_query, stream
+from app.services import labelers
+from app.services.agreement import SetAgreement, compute_set_agreement
+from app.services.progress import SetProgress, set_progress
+from app.services.prompt_sets import get_prompt_set
+
+router = APIRouter(prefix="/api/v1/prompt-sets/{prompt_set_id}", tags=["quality"])
+
+
+@router.get("/agreement", response_model=SetAgreement)
+def agreement(session: SessionDep, admin: AdminUser, prompt_set_id: int):
+    """Pairwise agreement, Kendall's tau-b, Krippendorff's alpha and per-labeler figures
+    (conventions: app/services/agreement.py)."""
+    get_prompt_set(session, prompt_set_id)
+    return compute_set_agreement(session, prompt_set_id=prompt_set_id)
+
+
+@router.get("/progress", response_model=SetProgress)
+def progress(session: SessionDep, admin: AdminUser, prompt_set_id: int,
+             hours: Annotated[int, Query(ge=1, le=24 * 31)] = 48):
+    """Tasks by state, labels per hour for the last `hours`, and the estimated time to finish."""
+    return set_progress(session, prompt_set_id=prompt_set_id, hours=hours)
+
+
+_FORMATS = "comparisons: plain | conversational; annotations: jsonl | csv"
+
+
+@router.get("/export", responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}})
+def export_file(session: SessionDep, admin: AdminUser, prompt_set_id: int,
+                fmt: Annotated[str, Query(alias="format", max_length=20, description=_FORMATS)] = "plain",
+                kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
+                date_from: Text = None, date_to: Text = None):
+    """The export file, streamed. `labelers`: ids (repeat or comma-separate); dates:
+    YYYY-MM-DD (date_to's day included) or ISO times. Excluded annotations never appear."""
+    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
+                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+    return stream(session, plan)
+
+
+@router.get("/export/meta")
+def export_sidecar(session: SessionDep, admin: AdminUser, prompt_set_id: int,
+                   fmt: Annotated[str, Query(alias="format", max_length=20, description=_FORMATS)] = "plain",
+                   kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
+                   date_from: Text = None, date_to: Text = None):
+    """The sidecar of the same export: filters, what was left out, row count, time, format."""
+    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
+                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+    return meta_response(session, plan)
+
+
+class ExclusionOut(BaseModel):
+    prompt_set_id: int
+    user_id: int
+    scope: str  # "set" or "everywhere"
+    changed: int  # annotations whose flag changed
+    annotations: int  # the labeler's annotations on this set
+    excluded: int  # of those, excluded now
+
+
+def _exclusion(session, prompt_set_id: int, user_id: int, *, excluded: bool, everywhere: bool) -> ExclusionOut:
+    get_prompt_set(session, prompt_set_id)
+    changed = labelers.set_excluded(session, user_id=user_id, excluded=excluded,
+                                    prompt_set_id=None if everywhere else prompt_set_id)
+    counts = labelers.annotation_counts(session, prompt_set_id=prompt_set_id, user_id=user_id)
+    return ExclusionOut(prompt_set_id=prompt_set_id, user_id=user_id, scope="everywhere" if everywhere else "set",
+                        changed=changed, annotations=counts[0], excluded=counts[1])
+
+
+@router.post("/labelers/{user_id}/exclude", response_model=ExclusionOut)
+def exclude(session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int, everywhere: bool = False):
+    """Leave the labeler's annotations (on this set, or on every set) out of figures,
+    exports and training data. Nothing is deleted."""
+    return _exclusion(session, prompt_set_id, user_id, excluded=True, everywhere=everywhere)
+
+
+@router.post("/labelers/{user_id}/include", response_model=ExclusionOut)
+def include(session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int, everywhere: bool = False):
+    """Bring the labeler's excluded annotations back."""
+    return _exclusion(session, prompt_set_id, user_id, excluded=False, everywhere=everywhere)
