@@ -119,6 +119,32 @@ class Model(Base):
     )
 
 
+class ModelSample(Base):
+    """A model's answer to a validation prompt, kept to read side by side: a
+    trained model ("after") beside the model it started from ("before"), with
+    the reward model's (normalised) score where one was used."""
+
+    __tablename__ = "model_samples"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # The trained model these samples describe (for "before", its starting point answered).
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    prompt_id: Mapped[int | None] = mapped_column(ForeignKey("prompts.id", ondelete="SET NULL"))
+    position: Mapped[int]  # order of the prompt in the fixed validation list
+    stage: Mapped[str] = mapped_column(String(16))
+    messages: Mapped[list[Any]]
+    response: Mapped[str] = mapped_column(Text)
+    reward: Mapped[float | None]
+    ended: Mapped[bool] = mapped_column(default=True, server_default=sql("true"))
+    created_at: Mapped[datetime] = created_at_column()
+
+    __table_args__ = (
+        UniqueConstraint("model_id", "stage", "position"),
+        CheckConstraint("stage IN ('before', 'after')", name="stage_values"),
+        CheckConstraint("position >= 0", name="position_nonneg"),
+    )
+
+
 class PromptSet(Base):
     __tablename__ = "prompt_sets"
 

@@ -255,14 +255,34 @@ def _ratings_query(included: Select) -> Select:
     )
 
 
+@dataclass(frozen=True)
+class RankedAnnotation:
+    """One included annotation as the reward model trains on it: all K responses together."""
+
+    annotation_id: int
+    prompt_id: int
+    split: Split
+    messages: list[dict[str, str]]
+    responses: list[str]
+    ranks: list[int]
+
+
+def iter_ranked_annotations(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
+                            user_ids: Sequence[int] | None = None, **filters: Any) -> Iterator[RankedAnnotation]:
+    """The included annotations (see included_annotations_query), streamed in id order."""
+    included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
+    for rows in _grouped(session, _ratings_query(included)):
+        head = rows[0]
+        yield RankedAnnotation(head.annotation_id, head.prompt_id, Split(head.split), list(head.messages),
+                               [r.response_text for r in rows], [r.rank for r in rows])
+
+
 def iter_ranked_groups(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
                        user_ids: Sequence[int] | None = None,
                        **filters: Any) -> Iterator[tuple[list[dict[str, str]], list[str], list[int]]]:
-    """(messages, K response texts, their ranks) per included annotation, streamed:
-    what the reward model trains on (all K responses of an annotation together)."""
-    included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
-    for rows in _grouped(session, _ratings_query(included)):
-        yield rows[0].messages, [r.response_text for r in rows], [r.rank for r in rows]
+    """(messages, K response texts, their ranks) per included annotation, streamed."""
+    for item in iter_ranked_annotations(session, prompt_set_ids, split, user_ids, **filters):
+        yield item.messages, item.responses, item.ranks
 
 
 def _stream(session: Session, query: Select) -> Iterator[Any]:

@@ -6,7 +6,6 @@ the defaults below mirror trainer.sft.SFTConfig (tests/test_sft_jobs.py checks
 that they agree).
 """
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,6 +18,7 @@ from app.db.models import Demonstration, Job, Model, Prompt, PromptSet
 from app.services.errors import Invalid
 from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model
+from app.services.run_settings import Setting, clean_config
 
 # trainer.sft.SFTConfig's defaults: what a form shows first.
 CONFIG_DEFAULTS: dict[str, Any] = {
@@ -28,17 +28,19 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "mixed_precision": True, "lora_r": 0, "lora_alpha": 16, "lora_dropout": 0.0,
 }
 SCHEDULES = ("cosine", "linear", "constant")
-# Fields of the form: (name, kind, low, high). Others keep their defaults.
-FORM_FIELDS: tuple[tuple[str, type, float, float], ...] = (
-    ("epochs", int, 1, 100),
-    ("learning_rate", float, 1e-8, 1.0),
-    ("warmup_ratio", float, 0.0, 0.99),
-    ("batch_size", int, 1, 1024),
-    ("gradient_accumulation_steps", int, 1, 1024),
-    ("max_length", int, 16, 32_768),
-    ("lora_r", int, 0, 1024),
-    ("lora_alpha", int, 1, 4096),
-    ("seed", int, 0, 2**31 - 1),
+# What a form or an API call may set. Others keep their defaults.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("epochs", int, 1, 100),
+    Setting("learning_rate", float, 1e-8, 1.0),
+    Setting("lr_schedule", str, choices=SCHEDULES, label="Schedule"),
+    Setting("warmup_ratio", float, 0.0, 0.99),
+    Setting("batch_size", int, 1, 1024, help="examples per step"),
+    Setting("gradient_accumulation_steps", int, 1, 1024, label="Gradient accumulation"),
+    Setting("max_length", int, 16, 32_768, help="tokens"),
+    Setting("packing", bool, help="several examples per row"),
+    Setting("lora_r", int, 0, 1024, label="LoRA rank", help="0 = full fine-tuning"),
+    Setting("lora_alpha", int, 1, 4096, label="LoRA alpha"),
+    Setting("seed", int, 0, 2**31 - 1),
 )
 MIN_DEMONSTRATIONS = 2  # one to train on and one to validate on, at least
 MAX_NAME_CHARS = 200
@@ -66,36 +68,9 @@ def accepted_counts(session: Session, prompt_set_ids: Iterable[int]) -> dict[int
     return {set_id: 0 for set_id in ids} | dict(rows)
 
 
-def _number(errors: dict[str, str], name: str, raw: Any, kind: type, lo: float, hi: float) -> Any:
-    if isinstance(raw, str):
-        raw = raw.strip()
-        if raw == "":
-            return CONFIG_DEFAULTS[name]
-    if isinstance(raw, bool):
-        errors[name] = "must be a number"
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        errors[name] = "must be a whole number" if kind is int else "must be a number"
-        return None
-    if not math.isfinite(value) or (kind is int and not value.is_integer()):
-        errors[name] = "must be a whole number" if kind is int else "must be a finite number"
-        return None
-    if not lo <= value <= hi:
-        errors[name] = f"must be {lo:g}..{hi:g}"
-        return None
-    return int(value) if kind is int else value
-
-
-def _flag(raw: Any) -> bool:
-    if isinstance(raw, str):
-        return raw.strip().lower() in ("1", "true", "on", "yes")
-    return bool(raw)
-
-
 def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: Iterable[Any],
-                     values: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+                     values: Mapping[str, Any], name: str | None = None,
+                     flags_from_form: bool = False) -> dict[str, Any]:
     """Check a run's settings and data; the job's parameters. Raises Invalid with a
     message per field (base_model_id, prompt_set_ids, epochs, learning_rate ...)."""
     errors: dict[str, str] = {}
@@ -134,15 +109,7 @@ def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: It
                 errors["prompt_set_ids"] = (f"the chosen sets hold {accepted} accepted demonstration"
                                             f"{'s' if accepted != 1 else ''}; at least {MIN_DEMONSTRATIONS} are needed")
     # settings
-    config = dict(CONFIG_DEFAULTS)
-    for field_name, kind, lo, hi in FORM_FIELDS:
-        if field_name in values:
-            config[field_name] = _number(errors, field_name, values[field_name], kind, lo, hi)
-    schedule = str(values.get("lr_schedule", config["lr_schedule"]) or config["lr_schedule"])
-    if schedule not in SCHEDULES:
-        errors["lr_schedule"] = f"one of {', '.join(SCHEDULES)}"
-    config["lr_schedule"] = schedule
-    config["packing"] = _flag(values.get("packing", False))
+    config = clean_config(values, CONFIG_DEFAULTS, SETTINGS, errors, flags_from_form=flags_from_form)
     name = (name or "").strip()
     if len(name) > MAX_NAME_CHARS:
         errors["name"] = f"at most {MAX_NAME_CHARS} characters"
@@ -155,11 +122,12 @@ def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: It
 
 
 def start_sft_job(session: Session, *, user_id: int | None, base_model_id: Any, prompt_set_ids: Iterable[Any],
-                  values: Mapping[str, Any], name: str | None = None, queue_name: str = queue.GPU_QUEUE) -> Job:
+                  values: Mapping[str, Any], name: str | None = None, queue_name: str = queue.GPU_QUEUE,
+                  flags_from_form: bool = False) -> Job:
     """Queue a train_sft job on the accepted demonstrations of the sets. Raises Invalid
     per field (nothing is queued then). Commits."""
     params = clean_sft_params(session, base_model_id=base_model_id, prompt_set_ids=prompt_set_ids,
-                              values=values, name=name)
+                              values=values, name=name, flags_from_form=flags_from_form)
     sets = params["prompt_set_ids"]
     return enqueue_job(session, kind=JobKind.train_sft, params=params, created_by_id=user_id,
                        prompt_set_id=sets[0] if len(sets) == 1 else None, queue=queue_name)
