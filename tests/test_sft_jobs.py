@@ -11,7 +11,7 @@ from app.db.enums import DemonstrationStatus, JobStatus, ModelKind, PromptSetKin
 from app.db.models import Demonstration, Job, JobMetric, Model
 from app.db.session import new_session
 from app.services import demonstrations as demos
-from app.services import sft
+from app.services import sft, training
 from tests.conftest import make_user
 from tests.factories import make_prompt_set
 from tests.test_demonstrations import add_prompt
@@ -81,5 +81,10 @@ def test_train_sft_job_trains_on_accepted_demonstrations_and_registers_an_sft_mo
         curves = {(m.name, m.step) for m in session.scalars(select(JobMetric).where(JobMetric.job_id == job_id))}
         assert ("val_loss", 0) in curves and ("loss", 1) in curves and ("val_loss", job.result["steps"]) in curves
         assert not any(name == "total_steps" for name, _ in curves)
+        # The parent and the new model answered the same validation prompts, kept side by side.
+        pairs = training.side_by_side(session, model.id)
+        assert [p.messages[0]["content"] for p in pairs][:2] == [f"Question {i}: what colour is the sky?"
+                                                                for i in (4, 5)]
+        assert all(p.before is not None and p.after is not None and p.after.reward is None for p in pairs)
         # The new model can generate: it is offered as a base model and as a generator.
         assert model.id in [m.id for m in sft.base_models(session)]

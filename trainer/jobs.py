@@ -36,6 +36,8 @@ Handler = Callable[["JobContext"], Mapping[str, Any] | None]
 HANDLERS: dict[JobKind, Handler | str] = {
     JobKind.generate: "trainer.generate:generate_job",
     JobKind.train_sft: "trainer.sft_job:train_sft_job",
+    JobKind.train_reward: "trainer.reward_job:train_reward_job",
+    JobKind.train_ppo: "trainer.ppo_job:train_ppo_job",
 }
 
 

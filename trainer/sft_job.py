@@ -12,27 +12,27 @@ one) in a stable order.
 """
 
 import logging
-import shutil
 from typing import Any
 
 from app.db.enums import ModelKind, Split
-from app.services import demonstrations, models
-from app.services.errors import Conflict
+from app.services import demonstrations, models, training
 from trainer.jobs import JobContext, JobFailed
+from trainer.runs import device_setting, fresh_output_dir, register, step_callbacks
 from trainer.sft import SFTConfig, SFTExample, train_sft
 
 log = logging.getLogger(__name__)
 
-VALIDATION_SHARE = 0.1  # of the prompts, when no prompt is in the validation split
+
+def _sample_settings():
+    from trainer.generate import SamplingSettings
+
+    return SamplingSettings(temperature=0.7, top_p=0.95, max_new_tokens=64)
 
 
 def split_examples(items: list[demonstrations.AcceptedDemonstration]) -> tuple[list[SFTExample], list[SFTExample]]:
     """(train, validation) by the prompts' split; validation borrowed from train when empty."""
-    validation_prompts = {d.prompt_id for d in items if d.split == Split.validation}
-    if not validation_prompts:
-        prompts = sorted({d.prompt_id for d in items})
-        take = max(1, round(VALIDATION_SHARE * len(prompts)))
-        validation_prompts = set(prompts[len(prompts) - take:]) if len(prompts) > 1 else set()
+    validation_prompts = training.split_by_prompt([d.prompt_id for d in items],
+                                                  {d.prompt_id for d in items if d.split == Split.validation})
     train = [SFTExample(d.messages, d.response) for d in items if d.prompt_id not in validation_prompts]
     val = [SFTExample(d.messages, d.response) for d in items if d.prompt_id in validation_prompts]
     return train, val
@@ -41,15 +41,15 @@ def split_examples(items: list[demonstrations.AcceptedDemonstration]) -> tuple[l
 def train_sft_job(ctx: JobContext) -> dict[str, Any]:
     params = ctx.params
     config = SFTConfig(**params["config"])
-    artifacts = ctx.settings.artifacts_path
     from trainer.models import resolve_model_path
 
     # 1. the base model and the data, read in one short transaction
     with ctx.new_session() as session:
         base = models.get_model(session, int(params["base_model_id"]))
         base_name, base_id = base.name, base.id
-        base_path = resolve_model_path(base.path, artifacts)
+        base_path = resolve_model_path(base.path, ctx.settings.artifacts_path)
         items = demonstrations.accepted_demonstrations(session, prompt_set_ids=params["prompt_set_ids"])
+        sample_rows = training.sample_prompts(session, params["prompt_set_ids"])
     train, val = split_examples(items)
     if not train or not val:
         raise JobFailed(f"The chosen sets hold {len(items)} accepted demonstration(s) on"
@@ -58,51 +58,39 @@ def train_sft_job(ctx: JobContext) -> dict[str, Any]:
     log.info("SFT of %s on %d demonstrations, validating on %d", base_name, len(train), len(val))
 
     # 2. train, with progress, curves and cancellation through the job
-    output_dir = artifacts / "models" / f"sft-job-{ctx.job_id}"
-    if output_dir.exists():
-        # Left by an earlier run of this same job that stopped before registering it.
-        shutil.rmtree(output_dir)
-    total_steps = 0
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        nonlocal total_steps
-        total_steps = int(metrics.pop("total_steps", total_steps))
-        ctx.metrics(step, metrics)
-        ctx.progress(step, total_steps)
-
-    def should_stop() -> bool:
-        ctx.check_cancelled()  # raises JobCancelled: the worker marks the job
-        return False
-
-    config.device = ctx.settings.device if config.device == "auto" else config.device
+    output_dir = fresh_output_dir(ctx, "sft")
+    on_step, should_stop = step_callbacks(ctx)
+    config.device = device_setting(ctx, params["config"])
     result = train_sft(config, train, val, base_path=base_path, output_dir=output_dir,
                        on_step=on_step, should_stop=should_stop)
 
-    # 3. register the checkpoint: an SFT model whose parent is the base model
-    name = params.get("name") or f"{base_name} SFT (job {ctx.job_id})"
-    with ctx.new_session() as session:
-        registered = dict(
-            kind=ModelKind.sft, path=models.stored_path(output_dir, artifacts), source="train_sft",
-            parent_id=base_id, job_id=ctx.job_id, metrics=result.metrics, sha256=models.checkpoint_sha256(output_dir),
-            config={"sft": params["config"], "prompt_set_ids": params["prompt_set_ids"],
-                    "architectures": _architectures(output_dir)},
-        )
-        try:
-            model = models.register_model(session, name=name, **registered)
-        except Conflict:  # the name was taken while the job ran
-            session.rollback()
-            model = models.register_model(session, name=f"{name} #{ctx.job_id}", **registered)
-        ctx.set_model(model.id)
-        model_id, model_name = model.id, model.name
+    # 3. the parent and the new model answer the same validation prompts, for reading side by side
+    ctx.check_cancelled(force=True)
+    before = sample_answers(ctx, base_path, sample_rows)
+    after = sample_answers(ctx, str(output_dir), sample_rows)
+
+    # 4. register the checkpoint: an SFT model whose parent is the base model
+    registered = register(
+        ctx, name=params.get("name") or f"{base_name} SFT (job {ctx.job_id})", kind=ModelKind.sft,
+        output_dir=output_dir, source="train_sft", parent_id=base_id, metrics=result.metrics,
+        config={"sft": params["config"], "base_model_id": base_id, "prompt_set_ids": params["prompt_set_ids"]},
+        samples=[("before", before), ("after", after)], sample_prompts=sample_rows,
+    )
     return {
-        "model_id": model_id, "model_name": model_name,
+        "model_id": registered.model_id, "model_name": registered.name,
         "val_loss": round(result.metrics["val_loss"], 4),
         "initial_val_loss": round(result.metrics["initial_val_loss"], 4),
         "train_examples": len(train), "val_examples": len(val), "steps": result.metrics["steps"],
     }
 
 
-def _architectures(directory) -> list[str]:
-    import json
+def sample_answers(ctx: JobContext, model_path: str, prompts: list[training.PromptRow]) -> list[dict[str, Any]]:
+    """One seeded sample per prompt (the same seeds for every model), without rewards."""
+    if not prompts:
+        return []
+    from trainer.generate import TransformersSampler, derive_seed
 
-    return json.loads((directory / "config.json").read_text()).get("architectures") or []
+    sampler = TransformersSampler(model_path, ctx.device, ctx.dtype)
+    seeds = [derive_seed("side-by-side", p.prompt_id) for p in prompts]
+    samples = sampler.sample([p.messages for p in prompts], seeds, _sample_settings())
+    return [{"response": s.text, "reward": None, "ended": s.finish_reason == "eos"} for s in samples]
