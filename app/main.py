@@ -19,6 +19,7 @@ from app.routes import api_label, label
 from app.routes import api_quality, quality
 from app.routes import api_jobs, jobs
 from app.routes import demonstrations, demonstrations_admin, sft
+from app.routes import models, training
 from app.routes.deps import verify_csrf
 from app.web import ROOT
 
@@ -97,5 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (jobs, api_jobs):
         app.include_router(module.router)
     for module in (demonstrations, demonstrations_admin, sft):
+        app.include_router(module.router)
+    for module in (training, models):
         app.include_router(module.router)
     return app

@@ -37,6 +37,7 @@ class JobOut(BaseModel):
 class JobMetricOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
+    id: int
     step: int
     name: str
     value: float

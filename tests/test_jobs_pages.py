@@ -100,7 +100,12 @@ def test_jobs_api_lists_gets_cancels_and_returns_metrics(client, session):
     assert [j["id"] for j in listed] == [job.id]
     one = client.get(f"/api/v1/jobs/{job.id}").json()
     assert one["status"] == "running" and one["progress_total"] == 4 and one["eta_s"] is not None
-    assert client.get(f"/api/v1/jobs/{job.id}/metrics").json() == [{"step": 3, "name": "loss", "value": 1.5}]
+    metrics = client.get(f"/api/v1/jobs/{job.id}/metrics").json()
+    assert [{k: m[k] for k in ("step", "name", "value")} for m in metrics] == [{"step": 3, "name": "loss", "value": 1.5}]
+    # A live chart asks only for what was written since the last value it has.
+    jobs.record_metrics(session, job_id=job.id, step=4, values={"loss": 1.25, "accuracy": 0.5})
+    newer = client.get(f"/api/v1/jobs/{job.id}/metrics", params={"after_id": metrics[-1]["id"]}).json()
+    assert sorted((m["step"], m["name"]) for m in newer) == [(4, "accuracy"), (4, "loss")]
 
     cancelled = client.post(f"/api/v1/jobs/{job.id}/cancel", headers={"X-CSRF-Token": token}).json()
     assert cancelled["cancel_requested"] is True and cancelled["status"] == "running"

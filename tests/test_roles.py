@@ -17,6 +17,13 @@ from app.db.enums import Role
 from tests.conftest import csrf_of, login, make_user
 
 ROUTES: dict[str, str] = {
+    "GET /training/reward": "engineer",
+    "POST /training/reward": "engineer",
+    "GET /training/ppo": "engineer",
+    "POST /training/ppo": "engineer",
+    "GET /models": "engineer",
+    "GET /models/{model_id}": "engineer",
+    "POST /models/{model_id}/promote": "engineer",
     "GET /jobs": "engineer",
     "GET /jobs/{job_id}": "engineer",
     "POST /jobs/{job_id}/cancel": "engineer",

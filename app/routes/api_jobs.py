@@ -38,9 +38,11 @@ def get_job(job_id: int, session: SessionDep, user: EngineerUser):
 
 
 @router.get("/{job_id}/metrics", response_model=list[JobMetricOut])
-def get_metrics(job_id: int, session: SessionDep, user: EngineerUser):
+def get_metrics(job_id: int, session: SessionDep, user: EngineerUser,
+                after_id: Annotated[int | None, Query(ge=0)] = None):
+    """By step; with after_id, only the values written since (a live chart polls this way)."""
     jobs.get_job(session, job_id)
-    return jobs.list_metrics(session, job_id)
+    return jobs.list_metrics(session, job_id, after_id=after_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

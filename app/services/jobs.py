@@ -116,11 +116,13 @@ def any_active(session: Session) -> bool:
     return bool(session.scalar(select(func.count()).where(Job.status.in_(ACTIVE_STATUSES))))
 
 
-def list_metrics(session: Session, job_id: int) -> Sequence[JobMetric]:
-    """The job's metrics ordered by step, then name."""
-    return session.scalars(
-        select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step, JobMetric.name)
-    ).all()
+def list_metrics(session: Session, job_id: int, *, after_id: int | None = None) -> Sequence[JobMetric]:
+    """The job's metrics ordered by step, then name; with after_id, only those written
+    after that metric (in the order written: what a live chart appends)."""
+    query = select(JobMetric).where(JobMetric.job_id == job_id)
+    if after_id is not None:
+        return session.scalars(query.where(JobMetric.id > after_id).order_by(JobMetric.id)).all()
+    return session.scalars(query.order_by(JobMetric.step, JobMetric.name)).all()
 
 
 @dataclass

@@ -138,6 +138,16 @@ def annotation_counts(session: Session, prompt_set_ids: Sequence[int]) -> dict[i
     return {set_id: 0 for set_id in prompt_set_ids} | dict(rows)
 
 
+def rl_prompt_counts(session: Session, prompt_set_ids: Sequence[int]) -> dict[int, int]:
+    """Prompts of the rl split per set: what PPO samples from."""
+    if not prompt_set_ids:
+        return {}
+    rows = session.execute(select(Prompt.prompt_set_id, func.count(Prompt.id))
+                           .where(Prompt.prompt_set_id.in_(list(prompt_set_ids)), Prompt.split == Split.rl)
+                           .group_by(Prompt.prompt_set_id)).all()
+    return {set_id: 0 for set_id in prompt_set_ids} | dict(rows)
+
+
 # ---- checking what a run may use ------------------------------------------------
 
 def _model(errors: dict[str, str], session: Session, field: str, raw: Any, kinds: Sequence[ModelKind],

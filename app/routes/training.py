@@ -1,0 +1,110 @@
+"""Engineer pages: start a reward-model run (`train_reward`) or a PPO run (`train_ppo`)
+and see the recent runs of each."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.datastructures import FormData
+
+from app.db.enums import JobKind, ModelKind
+from app.routes.deps import EngineerUser, SessionDep
+from app.services import jobs, training
+from app.services.errors import Invalid
+from app.services.prompt_sets import GENERATOR_KINDS
+from app.services.run_settings import form_values, submitted_settings
+from app.web import flash, redirect, render
+
+router = APIRouter(prefix="/training", include_in_schema=False)
+
+
+async def read_form(request: Request) -> FormData:
+    return await request.form()
+
+
+FormDep = Annotated[FormData, Depends(read_form)]
+
+
+def _choices(data: FormData, *names: str) -> dict[str, Any]:
+    """The model selects (a string each) and the set/labeler checkboxes (lists) of a form."""
+    out: dict[str, Any] = {}
+    for name in names:
+        out[name] = [str(v) for v in data.getlist(name)] if name.endswith("_ids") else str(data.get(name) or "")
+    return out
+
+
+# ---- reward model -----------------------------------------------------------------
+
+REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "name")
+
+
+def _reward_context(session, *, form: dict[str, Any] | None = None, errors: dict | None = None,
+                    error: str | None = None) -> dict[str, Any]:
+    bases = training.models_of(session, GENERATOR_KINDS)
+    sets = training.ranking_sets(session)
+    default_form = form_values(training.REWARD_DEFAULTS, training.REWARD_SETTINGS) | {
+        "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "labeler_ids": [], "name": ""}
+    return {
+        "form": default_form | (form or {}), "form_errors": errors or {}, "form_error": error,
+        "bases": bases, "sets": sets, "counts": training.annotation_counts(session, [s.id for s in sets]),
+        "labelers": training.labelers_with_annotations(session), "settings": training.REWARD_SETTINGS,
+        "runs": jobs.list_jobs(session, kind=JobKind.train_reward, limit=20),
+    }
+
+
+@router.get("/reward")
+def reward_page(request: Request, session: SessionDep, user: EngineerUser):
+    return render(request, "pages/training_reward.html", _reward_context(session))
+
+
+@router.post("/reward")
+def start_reward(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
+    values = submitted_settings(data, training.REWARD_SETTINGS)
+    choices = _choices(data, *REWARD_CHOICES)
+    try:
+        job = training.start_reward_job(session, user_id=user.id, values=values, flags_from_form=True, **choices)
+    except Invalid as exc:
+        context = _reward_context(session, form=values | choices, errors=exc.errors, error=exc.message)
+        return render(request, "pages/training_reward.html", context, block="run_form", status_code=422)
+    flash(request, f"Queued reward-model job #{job.id}.", "success")
+    return redirect(request, f"/jobs/{job.id}")
+
+
+# ---- PPO ---------------------------------------------------------------------------
+
+PPO_CHOICES = ("policy_model_id", "reference_model_id", "reward_model_id", "prompt_set_ids", "sft_set_ids", "name")
+
+
+def _ppo_context(session, *, form: dict[str, Any] | None = None, errors: dict | None = None,
+                 error: str | None = None) -> dict[str, Any]:
+    policies = training.models_of(session, GENERATOR_KINDS)
+    rewards = training.models_of(session, (ModelKind.reward,))
+    default_reward = training.default_reward_model(session)
+    sets = training.ranking_sets(session)
+    default_form = form_values(training.PPO_DEFAULTS, training.PPO_SETTINGS) | {
+        "policy_model_id": str(policies[0].id) if policies else "", "reference_model_id": "",
+        "reward_model_id": str(default_reward.id) if default_reward else "", "prompt_set_ids": [],
+        "sft_set_ids": [], "name": ""}
+    return {
+        "form": default_form | (form or {}), "form_errors": errors or {}, "form_error": error,
+        "policies": policies, "rewards": rewards, "sets": sets, "sft_sets": training.demonstration_sets(session),
+        "rl_counts": training.rl_prompt_counts(session, [s.id for s in sets]), "settings": training.PPO_SETTINGS,
+        "runs": jobs.list_jobs(session, kind=JobKind.train_ppo, limit=20),
+    }
+
+
+@router.get("/ppo")
+def ppo_page(request: Request, session: SessionDep, user: EngineerUser):
+    return render(request, "pages/training_ppo.html", _ppo_context(session))
+
+
+@router.post("/ppo")
+def start_ppo(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
+    values = submitted_settings(data, training.PPO_SETTINGS)
+    choices = _choices(data, *PPO_CHOICES)
+    try:
+        job = training.start_ppo_job(session, user_id=user.id, values=values, flags_from_form=True, **choices)
+    except Invalid as exc:
+        context = _ppo_context(session, form=values | choices, errors=exc.errors, error=exc.message)
+        return render(request, "pages/training_ppo.html", context, block="run_form", status_code=422)
+    flash(request, f"Queued PPO job #{job.id}.", "success")
+    return redirect(request, f"/jobs/{job.id}")
