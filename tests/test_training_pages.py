@@ -57,7 +57,14 @@ def test_reward_form_names_each_bad_field_and_queues_nothing(client, session, tm
     text = response.text
     assert "choose at least one ranking set" in text and "must be 1..100" in text and "must be a number" in text
     assert "one of cosine, linear, constant" in text
-    assert jobs_of(session, JobKind.train_reward) == []
+    # From the page (htmx), only the form comes back, with the same messages.
+    fragment = client.post("/training/reward", data={"csrf_token": token, "epochs": "0"},
+                           headers={"HX-Request": "true"})
+    assert fragment.status_code == 422 and fragment.text.lstrip().startswith('<section class="card" id="run-form">')
+    assert "must be 1..100" in fragment.text
+    ppo_fragment = client.post("/training/ppo", data={"csrf_token": token, "steps": "0"}, headers={"HX-Request": "true"})
+    assert ppo_fragment.status_code == 422 and "must be 1..100000" in ppo_fragment.text
+    assert jobs_of(session, JobKind.train_reward) == [] and jobs_of(session, JobKind.train_ppo) == []
 
 
 def test_ppo_form_checks_batch_division_ptx_data_and_queues_a_run(client, session, tmp_path):

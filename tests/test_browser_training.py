@@ -1,0 +1,94 @@
+"""In Chromium, the loop closed by an engineer: train a reward model on labeled
+rankings from the dashboard and watch its curves grow, run PPO against it, read the
+policy's samples side by side, and make the policy generate the set's next round
+(a real `rlhf worker` process runs the jobs on a tiny model)."""
+
+import pytest
+
+from app.db.enums import JobKind, JobStatus, Role
+from app.db.models import Job, PromptSet
+from app.db.session import session_scope
+from tests.conftest import TEST_PASSWORD, make_user, screenshot
+from tests.factories_jobs import make_model
+from tests.training_data import ranked_set
+from tests.workers import workers  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.browser
+
+
+def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_model_dir):  # noqa: F811
+    with session_scope() as s:
+        make_user(s, role=Role.engineer, username="eng")
+        alice = make_user(s, username="alice")
+        make_model(s, tiny_model_dir, name="tiny-llama", is_default=True)
+        prompt_set = ranked_set(s, alice, prompts=24, name="word soup")
+        s.flush()
+        set_id = prompt_set.id
+    workers.start(cli=True)
+
+    page.set_default_timeout(15_000)
+    page.goto(f"{live_server}/login")
+    page.fill("input[name=username]", "eng")
+    page.fill("input[name=password]", TEST_PASSWORD)
+    page.click("button[type=submit]")
+
+    # 1. A reward model from the dashboard; a bad value first comes back beside its field.
+    page.click("nav >> text=Reward model")
+    page.check(f"input[name=prompt_set_ids][value='{set_id}']")
+    page.fill("input[name=epochs]", "0")
+    page.locator("input[name=epochs]").evaluate("e => e.removeAttribute('min')")
+    page.click("#run-start")
+    page.wait_for_selector("#run-error")
+    assert "must be 1..100" in page.inner_text("#run-form")
+    for name, value in {"epochs": "3", "learning_rate": "0.001", "batch_size": "4", "max_length": "96",
+                        "warmup_ratio": "0"}.items():
+        page.fill(f"input[name={name}]", value)
+    page.fill("input[name=name]", "tiny RM")
+    screenshot(page, "reward_form")
+    page.click("#run-start")
+    page.wait_for_url(f"{live_server}/jobs/*")
+    # The curves fill in while it runs, without a reload.
+    page.wait_for_selector("canvas[data-metric=loss]", timeout=120_000)
+    page.wait_for_selector("#job-state:has-text('succeeded')", timeout=180_000)
+    page.wait_for_function("Number(document.querySelector('canvas[data-metric=val_accuracy]')?.dataset.points) >= 3",
+                           timeout=15_000)
+    assert int(page.get_attribute("canvas[data-metric=loss]", "data-points")) >= 6
+    screenshot(page, "reward_job_curves")
+    page.click("#job-model-link")
+    page.wait_for_selector("#model-lineage")
+    assert "tiny-llama" in page.inner_text("#model-lineage") and "val_accuracy" in page.inner_text("#model-metrics")
+
+    # 2. PPO against it, from the dashboard.
+    page.click("nav >> text=PPO")
+    page.select_option("select[name=reward_model_id]", label="tiny RM (reward)")
+    page.check(f"input[name=prompt_set_ids][value='{set_id}']")
+    for name, value in {"steps": "2", "batch_size": "4", "mini_batch_size": "2", "ppo_epochs": "1",
+                        "learning_rate": "0.0001", "max_new_tokens": "8"}.items():
+        page.fill(f"input[name={name}]", value)
+    page.fill("input[name=name]", "tiny policy")
+    screenshot(page, "ppo_form")
+    page.click("#run-start")
+    page.wait_for_url(f"{live_server}/jobs/*")
+    page.wait_for_selector("#job-state:has-text('succeeded')", timeout=180_000)
+    page.wait_for_selector("canvas[data-metric=kl]")
+    screenshot(page, "ppo_job_curves")
+
+    # 3. The policy's page: lineage SFT + RM, samples before and after.
+    page.click("#job-model-link")
+    page.wait_for_selector("#samples .sample-pair")
+    lineage = page.inner_text("#model-lineage")
+    assert "tiny-llama" in lineage and "tiny RM" in lineage
+    assert page.locator("#samples .sample-pair").count() == 8
+    assert page.locator("#samples .sample[data-stage=before]").count() == 8
+    screenshot(page, "policy_side_by_side")
+
+    # 4. It generates the next round of the set.
+    page.select_option("select[name=prompt_set_id]", label="word soup (active, round 1)")
+    page.click("#promote-button")
+    page.wait_for_selector(".flash:has-text('Round 2')")
+    screenshot(page, "policy_promoted")
+    with session_scope() as s:
+        prompt_set = s.get(PromptSet, set_id)
+        assert prompt_set.round == 2 and prompt_set.generator_model.name == "tiny policy"
+        generate = s.query(Job).filter(Job.kind == JobKind.generate, Job.prompt_set_id == set_id).one()
+        assert generate.status in (JobStatus.queued, JobStatus.running, JobStatus.succeeded)
