@@ -19,7 +19,7 @@ from app.routes import api_label, label
 from app.routes import api_quality, quality
 from app.routes import api_jobs, jobs
 from app.routes import demonstrations, demonstrations_admin, sft
-from app.routes import models, training
+from app.routes import api_demonstrations, api_models, api_training, models, training
 from app.routes.deps import verify_csrf
 from app.web import ROOT
 
@@ -99,6 +99,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     for module in (demonstrations, demonstrations_admin, sft):
         app.include_router(module.router)
-    for module in (training, models):
+    for module in (training, models, api_training, api_models, api_demonstrations):
         app.include_router(module.router)
     return app
