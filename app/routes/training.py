@@ -1,6 +1,7 @@
 """Engineer pages: start a reward-model run (`train_reward`) or a PPO run (`train_ppo`)
 and see the recent runs of each."""
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -32,6 +33,20 @@ def _choices(data: FormData, *names: str) -> dict[str, Any]:
     return out
 
 
+def _start(request: Request, session, user, data: FormData, *, settings, choice_names, start: Callable[..., Any],
+           context: Callable[..., dict[str, Any]], template: str, what: str):
+    """Queue the run and go to its job page, or show the form again with each error beside its field."""
+    values = submitted_settings(data, settings)
+    choices = _choices(data, *choice_names)
+    try:
+        job = start(session, user_id=user.id, values=values, flags_from_form=True, **choices)
+    except Invalid as exc:
+        shown = context(session, form=values | choices, errors=exc.errors, error=exc.message)
+        return render(request, template, shown, block="run_form", status_code=422)
+    flash(request, f"Queued {what} job #{job.id}.", "success")
+    return redirect(request, f"/jobs/{job.id}")
+
+
 # ---- reward model -----------------------------------------------------------------
 
 REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "name")
@@ -58,15 +73,9 @@ def reward_page(request: Request, session: SessionDep, user: EngineerUser):
 
 @router.post("/reward")
 def start_reward(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
-    values = submitted_settings(data, training.REWARD_SETTINGS)
-    choices = _choices(data, *REWARD_CHOICES)
-    try:
-        job = training.start_reward_job(session, user_id=user.id, values=values, flags_from_form=True, **choices)
-    except Invalid as exc:
-        context = _reward_context(session, form=values | choices, errors=exc.errors, error=exc.message)
-        return render(request, "pages/training_reward.html", context, block="run_form", status_code=422)
-    flash(request, f"Queued reward-model job #{job.id}.", "success")
-    return redirect(request, f"/jobs/{job.id}")
+    return _start(request, session, user, data, settings=training.REWARD_SETTINGS, choice_names=REWARD_CHOICES,
+                  start=training.start_reward_job, context=_reward_context,
+                  template="pages/training_reward.html", what="reward-model")
 
 
 # ---- PPO ---------------------------------------------------------------------------
@@ -99,12 +108,6 @@ def ppo_page(request: Request, session: SessionDep, user: EngineerUser):
 
 @router.post("/ppo")
 def start_ppo(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
-    values = submitted_settings(data, training.PPO_SETTINGS)
-    choices = _choices(data, *PPO_CHOICES)
-    try:
-        job = training.start_ppo_job(session, user_id=user.id, values=values, flags_from_form=True, **choices)
-    except Invalid as exc:
-        context = _ppo_context(session, form=values | choices, errors=exc.errors, error=exc.message)
-        return render(request, "pages/training_ppo.html", context, block="run_form", status_code=422)
-    flash(request, f"Queued PPO job #{job.id}.", "success")
-    return redirect(request, f"/jobs/{job.id}")
+    return _start(request, session, user, data, settings=training.PPO_SETTINGS, choice_names=PPO_CHOICES,
+                  start=training.start_ppo_job, context=_ppo_context, template="pages/training_ppo.html",
+                  what="PPO")
