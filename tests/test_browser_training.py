@@ -52,11 +52,23 @@ def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_
     page.wait_for_selector("#job-state:has-text('succeeded')", timeout=180_000)
     page.wait_for_function("Number(document.querySelector('canvas[data-metric=val_accuracy]')?.dataset.points) >= 3",
                            timeout=15_000)
-    assert int(page.get_attribute("canvas[data-metric=loss]", "data-points")) >= 6
+    # Each poll appends only the values written since the last: one point per step of the metric.
+    loss_steps = page.evaluate(
+        "async () => (await (await fetch(document.getElementById('job-charts').dataset.metricsUrl)).json())"
+        ".filter(m => m.name === 'loss').length")
+    assert loss_steps >= 6 and int(page.get_attribute("canvas[data-metric=loss]", "data-points")) == loss_steps
     screenshot(page, "reward_job_curves")
-    page.click("#job-model-link")
+
+    # The registry lists the new reward model under its base model; its page shows lineage and metrics.
+    page.click("nav >> text=Models")
+    row = page.locator("#model-table tr", has_text="tiny RM")
+    assert "reward" in row.inner_text() and "tiny-llama" in row.inner_text() and "val. accuracy" in row.inner_text()
+    screenshot(page, "model_registry")
+    row.locator("a", has_text="tiny RM").click()
     page.wait_for_selector("#model-lineage")
     assert "tiny-llama" in page.inner_text("#model-lineage") and "val_accuracy" in page.inner_text("#model-metrics")
+    assert page.locator("#promote").count() == 0  # a reward model generates nothing
+    screenshot(page, "reward_model_page")
 
     # 2. PPO against it, from the dashboard.
     page.click("nav >> text=PPO")
@@ -86,6 +98,7 @@ def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_
     page.select_option("select[name=prompt_set_id]", label="word soup (active, round 1)")
     page.click("#promote-button")
     page.wait_for_selector(".flash:has-text('Round 2')")
+    assert "generation job" in page.inner_text("#model-generates")
     screenshot(page, "policy_promoted")
     with session_scope() as s:
         prompt_set = s.get(PromptSet, set_id)
