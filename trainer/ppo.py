@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 from trainer.common import (
-    Cancelled,
     Messages,
     add_lora,
     autocast,
@@ -52,7 +51,8 @@ from trainer.common import (
     truncate_after_eos,
     unwrap_lora,
 )
-from trainer.models import load_causal_lm, load_tokenizer, pick_device
+from trainer.distributed import runtime
+from trainer.models import load_causal_lm, load_tokenizer
 from trainer.reward import load_reward_model, reward_normalisation, sequence_scores, token_scores
 
 log = logging.getLogger(__name__)
@@ -223,15 +223,29 @@ def train_ppo(
     on_step(step, metrics) is called after every PPO step; should_stop() is
     asked after every step and raises Cancelled (nothing saved) when true.
     validation_prompts are sampled before and after training with a fixed seed.
+
+    Under a launcher with N processes, batch_size and mini_batch_size count
+    rollouts of all processes together (both must be multiples of N): each
+    process samples its share of every step's prompts with its own random
+    stream, and the losses are token means over the whole minibatch. The
+    advantages are whitened with the statistics of every process's tokens,
+    the KL controller sees the mean KL over all processes, and the logged
+    metrics are means over all rollouts. Rank 0 alone calls on_step and
+    should_stop and saves (trainer/distributed.py).
     """
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
     if config.ptx_coef > 0 and not sft_data:
         raise ValueError("ptx_coef > 0 needs sft_data (SFT demonstrations for the pretraining-loss term)")
 
-    # 0. seed and device
+    # 0. seed and device; under a multi-process launch, this process's rank and device
+    rt = runtime(config.device)
+    device = rt.device
+    if rt.distributed and (config.batch_size % rt.world or config.mini_batch_size % rt.world):
+        raise ValueError(f"with {rt.world} processes, batch_size ({config.batch_size}) and mini_batch_size"
+                         f" ({config.mini_batch_size}) must be multiples of {rt.world}: each process takes an"
+                         " equal share of every minibatch")
     seed_everything(config.seed)
-    device = pick_device(config.device)
     use_lora = config.lora_r > 0
 
     # 1. models: policy (trained), reference (frozen), reward model (frozen), value model (trained, from the RM)
@@ -257,6 +271,9 @@ def train_ppo(
     for model in (policy, reference, reward_model, value_model):
         if model is not None:
             model.eval()
+    rt.sync_parameters(policy, value_model)
+    if rt.distributed:
+        torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each process samples its own responses
 
     # 2. data: prompts tokenised once; a seeded endless stream of shuffled prompt indices
     prompt_ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
@@ -304,37 +321,48 @@ def train_ppo(
         if not validation_prompts:
             return []
         ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in validation_prompts]
+        mine = rt.shard(list(range(len(ids))))  # every prompt in one process
         samples = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(config.seed + 1)  # the same draws before and after training
-            for start in range(0, len(ids), config.batch_size):
-                indices = list(range(start, min(start + config.batch_size, len(ids))))
+            torch.manual_seed(config.seed + 1 + rt.rank)  # the same draws before and after training
+            for start in range(0, len(mine), config.batch_size):
+                indices = mine[start:start + config.batch_size]
                 rollout = sample_responses(indices, ids)
                 query_response = torch.cat([rollout["query"], rollout["responses"]], 1)
                 attention = torch.cat([rollout["query_mask"], rollout["response_mask"]], 1)
                 raw = rm_scores(query_response, attention)
                 for row, i in enumerate(indices):
                     tokens = rollout["responses"][row][rollout["response_mask"][row].bool()]
-                    samples.append({
+                    samples.append((i, {
                         "prompt": validation_prompts[i],
                         "response": tokenizer.decode(tokens, skip_special_tokens=True),
                         "reward": (raw[row].item() - rm_mean) / rm_std,
                         "ended": bool(rollout["ended"][row]),
-                    })
-        return samples
+                    }))
+        everyone = [pair for part in rt.gather(samples) for pair in part]
+        return [sample for _, sample in sorted(everyone, key=lambda pair: pair[0])]
 
     samples_before = validation_samples()
 
     # 4. the loop
     history: list[dict[str, float]] = []
     started = time.perf_counter()
-    B, mb = config.batch_size, config.mini_batch_size
+    # B, mb: this process's rollouts per step and per minibatch (all of them in one process)
+    B, mb = config.batch_size // rt.world, config.mini_batch_size // rt.world
+
+    def token_mean(x: torch.Tensor, m: torch.Tensor, tokens: float) -> torch.Tensor:
+        """Mean over the minibatch's real tokens; with several processes, this process's part of
+        the mean over all of them (tokens: their count), so the parts add up to it."""
+        if not rt.distributed:
+            return masked_mean(x, m)
+        return (x * m.to(x.dtype)).sum() / max(1.0, tokens)
+
     for step in range(1, config.steps + 1):
         t0 = time.perf_counter()
         assert not policy.training and not value_model.training, "dropout must stay off"
 
         # 1. generate: sample responses from the policy for a batch of left-padded prompts
-        indices = [next(stream) for _ in range(B)]
+        indices = rt.shard([next(stream) for _ in range(config.batch_size)])  # the same stream everywhere
         rollout = sample_responses(indices, prompt_ids)
         query, responses = rollout["query"], rollout["responses"]  # (B, P), (B, R)
         response_mask, ended = rollout["response_mask"], rollout["ended"]  # (B, R), (B,)
@@ -373,7 +401,7 @@ def train_ppo(
 
         # 5. whiten advantages over the real tokens
         if config.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, across=rt.sum if rt.distributed else None)
 
         # 6. PPO epochs: clipped policy and value losses over shuffled minibatches
         stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": [],
@@ -384,30 +412,38 @@ def train_ppo(
             for start in range(0, B, mb):
                 idx = torch.tensor(order[start:start + mb], device=device)
                 m = mask[idx]  # (mb, R)
+                if config.ptx_coef > 0:
+                    # InstructGPT's PPO-ptx: keep the likelihood of SFT data up while optimising the reward.
+                    picks = rt.shard(torch.randint(len(sft_encoded), (config.mini_batch_size,),
+                                                   generator=shuffle).tolist())
+                    # Left-padded so the responses line up at the end and only their logits are computed.
+                    ids, ptx_attention = pad_left([sft_encoded[i][0] for i in picks], tokenizer.pad_token_id)
+                    loss_mask, _ = pad_left([sft_encoded[i][1] for i in picks], 0)
+                tokens, ptx_tokens = 0.0, 0.0  # the whole minibatch's token counts, with several processes
+                if rt.distributed:
+                    tokens, ptx_tokens = rt.sum([float(m.sum()), float(loss_mask.sum()) if config.ptx_coef > 0 else 0.0])
                 with autocast(device, config.mixed_precision):
                     new_logprobs, _ = response_logprobs(policy, query_response[idx], attention[idx], P, config.temperature)
                     vpred = token_scores(value_model, query_response[idx], attention[idx])[:, P - 1:-1]  # (mb, R)
                 vpred = vpred.float()
                 vpred_clipped = values[idx] + (vpred - values[idx]).clamp(-config.cliprange_value, config.cliprange_value)
                 vf_losses = torch.max((vpred - returns[idx]) ** 2, (vpred_clipped - returns[idx]) ** 2)  # (mb, R)
-                value_loss = 0.5 * masked_mean(vf_losses, m)
+                value_loss = 0.5 * token_mean(vf_losses, m, tokens)
                 log_ratio = (new_logprobs - logprobs[idx]).masked_fill(~m, 0.0)  # (mb, R)
                 ratio = torch.exp(log_ratio)
                 pg_losses = -advantages[idx] * ratio  # (mb, R)
                 pg_losses_clipped = -advantages[idx] * ratio.clamp(1 - config.cliprange, 1 + config.cliprange)
-                policy_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), m)
+                policy_loss = token_mean(torch.max(pg_losses, pg_losses_clipped), m, tokens)
                 loss = policy_loss + config.vf_coef * value_loss
                 if config.ptx_coef > 0:
-                    # InstructGPT's PPO-ptx: keep the likelihood of SFT data up while optimising the reward.
-                    picks = torch.randint(len(sft_encoded), (mb,), generator=shuffle).tolist()
-                    # Left-padded so the responses line up at the end and only their logits are computed.
-                    ids, ptx_attention = pad_left([sft_encoded[i][0] for i in picks], tokenizer.pad_token_id)
-                    loss_mask, _ = pad_left([sft_encoded[i][1] for i in picks], 0)
                     with autocast(device, config.mixed_precision):
                         ptx_loss = sequence_nll(policy, ids.to(device), ptx_attention.to(device), loss_mask.to(device))
+                    if rt.distributed:  # this process's part of the token mean over every process's picks
+                        ptx_loss = ptx_loss * (float(loss_mask.sum()) / max(1.0, ptx_tokens))
                     loss = loss + config.ptx_coef * ptx_loss
                     stats["ptx_loss"].append(ptx_loss.item())
                 loss.backward()
+                rt.reduce_gradients(params)
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -415,14 +451,22 @@ def train_ppo(
                 with torch.no_grad():
                     stats["policy_loss"].append(policy_loss.item())
                     stats["value_loss"].append(value_loss.item())
-                    stats["clip_frac"].append(masked_mean((pg_losses_clipped > pg_losses).float(), m).item())
-                    stats["value_clip_frac"].append(masked_mean((vf_losses > (vpred - returns[idx]) ** 2).float(), m).item())
-                    stats["approx_kl"].append(0.5 * masked_mean(log_ratio ** 2, m).item())
+                    stats["clip_frac"].append(token_mean((pg_losses_clipped > pg_losses).float(), m, tokens).item())
+                    stats["value_clip_frac"].append(
+                        token_mean((vf_losses > (vpred - returns[idx]) ** 2).float(), m, tokens).item())
+                    stats["approx_kl"].append(0.5 * token_mean(log_ratio ** 2, m, tokens).item())
+        if rt.distributed:  # every process's parts of each minibatch's figures, added up
+            names = [name for name in stats if stats[name]]
+            flat = rt.sum([v for name in names for v in stats[name]])
+            for name in names:
+                stats[name], flat = flat[:len(stats[name])], flat[len(stats[name]):]
         t3 = time.perf_counter()
 
         # 7. KL controller: move beta toward the target KL (no-op when fixed)
         mean_kl = kl_k1.sum(1).mean().item()
-        kl_controller.update(mean_kl, B)
+        if rt.distributed:
+            (mean_kl,) = rt.mean([mean_kl])  # every process has as many rollouts
+        kl_controller.update(mean_kl, config.batch_size)
 
         # 8. log and check for cancellation
         metrics = {
@@ -444,18 +488,24 @@ def train_ppo(
         }
         if stats["ptx_loss"]:
             metrics["ptx_loss"] = _mean(stats["ptx_loss"])
+        if rt.distributed:  # means over every process's rollouts (each has as many)
+            per_rollout = ["reward", "reward_unnormalised", "total_reward", "response_length", "eos_fraction"]
+            for name, value in zip(per_rollout, rt.mean([metrics[name] for name in per_rollout])):
+                metrics[name] = value
+            entropy_sum, entropy_tokens = rt.sum([float((entropy * mask).sum()), float(mask.sum())])
+            metrics["entropy"] = entropy_sum / max(1.0, entropy_tokens)
         history.append({"step": step, **metrics})
-        if on_step is not None:
+        if on_step is not None and rt.main:
             on_step(step, metrics)
         log.info("ppo step %d: reward %.3f kl %.3f", step, metrics["reward"], metrics["kl"])
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"PPO stopped at step {step}")
+        rt.agree_to_stop(should_stop, f"PPO stopped at step {step}")
 
     # 5. validation samples after, then save the policy (adapters merged) with its settings and metrics
     samples_after = validation_samples()
     final = dict(history[-1])
     final.pop("step")
     final["steps"] = config.steps
+    final["processes"] = rt.world
     final["seconds"] = time.perf_counter() - started
     if samples_before:
         final["validation_reward_before"] = _mean([s["reward"] for s in samples_before])
@@ -463,10 +513,12 @@ def train_ppo(
     policy = unwrap_lora(policy)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     policy.generation_config.eos_token_id = tokenizer.eos_token_id
-    save_checkpoint(policy, tokenizer, output_dir, {
-        "kind": "policy", "policy_path": str(policy_path), "reference_path": str(reference_path),
-        "reward_path": str(reward_path), "config": asdict(config), "metrics": final,
-    })
+    if rt.main:
+        save_checkpoint(policy, tokenizer, output_dir, {
+            "kind": "policy", "policy_path": str(policy_path), "reference_path": str(reference_path),
+            "reward_path": str(reward_path), "config": asdict(config), "metrics": final,
+        })
+    rt.barrier()  # the checkpoint is in place when any process returns
     return PPOResult(output_dir=Path(output_dir), metrics=final, history=history,
                      samples_before=samples_before, samples_after=samples_after)
 

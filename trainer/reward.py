@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from trainer.common import (
-    Cancelled,
     Messages,
     add_lora,
     autocast,
@@ -52,7 +51,8 @@ from trainer.common import (
     seed_everything,
     unwrap_lora,
 )
-from trainer.models import load_tokenizer, pick_device
+from trainer.distributed import Runtime, runtime
+from trainer.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -245,16 +245,23 @@ def _forward_groups(model, batch: list[_Encoded], pad_id: int, device: torch.dev
 
 
 @torch.no_grad()
-def _evaluate(model, groups: list[_Encoded], pad_id: int, device: torch.device, config: RewardConfig) -> dict[str, float]:
+def _evaluate(model, groups: list[_Encoded], pad_id: int, device: torch.device, config: RewardConfig,
+              rt: Runtime | None = None) -> dict[str, float]:
+    """Loss and accuracy over all groups; with several processes each scores its shard and the sums are reduced."""
+    local = rt.shard(groups) if rt is not None else groups
     losses, correct, pairs = [], 0, 0
-    for i in range(0, len(groups), config.eval_batch_size):
-        batch = groups[i:i + config.eval_batch_size]
+    for i in range(0, len(local), config.eval_batch_size):
+        batch = local[i:i + config.eval_batch_size]
         rewards, ranks, valid = _forward_groups(model, batch, pad_id, device, config.mixed_precision)
         loss, c, p = ranking_loss(rewards, ranks, valid)
         losses.append(loss.item() * len(batch))
         correct += int(c)
         pairs += int(p)
-    return {"loss": sum(losses) / max(1, len(groups)), "accuracy": correct / max(1, pairs), "pairs": pairs}
+    loss_sum = sum(losses)
+    if rt is not None:
+        loss_sum, correct, pairs = rt.sum([loss_sum, correct, pairs])
+        correct, pairs = int(correct), int(pairs)
+    return {"loss": loss_sum / max(1, len(groups)), "accuracy": correct / max(1, pairs), "pairs": pairs}
 
 
 def evaluate_reward_model(model, tokenizer, groups: list[RankedGroup], *, max_length: int = 512,
@@ -273,7 +280,7 @@ def _raw_scores(model, seqs: list[list[int]], pad_id: int, device: torch.device,
         ids, mask = pad_right(seqs[i:i + config.eval_batch_size * 2], pad_id)
         with autocast(device, config.mixed_precision):
             out.append(sequence_scores(model, ids.to(device), mask.to(device)).cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 # ---- training ---------------------------------------------------------------------
@@ -295,19 +302,22 @@ def train_reward_model(
     split). sft_samples: (prompt, response) pairs sampled from the SFT model
     for the normalisation; by default the responses of the training data.
     Raises ValueError for malformed data, Cancelled when should_stop() says so
-    (nothing is saved then).
+    (nothing is saved then). Under a launcher with several processes each
+    trains on its shard of every batch (trainer/distributed.py); rank 0 alone
+    calls on_step and should_stop and saves.
     """
     started = time.perf_counter()
     history: list[dict[str, float]] = []
 
+    # 0. seed and device; under a multi-process launch, this process's rank and device
+    rt = runtime(config.device)
+    device = rt.device
+    seed_everything(config.seed)  # the same seed everywhere: same head init, same shuffle
+
     def report(step: int, metrics: dict[str, float]) -> None:
         history.append({"step": step, **metrics})
-        if on_step is not None:
+        if on_step is not None and rt.main:
             on_step(step, metrics)
-
-    # 0. seed and device
-    seed_everything(config.seed)
-    device = pick_device(config.device)
 
     # 1. data: every group tokenised once; all-tied groups carry no comparison and are dropped
     tokenizer = prepare_tokenizer(load_tokenizer(str(model_path)))
@@ -339,6 +349,7 @@ def train_reward_model(
         model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, task_type="SEQ_CLS")
     # eval(): dropout off for the whole run (TRL's disable_dropout); gradients flow all the same.
     model.eval()
+    rt.sync_parameters(model)
 
     # 3. optimizer and schedule
     micro_batches = -(-len(train_groups) // config.batch_size)
@@ -350,7 +361,9 @@ def train_reward_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
     shuffle = torch.Generator().manual_seed(config.seed)
 
-    # 4. the loop: forward K responses per group, K-wise loss, backward, clip, step, log; evaluate each epoch
+    # 4. the loop: forward K responses per group, K-wise loss, backward, clip, step, log; evaluate each epoch.
+    # Several processes: each takes its shard of every micro-batch and weighs its mean loss by its share of
+    # the micro-batch, so the summed gradients are those of the whole micro-batch.
     step = 0
     val: dict[str, float] = {}
     for epoch in range(1, config.epochs + 1):
@@ -358,16 +371,22 @@ def train_reward_model(
         epoch_loss, epoch_correct, epoch_pairs = 0.0, 0, 0
         window_loss, window_correct, window_pairs = 0.0, 0, 0
         for micro in range(micro_batches):
-            batch = [train_groups[i] for i in order[micro * config.batch_size:(micro + 1) * config.batch_size]]
-            rewards, ranks, valid = _forward_groups(model, batch, pad_id, device, config.mixed_precision)  # (B, K) each
-            loss, correct, pairs = ranking_loss(rewards, ranks, valid)
-            (loss / config.gradient_accumulation_steps).backward()
-            window_loss += loss.item() / config.gradient_accumulation_steps
-            window_correct += int(correct)
-            window_pairs += int(pairs)
+            full = order[micro * config.batch_size:(micro + 1) * config.batch_size]
+            batch = [train_groups[i] for i in rt.shard(full)]
+            if batch:  # a process gets nothing when a last micro-batch is smaller than the number of processes
+                rewards, ranks, valid = _forward_groups(model, batch, pad_id, device, config.mixed_precision)  # (B, K)
+                loss, correct, pairs = ranking_loss(rewards, ranks, valid)
+                share = len(batch) / len(full)  # 1.0 in one process
+                (loss * share / config.gradient_accumulation_steps).backward()
+                window_loss += loss.item() * share / config.gradient_accumulation_steps
+                window_correct += int(correct)
+                window_pairs += int(pairs)
             last_micro = micro == micro_batches - 1
             if (micro + 1) % config.gradient_accumulation_steps != 0 and not last_micro:
                 continue
+            rt.reduce_gradients(params)
+            window_loss, window_correct, window_pairs = rt.sum([window_loss, window_correct, window_pairs])
+            window_correct, window_pairs = int(window_correct), int(window_pairs)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -380,9 +399,8 @@ def train_reward_model(
             report(step, {"epoch": epoch, "loss": window_loss, "accuracy": window_correct / max(1, window_pairs),
                           "grad_norm": float(grad_norm), "lr": lr})
             window_loss, window_correct, window_pairs = 0.0, 0, 0
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"reward training stopped at step {step}")
-        val = _evaluate(model, val_groups, pad_id, device, config)
+            rt.agree_to_stop(should_stop, f"reward training stopped at step {step}")
+        val = _evaluate(model, val_groups, pad_id, device, config, rt)
         report(step, {"epoch": epoch, "train_loss": epoch_loss / steps_per_epoch,
                       "train_accuracy": epoch_correct / max(1, epoch_pairs),
                       "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
@@ -394,7 +412,11 @@ def train_reward_model(
                     for m, r in sft_samples]
     else:
         sft_seqs = [s for g in train_groups for s in g.seqs]
-    raw = _raw_scores(model, sft_seqs, pad_id, device, config)  # (S,)
+    if rt.distributed:  # each process scores its shard; the statistics are over all of them
+        shards = rt.gather(_raw_scores(model, rt.shard(sft_seqs), pad_id, device, config).tolist())
+        raw = torch.tensor([x for shard in shards for x in shard], dtype=torch.float32)  # (S,)
+    else:
+        raw = _raw_scores(model, sft_seqs, pad_id, device, config)  # (S,)
     mean = raw.mean().item()
     std = raw.std().item() if len(raw) > 1 else 1.0
     std = std if std > 1e-6 else 1.0  # a constant reward cannot be scaled; leave it
@@ -410,12 +432,14 @@ def train_reward_model(
         "train_groups": len(train_groups), "train_pairs": sum(_pair_count(g.ranks) for g in train_groups),
         "val_groups": len(val_groups), "val_pairs": val["pairs"],
         "groups_without_preference": dropped + val_dropped, "truncated_sequences": truncated + val_truncated,
-        "normalisation_samples": len(sft_seqs), "seconds": time.perf_counter() - started,
+        "normalisation_samples": len(sft_seqs), "processes": rt.world, "seconds": time.perf_counter() - started,
     }
-    save_checkpoint(model, tokenizer, output_dir, {
-        "kind": "reward", "base_model": str(model_path), "config": asdict(config),
-        "normalisation": {"mean": mean, "std": std}, "metrics": metrics,
-    })
+    if rt.main:
+        save_checkpoint(model, tokenizer, output_dir, {
+            "kind": "reward", "base_model": str(model_path), "config": asdict(config),
+            "normalisation": {"mean": mean, "std": std}, "metrics": metrics,
+        })
+    rt.barrier()  # the checkpoint is in place when any process returns
     return RewardResult(output_dir=Path(output_dir), metrics=metrics, history=history)
 
 

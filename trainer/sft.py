@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from trainer.common import (
-    Cancelled,
     Messages,
     add_lora,
     autocast,
@@ -49,7 +48,8 @@ from trainer.common import (
     seed_everything,
     unwrap_lora,
 )
-from trainer.models import load_tokenizer, pick_device
+from trainer.distributed import Runtime, runtime
+from trainer.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,16 @@ def packed_batch(rows: list[list[Tokenised]], pad_id: int) -> Batch:
     return Batch(ids, labels, positions, None, int((labels[:, 1:] != IGNORE).sum()), sum(len(f[0]) for f in flat))
 
 
+Row = Tokenised | list[Tokenised]  # one example, or a packed row of examples
+
+
+def row_tokens(row: Row) -> tuple[int, int]:
+    """(response tokens the loss counts, real tokens) of a row: what pad_batch / packed_batch
+    count as Batch.tokens and Batch.real_tokens, without building the tensors."""
+    labels = row.labels if isinstance(row, Tokenised) else [label for e in row for label in e.labels]
+    return sum(1 for label in labels[1:] if label != IGNORE), len(labels)
+
+
 # ---- the loss ---------------------------------------------------------------------
 
 def _core(model):
@@ -261,16 +271,20 @@ def response_nll_sum(model, batch: Batch, device: torch.device, mixed_precision:
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Tokenised], pad_id: int, device: torch.device,
-                  batch_size: int, mixed_precision: bool = False) -> float:
-    """Mean negative log-likelihood per response token over all examples (token-weighted)."""
+                  batch_size: int, mixed_precision: bool = False, rt: Runtime | None = None) -> float:
+    """Mean negative log-likelihood per response token over all examples (token-weighted).
+    With several processes (rt), each scores its shard and the sums are reduced."""
     was_training = model.training
     model.eval()
+    local = rt.shard(examples) if rt is not None else examples
     total, tokens = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = pad_batch(examples[i:i + batch_size], pad_id)
+    for i in range(0, len(local), batch_size):
+        batch = pad_batch(local[i:i + batch_size], pad_id)
         total += response_nll_sum(model, batch, device, mixed_precision).item()
         tokens += batch.tokens
     model.train(was_training)
+    if rt is not None:
+        total, tokens = rt.sum([total, tokens])
     return total / max(1, tokens)
 
 
@@ -292,19 +306,22 @@ def train_sft(
 
     validation_examples should hold prompts never seen in training. Raises
     ValueError for malformed data, Cancelled when should_stop() says so
-    (nothing is saved then).
+    (nothing is saved then). Under a launcher with several processes each
+    trains on its shard of every batch (trainer/distributed.py); rank 0 alone
+    calls on_step and should_stop and saves.
     """
     started = time.perf_counter()
     history: list[dict[str, float]] = []
 
+    # 0. seed and device; under a multi-process launch, this process's rank and device
+    rt = runtime(config.device)
+    device = rt.device
+    seed_everything(config.seed)  # the same seed everywhere: the same shuffle in every process
+
     def report(step: int, metrics: dict[str, float]) -> None:
         history.append({"step": step, **metrics})
-        if on_step is not None:
+        if on_step is not None and rt.main:
             on_step(step, metrics)
-
-    # 0. seed and device
-    seed_everything(config.seed)
-    device = pick_device(config.device)
 
     # 1. data: every example tokenised once, the loss mask beside it
     tokenizer = prepare_tokenizer(load_tokenizer(str(base_path)))
@@ -317,15 +334,23 @@ def train_sft(
     val, val_truncated = _tokenise_all(tokenizer, validation_examples, config.max_length, "validation")
     shuffle = random.Random(config.seed)
 
-    def epoch_batches() -> list[Batch]:
+    def epoch_micro_batches() -> list[list[Row]]:
+        """The epoch's micro-batches of rows (examples, or packed rows), in a seeded order."""
         order = list(range(len(train)))
         shuffle.shuffle(order)
         if config.packing:
-            rows = pack_rows(train, config.max_length, order)
+            rows: list[Row] = pack_rows(train, config.max_length, order)
             shuffle.shuffle(rows)
-            return [packed_batch(rows[i:i + config.batch_size], pad_id) for i in range(0, len(rows), config.batch_size)]
-        return [pad_batch([train[j] for j in order[i:i + config.batch_size]], pad_id)
-                for i in range(0, len(order), config.batch_size)]
+        else:
+            rows = [train[j] for j in order]
+        return [rows[i:i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
+
+    def collate(rows: list[Row]) -> Batch | None:
+        """This process's shard of a micro-batch as tensors (None when its shard is empty)."""
+        local = rt.shard(rows)
+        if not local:
+            return None
+        return packed_batch(local, pad_id) if config.packing else pad_batch(local, pad_id)
 
     # First fit decreasing gives the same number of rows whatever the order of the examples.
     rows = len(pack_rows(train, config.max_length, list(range(len(train))))) if config.packing else len(train)
@@ -339,6 +364,7 @@ def train_sft(
         model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                          task_type="CAUSAL_LM")
     model.train()
+    rt.sync_parameters(model)
 
     # 3. optimizer and schedule
     steps_per_epoch = -(-micro_batches // config.gradient_accumulation_steps)
@@ -350,29 +376,35 @@ def train_sft(
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
 
-    initial_val_loss = evaluate_loss(model, val, pad_id, device, config.eval_batch_size, config.mixed_precision)
+    initial_val_loss = evaluate_loss(model, val, pad_id, device, config.eval_batch_size, config.mixed_precision, rt)
     report(0, {"epoch": 0, "val_loss": initial_val_loss, "total_steps": total_steps})
     log.info("validation loss before training: %.4f", initial_val_loss)
 
-    # 4. the loop: forward, summed response NLL / tokens of the step, backward, clip, step, log; evaluate each epoch
+    # 4. the loop: forward, summed response NLL / tokens of the step, backward, clip, step, log; evaluate each epoch.
+    # Several processes: each takes its shard of every micro-batch; the denominator is the response tokens of the
+    # whole step, so the summed gradients are those of the whole step.
     step, tokens_seen, train_seconds = 0, 0, 0.0
     val_loss = initial_val_loss
     epoch_loss = 0.0
     for epoch in range(1, config.epochs + 1):
-        batches = epoch_batches()
-        assert len(batches) == micro_batches
+        micro = epoch_micro_batches()
+        assert len(micro) == micro_batches
+        batches = [collate(rows) for rows in micro]
         epoch_nll, epoch_tokens = 0.0, 0
         for first in range(0, len(batches), config.gradient_accumulation_steps):
+            counts = [row_tokens(r) for rows in micro[first:first + config.gradient_accumulation_steps] for r in rows]
+            window_tokens = sum(n for n, _ in counts)  # response tokens of the whole step, every process's
             window = batches[first:first + config.gradient_accumulation_steps]
-            window_tokens = sum(b.tokens for b in window)
             t0 = time.perf_counter()
             window_nll = 0.0
             for batch in window:
-                if batch.tokens == 0:
-                    continue  # every response cut away by max_length: nothing to learn here
+                if batch is None or batch.tokens == 0:
+                    continue  # every response cut away by max_length (or no rows here): nothing to learn
                 nll = response_nll_sum(model, batch, device, config.mixed_precision)
                 (nll / window_tokens).backward()
                 window_nll += nll.item()
+            rt.reduce_gradients(params)
+            (window_nll,) = rt.sum([window_nll])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -380,15 +412,14 @@ def train_sft(
             optimizer.zero_grad(set_to_none=True)
             train_seconds += time.perf_counter() - t0
             step += 1
-            tokens_seen += sum(b.real_tokens for b in window)
+            tokens_seen += sum(n for _, n in counts)
             epoch_nll += window_nll
             epoch_tokens += window_tokens
             report(step, {"epoch": epoch, "loss": window_nll / max(1, window_tokens), "grad_norm": float(grad_norm),
                           "lr": lr, "response_tokens": window_tokens})
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"SFT stopped at step {step}")
+            rt.agree_to_stop(should_stop, f"SFT stopped at step {step}")
         epoch_loss = epoch_nll / max(1, epoch_tokens)
-        val_loss = evaluate_loss(model, val, pad_id, device, config.eval_batch_size, config.mixed_precision)
+        val_loss = evaluate_loss(model, val, pad_id, device, config.eval_batch_size, config.mixed_precision, rt)
         report(step, {"epoch": epoch, "train_loss": epoch_loss, "val_loss": val_loss})
         log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch, epoch_loss, val_loss)
 
@@ -402,11 +433,13 @@ def train_sft(
         "truncated_examples": truncated + val_truncated,
         # Prompt and response tokens (not padding) trained on per second of training steps.
         "tokens_per_s": tokens_seen / train_seconds if train_seconds > 0 else 0.0,
-        "seconds": time.perf_counter() - started,
+        "processes": rt.world, "seconds": time.perf_counter() - started,
     }
-    save_checkpoint(model, tokenizer, output_dir, {
-        "kind": "sft", "base_model": str(base_path), "config": asdict(config), "metrics": metrics,
-    })
+    if rt.main:
+        save_checkpoint(model, tokenizer, output_dir, {
+            "kind": "sft", "base_model": str(base_path), "config": asdict(config), "metrics": metrics,
+        })
+    rt.barrier()  # the checkpoint is in place when any process returns
     return SFTResult(output_dir=Path(output_dir), metrics=metrics, history=history)
 
 

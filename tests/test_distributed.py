@@ -1,0 +1,188 @@
+"""Data-parallel training: the trainers launched as 2 CPU processes (accelerate launch, torchrun)
+train the same number of steps to the same figures as one process, save once, and say how many
+processes took part; the file formats of `python -m trainer.cli_train`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import synthetic
+from trainer import cli_train
+from trainer.common import CONFIG_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: str, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python -m trainer.cli_train ARGS` as 2 processes on CPU, the way a user would start it."""
+    if launcher == "accelerate":
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(_free_port())]
+    else:
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                  "--master_port", str(_free_port())]
+    # CPU even where a GPU is present: ACCELERATE_USE_CPU is what `accelerate launch --cpu` sets.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*prefix, "-m", "trainer.cli_train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def printed_metrics(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def ranking_rows(groups) -> list[dict]:
+    return [{"messages": g.messages, "responses": g.responses, "ranks": g.ranks} for g in groups]
+
+
+# ---- two processes against one ------------------------------------------------------
+
+def test_reward_model_on_two_processes_matches_one_process(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "rankings.jsonl", ranking_rows(synthetic.ranked_groups(range(0, 200), k=4, seed=1)))
+    validation = write_jsonl(tmp_path / "val.jsonl",
+                             ranking_rows(synthetic.ranked_groups(range(1000, 1040), k=4, seed=2)))
+    settings = ["--learning-rate", "1e-3", "--eval-batch-size", "32", "--batch-size", "8"]
+    common = ["reward", "--model", str(tiny_model_dir), "--data", str(data), "--validation", str(validation), *settings]
+
+    runs = tmp_path / "runs"
+    result = launch("accelerate", [*common, "--output", str(runs / "rm2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli_train.main([*common, "--output", str(runs / "rm1")]) == 0  # one process, in this one
+    one = printed_metrics(capsys.readouterr().out)[0]
+
+    printed = printed_metrics(result.stdout)
+    assert len(printed) == 1, "only the main process prints the result"
+    two = json.loads((runs / "rm2" / CONFIG_FILE).read_text())["metrics"]
+    assert two == printed[0]
+    assert two["processes"] == 2 and one["processes"] == 1
+    # Saved once, by one process: the checkpoint and nothing half-written beside it.
+    assert sorted(p.name for p in runs.iterdir()) == ["rm1", "rm2"]
+    assert (runs / "rm2" / "model.safetensors").exists()
+    # Each process took half of every batch and the gradients were summed: the same run.
+    assert two["steps"] == one["steps"] == 25
+    assert two["train_groups"] == one["train_groups"] and two["val_pairs"] == one["val_pairs"]
+    assert two["val_accuracy"] > 0.9
+    assert two["val_accuracy"] == pytest.approx(one["val_accuracy"], abs=0.02)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3, abs=1e-4)
+    assert two["reward_mean"] == pytest.approx(one["reward_mean"], rel=1e-3, abs=1e-3)
+
+
+def test_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path, capsys):
+    # The split column decides validation (as the exports mark it); 5 rows per batch do not halve evenly.
+    rows = [{"messages": [*m, {"role": "assistant", "content": t}], "split": "validation" if i % 8 == 0 else "train"}
+            for i, (m, t) in enumerate(synthetic.sft_examples(48))]
+    data = write_jsonl(tmp_path / "demos.jsonl", rows)
+    common = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--learning-rate", "1e-3",
+              "--batch-size", "5", "--gradient-accumulation-steps", "2", "--epochs", "2", "--max-length", "128"]
+
+    result = launch("torchrun", [*common, "--output", str(tmp_path / "sft2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli_train.main([*common, "--output", str(tmp_path / "sft1")]) == 0
+    one = printed_metrics(capsys.readouterr().out)[0]
+
+    two = json.loads((tmp_path / "sft2" / CONFIG_FILE).read_text())["metrics"]
+    assert printed_metrics(result.stdout) == [two]
+    assert two["processes"] == 2
+    assert two["steps"] == one["steps"] == 10  # 42 training rows: 9 micro-batches, 5 steps per epoch
+    assert two["val_examples"] == one["val_examples"] == 6
+    assert two["initial_val_loss"] == pytest.approx(one["initial_val_loss"], rel=1e-5)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+    assert two["val_loss"] < two["initial_val_loss"]
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_model_dir, tmp_path_factory):
+    from trainer.reward import RewardConfig, train_reward_model
+
+    out = tmp_path_factory.mktemp("dist-rm") / "rm"
+    train_reward_model(RewardConfig(batch_size=8, learning_rate=1e-3), synthetic.ranked_groups(range(0, 48), seed=1),
+                       synthetic.ranked_groups(range(1000, 1008), seed=2), model_path=tiny_model_dir, output_dir=out)
+    return out
+
+
+def test_ppo_on_two_processes(tiny_model_dir, reward_model_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": synthetic.prompt(i)[0]["content"]} for i in range(16)])
+    held_out = write_jsonl(tmp_path / "held.jsonl", [{"messages": synthetic.prompt(i)} for i in range(100, 105)])
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": m, "completion": t} for m, t in synthetic.sft_examples(8)])
+    common = ["ppo", "--policy", str(tiny_model_dir), "--reward", str(reward_model_dir), "--prompts", str(prompts),
+              "--steps", "2", "--ppo-epochs", "1", "--max-new-tokens", "6", "--learning-rate", "1e-4"]
+
+    result = launch("torchrun", [*common, "--batch-size", "4", "--mini-batch-size", "2", "--ptx-coef", "0.5",
+                                 "--sft-data", str(demos), "--validation-prompts", str(held_out),
+                                 "--output", str(tmp_path / "policy")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "policy" / CONFIG_FILE).read_text())
+    assert printed_metrics(result.stdout) == [saved["metrics"]]
+    metrics = saved["metrics"]
+    assert metrics["processes"] == 2 and metrics["steps"] == 2
+    assert metrics["ptx_loss"] > 0 and metrics["response_length"] > 0
+    assert "validation_reward_after" in metrics  # the 5 held-out prompts, sampled by both processes
+    assert (tmp_path / "policy" / "model.safetensors").exists()
+
+    # Each process takes an equal share of every minibatch: a minibatch of one rollout cannot be shared.
+    refused = launch("torchrun", [*common, "--batch-size", "4", "--mini-batch-size", "1",
+                                  "--output", str(tmp_path / "refused")])
+    assert refused.returncode != 0
+    assert "must be multiples of 2" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+
+# ---- the file formats -----------------------------------------------------------------
+
+def test_every_ranking_format_reads_as_the_same_ranking(tmp_path):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    annotation = {  # a line of the annotations export (app/services/export.py, format jsonl)
+        "annotation_id": 7, "split": "train", "is_gold": False, "prompt": messages,
+        "ratings": [{"response_id": 2, "position": 1, "likert": 3, "rank": 2, "flags": [], "text": "Blue."},
+                    {"response_id": 1, "position": 0, "likert": 6, "rank": 1, "flags": [], "text": "Red."}],
+    }
+    gold = {**annotation, "annotation_id": 8, "is_gold": True}
+    simple = {"prompt": "Name a colour.", "responses": ["Red.", "Blue."], "ranks": [1, 2]}
+    trl_plain = {"prompt": "Name a colour.", "chosen": "Red.", "rejected": "Blue.", "split": "validation"}
+    trl_conversational = {"prompt": messages, "chosen": [{"role": "assistant", "content": "Red."}],
+                          "rejected": [{"role": "assistant", "content": "Blue."}]}
+    path = write_jsonl(tmp_path / "r.jsonl", [annotation, gold, simple, trl_plain, trl_conversational])
+
+    groups, splits = cli_train.load(path, cli_train.ranking_of)
+    assert len(groups) == 4, "the gold annotation is a labeler test, not training data"
+    assert all(g.messages == messages and g.responses == ["Red.", "Blue."] and g.ranks == [1, 2] for g in groups)
+    train, validation = cli_train.train_and_validation(path, None, cli_train.ranking_of)
+    assert (len(train), len(validation)) == (3, 1)
+
+
+def test_demonstration_formats_and_errors_name_the_line(tmp_path):
+    prompt = [{"role": "user", "content": "Hi"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [*prompt, {"role": "assistant", "content": "Hello."}]},
+        {"prompt": "Hi", "completion": "Hello."},
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": "Hello."}]},
+    ])
+    examples, _ = cli_train.load(path, cli_train.demonstration_of)
+    assert [tuple(e) for e in examples] == [(prompt, "Hello.")] * 3
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": prompt}) + "\n\nnot json\n")
+    with pytest.raises(cli_train.DataError, match=r"bad.jsonl:1: the last message must be the assistant's"):
+        cli_train.load(bad, cli_train.demonstration_of)
+    with pytest.raises(cli_train.DataError, match=r"bad.jsonl:3: not JSON"):
+        list(cli_train.read_jsonl(bad))
+    with pytest.raises(cli_train.DataError, match="no row whose \"split\" is \"validation\""):
+        cli_train.train_and_validation(path, None, cli_train.demonstration_of)
