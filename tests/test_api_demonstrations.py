@@ -111,3 +111,71 @@ def test_import_is_all_or_nothing_with_line_numbers(client, session):
     ok = client.post(f"/api/v1/prompt-sets/{s.id}/demonstrations", headers=admin,
                      json={"format": "jsonl", "content": good})
     assert ok.status_code == 200 and ok.json()["added"] == 1
+
+
+def test_admin_edit_accepts_the_new_text_and_lists_by_status(client, session):
+    s = demo_set(session)
+    add_prompt(session, s, "Edit me?")
+    session.commit()
+    admin = admin_headers(session)
+    headers = as_labeler(client, session, "wendy")
+    demo_id = client.get("/api/v1/demonstrations/next").json()["demonstration"]["id"]
+    client.post(f"/api/v1/demonstrations/{demo_id}/submit", headers=headers, json={"text": "Draft answer."})
+    client.cookies.clear()
+
+    assert client.post(f"/api/v1/demonstrations/{demo_id}/edit", headers=admin, json={"text": ""}).status_code == 422
+    edited = client.post(f"/api/v1/demonstrations/{demo_id}/edit", headers=admin, json={"text": "A better answer."})
+    assert edited.status_code == 200, edited.text
+    assert (edited.json()["status"], edited.json()["text"]) == ("accepted", "A better answer.")
+    assert client.get("/api/v1/demonstrations", headers=admin).json() == []
+    accepted = client.get("/api/v1/demonstrations", headers=admin, params={"status": "accepted", "prompt_set_id": s.id})
+    assert [d["id"] for d in accepted.json()] == [demo_id]
+    assert client.get("/api/v1/demonstrations", headers=admin,
+                      params={"status": "accepted", "prompt_set_id": s.id + 1}).json() == []
+    bad = client.get("/api/v1/demonstrations", headers=admin, params={"status": "bogus"})
+    assert bad.status_code == 422 and "status" in bad.json()["errors"]
+    exported = client.get(f"/api/v1/prompt-sets/{s.id}/demonstrations.jsonl", headers=admin).text
+    assert json.loads(exported)["messages"][-1] == {"role": "assistant", "content": "A better answer."}
+
+
+def test_a_labeler_cannot_skip_another_labelers_demonstration(client, session):
+    s = demo_set(session)
+    add_prompt(session, s, "Mine?")
+    session.commit()
+    as_labeler(client, session, "wendy")
+    demo_id = client.get("/api/v1/demonstrations/next").json()["demonstration"]["id"]
+    client.cookies.clear()
+    headers = as_labeler(client, session, "mallory")
+    response = client.post(f"/api/v1/demonstrations/{demo_id}/skip", headers=headers, json={"reason": "Mine now"})
+    assert response.status_code == 403
+    assert session.get(Demonstration, demo_id).status == "draft"
+
+
+def test_import_takes_a_json_list_or_the_jsonl_itself(client, session):
+    s = demo_set(session)
+    session.commit()
+    admin = admin_headers(session)
+    bad = client.post(f"/api/v1/prompt-sets/{s.id}/demonstrations", headers=admin,
+                      json=[{"prompt": "One?", "response": "One."}, {"prompt": "Two?"}])
+    assert bad.status_code == 422 and "line 2" in json.dumps(bad.json())
+    assert session.scalar(select(func.count(Demonstration.id))) == 0
+    wrong_status = client.post(f"/api/v1/prompt-sets/{s.id}/demonstrations", headers=admin, params={"status": "draft"},
+                               json=[{"prompt": "One?", "response": "One."}])
+    assert wrong_status.status_code == 422 and "status" in wrong_status.json()["errors"]
+
+    listed = client.post(f"/api/v1/prompt-sets/{s.id}/demonstrations", headers=admin, params={"status": "submitted"},
+                         json=[{"prompt": "One?", "response": "One."},
+                               {"messages": [{"role": "user", "content": "Two?"},
+                                             {"role": "assistant", "content": "Two."}]}])
+    assert listed.status_code == 200, listed.text
+    assert (listed.json()["added"], listed.json()["prompts_added"]) == (2, 2)
+    assert len(client.get("/api/v1/demonstrations", headers=admin, params={"prompt_set_id": s.id}).json()) == 2
+
+    jsonl = client.post(f"/api/v1/prompt-sets/{s.id}/demonstrations",
+                        headers=admin | {"Content-Type": "application/jsonl"},
+                        content='{"prompt": "Three?", "response": "Three."}\n{"prompt": "One?", "response": "1"}\n')
+    assert jsonl.status_code == 200, jsonl.text
+    assert (jsonl.json()["added"], jsonl.json()["duplicates_existing"]) == (1, 1)
+    pasted_list = client.post(f"/api/v1/prompt-sets/{s.id}/demonstrations", headers=admin,
+                              json={"content": '[{"prompt": "Four?", "response": "Four."}]'})
+    assert pasted_list.status_code == 200 and pasted_list.json()["added"] == 1

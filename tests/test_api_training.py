@@ -137,3 +137,4 @@ def test_the_api_description_builds_and_lists_the_new_endpoints(client):
     paths = client.get("/api/v1/openapi.json").json()["paths"]
     assert {"/api/v1/training/reward", "/api/v1/training/ppo", "/api/v1/training/sft", "/api/v1/models/{model_id}/promote",
             "/api/v1/demonstrations/next", "/api/v1/prompt-sets/{prompt_set_id}/demonstrations"} <= set(paths)
+    assert client.get("/api/v1/docs").status_code == 200

@@ -1,15 +1,19 @@
 """JSON API of demonstrations. Labelers: lease the next prompt, save a draft, submit,
 skip. Admins: the review queue, accept, reject, edit, import and export."""
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from app.db.base import utcnow
+from app.db.enums import DemonstrationStatus
 from app.db.models import Demonstration
 from app.routes.deps import AdminUser, LabelerUser, SessionDep, SettingsDep
-from app.routes.uploads import ImportPayload, read_import_payload
+from app.routes.uploads import JSON_BODY_LIMIT, read_import_payload
+from app.schemas_prompt_sets import PromptImportBody
 from app.schemas_training import (
     DemonstrationImportOut,
     DemonstrationOut,
@@ -23,6 +27,7 @@ from app.schemas_training import (
     SubmitOut,
 )
 from app.services import demonstrations as demos
+from app.services.errors import Invalid
 from app.services.prompt_sets import get_prompt_set
 
 router = APIRouter(prefix="/api/v1", tags=["demonstrations"])
@@ -75,9 +80,13 @@ def skip(demonstration_id: int, body: SkipIn, session: SessionDep, user: Labeler
 # ---- admins ---------------------------------------------------------------------
 
 @router.get("/demonstrations", response_model=list[DemonstrationOut])
-def review_queue(session: SessionDep, admin: AdminUser, prompt_set_id: int | None = None):
-    """Submitted demonstrations waiting for review, oldest first."""
-    return [_out(d) for d in demos.review_queue(session, prompt_set_id=prompt_set_id)]
+def review_queue(session: SessionDep, admin: AdminUser, status: DemonstrationStatus = DemonstrationStatus.submitted,
+                 prompt_set_id: int | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                 offset: Annotated[int, Query(ge=0)] = 0):
+    """The review queue: submitted demonstrations, oldest first (another `status`
+    lists those instead, least recently changed first)."""
+    return [_out(d) for d in demos.list_demonstrations(session, status=status, prompt_set_id=prompt_set_id,
+                                                       limit=limit, offset=offset)]
 
 
 @router.post("/demonstrations/{demonstration_id}/accept", response_model=DemonstrationOut)
@@ -99,16 +108,86 @@ def edit(demonstration_id: int, body: EditIn, session: SessionDep, admin: AdminU
                                          text=body.text, now=utcnow()))
 
 
+def _as_jsonl(items: list[Any]) -> str:
+    """A JSON list as JSONL: item N is line N of the problems reported."""
+    return "\n".join(json.dumps(item, ensure_ascii=False) for item in items)
+
+
+def _list_or_text(content: str) -> str:
+    """Pasted text: JSONL, or a JSON list of demonstrations."""
+    if not content.lstrip().startswith("["):
+        return content
+    try:
+        parsed = json.loads(content)
+    except json.JSONDecodeError:
+        return content  # the import reports it by line
+    return _as_jsonl(parsed) if isinstance(parsed, list) else content
+
+
+async def read_demonstration_import(request: Request) -> bytes | str:
+    """The demonstrations of an import request: a multipart form (file or pasted
+    text), a JSON list of demonstrations, a JSON object {"content": "..."}, or the
+    JSONL itself as the body (text/plain, application/jsonl)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        payload = await read_import_payload(request)
+        data = payload.data()
+        return _list_or_text(data) if isinstance(data, str) else data
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > JSON_BODY_LIMIT:
+            raise Invalid("The request body is too large.", errors=["request body too large"])
+    if content_type not in ("", "application/json"):
+        return bytes(body)  # JSONL as it is: the import decodes and checks it
+    try:
+        parsed = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Invalid("Send a JSON list of demonstrations, JSON like {\"content\": \"...JSONL...\"},"
+                      " or the JSONL itself with Content-Type: application/jsonl.",
+                      errors=["the body is not valid JSON"]) from None
+    if isinstance(parsed, list):
+        return _as_jsonl(parsed)
+    try:
+        content = PromptImportBody.model_validate(parsed).content
+    except ValidationError as exc:
+        errors = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
+        raise Invalid("Send a JSON list of demonstrations or JSON like {\"content\": \"...JSONL...\"}.",
+                      errors=errors) from None
+    return _list_or_text(content)
+
+
+_DEMO_ITEM = {"type": "object", "description": '{"prompt", "response"} or {"messages": [..., assistant]}'}
+_IMPORT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"oneOf": [
+                {"type": "array", "items": _DEMO_ITEM},
+                {"type": "object", "required": ["content"],
+                 "properties": {"content": {"type": "string", "description": "JSONL, one demonstration a line"}}},
+            ]}},
+            "application/jsonl": {"schema": {"type": "string"}},
+            "multipart/form-data": {"schema": {
+                "type": "object", "properties": {"file": {"type": "string", "format": "binary"},
+                                                 "content": {"type": "string"}},
+            }},
+        },
+    },
+}
+
+
 @router.post("/prompt-sets/{prompt_set_id}/demonstrations", response_model=DemonstrationImportOut,
+             openapi_extra=_IMPORT_BODY,
              responses={422: {"description": "Nothing stored; `errors` lists the problems by line."}})
 def import_demonstrations(prompt_set_id: int, session: SessionDep, admin: AdminUser,
-                          payload: Annotated[ImportPayload, Depends(read_import_payload)],
+                          data: Annotated[bytes | str, Depends(read_demonstration_import)],
                           status: str = "accepted"):
-    """JSONL lines {"prompt", "response"} or {"messages": [..., assistant]}, as a JSON body
-    {"format": "jsonl", "content": "..."} or a file; all or nothing. ?status=submitted
-    sends them through review instead of accepting them."""
+    """Lines {"prompt", "response"} or {"messages": [..., assistant]}, as JSONL or a JSON
+    list (item N is reported as line N); all or nothing. ?status=submitted sends them
+    through review instead of accepting them."""
     prompt_set = get_prompt_set(session, prompt_set_id)
-    result = demos.import_demonstrations(session, prompt_set=prompt_set, data=payload.data(), user=admin,
+    result = demos.import_demonstrations(session, prompt_set=prompt_set, data=data, user=admin,
                                          now=utcnow(), status=status)
     return DemonstrationImportOut(added=result.added, prompts_added=result.prompts_added,
                                   duplicates_in_file=result.duplicates_in_file,

@@ -410,18 +410,25 @@ def recent_rejections(session: Session, *, user: User, limit: int = 5) -> list[D
 
 # ---- review -------------------------------------------------------------------------
 
-def review_queue(session: Session, *, prompt_set_id: int | None = None, limit: int = 50) -> list[Demonstration]:
-    """Submitted demonstrations waiting for review, oldest first."""
+def list_demonstrations(session: Session, *, status: DemonstrationStatus | str = DemonstrationStatus.submitted,
+                        prompt_set_id: int | None = None, limit: int = 50, offset: int = 0) -> list[Demonstration]:
+    """Demonstrations in one status (of one set), least recently changed first."""
     query = (
         select(Demonstration)
         .join(Prompt, Prompt.id == Demonstration.prompt_id)
-        .where(Demonstration.status == DemonstrationStatus.submitted)
+        .where(Demonstration.status == DemonstrationStatus(status))
         .order_by(Demonstration.updated_at, Demonstration.id)
-        .limit(limit)
+        .limit(limit).offset(offset)
     )
     if prompt_set_id is not None:
         query = query.where(Prompt.prompt_set_id == prompt_set_id)
     return list(session.scalars(query))
+
+
+def review_queue(session: Session, *, prompt_set_id: int | None = None, limit: int = 50) -> list[Demonstration]:
+    """Submitted demonstrations waiting for review, oldest first."""
+    return list_demonstrations(session, status=DemonstrationStatus.submitted, prompt_set_id=prompt_set_id,
+                               limit=limit)
 
 
 def count_waiting(session: Session, *, prompt_set_id: int | None = None) -> int:
@@ -783,10 +790,10 @@ def import_demonstrations(session: Session, *, prompt_set: PromptSet, data: byte
         raise Conflict(f"'{prompt_set.name}' is a ranking set; import demonstrations into a demonstration set.")
     if prompt_set.status == PromptSetStatus.archived:
         raise Conflict(f"The prompt set '{prompt_set.name}' is archived; it takes no new demonstrations.")
-    status = DemonstrationStatus(status)
     if status not in (DemonstrationStatus.accepted, DemonstrationStatus.submitted):
         raise Invalid("Imported demonstrations are either accepted or submitted for review.",
                       errors={"status": "accepted or submitted"})
+    status = DemonstrationStatus(status)
     parsed = parse_demonstrations(data, limits=limits)
     result = DemonstrationImportResult()
     by_hash: dict[str, ParsedDemonstration] = {}
