@@ -13,7 +13,7 @@ from sqlalchemy import delete, func, select
 
 from app.config import Settings
 from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetStatus
-from app.db.models import Prompt, PromptSet, Response, Task, TaskResponse
+from app.db.models import Job, Prompt, PromptSet, Response, Task, TaskResponse
 from app.db.session import new_session
 from app.services import jobs
 from tests.conftest import default_model_dir
@@ -164,7 +164,7 @@ def test_set_without_generator_uses_the_default_sft_model(committed, tiny_model_
     with pytest.raises(Exception):
         run_generate(orphan.id)
     with new_session() as session:
-        failed = session.scalars(select(jobs.Job).order_by(jobs.Job.id.desc())).first()
+        failed = session.scalars(select(Job).order_by(Job.id.desc())).first()
     assert failed.status == JobStatus.failed
     assert "no generator model and no default SFT model" in failed.error
 
@@ -243,3 +243,42 @@ def test_default_model_generates_english_text(committed):
         letters = sum(c.isascii() and (c.isalpha() or c.isspace()) for c in text)
         assert letters / len(text) > 0.8, text
         assert ENGLISH & set(words), text
+
+
+def test_a_round_opened_while_generating_is_generated_by_the_new_model(tiny_set, tiny_model_dir):
+    """Promoting a model while the set's generation runs: the running job stops writing the
+    old round and a job of its own generates the new one, whenever the promotion lands."""
+    import threading
+
+    from app.services import training
+
+    set_id = tiny_set(n_prompts=12, k=2, max_new_tokens=6)
+    with new_session() as session:
+        policy = make_model(session, tiny_model_dir, kind=ModelKind.policy)
+        session.commit()
+        policy_id = policy.id
+        first = jobs.enqueue_job(session, kind=JobKind.generate, params={"prompt_set_id": set_id, "batch_size": 2},
+                                 prompt_set_id=set_id)
+        first_id = first.id
+    runner = threading.Thread(target=execute_job, args=(first_id,), kwargs={"settings": Settings(device="cpu")})
+    runner.start()
+    wait_for(lambda: load_job(first_id).progress_done >= 1, timeout=60)
+    with new_session() as session:
+        _, queued = training.promote_generator(session, model_id=policy_id, prompt_set_id=set_id, user_id=None)
+    runner.join(120)
+    # Run what is queued for the set (the hand-off job, or the one promotion queued) until none is left.
+    while True:
+        with new_session() as session:
+            waiting = session.scalars(select(Job.id).where(Job.kind == JobKind.generate,
+                                                                Job.status == JobStatus.queued)).all()
+        if not waiting:
+            break
+        for job_id in waiting:
+            execute_job(job_id, settings=Settings(device="cpu"))
+    with new_session() as session:
+        round_two = session.scalars(select(Task).where(Task.prompt_set_id == set_id, Task.round == 2)).all()
+        assert len(round_two) == 12
+        models = set(session.scalars(select(Response.model_id).where(Response.round == 2)))
+        assert models == {policy_id}
+        runs = session.scalars(select(Job).where(Job.kind == JobKind.generate).order_by(Job.id)).all()
+        assert len(runs) == 2  # the first job, and one for round 2
