@@ -37,6 +37,7 @@ from trainer.common import (
     Messages,
     add_lora,
     autocast,
+    check_settings,
     encode_prompt,
     encode_response,
     lr_lambda,
@@ -113,10 +114,7 @@ class PPOConfig:
             "ptx_coef": self.ptx_coef >= 0,
             "lora_r": self.lora_r >= 0,
         }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid PPO settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}"
-                             + (" (batch_size must be a multiple of mini_batch_size)" if "mini_batch_size" in bad else ""))
+        check_settings(self, checks, "PPO", {"mini_batch_size": "batch_size must be a multiple of mini_batch_size"})
 
 
 @dataclass

@@ -39,8 +39,10 @@ from trainer.common import (
     Messages,
     add_lora,
     autocast,
+    check_settings,
     encode_prompt,
     encode_response,
+    epoch_training_checks,
     last_token_index,
     lr_lambda,
     pad_right,
@@ -90,20 +92,7 @@ class RewardConfig:
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
-            "learning_rate": self.learning_rate > 0,
-            "lr_schedule": self.lr_schedule in ("linear", "cosine", "constant"),
-            "warmup_ratio": 0 <= self.warmup_ratio < 1,
-            "max_length": self.max_length >= 8,
-            "eval_batch_size": self.eval_batch_size >= 1,
-            "lora_r": self.lora_r >= 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid reward settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+        check_settings(self, epoch_training_checks(self), "reward")
 
 
 @dataclass
