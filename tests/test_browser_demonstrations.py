@@ -101,5 +101,12 @@ def test_write_review_and_fine_tune(live_server, browser, workers, tiny_model_di
     assert "tiny-llama SFT" in page.inner_text("#job-result")
     assert "val_loss" in page.inner_text("#job-metrics")
     screenshot(page, "sft_job_succeeded")
+    # The new model and its parent answered the same validation prompts: read them side by side.
+    page.click("#job-model-link")
+    page.wait_for_selector("#samples .sample-pair")
+    assert "tiny-llama" in page.inner_text("#model-lineage")
+    pair = page.locator("#samples .sample-pair").first
+    assert pair.locator(".sample[data-stage=before]").count() == 1 and pair.locator(".sample[data-stage=after]").count() == 1
+    screenshot(page, "sft_model_side_by_side")
     page.goto(f"{live_server}/sft")
     assert "tiny-llama SFT" in page.inner_text("#sft-models")
