@@ -133,3 +133,30 @@ def test_reward_job_fails_with_a_message_when_its_data_is_gone(committed, tiny_m
         job = session.get(Job, job_id)
     assert job.status == JobStatus.failed
     assert "at least two prompts" in job.error and job.model_id is None
+
+
+def test_ppo_job_fails_with_a_message_naming_both_models_when_their_tokenizers_differ(trained_reward_model,
+                                                                                        tmp_path):
+    import shutil
+
+    from trainer.models import load_tokenizer, resolve_model_path
+
+    ids = trained_reward_model
+    other = tmp_path / "other-tokenizer-rm"
+    with new_session() as session:
+        trained = session.get(Model, ids["model"])
+        shutil.copytree(resolve_model_path(trained.path, tmp_path / "artifacts"), other)
+        tokenizer = load_tokenizer(str(other))
+        tokenizer.add_tokens(["<not-in-the-policy-vocabulary>"])
+        tokenizer.save_pretrained(other)
+        mismatched = make_model(session, other, name="foreign-rm", kind=ModelKind.reward)
+        session.commit()
+        job = training.start_ppo_job(session, user_id=ids["engineer"], values=PPO_VALUES,
+                                     reward_model_id=mismatched.id, prompt_set_ids=[ids["set"]])
+        job_id = job.id
+    with pytest.raises(JobFailed):
+        run(job_id, tmp_path)
+    with new_session() as session:
+        job = session.get(Job, job_id)
+        assert job.status == JobStatus.failed and job.model_id is None
+        assert "foreign-rm" in job.error and "tiny-sft" in job.error and "tokenizer" in job.error
