@@ -46,6 +46,7 @@ class User(Base):
     last_login_at: Mapped[datetime | None]
 
     api_tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")
+    sessions: Mapped[list["UserSession"]] = relationship(back_populates="user", passive_deletes=True)
 
     __table_args__ = (
         CheckConstraint("username ~ '^[A-Za-z0-9_.@-]{2,64}$'", name="username_format"),
@@ -71,6 +72,22 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None]
 
     user: Mapped[User] = relationship(back_populates="api_tokens")
+
+
+class UserSession(Base):
+    """A signed-in browser. The cookie holds a random token and this table its
+    SHA-256, so sign-out, password changes and deactivation end sessions on the
+    server; a deleted row is a revoked session."""
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = created_at_column()
+    # Refreshed at most once a minute, for the idle timeout.
+    last_seen_at: Mapped[datetime] = created_at_column()
+
+    user: Mapped[User] = relationship(back_populates="sessions")
 
 
 class LoginAttempt(Base):
