@@ -101,10 +101,8 @@ class LoginAttempt(Base):
     succeeded: Mapped[bool]
     at: Mapped[datetime] = created_at_column()
 
-    __table_args__ = (
-        Index("ix_login_attempts_username_at", "username", "at"),
-        Index("ix_login_attempts_address_at", "address", "at"),
-    )
+    # Throttling counts an address's attempts (of one account, or of all) in a window.
+    __table_args__ = (Index("ix_login_attempts_address_at", "address", "at"),)
 
 
 class Model(Base):

@@ -1,5 +1,8 @@
 """user sessions: server-side sign-in sessions, revocable and with an idle timeout
 
+Sign-in throttling no longer counts per account alone, so the login_attempts
+index on (username, at) goes.
+
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-26 03:40:00.000000
@@ -26,8 +29,10 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_user_sessions'))
     )
     op.create_index(op.f('ix_user_sessions_user_id'), 'user_sessions', ['user_id'], unique=False)
+    op.drop_index('ix_login_attempts_username_at', table_name='login_attempts')
 
 
 def downgrade() -> None:
+    op.create_index('ix_login_attempts_username_at', 'login_attempts', ['username', 'at'], unique=False)
     op.drop_index(op.f('ix_user_sessions_user_id'), table_name='user_sessions')
     op.drop_table('user_sessions')
