@@ -1,14 +1,16 @@
 """The `rlhf` command: serve, worker, db, users, models."""
 
 import logging
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.db.enums import Role
 from app.logs import configure_logging
+from app.private_files import write_private_file
 
 cli = typer.Typer(help="RLHF Workbench: human feedback and the training that follows from it.",
                   no_args_is_help=True)
@@ -23,6 +25,9 @@ export_cli = typer.Typer(help="Export labeled data (TRL preference format, full 
 cli.add_typer(export_cli, name="export")
 
 log = logging.getLogger("rlhf")
+
+# In the data directory: the generated first-admin password when stdout is not a terminal.
+ADMIN_PASSWORD_FILE = "initial_admin_password"
 
 
 def _setup() -> None:
@@ -61,31 +66,50 @@ def serve(
 
         ensure_default_model(session, settings)
     if admin is not None:
-        if generated:
-            typer.secho(
-                f"\nCreated the first admin '{admin.username}' with password: {generated}\n"
-                "It is shown only this once; change it under Users after signing in.\n",
-                fg=typer.colors.YELLOW,
-            )
-        else:
-            log.info("created the first admin '%s' (password from RLHF_ADMIN_PASSWORD)", admin.username)
+        _announce_first_admin(admin.username, generated, settings)
     worker = None
     if not no_worker:
         from trainer.worker import start_background_worker
 
         worker = start_background_worker(settings)
     try:
-        uvicorn.run(
-            create_app(settings),
-            host=host or settings.host,
-            port=port or settings.port,
-            log_config=None,
-            access_log=False,  # app.access logs each request with its request id
-            proxy_headers=True,
-        )
+        uvicorn.run(create_app(settings), **uvicorn_options(settings, host=host, port=port))
     finally:
         if worker is not None:
             worker.stop()
+
+
+def uvicorn_options(settings: Settings, *, host: str | None = None, port: int | None = None) -> dict[str, Any]:
+    """How `serve` runs uvicorn. X-Forwarded-For/-Proto are believed only from the
+    proxies in RLHF_FORWARDED_ALLOW_IPS, so sign-in throttling sees real client addresses."""
+    return {
+        "host": host or settings.host,
+        "port": port or settings.port,
+        "log_config": None,
+        "access_log": False,  # app.access logs each request with its request id
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+    }
+
+
+def _announce_first_admin(username: str, generated: str | None, settings: Settings) -> None:
+    """Tell the operator the first admin's generated password without leaving it in a
+    log: on a terminal it is printed; otherwise (a container, a service manager that
+    keeps stdout) it goes to a file only the owner can read, and the log names the file."""
+    if not generated:
+        log.info("created the first admin '%s' (password from RLHF_ADMIN_PASSWORD)", username)
+        return
+    if sys.stdout.isatty():
+        typer.secho(
+            f"\nCreated the first admin '{username}' with password: {generated}\n"
+            "It is shown only this once; change it under Account after signing in.\n",
+            fg=typer.colors.YELLOW,
+        )
+        return
+    path = settings.data_dir / ADMIN_PASSWORD_FILE
+    write_private_file(path, generated + "\n", replace=True)
+    log.warning("created the first admin '%s'; its generated password is in %s (mode 0600): "
+                "read it, sign in, change it under Account and delete the file", username, path.resolve())
 
 
 @cli.command()

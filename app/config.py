@@ -26,11 +26,19 @@ class Settings(BaseSettings):
     admin_username: str = Field(default="admin", validation_alias="RLHF_ADMIN_USERNAME")
     # Send the session cookie only over HTTPS (turn on behind TLS).
     secure_cookies: bool = Field(default=False, validation_alias="RLHF_SECURE_COOKIES")
-    session_max_age_s: int = Field(default=14 * 24 * 3600, validation_alias="RLHF_SESSION_MAX_AGE_S")
+    # A session ends this long after sign-in (absolute lifetime) ...
+    session_max_age_s: int = Field(default=14 * 24 * 3600, gt=0, validation_alias="RLHF_SESSION_MAX_AGE_S")
+    # ... or after this long without a request (idle timeout), whichever comes first.
+    session_idle_s: int = Field(default=12 * 3600, gt=0, validation_alias="RLHF_SESSION_IDLE_S")
+    # Proxies (comma-separated IPs or networks, or *) whose X-Forwarded-For/-Proto
+    # uvicorn believes; the client address of other requests is the peer's.
+    forwarded_allow_ips: str = Field(default="127.0.0.1", validation_alias="RLHF_FORWARDED_ALLOW_IPS")
 
-    # Failed logins allowed per account and per address in the window.
-    login_max_failures: int = Field(default=5, validation_alias="RLHF_LOGIN_MAX_FAILURES")
-    login_window_s: int = Field(default=15 * 60, validation_alias="RLHF_LOGIN_WINDOW_S")
+    # Failed sign-ins allowed in the window per (account, address) and per address.
+    # Never per account alone: guessing from one address must not lock the owner out.
+    login_max_failures: int = Field(default=5, gt=0, validation_alias="RLHF_LOGIN_MAX_FAILURES")
+    login_max_address_failures: int = Field(default=20, gt=0, validation_alias="RLHF_LOGIN_MAX_ADDRESS_FAILURES")
+    login_window_s: int = Field(default=15 * 60, gt=0, validation_alias="RLHF_LOGIN_WINDOW_S")
 
     # How long a labeler holds a task before it returns to the pool.
     lease_s: int = Field(default=30 * 60, validation_alias="RLHF_LEASE_S")

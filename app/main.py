@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.config import Settings, get_settings
 from app.errors import install_error_handlers
 from app.logs import request_id_var  # also installs the request-id log record factory
+from app.private_files import write_private_file
 from app.routes import account, admin_users, api, api_prompt_sets, auth, health, home, prompt_sets
 from app.routes import api_label, label
 from app.routes import api_quality, quality
@@ -61,14 +62,13 @@ class RequestIdMiddleware:
 
 
 def session_secret(settings: Settings) -> str:
-    """The configured secret, or one generated once and kept in the data directory."""
+    """The configured secret, or one generated once and kept in the data directory
+    (mode 0600; replicas starting together all end up with the first one written)."""
     if settings.secret_key is not None and settings.secret_key.get_secret_value():
         return settings.secret_key.get_secret_value()
     path = Path(settings.data_dir) / "secret_key"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
+        write_private_file(path, secrets.token_urlsafe(48), replace=False)
     return path.read_text().strip()
 
 
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         dependencies=[Depends(verify_csrf)],
     )
+    app.state.settings = settings  # what SettingsDep gives routes
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret(settings),

@@ -1,5 +1,7 @@
 """Signing in, sessions, CSRF, rate limiting and API tokens."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -63,31 +65,68 @@ def test_login_form_itself_needs_csrf(client, session):
     assert response.status_code == 403
 
 
-def test_failed_logins_are_rate_limited_per_account(session):
+def _sign_in(session, username, password, address, *, max_failures=5, max_address_failures=20, now=None):
+    return auth.authenticate(session, username=username, password=password, address=address,
+                             max_failures=max_failures, max_address_failures=max_address_failures,
+                             window_s=900, now=now)
+
+
+def test_failures_throttle_the_account_from_that_address_only(session):
     user = make_user(session)
-    for i in range(5):
+    for _ in range(5):
         with pytest.raises(Invalid):
-            auth.authenticate(session, username=user.username, password="nope", address=f"10.0.0.{i}",
-                              max_failures=5, window_s=900)
+            _sign_in(session, user.username, "nope", "10.0.0.1")
     with pytest.raises(RateLimited, match="Try again in 15 minutes"):
-        auth.authenticate(session, username=user.username, password=TEST_PASSWORD, address="10.0.1.1",
-                          max_failures=5, window_s=900)
-    # After the window the right password works again.
+        _sign_in(session, user.username, TEST_PASSWORD, "10.0.0.1")
+    # The owner, from another address, still signs in: guessing cannot lock them out.
+    assert _sign_in(session, user.username, TEST_PASSWORD, "10.0.0.2").id == user.id
+    # After the window the right password works from the guessing address too.
     later = utcnow() + timedelta(seconds=901)
-    assert auth.authenticate(session, username=user.username, password=TEST_PASSWORD, address="10.0.1.1",
-                             max_failures=5, window_s=900, now=later).id == user.id
+    assert _sign_in(session, user.username, TEST_PASSWORD, "10.0.0.1", now=later).id == user.id
 
 
-def test_failed_logins_are_rate_limited_per_address(session):
-    users = [make_user(session) for _ in range(5)]
+def test_failures_across_accounts_throttle_the_address(session):
+    users = [make_user(session) for _ in range(4)]
     for u in users:
         with pytest.raises(Invalid):
-            auth.authenticate(session, username=u.username, password="nope", address="192.0.2.7",
-                              max_failures=5, window_s=900)
+            _sign_in(session, u.username, "nope", "192.0.2.7", max_address_failures=4)
     other = make_user(session)
     with pytest.raises(RateLimited):
-        auth.authenticate(session, username=other.username, password=TEST_PASSWORD, address="192.0.2.7",
-                          max_failures=5, window_s=900)
+        _sign_in(session, other.username, TEST_PASSWORD, "192.0.2.7", max_address_failures=4)
+    assert _sign_in(session, other.username, TEST_PASSWORD, "192.0.2.8", max_address_failures=4).id == other.id
+
+
+def test_parallel_wrong_guesses_verify_at_most_the_limit(engine, committed, monkeypatch):
+    from app.db.session import new_session
+
+    with new_session() as s:
+        username = make_user(s).username
+        s.commit()
+    verified: list[str] = []
+    real_verify = auth.verify_password
+
+    def counting_verify(password: str, password_hash: str | None) -> bool:
+        verified.append(password)
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(auth, "verify_password", counting_verify)
+    start = threading.Barrier(20)
+
+    def guess(i: int) -> str:
+        with new_session() as s:
+            start.wait()
+            try:
+                _sign_in(s, username, f"wrong-{i}", "198.51.100.9")
+            except Invalid:
+                return "wrong"
+            except RateLimited:
+                return "throttled"
+            return "signed in"
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(guess, range(20)))
+    assert len(verified) == 5, f"{len(verified)} parallel guesses were verified"
+    assert sorted(results) == ["throttled"] * 15 + ["wrong"] * 5
 
 
 def test_rate_limit_message_shows_on_the_login_page(client, session):

@@ -1,4 +1,4 @@
-"""In Chromium: an admin creates a labeler, who then signs in."""
+"""In Chromium: an admin creates a labeler, who then signs in; a user changes their password."""
 
 import pytest
 
@@ -50,3 +50,33 @@ def test_admin_creates_labeler_who_then_signs_in(live_server, page):
     assert "ann · labeler" in page.inner_text("header")
     assert page.locator("nav >> text=Users").count() == 0
     screenshot(page, "labeler_home")
+
+
+def test_labeler_changes_password_and_the_old_one_stops_working(live_server, page):
+    with session_scope() as s:
+        labeler = make_user(s, role=Role.labeler, username="lea")
+        name = labeler.username
+
+    page.goto(f"{live_server}/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", TEST_PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server}/")
+
+    page.click("header >> text=lea · labeler")
+    page.wait_for_url(f"{live_server}/account/password")
+    page.fill("input[name=current_password]", TEST_PASSWORD)
+    page.fill("input[name=new_password]", "lea-new-password-1")
+    page.click("button:has-text('Change password')")
+    page.wait_for_selector("#flashes >> text=Password changed")
+    screenshot(page, "account_password")
+
+    page.click("button:has-text('Sign out everywhere')")
+    page.wait_for_url(f"{live_server}/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", TEST_PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Wrong username or password")
+    page.fill("input[name=password]", "lea-new-password-1")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server}/")

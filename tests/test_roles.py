@@ -79,6 +79,9 @@ ROUTES: dict[str, str] = {
     "POST /admin/users": "admin",
     "POST /admin/users/{user_id}/active": "admin",
     "POST /admin/users/{user_id}/password": "admin",
+    "GET /account/password": "user",
+    "POST /account/password": "user",
+    "POST /account/sign-out-everywhere": "user",
     "GET /account/tokens": "engineer",
     "POST /account/tokens": "engineer",
     "POST /account/tokens/{token_id}/revoke": "engineer",
@@ -187,7 +190,9 @@ def test_role_matrix(app, client, session, role):
     else:
         token = csrf_of(client)
     for method, path in registered_routes(app):
-        if path in FRAMEWORK or method == "POST" and path in ("/login", "/logout"):
+        # Signing in or out would change whose requests the rest are (the sign-outs
+        # have their own tests in test_sessions.py).
+        if path in FRAMEWORK or method == "POST" and path in ("/login", "/logout", "/account/sign-out-everywhere"):
             continue
         rule = ROUTES[f"{method} {path}"]
         url = _fill(path)

@@ -46,6 +46,7 @@ class User(Base):
     last_login_at: Mapped[datetime | None]
 
     api_tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")
+    sessions: Mapped[list["UserSession"]] = relationship(back_populates="user", passive_deletes=True)
 
     __table_args__ = (
         CheckConstraint("username ~ '^[A-Za-z0-9_.@-]{2,64}$'", name="username_format"),
@@ -73,6 +74,22 @@ class ApiToken(Base):
     user: Mapped[User] = relationship(back_populates="api_tokens")
 
 
+class UserSession(Base):
+    """A signed-in browser. The cookie holds a random token and this table its
+    SHA-256, so sign-out, password changes and deactivation end sessions on the
+    server; a deleted row is a revoked session."""
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = created_at_column()
+    # Refreshed at most once a minute, for the idle timeout.
+    last_seen_at: Mapped[datetime] = created_at_column()
+
+    user: Mapped[User] = relationship(back_populates="sessions")
+
+
 class LoginAttempt(Base):
     """Failed and successful logins, for rate limiting across web replicas."""
 
@@ -84,10 +101,8 @@ class LoginAttempt(Base):
     succeeded: Mapped[bool]
     at: Mapped[datetime] = created_at_column()
 
-    __table_args__ = (
-        Index("ix_login_attempts_username_at", "username", "at"),
-        Index("ix_login_attempts_address_at", "address", "at"),
-    )
+    # Throttling counts an address's attempts (of one account, or of all) in a window.
+    __table_args__ = (Index("ix_login_attempts_address_at", "address", "at"),)
 
 
 class Model(Base):

@@ -1,14 +1,49 @@
-"""A user's own account: personal API tokens (engineers and admins)."""
+"""A user's own account: password and sessions (everyone), personal API tokens
+(engineers and admins)."""
 
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 
-from app.routes.deps import EngineerUser, SessionDep
-from app.services import auth
+from app.routes.deps import CurrentUser, EngineerUser, SessionDep, SettingsDep, sign_in, sign_out
+from app.services import auth, sessions, users
+from app.services.errors import Invalid
 from app.web import flash, redirect, render
 
 router = APIRouter(prefix="/account", include_in_schema=False)
+
+
+@router.get("/password")
+def password_page(request: Request, user: CurrentUser):
+    return render(request, "pages/account_password.html")
+
+
+@router.post("/password")
+def change_password(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    user: CurrentUser,
+    current_password: Annotated[str, Form(max_length=1000)] = "",
+    new_password: Annotated[str, Form(max_length=1000)] = "",
+):
+    try:
+        users.change_password(session, user=user, current_password=current_password, new_password=new_password)
+    except Invalid as exc:
+        context = {"error": exc.message, "form_errors": exc.errors}
+        return render(request, "pages/account_password.html", context, status_code=422)
+    # Every session ended, this one too; this browser gets a fresh one.
+    sign_in(request, session, settings, user)
+    flash(request, "Password changed; you are signed out everywhere else.", "success")
+    return redirect(request, "/account/password")
+
+
+@router.post("/sign-out-everywhere")
+def sign_out_everywhere(request: Request, session: SessionDep, user: CurrentUser):
+    sessions.end_all_sessions(session, user=user)
+    sign_out(request, session)
+    flash(request, "You are signed out on every device.")
+    return redirect(request, "/login")
 
 
 @router.get("/tokens")

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 
-from app.routes.deps import OptionalUser, SessionDep, SettingsDep
+from app.routes.deps import OptionalUser, SessionDep, SettingsDep, sign_in, sign_out
 from app.services import auth
 from app.services.errors import Invalid, RateLimited
 from app.web import flash, render
@@ -43,18 +43,18 @@ def login(
             password=password,
             address=request.client.host if request.client else "unknown",
             max_failures=settings.login_max_failures,
+            max_address_failures=settings.login_max_address_failures,
             window_s=settings.login_window_s,
         )
     except (Invalid, RateLimited) as exc:
         context = {"next": _safe_next(next), "username": username, "error": exc.message}
         return render(request, "pages/login.html", context, status_code=exc.status_code)
-    request.session.clear()
-    request.session["user_id"] = user.id
+    sign_in(request, session, settings, user)
     return RedirectResponse(_safe_next(next), status_code=303)
 
 
 @router.post("/logout")
-def logout(request: Request):
-    request.session.clear()
+def logout(request: Request, session: SessionDep):
+    sign_out(request, session)
     flash(request, "You are signed out.")
     return RedirectResponse("/login", status_code=303)

@@ -7,14 +7,16 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.db.enums import Role
 from app.db.models import User
 from app.db.session import new_session
-from app.services import auth
+from app.services import auth, sessions
 from app.services.errors import NotAllowed, NotAuthenticated
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+# The key of the server-side session's token in the signed cookie.
+SESSION_KEY = "sid"
 
 
 def get_session() -> Iterator[Session]:
@@ -22,8 +24,13 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
+def get_app_settings(request: Request) -> Settings:
+    # The settings the app was created with (create_app keeps them in app.state).
+    return request.app.state.settings
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 def _bearer(request: Request) -> str | None:
@@ -31,21 +38,43 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def get_optional_user(request: Request, session: SessionDep) -> User | None:
-    """The user of a bearer token or of the session cookie; None when anonymous."""
+def get_optional_user(request: Request, session: SessionDep, settings: SettingsDep) -> User | None:
+    """The user of a bearer token or of the session cookie; None when anonymous.
+    The cookie holds a server-side session's token, so revoked, expired and
+    idle sessions end at once, whatever the signed cookie still says."""
     raw = _bearer(request)
     if raw is not None:
         user = auth.user_for_token(session, raw)
         if user is None:
             raise NotAuthenticated("The API token is unknown, revoked, or its user is deactivated.")
     else:
-        user_id = request.session.get("user_id")
-        user = session.get(User, user_id) if user_id else None
-        if user is not None and not user.is_active:
-            request.session.clear()
-            user = None
+        token = request.session.get(SESSION_KEY)
+        user = None
+        if isinstance(token, str):
+            user = sessions.user_for_session(
+                session, token, max_age_s=settings.session_max_age_s, idle_s=settings.session_idle_s
+            )
+            if user is None:
+                request.session.clear()
     request.state.user = user
     return user
+
+
+def sign_in(request: Request, session: Session, settings: Settings, user: User) -> None:
+    """Start a server-side session for user and put its token in this browser's
+    cookie; the rest of the cookie (CSRF token, flashes) starts afresh."""
+    request.session.clear()
+    request.session[SESSION_KEY] = sessions.start_session(
+        session, user=user, max_age_s=settings.session_max_age_s, idle_s=settings.session_idle_s
+    )
+
+
+def sign_out(request: Request, session: Session) -> None:
+    """End this browser's server-side session and empty its cookie."""
+    token = request.session.get(SESSION_KEY)
+    if isinstance(token, str):
+        sessions.end_session(session, token)
+    request.session.clear()
 
 
 OptionalUser = Annotated[User | None, Depends(get_optional_user)]

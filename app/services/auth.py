@@ -17,6 +17,10 @@ from app.services.users import get_user_by_name, verify_password
 TOKEN_PREFIX = "rlhf_"
 
 
+# First key of pg_advisory_xact_lock(int, int) for sign-in attempts; the second is the address's hash.
+_LOGIN_LOCK = 0x51C_1A
+
+
 def authenticate(
     session: Session,
     *,
@@ -24,35 +28,47 @@ def authenticate(
     password: str,
     address: str,
     max_failures: int,
+    max_address_failures: int,
     window_s: int,
     now: datetime | None = None,
 ) -> User:
-    """The user for these credentials. Raises RateLimited after too many failures
-    for the account or the address within the window, Invalid otherwise."""
+    """The user for these credentials. Raises RateLimited after max_failures failures
+    for this account from this address, or max_address_failures from this address
+    in all, within the window; Invalid for wrong credentials.
+
+    Failures are never counted per account alone, so guessing from one address
+    cannot lock the owner out from another. Checking the counts and recording the
+    attempt are serialised per address, so parallel guesses get at most the limit
+    verified."""
     now = now or utcnow()
     username = username.strip()
+    address = address[:64]
     since = now - timedelta(seconds=window_s)
-    failures = func.count().filter(LoginAttempt.succeeded.is_(False))
-    by_account = session.scalar(
-        select(failures).where(LoginAttempt.username == username, LoginAttempt.at >= since)
-    )
-    by_address = session.scalar(
-        select(failures).where(LoginAttempt.address == address, LoginAttempt.at >= since)
-    )
-    if by_account >= max_failures or by_address >= max_failures:
+    # Held until the commit below; both counts are of this address's attempts.
+    session.execute(select(func.pg_advisory_xact_lock(_LOGIN_LOCK, func.hashtext(address))))
+    failed = LoginAttempt.succeeded.is_(False)
+    by_pair, by_address = session.execute(
+        select(
+            func.count().filter(failed, LoginAttempt.username == username[:64]),
+            func.count().filter(failed),
+        ).where(LoginAttempt.address == address, LoginAttempt.at >= since)
+    ).one()
+    if by_pair >= max_failures or by_address >= max_address_failures:
+        session.commit()  # nothing written; releases the lock
         minutes = max(1, window_s // 60)
         raise RateLimited(
-            f"Too many failed sign-in attempts for this account or address. "
-            f"Try again in {minutes} minutes."
+            f"Too many failed sign-in attempts from your address. Try again in {minutes} minutes."
         )
+    # Recorded as a failure before the (slow) password check and committed at once:
+    # the lock is released for the check, yet a parallel guess already counts this one.
+    attempt = LoginAttempt(username=username[:64], address=address, succeeded=False, at=now)
+    session.add(attempt)
+    session.commit()
     user = get_user_by_name(session, username)
     ok = verify_password(password, user.password_hash if user else None)
-    ok = ok and user is not None and user.is_active
-    session.add(LoginAttempt(username=username[:64], address=address[:64], succeeded=ok, at=now))
-    if not ok:
-        session.commit()
+    if not ok or user is None or not user.is_active:
         raise Invalid("Wrong username or password, or the account is deactivated.")
-    assert user is not None
+    attempt.succeeded = True
     user.last_login_at = now
     session.commit()
     return user

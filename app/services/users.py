@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from app.db.enums import AssignmentStatus, Role
 from app.db.models import Assignment, User
 from app.services.errors import Conflict, Invalid, NotFound
+from app.services.sessions import revoke_sessions
 
 _hasher = PasswordHash.recommended()  # argon2id
 # A hash of a random password, verified against when the user does not exist,
@@ -83,8 +84,22 @@ def create_user(session: Session, *, username: str, password: str, role: Role | 
 
 
 def set_password(session: Session, *, user: User, password: str) -> None:
+    """Reset user's password (an admin or the CLI): every session of theirs ends
+    and their API tokens are revoked, since whoever had the old password may hold them."""
     check_password_rules(password)
     user.password_hash = hash_password(password)
+    revoke_sessions(session, user=user, api_tokens=True)
+    session.commit()
+
+
+def change_password(session: Session, *, user: User, current_password: str, new_password: str) -> None:
+    """The user's own change of password, proven by the current one; ends every
+    session of theirs. Raises Invalid for a wrong current or a too short new password."""
+    if not verify_password(current_password, user.password_hash):
+        raise Invalid("The current password is wrong.", errors={"current_password": "wrong password"})
+    check_password_rules(new_password)
+    user.password_hash = hash_password(new_password)
+    revoke_sessions(session, user=user)
     session.commit()
 
 
@@ -94,6 +109,7 @@ def set_active(session: Session, *, user: User, active: bool, now: datetime | No
     if not active:
         from app.db.base import utcnow
 
+        revoke_sessions(session, user=user)
         for assignment in session.scalars(
             select(Assignment).where(
                 Assignment.user_id == user.id, Assignment.status == AssignmentStatus.active
