@@ -22,6 +22,9 @@ Formats:
 - annotations, `jsonl`: one line per annotation (gold ones included, marked)
   with its ratings: likert, rank, flags and text of every response.
 - annotations, `csv`: one row per rating, the annotation's columns repeated.
+  A text cell that a spreadsheet would run as a formula (it starts with =, +,
+  -, @, a tab or a carriage return) gets a leading ' (OWASP's CSV-injection
+  rule): comments and responses are written by labelers and models.
 
 What was filtered is stated in a sidecar document (`export_meta`): the
 filters, what is always left out, labelers dropped by the agreement filter,
@@ -59,6 +62,8 @@ CHUNK_BYTES = 64 * 1024  # bytes handed to the response at a time
 ALWAYS_LEFT_OUT = [
     "excluded annotations (kept in the database, left out of every export and of training data)",
 ]
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 GOLD_RULE = "annotations of gold tasks (labeler tests; see the annotations export)"
 
 COMPARISON_COLUMNS = [
@@ -451,6 +456,14 @@ def iter_rows(session: Session, plan: ExportPlan) -> Iterator[dict[str, Any]]:
             }
 
 
+def csv_safe(value: Any) -> Any:
+    """The value as a CSV cell a spreadsheet shows as text: a string that would start a
+    formula gets a leading '; other values are unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def iter_export(session: Session, plan: ExportPlan, *, chunk_bytes: int = CHUNK_BYTES,
                 counter: list[int] | None = None) -> Iterator[bytes]:
     """The export file as byte chunks of about chunk_bytes. counter[0] (if given)
@@ -462,7 +475,7 @@ def iter_export(session: Session, plan: ExportPlan, *, chunk_bytes: int = CHUNK_
         writer.writeheader()
     for row in iter_rows(session, plan):
         if writer is not None:
-            writer.writerow(row)
+            writer.writerow({key: csv_safe(value) for key, value in row.items()})
         else:
             buffer.write(json.dumps(row, ensure_ascii=False))
             buffer.write("\n")
