@@ -290,7 +290,8 @@ def iter_ranked_groups(session: Session, prompt_set_ids: Sequence[int], split: S
         yield item.messages, item.responses, item.ranks
 
 
-def _stream(session: Session, query: Select) -> Iterator[Any]:
+def stream_rows(session: Session, query: Select) -> Iterator[Any]:
+    """The query's rows from a server-side cursor, YIELD_PER at a time."""
     result = session.execute(query, execution_options={"yield_per": YIELD_PER})
     try:
         yield from result
@@ -301,7 +302,7 @@ def _stream(session: Session, query: Select) -> Iterator[Any]:
 def _grouped(session: Session, query: Select) -> Iterator[list[Any]]:
     """Consecutive rows of one annotation together (the query orders by annotation)."""
     group: list[Any] = []
-    for row in _stream(session, query):
+    for row in stream_rows(session, query):
         if group and row.annotation_id != group[0].annotation_id:
             yield group
             group = []
@@ -435,7 +436,7 @@ def _annotation_head(row: Any) -> dict[str, Any]:
 def iter_rows(session: Session, plan: ExportPlan) -> Iterator[dict[str, Any]]:
     """The export's rows as dicts, streamed from the database."""
     if plan.kind == "comparisons":
-        for row in _stream(session, plan.query()):
+        for row in stream_rows(session, plan.query()):
             yield _comparison_row(row, plan.fmt)
     elif plan.fmt == "jsonl":
         for rows in _grouped(session, plan.query()):
@@ -448,7 +449,7 @@ def iter_rows(session: Session, plan: ExportPlan) -> Iterator[dict[str, Any]]:
                 ],
             }
     else:
-        for r in _stream(session, plan.query()):
+        for r in stream_rows(session, plan.query()):
             yield _annotation_head(r) | {
                 "prompt_flags": json.dumps(r.prompt_flags, ensure_ascii=False), "prompt": r.prompt_text,
                 "response_id": r.response_id, "position": r.position, "likert": r.likert, "rank": r.rank,
