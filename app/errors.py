@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.services.errors import DomainError, NotAuthenticated
-from app.web import is_htmx, render
+from app.web import SECURITY_HEADERS, is_htmx, render
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _respond(
+        response = _respond(
             request, 500, "Server error",
             "Something went wrong on our side. The error was logged with this request's id.",
         )
+        # Starlette sends this answer from outside every middleware, SecurityHeadersMiddleware included.
+        response.headers.update(SECURITY_HEADERS)
+        return response

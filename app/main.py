@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,8 +22,9 @@ from app.routes import api_quality, quality
 from app.routes import api_jobs, jobs
 from app.routes import demonstrations, demonstrations_admin, sft
 from app.routes import api_demonstrations, api_models, api_training, models, training
+from app.routes import api_docs
 from app.routes.deps import verify_csrf
-from app.web import ROOT
+from app.web import ROOT, SECURITY_HEADERS
 
 
 access_log = logging.getLogger("app.access")
@@ -61,6 +63,27 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
+class SecurityHeadersMiddleware:
+    """Adds app.web.SECURITY_HEADERS (CSP, nosniff, referrer policy) to every response,
+    pages, API, static files and errors alike, unless the route set its own."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def session_secret(settings: Settings) -> str:
     """The configured secret, or one generated once and kept in the data directory
     (mode 0600; replicas starting together all end up with the first one written)."""
@@ -77,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="RLHF Workbench",
         openapi_url="/api/v1/openapi.json",
-        docs_url="/api/v1/docs",
+        docs_url=None,  # app.routes.api_docs serves Swagger UI from our own static files
         redoc_url=None,
         dependencies=[Depends(verify_csrf)],
     )
@@ -91,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         https_only=settings.secure_cookies,
     )
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
     for module in (health, auth, home, admin_users, account, api, prompt_sets, api_prompt_sets, label, api_label,
@@ -102,4 +126,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     for module in (training, models, api_training, api_models, api_demonstrations):
         app.include_router(module.router)
+    app.include_router(api_docs.router)
     return app

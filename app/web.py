@@ -8,16 +8,54 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2_fragments.fastapi import Jinja2Blocks
 from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
 from markupsafe import Markup
 
 ROOT = Path(__file__).resolve().parents[1]
 templates = Jinja2Blocks(directory=str(ROOT / "templates"))
 
+# Sent with every response (app.main.SecurityHeadersMiddleware) unless the route set its own.
+# Nothing remote and nothing inline: pages have no <script> blocks, no on*= handlers and
+# no style="" attributes (bar sizes come from data-width/data-height, set by static/js/app.js),
+# htmx never evals (allowEval off in base.html), and markdown renders no images.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; base-uri 'none'; object-src 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+# Secrets (a new API token) and bulk data (exports) stay out of browser and proxy caches.
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def download_headers(filename: str) -> dict[str, str]:
+    """Headers of an export download: saved as `filename`, never cached."""
+    return {"Content-Disposition": f'attachment; filename="{filename}"', **NO_STORE}
+
+
 # Markdown with raw HTML disabled: everything a user or a model wrote is escaped.
 _markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
 
 
+def _image_as_link(self, tokens, idx, options, env) -> str:
+    # An <img> would make every labeler's browser fetch a URL that a prompt or a model
+    # chose (tracking, leaking who reads what); a link is only followed when clicked.
+    token = tokens[idx]
+    src = escapeHtml(str(token.attrGet("src") or ""))
+    alt = escapeHtml(self.renderInlineAsText(token.children, options, env))
+    inside_link = sum(t.nesting for t in tokens[:idx] if t.type in ("link_open", "link_close")) > 0
+    if inside_link:  # [![alt](img)](url): the outer link stays, a link inside a link is not HTML
+        return alt or src
+    return f'<a href="{src}" class="image-link">{alt or src}</a>'
+
+
+_markdown.add_render_rule("image", _image_as_link)
+
+
 def render_markdown(text: str | None) -> Markup:
+    """The text as HTML: raw HTML escaped, images as plain links."""
     return Markup(_markdown.render(text or ""))
 
 

@@ -21,10 +21,12 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-# 2. Front-end libraries (htmx, SortableJS, Chart.js) into static/node_modules.
+# 2. Front-end libraries (htmx, SortableJS, Chart.js, Swagger UI) into static/node_modules.
+#    No install scripts: these are plain files, and swagger-ui-dist's dependency
+#    @scarf/scarf would otherwise report the install to an analytics server.
 if [ ! -f static/node_modules/.package-lock.json ] || [ static/package-lock.json -nt static/node_modules/.package-lock.json ]; then
   echo "==> installing front-end packages into static/node_modules"
-  npm ci --prefix static --no-audit --no-fund --loglevel=error
+  npm ci --prefix static --ignore-scripts --no-audit --no-fund --loglevel=error
 fi
 
 # 3. The default SFT model, converted once to a safetensors checkpoint.

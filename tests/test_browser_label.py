@@ -154,8 +154,9 @@ def test_ranking_by_drag_and_drop_with_a_tie(live_server, page):
         page.mouse.down()
         page.mouse.move(end["x"] + end["width"] - 10, end["y"] + end["height"] / 2, steps=15)
         page.mouse.up()
-        page.wait_for_function(
-            f"document.querySelector('input[name=\"rank-{letters[letter]}\"]').value === '{slot}'")
+        # A function, not a string: the page's CSP forbids the eval a string predicate needs.
+        page.wait_for_function("([name, slot]) => document.querySelector(`input[name=\"${name}\"]`).value === slot",
+                               arg=[f"rank-{letters[letter]}", str(slot)])
     assert page.inner_text("#response-B .rank-value") == "1"
     page.click("#submit-button")
     page.wait_for_selector("#all-done")

@@ -50,7 +50,7 @@ def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_
     # The curves fill in while it runs, without a reload.
     page.wait_for_selector("canvas[data-metric=loss]", timeout=120_000)
     page.wait_for_selector("#job-state:has-text('succeeded')", timeout=180_000)
-    page.wait_for_function("Number(document.querySelector('canvas[data-metric=val_accuracy]')?.dataset.points) >= 3",
+    page.wait_for_function("() => Number(document.querySelector('canvas[data-metric=val_accuracy]')?.dataset.points) >= 3",
                            timeout=15_000)
     # Each poll appends only the values written since the last: one point per step of the metric.
     loss_steps = page.evaluate(

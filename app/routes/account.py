@@ -8,7 +8,7 @@ from fastapi import APIRouter, Form, Request
 from app.routes.deps import CurrentUser, EngineerUser, SessionDep, SettingsDep, sign_in, sign_out
 from app.services import auth, sessions, users
 from app.services.errors import Invalid
-from app.web import flash, redirect, render
+from app.web import NO_STORE, flash, redirect, render
 
 router = APIRouter(prefix="/account", include_in_schema=False)
 
@@ -48,7 +48,8 @@ def sign_out_everywhere(request: Request, session: SessionDep, user: CurrentUser
 
 @router.get("/tokens")
 def tokens_page(request: Request, session: SessionDep, user: EngineerUser):
-    return render(request, "pages/account_tokens.html", {"tokens": auth.list_api_tokens(session, user=user)})
+    return render(request, "pages/account_tokens.html", {"tokens": auth.list_api_tokens(session, user=user)},
+                  headers=NO_STORE)
 
 
 @router.post("/tokens")
@@ -58,7 +59,7 @@ def create_token(
     token, raw = auth.create_api_token(session, user=user, name=name)
     context = {"tokens": auth.list_api_tokens(session, user=user), "new_token": raw, "new_token_name": token.name}
     # Shown once: the raw value is never stored.
-    return render(request, "pages/account_tokens.html", context)
+    return render(request, "pages/account_tokens.html", context, headers=NO_STORE)
 
 
 @router.post("/tokens/{token_id}/revoke")

@@ -29,6 +29,7 @@ from app.schemas_training import (
 from app.services import demonstrations as demos
 from app.services.errors import Invalid
 from app.services.prompt_sets import get_prompt_set
+from app.web import download_headers
 
 router = APIRouter(prefix="/api/v1", tags=["demonstrations"])
 
@@ -199,5 +200,6 @@ def import_demonstrations(prompt_set_id: int, session: SessionDep, admin: AdminU
 def export_demonstrations(prompt_set_id: int, session: SessionDep, admin: AdminUser, format: str = "messages"):
     """Accepted demonstrations as JSONL for TRL's SFTTrainer: format=messages or prompt_completion."""
     prompt_set = get_prompt_set(session, prompt_set_id)
-    lines = list(demos.iter_export(session, prompt_set_ids=[prompt_set.id], fmt=format))
-    return StreamingResponse(iter(lines), media_type="application/jsonl")
+    lines = demos.iter_export(session, prompt_set_ids=[prompt_set.id], fmt=format)
+    return StreamingResponse(lines, media_type="application/jsonl",
+                             headers=download_headers(f"demonstrations-{prompt_set.id}-{format}.jsonl"))

@@ -14,7 +14,7 @@ from app.services import demonstrations as demos
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import LIMITS
 from app.services.prompt_sets import get_prompt_set
-from app.web import flash, redirect, render
+from app.web import download_headers, flash, redirect, render
 
 router = APIRouter(prefix="/admin/demonstrations", include_in_schema=False)
 
@@ -114,7 +114,6 @@ def import_file(request: Request, session: SessionDep, admin: AdminUser,
 def export(session: SessionDep, admin: AdminUser, prompt_set_id: int, format: str = "messages"):
     """Accepted demonstrations of the set as JSONL, in a format TRL's SFTTrainer reads."""
     prompt_set = get_prompt_set(session, prompt_set_id)
-    lines = list(demos.iter_export(session, prompt_set_ids=[prompt_set.id], fmt=format))
-    filename = f"demonstrations-{prompt_set.id}-{format}.jsonl"
-    return StreamingResponse(iter(lines), media_type="application/jsonl",
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    lines = demos.iter_export(session, prompt_set_ids=[prompt_set.id], fmt=format)
+    return StreamingResponse(lines, media_type="application/jsonl",
+                             headers=download_headers(f"demonstrations-{prompt_set.id}-{format}.jsonl"))

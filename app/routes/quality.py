@@ -13,7 +13,7 @@ from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid
 from app.services.progress import set_progress
 from app.services.prompt_sets import get_prompt_set
-from app.web import flash, is_htmx, redirect, render
+from app.web import download_headers, flash, is_htmx, redirect, render
 
 router = APIRouter(prefix="/admin/prompt-sets/{prompt_set_id}", include_in_schema=False)
 
@@ -217,14 +217,12 @@ def plan_from_query(session, prompt_set_id: int, *, kind: str | None, fmt: str, 
 def stream(session, plan: export.ExportPlan) -> StreamingResponse:
     return StreamingResponse(
         export.iter_export(session, plan), media_type=plan.media_type,
-        headers={"Content-Disposition": f'attachment; filename="{plan.filename}"', "Cache-Control": "no-store"},
+        headers=download_headers(plan.filename),
     )
 
 
 def meta_response(session, plan: export.ExportPlan) -> JSONResponse:
-    return JSONResponse(export.export_meta(session, plan), headers={
-        "Content-Disposition": f'attachment; filename="{plan.filename}.meta.json"', "Cache-Control": "no-store",
-    })
+    return JSONResponse(export.export_meta(session, plan), headers=download_headers(f"{plan.filename}.meta.json"))
 
 
 Fmt = Annotated[str, Query(alias="format", max_length=20)]

@@ -56,6 +56,7 @@ from app.db.models import Demonstration, Prompt, PromptSet, PromptSetLabeler, Re
 from app.services.annotations import PROMPT_FLAG_KEYS, PROMPT_FLAGS, clamp_time_spent
 from app.services.assignment import MAX_SKIP_REASON
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+from app.services.export import stream_rows
 from app.services.prompt_import import (
     LIMITS,
     ImportLimits,
@@ -603,15 +604,17 @@ def _accepted_query(prompt_set_ids: Sequence[int]):
     )
 
 
+def _iter_accepted(session: Session, prompt_set_ids: Sequence[int]) -> Iterator[AcceptedDemonstration]:
+    for d_id, p_id, s_id, messages, text, split, user_id in stream_rows(session, _accepted_query(prompt_set_ids)):
+        yield AcceptedDemonstration(d_id, p_id, s_id, list(messages), text, Split(split), user_id)
+
+
 def accepted_demonstrations(session: Session, *, prompt_set_ids: Sequence[int]) -> list[AcceptedDemonstration]:
     """The training data: accepted demonstrations of the sets, in a stable order. Raises
     NotFound for an unknown set."""
     for set_id in prompt_set_ids:
         get_prompt_set(session, set_id)
-    return [
-        AcceptedDemonstration(d_id, p_id, s_id, list(messages), text, Split(split), user_id)
-        for d_id, p_id, s_id, messages, text, split, user_id in session.execute(_accepted_query(prompt_set_ids))
-    ]
+    return list(_iter_accepted(session, prompt_set_ids))
 
 
 def export_row(item: AcceptedDemonstration, fmt: str) -> dict[str, Any]:
@@ -629,13 +632,17 @@ def export_row(item: AcceptedDemonstration, fmt: str) -> dict[str, Any]:
 
 
 def iter_export(session: Session, *, prompt_set_ids: Sequence[int], fmt: str) -> Iterator[str]:
-    """JSONL lines of the accepted demonstrations of the sets. Raises Invalid for an
-    unknown format, NotFound for an unknown set."""
+    """JSONL lines of the accepted demonstrations of the sets, streamed from a
+    server-side cursor (memory stays flat however many there are). Raises Invalid
+    for an unknown format, NotFound for an unknown set, when called: before the
+    first line, so a download never starts and then fails."""
     if fmt not in EXPORT_FORMATS:
         raise Invalid(f"Unknown export format '{fmt}'; choose {' or '.join(EXPORT_FORMATS)}.",
                       errors={"format": f"one of {', '.join(EXPORT_FORMATS)}"})
-    for item in accepted_demonstrations(session, prompt_set_ids=prompt_set_ids):
-        yield json.dumps(export_row(item, fmt), ensure_ascii=False) + "\n"
+    for set_id in prompt_set_ids:
+        get_prompt_set(session, set_id)
+    return (json.dumps(export_row(item, fmt), ensure_ascii=False) + "\n"
+            for item in _iter_accepted(session, prompt_set_ids))
 
 
 # ---- import ---------------------------------------------------------------------------

@@ -22,6 +22,9 @@ Formats:
 - annotations, `jsonl`: one line per annotation (gold ones included, marked)
   with its ratings: likert, rank, flags and text of every response.
 - annotations, `csv`: one row per rating, the annotation's columns repeated.
+  A text cell that a spreadsheet would run as a formula (it starts with =, +,
+  -, @, a tab or a carriage return) gets a leading ' (OWASP's CSV-injection
+  rule): comments and responses are written by labelers and models.
 
 What was filtered is stated in a sidecar document (`export_meta`): the
 filters, what is always left out, labelers dropped by the agreement filter,
@@ -59,6 +62,8 @@ CHUNK_BYTES = 64 * 1024  # bytes handed to the response at a time
 ALWAYS_LEFT_OUT = [
     "excluded annotations (kept in the database, left out of every export and of training data)",
 ]
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 GOLD_RULE = "annotations of gold tasks (labeler tests; see the annotations export)"
 
 COMPARISON_COLUMNS = [
@@ -285,7 +290,8 @@ def iter_ranked_groups(session: Session, prompt_set_ids: Sequence[int], split: S
         yield item.messages, item.responses, item.ranks
 
 
-def _stream(session: Session, query: Select) -> Iterator[Any]:
+def stream_rows(session: Session, query: Select) -> Iterator[Any]:
+    """The query's rows from a server-side cursor, YIELD_PER at a time."""
     result = session.execute(query, execution_options={"yield_per": YIELD_PER})
     try:
         yield from result
@@ -296,7 +302,7 @@ def _stream(session: Session, query: Select) -> Iterator[Any]:
 def _grouped(session: Session, query: Select) -> Iterator[list[Any]]:
     """Consecutive rows of one annotation together (the query orders by annotation)."""
     group: list[Any] = []
-    for row in _stream(session, query):
+    for row in stream_rows(session, query):
         if group and row.annotation_id != group[0].annotation_id:
             yield group
             group = []
@@ -430,7 +436,7 @@ def _annotation_head(row: Any) -> dict[str, Any]:
 def iter_rows(session: Session, plan: ExportPlan) -> Iterator[dict[str, Any]]:
     """The export's rows as dicts, streamed from the database."""
     if plan.kind == "comparisons":
-        for row in _stream(session, plan.query()):
+        for row in stream_rows(session, plan.query()):
             yield _comparison_row(row, plan.fmt)
     elif plan.fmt == "jsonl":
         for rows in _grouped(session, plan.query()):
@@ -443,12 +449,20 @@ def iter_rows(session: Session, plan: ExportPlan) -> Iterator[dict[str, Any]]:
                 ],
             }
     else:
-        for r in _stream(session, plan.query()):
+        for r in stream_rows(session, plan.query()):
             yield _annotation_head(r) | {
                 "prompt_flags": json.dumps(r.prompt_flags, ensure_ascii=False), "prompt": r.prompt_text,
                 "response_id": r.response_id, "position": r.position, "likert": r.likert, "rank": r.rank,
                 "response_flags": json.dumps(r.flags, ensure_ascii=False), "response_text": r.response_text,
             }
+
+
+def csv_safe(value: Any) -> Any:
+    """The value as a CSV cell a spreadsheet shows as text: a string that would start a
+    formula gets a leading '; other values are unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def iter_export(session: Session, plan: ExportPlan, *, chunk_bytes: int = CHUNK_BYTES,
@@ -462,7 +476,7 @@ def iter_export(session: Session, plan: ExportPlan, *, chunk_bytes: int = CHUNK_
         writer.writeheader()
     for row in iter_rows(session, plan):
         if writer is not None:
-            writer.writerow(row)
+            writer.writerow({key: csv_safe(value) for key, value in row.items()})
         else:
             buffer.write(json.dumps(row, ensure_ascii=False))
             buffer.write("\n")
