@@ -11,7 +11,8 @@ from app.db.enums import DemonstrationStatus, PromptSetKind, PromptSetStatus, Ro
 from app.db.models import Demonstration, Prompt, PromptSet
 from app.services import demonstrations as demos
 from app.services.errors import Conflict, Invalid, NotAllowed
-from app.services.prompt_sets import prompt_hash
+from app.services.labelers import allow_labeler
+from app.services.prompt_sets import archive_prompt_set, pause_prompt_set, prompt_hash
 from tests.conftest import make_user
 from tests.factories import make_prompt_set, make_task
 
@@ -99,6 +100,25 @@ def test_only_active_demonstration_sets_open_to_the_labeler_give_prompts(session
     add_prompt(session, demo_set(session, allowed=[bob]), "For Bob only")
     assert lease(session, alice) is None
     assert lease(session, bob).prompt.text == "For Bob only"
+
+
+
+@pytest.mark.parametrize("change", ["paused", "archived", "restricted to others"])
+def test_submit_is_refused_once_the_set_is_closed_to_the_writer(session, change):
+    s = demo_set(session)
+    add_prompt(session, s, "A prompt")
+    alice, bob = make_user(session), make_user(session)
+    demo = lease(session, alice)
+    if change == "paused":
+        pause_prompt_set(session, prompt_set=s)
+    elif change == "archived":
+        archive_prompt_set(session, prompt_set=s)
+    else:
+        allow_labeler(session, prompt_set_id=s.id, user_id=bob.id)
+    with pytest.raises(NotAllowed) as err:
+        submit(session, alice, demo)
+    assert s.name not in err.value.message
+    assert session.get(Demonstration, demo.id).status == DemonstrationStatus.draft
 
 
 # ---- drafts and submit -------------------------------------------------------------------

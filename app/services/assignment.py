@@ -90,7 +90,8 @@ def db_now(session: Session) -> datetime:
     return session.scalar(select(func.clock_timestamp())).astimezone(UTC)
 
 
-def _clock(session: Session, now: datetime | None) -> datetime:
+def lease_clock(session: Session, now: datetime | None) -> datetime:
+    """`now` when given (tests move time with it), else the database's clock."""
     return db_now(session) if now is None else now
 
 
@@ -255,7 +256,7 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
         raise Invalid("The lease must last at least one second.", errors={"lease_s": "must be positive"})
     user_id = user.id
     _lock_labeler(session, user_id)
-    start = _clock(session, now)
+    start = lease_clock(session, now)
     lease = current_lease(session, user=user, now=start)
     if lease is not None:
         session.commit()
@@ -283,7 +284,7 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
             attempt.rollback()
             break
         # The clock is read again under the row lock (see "Clock" above).
-        now_locked = _clock(session, now)
+        now_locked = lease_clock(session, now)
         if not _has_room(session, task_id=task_id, now=now_locked):
             attempt.rollback()
             tried.add(task_id)
@@ -329,7 +330,7 @@ def skip_task(session: Session, *, user: User, task_id: int, reason: str,
     if assignment.status != AssignmentStatus.skipped:
         assignment.status = AssignmentStatus.skipped
         assignment.skip_reason = reason
-        assignment.finished_at = _clock(session, now)
+        assignment.finished_at = lease_clock(session, now)
     session.commit()
     return assignment
 
@@ -357,7 +358,7 @@ def lock_for_submit(session: Session, *, user: User, task_id: int, now: datetime
     ) if task is not None else None
     if task is None or assignment is None:
         raise NotFound(_NOT_GIVEN.format(task_id=task_id))
-    return Hold(task=task, assignment=assignment, now=_clock(session, now))
+    return Hold(task=task, assignment=assignment, now=lease_clock(session, now))
 
 
 def check_lease(session: Session, hold: Hold, *, user: User) -> None:
