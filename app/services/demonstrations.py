@@ -237,9 +237,10 @@ def lease_next_demonstration(session: Session, *, user: User, lease_s: int,
 
 def labeler_demonstration(session: Session, *, user: User, demonstration_id: int,
                           lock: bool = False) -> Demonstration:
-    """The labeler's own demonstration, the only way a labeler reads one (`lock`:
-    taken for a change, after the labeler's advisory lock). Raises NotFound, or
-    NotAllowed for another labeler's."""
+    """The labeler's own demonstration, the only way a labeler reads one; a draft only
+    while its set is active and open to them (`lock`: taken for a change, after the
+    labeler's advisory lock). Raises NotFound, or NotAllowed (another labeler's, or
+    a draft of a set closed to them)."""
     if lock:
         _lock_writer(session, user.id)
     demo = session.get(Demonstration, demonstration_id, with_for_update=lock, populate_existing=True)
@@ -247,6 +248,8 @@ def labeler_demonstration(session: Session, *, user: User, demonstration_id: int
         raise NotFound(f"There is no demonstration {demonstration_id}; open Write to get a prompt.")
     if demo.user_id != user.id:
         raise NotAllowed(f"Demonstration {demonstration_id} is not yours; open Write to get a prompt.")
+    if demo.status == DemonstrationStatus.draft:
+        _check_open(session, demo, user)
     return demo
 
 
@@ -277,7 +280,7 @@ def _check_open(session: Session, demo: Demonstration, user: User) -> None:
     open to the labeler (the set's name is left out of the message)."""
     prompt_set = session.get(PromptSet, demo.prompt.prompt_set_id, populate_existing=True)
     if prompt_set.status != PromptSetStatus.active or prompt_set.kind != PromptSetKind.demonstration:
-        raise NotAllowed(f"This prompt's set is {prompt_set.status.value}: nothing can be submitted to it now."
+        raise NotAllowed(f"This prompt's set is {prompt_set.status.value}: its prompts cannot be written now."
                          " Open Write for another prompt.")
     if not is_allowed(session, prompt_set_id=prompt_set.id, user_id=user.id):
         raise NotAllowed("You are no longer among the writers of this prompt's set. Open Write for another prompt.")
@@ -358,7 +361,6 @@ def submit_demonstration(session: Session, *, user: User, demonstration_id: int,
         return SubmitResult(demo, already=True)
     if demo.status == DemonstrationStatus.skipped:
         raise Conflict("You skipped this prompt; it cannot be submitted any more.")
-    _check_open(session, demo, user)
     now = _lock_prompt(session, demo, now)
     clean_text = _clean_text(text, required=True)
     flags = _clean_flags(prompt_flags) if prompt_flags is not None else demo.prompt_flags
