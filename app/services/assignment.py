@@ -385,9 +385,11 @@ def check_lease(session: Session, hold: Hold, *, user: User) -> None:
                        " Open Label to get a current task.")
 
 
-def expire_leases(session: Session, *, now: datetime) -> int:
-    """Mark every lease past its time as expired (housekeeping: expired leases
-    already stop holding their task without this). Returns how many. Commits."""
+def expire_leases(session: Session, *, now: datetime | None = None) -> int:
+    """Mark every lease past its time (by the database's clock unless `now` is given)
+    as expired (housekeeping: expired leases already stop holding their task without
+    this). Returns how many. Commits."""
+    now = lease_clock(session, now)
     count = session.execute(
         update(Assignment)
         .where(Assignment.status == AssignmentStatus.active, Assignment.expires_at <= now)
