@@ -6,12 +6,13 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app.db.enums import AssignmentStatus, PromptSetStatus
 from app.db.models import Annotation, Assignment, PromptSet, Task, User
 from app.db.session import new_session, session_scope
 from app.services import annotations
+from app.services import assignment as assignment_service
 from app.services.assignment import expire_leases, lease_next_task, skip_task
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.labelers import allow_labeler
@@ -276,6 +277,54 @@ def test_lease_times_come_from_the_database_clock(session):
 
 def _db_clock(s) -> datetime:
     return s.scalar(select(func.clock_timestamp()))
+
+
+def test_a_submit_held_up_while_its_lease_runs_out_and_goes_to_another_is_refused(committed):
+    """Overlap 1. a's submit starts while the lease is live but waits on a's own lock
+    (another request of a's); meanwhile the lease runs out by the database's clock and
+    b takes the task. a's submit must judge the lease by the clock read after its
+    locks: 409, and the task ends with b's annotation only."""
+    with session_scope() as s:
+        prompt_set = make_prompt_set(s, overlap=1)
+        task = make_task(s, prompt_set)
+        a, b = (User(username=name, role="labeler", password_hash="-") for name in ("held-a", "quick-b"))
+        s.add_all([a, b])
+        s.flush()
+        a_id, b_id, task_id, ids = a.id, b.id, task.id, [item.response_id for item in task.items]
+    ratings, ranks = {r: 4 for r in ids}, {r: i + 1 for i, r in enumerate(ids)}
+    with new_session() as s:
+        expires_at = lease_next_task(s, user=s.get(User, a_id), lease_s=1).assignment.expires_at
+    results: dict[str, object] = {}
+
+    def late_submit() -> None:
+        with new_session() as s:
+            try:
+                annotations.submit_annotation(s, user=s.get(User, a_id), task_id=task_id, ratings=ratings,
+                                              ranks=ranks, idempotency_key="held-up-key")
+                results["a"] = "stored"
+            except Conflict as exc:
+                results["a"] = exc.message
+
+    with new_session() as blocker:
+        blocker.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"),
+                        {"ns": assignment_service._LEASE_LOCK_NS, "uid": a_id})
+        thread = threading.Thread(target=late_submit)
+        thread.start()
+        while _db_clock(blocker) <= expires_at:
+            time.sleep(0.05)
+        with new_session() as s:
+            got = lease_next_task(s, user=s.get(User, b_id), lease_s=LEASE_S)
+            assert got is not None and got.task.id == task_id
+        assert thread.is_alive() and not results  # a's submit is still waiting
+        blocker.commit()
+    thread.join(30)
+    assert "ran out" in str(results["a"])
+    with new_session() as s:
+        annotations.submit_annotation(s, user=s.get(User, b_id), task_id=task_id, ratings=ratings, ranks=ranks,
+                                      idempotency_key="quick-b-key")
+    with session_scope() as s:
+        assert s.scalars(select(Annotation.user_id).where(Annotation.task_id == task_id)).all() == [b_id]
+        assert s.get(Task, task_id).num_labels == 1
 
 
 def test_a_lease_running_out_while_another_labeler_leases_never_gives_two_holders(committed):
