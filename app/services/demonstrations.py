@@ -318,8 +318,8 @@ def save_draft(session: Session, *, user: User, demonstration_id: int, text: str
                prompt_flags: Iterable[str] | None = None) -> SaveResult:
     """Store the draft's text (saving the same text again changes nothing else) and
     renew the lease. A demonstration already submitted is left as it is. Raises
-    NotAllowed for someone else's, Conflict for a skipped one, Invalid for a text
-    over the limit. Commits."""
+    NotAllowed for someone else's or a set closed to them, Conflict for a skipped
+    one, Invalid for a text over the limit. Commits."""
     demo = _own(session, user=user, demonstration_id=demonstration_id)
     if demo.status != DemonstrationStatus.draft:
         if demo.status == DemonstrationStatus.skipped:
@@ -384,8 +384,8 @@ def submit_demonstration(session: Session, *, user: User, demonstration_id: int,
 def skip_demonstration(session: Session, *, user: User, demonstration_id: int, reason: str,
                        now: datetime | None = None) -> Demonstration:
     """Give the prompt back, never to be offered to this labeler again. Raises
-    NotFound, NotAllowed (not theirs), Conflict (already submitted), then Invalid
-    (no reason). Commits."""
+    NotFound, NotAllowed (not theirs, or a set closed to them), Conflict (already
+    submitted), then Invalid (no reason). Commits."""
     demo = _own(session, user=user, demonstration_id=demonstration_id)
     if demo.status in DONE:
         raise Conflict("You already submitted this demonstration; it cannot be skipped any more.")
