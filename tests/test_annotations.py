@@ -16,7 +16,7 @@ from app.services.annotations import (
     ranking_contradictions,
 )
 from app.services.assignment import lease_next_task
-from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+from app.services.errors import Conflict, Invalid, NotFound
 from tests.conftest import make_user
 from tests.factories import make_prompt_set, make_task
 
@@ -154,7 +154,7 @@ def test_a_response_of_another_task_is_refused(session):
 def test_submit_needs_a_lease(session):
     prompt_set = make_prompt_set(session, k=2)
     task = make_task(session, prompt_set)
-    with pytest.raises(NotAllowed):
+    with pytest.raises(NotFound):
         submit(session, make_user(session), task, [5, 4], [1, 2])
 
 

@@ -1,18 +1,22 @@
 """Leases: overlap, never twice per labeler, expiry, reload, order, gold mixing, concurrency."""
 
 import threading
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 
 from app.db.enums import AssignmentStatus, PromptSetStatus
-from app.db.models import Assignment, PromptSet, Task, User
+from app.db.models import Annotation, Assignment, PromptSet, Task, User
 from app.db.session import new_session, session_scope
 from app.services import annotations
+from app.services import assignment as assignment_service
 from app.services.assignment import expire_leases, lease_next_task, skip_task
-from app.services.errors import Conflict, Invalid, NotAllowed
+from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+from app.services.labelers import allow_labeler
+from app.services.prompt_sets import archive_prompt_set, pause_prompt_set
 from tests.conftest import make_user
 from tests.factories import make_prompt_set, make_task
 
@@ -145,7 +149,7 @@ def test_skipped_task_goes_to_others_and_never_back(session):
     assert (row.status, row.skip_reason) == (AssignmentStatus.skipped, "I cannot judge this topic")
     assert lease(session, a, NOW + timedelta(hours=3)) is None
     assert lease(session, b).id == task.id
-    with pytest.raises(NotAllowed):
+    with pytest.raises(NotFound):  # never given it: as if there were no such task
         skip_task(session, user=make_user(session), task_id=task.id, reason="no", now=NOW)
 
 
@@ -233,3 +237,152 @@ def test_fifty_concurrent_labelers_never_exceed_the_overlap(committed):
         assert all(n <= 3 for n in Counter(t for t, _ in rows).values())
         assert set(Counter(t for t, _ in rows)) == set(task_ids)
         assert s.get(PromptSet, prompt_set.id).overlap == 3
+
+
+@pytest.mark.parametrize("change", ["paused", "archived", "restricted to others", "new round"])
+def test_submit_is_refused_once_the_labeler_may_no_longer_label_the_task(session, change):
+    a, someone = make_user(session), make_user(session)
+    prompt_set = make_prompt_set(session, overlap=1)
+    task = make_task(session, prompt_set)
+    assert lease(session, a).id == task.id
+    if change == "paused":
+        pause_prompt_set(session, prompt_set=prompt_set)
+    elif change == "archived":
+        archive_prompt_set(session, prompt_set=prompt_set)
+    elif change == "restricted to others":
+        # The set was open to all; naming someone on its list shuts `a` out (their lease stays active).
+        allow_labeler(session, prompt_set_id=prompt_set.id, user_id=someone.id)
+    else:
+        prompt_set.round += 1
+        session.commit()
+    expected = Conflict if change == "new round" else NotAllowed
+    with pytest.raises(expected) as err:
+        submit(session, a, task)
+    assert prompt_set.name not in err.value.message
+    assert session.scalar(select(func.count(Annotation.id))) == 0
+    assert session.get(Task, task.id).num_labels == 0
+
+
+def test_lease_times_come_from_the_database_clock(session):
+    prompt_set = make_prompt_set(session)
+    make_task(session, prompt_set)
+    labeler = make_user(session)
+    before = session.scalar(select(func.clock_timestamp()))
+    got = lease_next_task(session, user=labeler, lease_s=LEASE_S)
+    after = session.scalar(select(func.clock_timestamp()))
+    # The transaction began before `before`: the lease is stamped with the clock read while leasing.
+    assert before <= got.assignment.leased_at <= after
+    assert got.assignment.expires_at == got.assignment.leased_at + timedelta(seconds=LEASE_S)
+
+
+def _db_clock(s) -> datetime:
+    return s.scalar(select(func.clock_timestamp()))
+
+
+def test_a_submit_held_up_while_its_lease_runs_out_and_goes_to_another_is_refused(committed):
+    """Overlap 1. a's submit starts while the lease is live but waits on a's own lock
+    (another request of a's); meanwhile the lease runs out by the database's clock and
+    b takes the task. a's submit must judge the lease by the clock read after its
+    locks: 409, and the task ends with b's annotation only."""
+    with session_scope() as s:
+        prompt_set = make_prompt_set(s, overlap=1)
+        task = make_task(s, prompt_set)
+        a, b = (User(username=name, role="labeler", password_hash="-") for name in ("held-a", "quick-b"))
+        s.add_all([a, b])
+        s.flush()
+        a_id, b_id, task_id, ids = a.id, b.id, task.id, [item.response_id for item in task.items]
+    ratings, ranks = {r: 4 for r in ids}, {r: i + 1 for i, r in enumerate(ids)}
+    with new_session() as s:
+        expires_at = lease_next_task(s, user=s.get(User, a_id), lease_s=1).assignment.expires_at
+    results: dict[str, object] = {}
+
+    def late_submit() -> None:
+        with new_session() as s:
+            try:
+                annotations.submit_annotation(s, user=s.get(User, a_id), task_id=task_id, ratings=ratings,
+                                              ranks=ranks, idempotency_key="held-up-key")
+                results["a"] = "stored"
+            except Conflict as exc:
+                results["a"] = exc.message
+
+    with new_session() as blocker:
+        blocker.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"),
+                        {"ns": assignment_service._LEASE_LOCK_NS, "uid": a_id})
+        thread = threading.Thread(target=late_submit)
+        thread.start()
+        while _db_clock(blocker) <= expires_at:
+            time.sleep(0.05)
+        with new_session() as s:
+            got = lease_next_task(s, user=s.get(User, b_id), lease_s=LEASE_S)
+            assert got is not None and got.task.id == task_id
+        assert thread.is_alive() and not results  # a's submit is still waiting
+        blocker.commit()
+    thread.join(30)
+    assert "ran out" in str(results["a"])
+    with new_session() as s:
+        annotations.submit_annotation(s, user=s.get(User, b_id), task_id=task_id, ratings=ratings, ranks=ranks,
+                                      idempotency_key="quick-b-key")
+    with session_scope() as s:
+        assert s.scalars(select(Annotation.user_id).where(Annotation.task_id == task_id)).all() == [b_id]
+        assert s.get(Task, task_id).num_labels == 1
+
+
+def test_a_lease_running_out_while_another_labeler_leases_never_gives_two_holders(committed):
+    """Overlap 1. a's lease (1 s, stamped by the database clock) runs out while a submits
+    and b keeps asking for a task: at no instant may both a's annotation and b's lease stand."""
+    trials = 3
+    with session_scope() as s:
+        prompt_set = make_prompt_set(s, overlap=1)
+        a = User(username="late-a", role="labeler", password_hash="-")
+        b_users = [User(username=f"eager-b{i}", role="labeler", password_hash="-") for i in range(trials)]
+        s.add_all([a, *b_users])
+        s.flush()
+        a_id, b_ids = a.id, [u.id for u in b_users]
+    outcomes = []
+    for trial, b_id in enumerate(b_ids):
+        with session_scope() as s:
+            task = make_task(s, s.get(PromptSet, prompt_set.id))
+            task_id, ids = task.id, [item.response_id for item in task.items]
+        with new_session() as s:
+            got = lease_next_task(s, user=s.get(User, a_id), lease_s=1)
+            assert got.task.id == task_id
+            expires_at = got.assignment.expires_at
+        results: dict[str, object] = {}
+
+        def late_submit() -> None:
+            with new_session() as s:
+                # Aim at the instant the lease runs out (a little before, at, or after it).
+                time.sleep(max(0.0, (expires_at - _db_clock(s)).total_seconds() + (trial - 1) * 0.01))
+                try:
+                    annotations.submit_annotation(
+                        s, user=s.get(User, a_id), task_id=task_id, ratings={r: 4 for r in ids},
+                        ranks={r: i + 1 for i, r in enumerate(ids)}, idempotency_key=f"late-key-{trial}")
+                    results["a"] = "stored"
+                except Conflict:
+                    results["a"] = "refused"
+
+        def eager_lease() -> None:
+            with new_session() as s:
+                user = s.get(User, b_id)
+                while _db_clock(s) < expires_at + timedelta(seconds=0.5):
+                    got = lease_next_task(s, user=user, lease_s=LEASE_S)
+                    if got is not None:
+                        results["b"] = got.task.id
+                        return
+                    time.sleep(0.005)
+
+        threads = [threading.Thread(target=late_submit), threading.Thread(target=eager_lease)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        with session_scope() as s:
+            annotated = s.scalar(select(func.count(Annotation.id)).where(Annotation.task_id == task_id))
+            b_holds = s.scalar(select(func.count(Assignment.id)).where(
+                Assignment.task_id == task_id, Assignment.user_id == b_id,
+                Assignment.status == AssignmentStatus.active))
+        assert annotated + b_holds <= 1, (trial, results)
+        assert (results.get("a") == "stored") == (annotated == 1)
+        assert (results.get("b") == task_id) == (b_holds == 1)
+        outcomes.append(results.get("a"))
+    assert set(outcomes) <= {"stored", "refused"}

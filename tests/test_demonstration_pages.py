@@ -194,3 +194,50 @@ def test_engineer_starts_an_sft_job_from_the_form(client, session, tiny_model_di
     assert job.params["config"]["epochs"] == 2 and job.params["config"]["seed"] == 3
     assert job.params["config"]["packing"] is True and job.params["config"]["learning_rate"] == 1e-3
     assert job.queue == "gpu"
+
+
+def test_a_refused_skip_or_submit_never_shows_another_labelers_prompt(client, session):
+    s = demo_set(session, name="secret-demo-set")
+    add_prompt(session, s, "SECRET-DEMO-PROMPT")
+    owner = make_user(session)
+    demo = lease(session, owner)
+    demos.save_draft(session, user=owner, demonstration_id=demo.id, text="SECRET-DRAFT", now=utcnow(), lease_s=1800)
+    client.headers["X-CSRF-Token"] = login(client, make_user(session))
+    attempts = {
+        "skip without a reason": ("skip", {"skip_reason": ""}),
+        "submit without text": ("submit", {"text": ""}),
+        "skip": ("skip", {"skip_reason": "The prompt is unclear"}),
+    }
+    for what, (action, data) in attempts.items():
+        for headers in (HX, {}):
+            response = client.post(f"/demonstrate/{demo.id}/{action}", headers=headers, data=data)
+            assert response.status_code in (403, 404), (what, response.status_code)
+            assert not [x for x in ("SECRET-DEMO-PROMPT", "SECRET-DRAFT", "secret-demo-set", "kindly")
+                        if x in response.text], what
+    assert session.get(Demonstration, demo.id).status == DemonstrationStatus.draft
+
+
+def test_a_late_submit_from_a_replica_with_a_slow_clock_is_refused(app, client, session, monkeypatch):
+    """Overlap 1: a's draft ran out by the database's clock and b holds the prompt. a's web
+    replica runs five minutes slow, so by its own clock the lease is still good."""
+    from datetime import UTC, datetime, timedelta
+
+    from fastapi.testclient import TestClient
+
+    s = demo_set(session, overlap=1)
+    add_prompt(session, s, "Only prompt")
+    a, b = make_user(session), make_user(session)
+    client.headers["X-CSRF-Token"] = login(client, a)
+    did = demo_id(client.get("/demonstrate").text)
+    draft = session.get(Demonstration, did)
+    draft.expires_at = session.scalar(select(func.clock_timestamp())) - timedelta(seconds=1)
+    session.commit()
+    with TestClient(app, follow_redirects=False) as other:
+        other.headers["X-CSRF-Token"] = login(other, b)
+        assert "Only prompt" in other.get("/demonstrate").text
+        monkeypatch.setattr("app.routes.demonstrations.utcnow", lambda: datetime.now(UTC) - timedelta(minutes=5))
+        late = client.post(f"/demonstrate/{did}/submit", headers=HX, data={"text": "Late answer."})
+        assert late.status_code == 409 and "ran out" in late.text
+    assert session.get(Demonstration, did).status == DemonstrationStatus.draft
+    assert session.scalar(select(func.count(Demonstration.id)).where(
+        Demonstration.status == DemonstrationStatus.submitted)) == 0

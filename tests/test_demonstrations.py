@@ -1,19 +1,23 @@
 """Demonstrations: leases, drafts, idempotent submit, skip, review, training data, import and export."""
 
 import json
+import threading
+import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy import text as sql_text
 
 from app.db.base import utcnow
 from app.db.enums import DemonstrationStatus, PromptSetKind, PromptSetStatus, Role, Split
-from app.db.models import Demonstration, Prompt, PromptSet
+from app.db.models import Demonstration, Prompt, PromptSet, User
+from app.db.session import new_session
 from app.services import demonstrations as demos
 from app.services import export
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
-from app.services.prompt_sets import prompt_hash
+from app.services.labelers import allow_labeler
+from app.services.prompt_sets import archive_prompt_set, pause_prompt_set, prompt_hash
 from tests.conftest import make_user
 from tests.factories import make_prompt_set, make_task
 
@@ -101,6 +105,25 @@ def test_only_active_demonstration_sets_open_to_the_labeler_give_prompts(session
     add_prompt(session, demo_set(session, allowed=[bob]), "For Bob only")
     assert lease(session, alice) is None
     assert lease(session, bob).prompt.text == "For Bob only"
+
+
+
+@pytest.mark.parametrize("change", ["paused", "archived", "restricted to others"])
+def test_submit_is_refused_once_the_set_is_closed_to_the_writer(session, change):
+    s = demo_set(session)
+    add_prompt(session, s, "A prompt")
+    alice, bob = make_user(session), make_user(session)
+    demo = lease(session, alice)
+    if change == "paused":
+        pause_prompt_set(session, prompt_set=s)
+    elif change == "archived":
+        archive_prompt_set(session, prompt_set=s)
+    else:
+        allow_labeler(session, prompt_set_id=s.id, user_id=bob.id)
+    with pytest.raises(NotAllowed) as err:
+        submit(session, alice, demo)
+    assert s.name not in err.value.message
+    assert session.get(Demonstration, demo.id).status == DemonstrationStatus.draft
 
 
 # ---- drafts and submit -------------------------------------------------------------------
@@ -360,10 +383,6 @@ def test_import_refuses_ranking_and_archived_sets_and_empty_files(session):
 
 
 def test_concurrent_leases_never_exceed_the_overlap(committed):
-    import threading
-
-    from app.db.session import new_session
-
     with new_session() as session:
         s = demo_set(session, overlap=2)
         for i in range(3):
@@ -377,7 +396,7 @@ def test_concurrent_leases_never_exceed_the_overlap(committed):
 
     def take(user_id: int) -> None:
         with new_session() as own:
-            user = own.get(type(labelers[0]), user_id)
+            user = own.get(User, user_id)
             barrier.wait()
             demo = demos.lease_next_demonstration(own, user=user, now=now, lease_s=LEASE_S)
             got[user_id] = demo.prompt_id if demo else None
@@ -390,3 +409,50 @@ def test_concurrent_leases_never_exceed_the_overlap(committed):
     leased = [p for p in got.values() if p is not None]
     assert len(got) == 8 and len(leased) == 6  # 3 prompts x overlap 2; two labelers get nothing
     assert all(leased.count(p) == 2 for p in set(leased))
+
+
+def test_a_submit_held_up_while_the_draft_lease_runs_out_and_goes_to_another_is_refused(committed):
+    """Overlap 1. a's submit waits on a's own lock while a's draft lease runs out by the
+    database's clock and b takes the prompt: a's submit is judged by the clock read
+    after its locks (409, the text kept as a draft), and only b's is submitted."""
+    with new_session() as session:
+        add_prompt(session, demo_set(session, overlap=1), "Only prompt")
+        a, b = make_user(session), make_user(session)
+        session.commit()
+        a_id, b_id = a.id, b.id
+    with new_session() as session:
+        draft = demos.lease_next_demonstration(session, user=session.get(User, a_id), lease_s=1)
+        draft_id, expires_at = draft.id, draft.expires_at
+    results: dict[str, str] = {}
+
+    def late_submit() -> None:
+        with new_session() as own:
+            try:
+                demos.submit_demonstration(own, user=own.get(User, a_id), demonstration_id=draft_id,
+                                           text="Late answer", lease_s=LEASE_S)
+                results["a"] = "stored"
+            except Conflict as exc:
+                results["a"] = exc.message
+
+    with new_session() as blocker:
+        blocker.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"),
+                        {"ns": demos._LEASE_LOCK_NS, "uid": a_id})
+        thread = threading.Thread(target=late_submit)
+        thread.start()
+        while blocker.scalar(select(func.clock_timestamp())) <= expires_at:
+            time.sleep(0.05)
+        with new_session() as session:
+            taken = demos.lease_next_demonstration(session, user=session.get(User, b_id), lease_s=LEASE_S)
+            assert taken is not None and taken.prompt_id == draft.prompt_id
+            b_demo = taken.id
+        assert thread.is_alive() and not results  # a's submit is still waiting
+        blocker.commit()
+    thread.join(30)
+    assert "ran out" in results["a"]
+    with new_session() as session:
+        demos.submit_demonstration(session, user=session.get(User, b_id), demonstration_id=b_demo,
+                                   text="Quick answer", lease_s=LEASE_S)
+        submitted = session.scalars(select(Demonstration.user_id).where(
+            Demonstration.status == DemonstrationStatus.submitted)).all()
+        assert submitted == [b_id]
+        assert session.get(Demonstration, draft_id).status == DemonstrationStatus.draft

@@ -6,7 +6,7 @@ from datetime import timedelta
 from sqlalchemy import func, select
 
 from app.db.base import utcnow
-from app.db.enums import AssignmentStatus, Role
+from app.db.enums import AssignmentStatus, PromptSetStatus, Role
 from app.db.models import Annotation, Assignment, Comparison, Rating
 from app.services import annotations
 from app.services.annotations import RESPONSE_FLAGS
@@ -302,3 +302,80 @@ def test_api_next_and_submit(client, session):
     assert retried.status_code == 200 and retried.json()["annotation_id"] == created.json()["annotation_id"]
     assert client.get("/api/v1/label/next").json() | {"response_flags": [], "prompt_flags": []} == {
         "task": None, "today": 1, "total": 1, "response_flags": [], "prompt_flags": []}
+
+
+# ---- access: a labeler reads only the tasks they hold ----
+
+def _secret_task(session):
+    """A task leased by its owner, every piece of it marked secret."""
+    owner = make_user(session)
+    prompt_set = make_prompt_set(session, k=2, name="secret-set-name", instructions="SECRET-INSTRUCTIONS")
+    task = make_task(session, prompt_set, texts=["SECRET-RESPONSE-ONE", "SECRET-RESPONSE-TWO"],
+                     messages=[{"role": "user", "content": "SECRET-PROMPT"}])
+    lease_next_task(session, user=owner, now=utcnow(), lease_s=1800)
+    return owner, task
+
+
+SECRETS = ("SECRET-PROMPT", "SECRET-RESPONSE", "SECRET-INSTRUCTIONS", "secret-set-name")
+
+
+def test_an_invalid_submit_or_skip_never_shows_a_task_the_labeler_does_not_hold(client, session):
+    _, task = _secret_task(session)
+    token = login(client, make_user(session))
+    a, b = [item.response_id for item in task.items]
+    attempts = {
+        "submit without a form key": (f"/label/{task.id}/submit", {f"rating-{a}": "5", f"rank-{a}": "1"}),
+        "skip without a reason": (f"/label/{task.id}/skip", {"skip_reason": ""}),
+    }
+    for what, (url, data) in attempts.items():
+        for headers in (HX, {}):
+            response = client.post(url, data=data, headers=headers | {"X-CSRF-Token": token})
+            assert response.status_code == 404, (what, response.status_code)
+            assert not [s for s in SECRETS if s in response.text], what
+    assert session.scalar(select(func.count(Annotation.id))) == 0
+
+
+def test_a_late_submit_from_a_replica_with_a_slow_clock_is_refused(app, client, session, monkeypatch):
+    """Overlap 1: a's lease ran out by the database's clock and b took the task. a's web
+    replica runs five minutes slow, so by its own clock the lease is still good."""
+    from datetime import UTC, datetime
+
+    from fastapi.testclient import TestClient
+
+    a, _, tasks = setup(session, tasks=1)
+    b = make_user(session)
+    token = login(client, a)
+    html = client.get("/label").text
+    row = session.scalar(select(Assignment).where(Assignment.user_id == a.id))
+    row.expires_at = session.scalar(select(func.clock_timestamp())) - timedelta(seconds=1)
+    session.commit()
+    with TestClient(app, follow_redirects=False) as other:
+        b_token = login(other, b)
+        b_html = other.get("/label").text
+        assert f'data-task-id="{tasks[0].id}"' in b_html
+        monkeypatch.setattr("app.routes.label.utcnow", lambda: datetime.now(UTC) - timedelta(minutes=5))
+        late = client.post(f"/label/{tasks[0].id}/submit", data=form_for(html, tasks[0], [7, 5, 1], [1, 2, 3]),
+                           headers=HX | {"X-CSRF-Token": token})
+        assert late.status_code == 409 and "ran out" in late.text
+        assert session.scalar(select(func.count(Annotation.id))) == 0
+        stored = other.post(f"/label/{tasks[0].id}/submit", data=form_for(b_html, tasks[0], [1, 5, 7], [3, 2, 1]),
+                            headers=HX | {"X-CSRF-Token": b_token})
+        assert stored.status_code == 200 and f"Saved task {tasks[0].id}." in stored.text
+    assert session.scalar(select(Annotation.user_id)) == b.id
+    assert session.scalar(select(func.count(Annotation.id))) == 1
+
+
+def test_a_submit_to_a_paused_set_is_refused_and_shows_none_of_it(client, session):
+    owner, task = _secret_task(session)
+    token = login(client, owner)
+    html = client.get("/label").text
+    assert "SECRET-PROMPT" in html
+    task.prompt_set.status = PromptSetStatus.paused
+    session.commit()
+    a, b = [item.response_id for item in task.items]
+    for data in (form_for(html, task, [5, 4], [1, 2]), {f"rating-{a}": "9"}):
+        response = client.post(f"/label/{task.id}/submit", data=data, headers=HX | {"X-CSRF-Token": token})
+        assert response.status_code == 403, response.text
+        assert "paused" in response.text
+        assert not [s for s in SECRETS if s in response.text]
+    assert session.scalar(select(func.count(Annotation.id))) == 0

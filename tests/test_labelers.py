@@ -7,11 +7,11 @@ from sqlalchemy import select
 
 from app.db.base import utcnow
 from app.db.enums import AssignmentStatus, Role
-from app.db.models import Annotation, Assignment
+from app.db.models import Annotation, Assignment, User
 from app.services import export, labelers, users
 from app.services.agreement import compute_set_agreement
-from app.services.errors import Invalid, NotFound
-from tests.conftest import make_user
+from app.services.errors import Invalid, NotAllowed, NotFound
+from tests.conftest import TEST_PASSWORD, login, make_user
 from tests.quality_data import annotate, make_set, make_task
 
 
@@ -158,3 +158,22 @@ def test_labeler_rows_join_accounts_exclusion_and_figures(session):
     assert rows[good.id].figures.tasks == 3
     only = labelers.labeler_rows(session, prompt_set_id=ps.id, user_id=good.id)
     assert [r.user_id for r in only] == [good.id]
+
+
+def test_an_admin_cannot_deactivate_their_own_account_by_page_api_or_service(client, session):
+    admin, other = make_user(session, role=Role.admin), make_user(session, role=Role.admin)
+    token = login(client, admin)
+    headers = {"X-CSRF-Token": token}
+    refused = client.patch(f"/api/v1/users/{admin.id}", headers=headers,
+                           json={"is_active": False, "password": "a-new-password-1"})
+    assert refused.status_code == 403 and "your own account" in refused.json()["detail"]
+    page = client.post(f"/admin/users/{admin.id}/active", headers=headers, data={"active": "false"})
+    assert page.status_code == 403
+    with pytest.raises(NotAllowed, match="your own account"):
+        users.set_active(session, user=admin, active=False, by=admin)
+    session.refresh(admin)
+    assert admin.is_active and users.verify_password(TEST_PASSWORD, admin.password_hash)
+    # Another admin's account, and re-activating one's own, are fine.
+    assert client.patch(f"/api/v1/users/{other.id}", headers=headers, json={"is_active": False}).status_code == 200
+    assert client.patch(f"/api/v1/users/{admin.id}", headers=headers, json={"is_active": True}).status_code == 200
+    assert not session.get(User, other.id).is_active

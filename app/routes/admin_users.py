@@ -7,7 +7,7 @@ from fastapi import APIRouter, Form, Request
 from app.db.enums import Role
 from app.routes.deps import AdminUser, SessionDep
 from app.services import users
-from app.services.errors import Invalid, NotAllowed
+from app.services.errors import Invalid
 from app.web import flash, redirect, render
 
 router = APIRouter(prefix="/admin/users", include_in_schema=False)
@@ -48,9 +48,7 @@ def set_active(
     active: Annotated[bool, Form()],
 ):
     user = users.get_user(session, user_id)
-    if user.id == admin.id and not active:
-        raise NotAllowed("You cannot deactivate your own account.")
-    users.set_active(session, user=user, active=active)
+    users.set_active(session, user=user, active=active, by=admin)
     context = {"user": user, "roles": list(Role)}
     return render(request, "partials/_user_row.html", context)
 

@@ -27,8 +27,11 @@ def create_user(body: UserCreate, session: SessionDep, admin: AdminUser):
 @router.patch("/users/{user_id}", response_model=UserOut)
 def update_user(user_id: int, body: UserUpdate, session: SessionDep, admin: AdminUser):
     user = users.get_user(session, user_id)
+    # Both changes are checked before either is stored: nothing half-written.
+    if body.password is not None:
+        users.check_password_rules(body.password)
+    if body.is_active is not None:
+        users.set_active(session, user=user, active=body.is_active, by=admin)
     if body.password is not None:
         users.set_password(session, user=user, password=body.password)
-    if body.is_active is not None:
-        users.set_active(session, user=user, active=body.is_active)
     return user

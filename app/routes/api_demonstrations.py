@@ -50,14 +50,14 @@ def _out(demo: Demonstration) -> DemonstrationOut:
 @router.get("/demonstrations/next", response_model=NextDemonstrationOut)
 def next_demonstration(session: SessionDep, user: LabelerUser, settings: SettingsDep):
     """The prompt you hold, or a new lease on the next one; null when none is left."""
-    demo = demos.lease_next_demonstration(session, user=user, now=utcnow(), lease_s=settings.lease_s)
+    demo = demos.lease_next_demonstration(session, user=user, lease_s=settings.lease_s)
     return NextDemonstrationOut(demonstration=_out(demo) if demo else None)
 
 
 @router.put("/demonstrations/{demonstration_id}/draft", response_model=DraftOut)
 def save_draft(demonstration_id: int, body: DraftIn, session: SessionDep, user: LabelerUser, settings: SettingsDep):
     """Autosave the draft and renew the lease (a submitted one is left as it is: saved=false)."""
-    result = demos.save_draft(session, user=user, demonstration_id=demonstration_id, text=body.text, now=utcnow(),
+    result = demos.save_draft(session, user=user, demonstration_id=demonstration_id, text=body.text,
                               lease_s=settings.lease_s, time_spent_s=body.time_spent_s,
                               prompt_flags=body.prompt_flags)
     return DraftOut(demonstration=_out(result.demonstration), saved=result.saved, holds_lease=result.holds_lease)
@@ -67,15 +67,14 @@ def save_draft(demonstration_id: int, body: DraftIn, session: SessionDep, user: 
 def submit(demonstration_id: int, body: SubmitIn, session: SessionDep, user: LabelerUser, settings: SettingsDep):
     """Submit for review. Sending it again changes nothing (already=true)."""
     result = demos.submit_demonstration(session, user=user, demonstration_id=demonstration_id, text=body.text,
-                                        now=utcnow(), lease_s=settings.lease_s, time_spent_s=body.time_spent_s,
+                                        lease_s=settings.lease_s, time_spent_s=body.time_spent_s,
                                         prompt_flags=body.prompt_flags)
     return SubmitOut(demonstration=_out(result.demonstration), already=result.already)
 
 
 @router.post("/demonstrations/{demonstration_id}/skip", response_model=DemonstrationOut)
 def skip(demonstration_id: int, body: SkipIn, session: SessionDep, user: LabelerUser):
-    demos.skip_demonstration(session, user=user, demonstration_id=demonstration_id, reason=body.reason, now=utcnow())
-    return _out(demos.load_demonstration(session, demonstration_id))
+    return _out(demos.skip_demonstration(session, user=user, demonstration_id=demonstration_id, reason=body.reason))
 
 
 # ---- admins ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ def next_task(session: SessionDep, user: LabelerUser, settings: SettingsDep):
     """The labeler's leased task (the same one until it is submitted, skipped or the lease
     runs out), or a new lease; `task` is null when nothing is left."""
     now = utcnow()
-    lease = assignment.lease_next_task(session, user=user, now=now, lease_s=settings.lease_s)
+    lease = assignment.lease_next_task(session, user=user, lease_s=settings.lease_s)
     counts = annotations.labeler_counts(session, user=user, now=now)
     task_out = None
     if lease is not None:
@@ -47,7 +47,7 @@ def submit(task_id: int, body: SubmitIn, response: Response, session: SessionDep
     result = annotations.submit_annotation(
         session, user=user, task_id=task_id, ratings=body.ratings, ranks=body.ranks, flags=body.flags,
         prompt_flags=body.prompt_flags, comment=body.comment, time_spent_s=body.time_spent_s,
-        idempotency_key=body.idempotency_key, now=utcnow(),
+        idempotency_key=body.idempotency_key,
     )
     if not result.created:
         response.status_code = status.HTTP_200_OK

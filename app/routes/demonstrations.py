@@ -53,7 +53,7 @@ def _editor(request: Request, context: dict[str, Any], status_code: int = 200):
 
 def _next(request: Request, session, user: User, settings, **extra: Any):
     now = utcnow()
-    demo = demos.lease_next_demonstration(session, user=user, now=now, lease_s=settings.lease_s)
+    demo = demos.lease_next_demonstration(session, user=user, lease_s=settings.lease_s)
     return _editor(request, _context(session, user, now, demo, **extra))
 
 
@@ -75,7 +75,7 @@ def save_draft(request: Request, session: SessionDep, user: LabelerUser, setting
                time_base: Annotated[str, Form()] = "0"):
     """Autosave: called every few seconds by the editor (and when the tab is hidden)."""
     now = utcnow()
-    result = demos.save_draft(session, user=user, demonstration_id=demonstration_id, text=text, now=now,
+    result = demos.save_draft(session, user=user, demonstration_id=demonstration_id, text=text,
                               lease_s=settings.lease_s, time_spent_s=_time_spent(started_at, time_base, now),
                               prompt_flags=prompt_flags)
     return render(request, "partials/_demonstration_saved.html", {"result": result, "now": now})
@@ -86,7 +86,7 @@ def start_from_model(request: Request, session: SessionDep, user: LabelerUser, s
                      demonstration_id: int):
     """Edit mode: the model's answer becomes the draft, to be corrected."""
     now = utcnow()
-    demo = demos.start_from_model_answer(session, user=user, demonstration_id=demonstration_id, now=now,
+    demo = demos.start_from_model_answer(session, user=user, demonstration_id=demonstration_id,
                                          lease_s=settings.lease_s)
     return _editor(request, _context(session, user, now, demo, notice="Started from the model's answer: edit it"
                                                                      " into the response you want."))
@@ -99,10 +99,10 @@ def submit(request: Request, session: SessionDep, user: LabelerUser, settings: S
     now = utcnow()
     try:
         result = demos.submit_demonstration(
-            session, user=user, demonstration_id=demonstration_id, text=text, now=now, lease_s=settings.lease_s,
+            session, user=user, demonstration_id=demonstration_id, text=text, lease_s=settings.lease_s,
             time_spent_s=_time_spent(started_at, time_base, now), prompt_flags=prompt_flags)
     except (Invalid, Conflict) as exc:
-        demo = demos.load_demonstration(session, demonstration_id)
+        demo = demos.labeler_demonstration(session, user=user, demonstration_id=demonstration_id)
         context = _context(session, user, now, demo, error=exc.message, errors=exc.errors, text=text,
                            flags=prompt_flags)
         return _editor(request, context, 422 if isinstance(exc, Invalid) else 409)
@@ -121,9 +121,9 @@ def skip(request: Request, session: SessionDep, user: LabelerUser, settings: Set
     now = utcnow()
     reason = skip_reason_other.strip() if skip_reason == "Other" or not skip_reason else skip_reason
     try:
-        demos.skip_demonstration(session, user=user, demonstration_id=demonstration_id, reason=reason, now=now)
+        demos.skip_demonstration(session, user=user, demonstration_id=demonstration_id, reason=reason)
     except Invalid as exc:
-        demo = demos.load_demonstration(session, demonstration_id)
+        demo = demos.labeler_demonstration(session, user=user, demonstration_id=demonstration_id)
         context = _context(session, user, now, demo, error=exc.message, errors=exc.errors, text=text,
                            flags=prompt_flags, skip_reason=skip_reason)
         return _editor(request, context, 422)

@@ -59,7 +59,7 @@ def _task_response(request: Request, context: dict[str, Any], status_code: int =
 
 def _next_task(request: Request, session, user: User, settings, **extra: Any):
     now = utcnow()
-    lease = assignment.lease_next_task(session, user=user, now=now, lease_s=settings.lease_s)
+    lease = assignment.lease_next_task(session, user=user, lease_s=settings.lease_s)
     context = _context(session, user, now, task=lease.task if lease else None,
                        lease=lease.assignment if lease else None, **extra)
     return _task_response(request, context)
@@ -78,10 +78,10 @@ def submit(request: Request, session: SessionDep, user: LabelerUser, settings: S
         result = annotations.submit_annotation(
             session, user=user, task_id=task_id, ratings=form.ratings, ranks=form.ranks, flags=form.flags,
             prompt_flags=form.prompt_flags, comment=form.comment, time_spent_s=form.time_spent_s(now),
-            idempotency_key=form.idempotency_key, now=now,
+            idempotency_key=form.idempotency_key,
         )
     except Invalid as exc:
-        task = assignment.load_task(session, task_id)
+        task = assignment.labeler_task(session, user=user, task_id=task_id)
         return _task_response(request, _context(session, user, now, task=task, form=form, exc=exc), 422)
     notice = f"Saved task {task_id}." if result.created else f"Task {task_id} was already saved."
     if not is_htmx(request):
@@ -95,9 +95,9 @@ def skip(request: Request, session: SessionDep, user: LabelerUser, settings: Set
          form: LabelFormDep):
     now = utcnow()
     try:
-        assignment.skip_task(session, user=user, task_id=task_id, reason=form.skip_text(), now=now)
+        assignment.skip_task(session, user=user, task_id=task_id, reason=form.skip_text())
     except Invalid as exc:
-        task = assignment.load_task(session, task_id)
+        task = assignment.labeler_task(session, user=user, task_id=task_id)
         return _task_response(request, _context(session, user, now, task=task, form=form, exc=exc), 422)
     if not is_htmx(request):
         flash(request, f"Skipped task {task_id}.")
@@ -125,7 +125,7 @@ def edit_page(request: Request, session: SessionDep, user: LabelerUser, annotati
     annotation = annotations.get_own_annotation(session, user=user, annotation_id=annotation_id)
     if not annotations.can_edit(annotation, now):
         raise Conflict("This submission can no longer be changed: the edit window has closed.")
-    task = assignment.load_task(session, annotation.task_id)
+    task = assignment.labeler_task(session, user=user, task_id=annotation.task_id)
     context = _context(session, user, now, task=task, editing=annotation,
                        values=annotations.submission_values(annotation))
     return _task_response(request, context)
@@ -141,7 +141,7 @@ def edit(request: Request, session: SessionDep, user: LabelerUser, annotation_id
         )
     except Invalid as exc:
         annotation = annotations.get_own_annotation(session, user=user, annotation_id=annotation_id)
-        task = assignment.load_task(session, annotation.task_id)
+        task = assignment.labeler_task(session, user=user, task_id=annotation.task_id)
         context = _context(session, user, now, task=task, form=form, exc=exc, editing=annotation)
         return _task_response(request, context, 422)
     flash(request, " ".join([f"Saved your changes to task {result.annotation.task_id}.", *result.warnings]),

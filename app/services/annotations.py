@@ -25,7 +25,6 @@ from sqlalchemy.orm import Session, selectinload
 from app.db.enums import AssignmentStatus
 from app.db.models import (
     Annotation,
-    Assignment,
     Comparison,
     Prompt,
     PromptSet,
@@ -34,8 +33,8 @@ from app.db.models import (
     TaskResponse,
     User,
 )
-from app.services.assignment import load_task
-from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+from app.services.assignment import check_lease, load_task, lock_for_submit
+from app.services.errors import Conflict, Invalid, NotFound
 
 # The labeling metadata of InstructGPT (Ouyang et al. 2022, appendix B): (key, label).
 RESPONSE_FLAGS: tuple[tuple[str, str], ...] = (
@@ -258,40 +257,33 @@ def submit_annotation(
     session: Session, *, user: User, task_id: int, ratings: Mapping[Any, Any] | None,
     ranks: Mapping[Any, Any] | None, flags: Mapping[Any, Iterable[str]] | None = None,
     prompt_flags: Iterable[str] | None = None, comment: str | None = "", time_spent_s: Any = None,
-    idempotency_key: str | None, now: datetime,
+    idempotency_key: str | None, now: datetime | None = None,
 ) -> Submission:
-    """Store the labeler's annotation of a task they hold an active lease on, with its
+    """Store the labeler's annotation of a task they hold a live lease on, with its
     ratings and comparisons, in one transaction. A retry with the same key returns
-    the stored annotation. Raises Invalid (per field), NotFound, NotAllowed, Conflict."""
-    key = _check_key(idempotency_key)
-    task = load_task(session, task_id)
-    # The lease row is the lock: a concurrent submit of the same labeler waits here,
-    # then finds the annotation its twin stored.
-    assignment = session.scalar(
-        select(Assignment)
-        .where(Assignment.task_id == task_id, Assignment.user_id == user.id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
+    the stored annotation. Everything is checked with the task row locked and by the
+    database's clock (`now` replaces it in tests), access before the form: Raises
+    NotFound, Conflict, NotAllowed (see check_lease), then Invalid (per field)."""
+    # The task and lease rows are the locks: a concurrent submit of the same labeler
+    # waits here, then finds the annotation its twin stored; a labeler leasing the
+    # task waits too, so the lease checked below cannot go to them meanwhile.
+    hold = lock_for_submit(session, user=user, task_id=task_id, now=now)
+    given_key = (idempotency_key or "").strip()
     stored = session.scalar(
-        select(Annotation).where(Annotation.idempotency_key == key)
+        select(Annotation).where(Annotation.idempotency_key == given_key)
         .options(selectinload(Annotation.ratings))
         .execution_options(populate_existing=True)
-    )
+    ) if given_key else None
     if stored is not None:
         if stored.user_id != user.id or stored.task_id != task_id:
             raise Conflict("This form was already used for another submission; reload the page.")
         session.commit()
+        task = load_task(session, task_id)
         return Submission(annotation=stored, created=False, warnings=_stored_warnings(task, stored))
-    if assignment is None:
-        raise NotAllowed(f"You have not been given task {task_id}; open Label to get a task.")
-    if assignment.status == AssignmentStatus.submitted:
-        raise Conflict(f"You already submitted task {task_id}; change it from your history instead.")
-    if assignment.status != AssignmentStatus.active or assignment.expires_at <= now:
-        raise Conflict(
-            f"Your lease on task {task_id} ran out, so it may have gone to another labeler. "
-            "Open Label to get a task."
-        )
+    check_lease(session, hold, user=user)
+    key = _check_key(idempotency_key)
+    task = load_task(session, task_id)
+    now = hold.now
     clean = clean_submission(task, ratings=ratings, ranks=ranks, flags=flags,
                              prompt_flags=prompt_flags, comment=comment)
     annotation = Annotation(
@@ -301,8 +293,8 @@ def submit_annotation(
     )
     session.add(annotation)
     _store(session, annotation, task, clean)
-    assignment.status = AssignmentStatus.submitted
-    assignment.finished_at = now
+    hold.assignment.status = AssignmentStatus.submitted
+    hold.assignment.finished_at = now
     session.execute(update(Task).where(Task.id == task_id).values(num_labels=Task.num_labels + 1))
     session.commit()
     return Submission(annotation=annotation, created=True,

@@ -24,16 +24,26 @@ lease committed meanwhile) before the lease is written. Every path that adds a
 holder goes through here, so concurrent labelers never exceed the overlap. A
 transaction-scoped advisory lock per labeler serialises one labeler's own
 requests (a double click never gives two leases).
+
+Clock: lease times are the database's clock (clock_timestamp()), read after
+the task row is locked, never the web process's: replicas whose clocks differ
+agree on when a lease ran out, and a submit that waited for a lease being
+written reads a clock later than the one that lease was granted by. So a lease
+that one labeler found run out is run out for its holder's late submit too
+(`lock_for_submit`), and the overlap holds even at the instant a lease expires.
+A `now` passed in replaces the clock (tests move time with it).
+
+Reading: a labeler sees a task only through `labeler_task` (a live lease on it,
+or their own annotation of it); every other task id is "not found" to them.
 """
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
-from app.db.base import utcnow
 from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus
 from app.db.models import (
     Annotation,
@@ -45,9 +55,11 @@ from app.db.models import (
     User,
 )
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+from app.services.labelers import is_allowed
 
 # Namespace of the per-labeler advisory lock (any constant int4 of our own).
 _LEASE_LOCK_NS = 7_301
+_NOT_GIVEN = "You have not been given task {task_id}; open Label to get a task."
 # Tasks found full after locking (a stale candidate) before giving up.
 _MAX_ATTEMPTS = 50
 MAX_SKIP_REASON = 500
@@ -71,6 +83,16 @@ def holders_clause(now: datetime):
         Assignment.status == AssignmentStatus.submitted,
         and_(Assignment.status == AssignmentStatus.active, Assignment.expires_at > now),
     )
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock now (not the transaction's start): the one clock of every replica."""
+    return session.scalar(select(func.clock_timestamp())).astimezone(UTC)
+
+
+def lease_clock(session: Session, now: datetime | None) -> datetime:
+    """`now` when given (tests move time with it), else the database's clock."""
+    return db_now(session) if now is None else now
 
 
 def _holder_count(now: datetime):
@@ -97,7 +119,8 @@ def _eligible_sets(user_id: int):
 
 
 def load_task(session: Session, task_id: int) -> Task:
-    """The task with its prompt, set and responses in display order; raises NotFound."""
+    """The task with its prompt, set and responses in display order, unchecked (for
+    services; a labeler reads through `labeler_task`). Raises NotFound."""
     task = session.scalar(
         select(Task)
         .where(Task.id == task_id)
@@ -111,6 +134,25 @@ def load_task(session: Session, task_id: int) -> Task:
     if task is None:
         raise NotFound(f"There is no task {task_id}.")
     return task
+
+
+def labeler_task(session: Session, *, user: User, task_id: int, now: datetime | None = None) -> Task:
+    """The task as the labeler may read it: one they hold a live lease on (active, not run
+    out, in a set they may label now) or one they annotated. Raises NotFound for any
+    other id, existing or not, so other labelers' tasks cannot be told apart from none."""
+    clock = func.clock_timestamp() if now is None else now
+    leased = exists().where(
+        Assignment.task_id == Task.id, Assignment.user_id == user.id,
+        Assignment.status == AssignmentStatus.active, Assignment.expires_at > clock,
+    )
+    annotated = exists().where(Annotation.task_id == Task.id, Annotation.user_id == user.id)
+    found = session.scalar(
+        select(Task.id).join(PromptSet, PromptSet.id == Task.prompt_set_id)
+        .where(Task.id == task_id, or_(annotated, and_(leased, _eligible_sets(user.id))))
+    )
+    if found is None:
+        raise NotFound(f"You hold no task {task_id}; open Label to get a task.")
+    return load_task(session, task_id)
 
 
 def current_lease(session: Session, *, user: User, now: datetime) -> Lease | None:
@@ -201,14 +243,21 @@ def _has_room(session: Session, *, task_id: int, now: datetime) -> bool:
     return holders < overlap
 
 
-def lease_next_task(session: Session, *, user: User, now: datetime, lease_s: int) -> Lease | None:
+def _lock_labeler(session: Session, user_id: int) -> None:
+    session.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"),
+                    {"ns": _LEASE_LOCK_NS, "uid": user_id})
+
+
+def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime | None = None) -> Lease | None:
     """The labeler's current lease, or a new one on the best task they may take;
-    None when nothing is left for them. Commits."""
+    None when nothing is left for them. Times are the database clock's unless
+    `now` is given. Commits."""
     if lease_s <= 0:
         raise Invalid("The lease must last at least one second.", errors={"lease_s": "must be positive"})
     user_id = user.id
-    session.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"), {"ns": _LEASE_LOCK_NS, "uid": user_id})
-    lease = current_lease(session, user=user, now=now)
+    _lock_labeler(session, user_id)
+    start = lease_clock(session, now)
+    lease = current_lease(session, user=user, now=start)
     if lease is not None:
         session.commit()
         return lease
@@ -216,7 +265,7 @@ def lease_next_task(session: Session, *, user: User, now: datetime, lease_s: int
     session.execute(
         update(Assignment)
         .where(Assignment.user_id == user_id, Assignment.status == AssignmentStatus.active,
-               Assignment.expires_at <= now)
+               Assignment.expires_at <= start)
         .values(status=AssignmentStatus.expired)
     )
     gold_sets = _gold_due_sets(session, user_id)
@@ -224,16 +273,19 @@ def lease_next_task(session: Session, *, user: User, now: datetime, lease_s: int
     for _ in range(_MAX_ATTEMPTS):
         # A savepoint per attempt: rolling it back releases the lock on a task found full.
         attempt = session.begin_nested()
-        task_id = _pick(session, user_id=user_id, now=now, gold_sets=gold_sets, exclude=tried, skip_locked=True)
+        task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
+                        skip_locked=True)
         if task_id is None:
             # Every candidate is locked by someone leasing it right now: wait for
             # one, it may still have room once that lease is written.
-            task_id = _pick(session, user_id=user_id, now=now, gold_sets=gold_sets, exclude=tried,
+            task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
                             skip_locked=False)
         if task_id is None:
             attempt.rollback()
             break
-        if not _has_room(session, task_id=task_id, now=now):
+        # The clock is read again under the row lock (see "Clock" above).
+        now_locked = lease_clock(session, now)
+        if not _has_room(session, task_id=task_id, now=now_locked):
             attempt.rollback()
             tried.add(task_id)
             continue
@@ -244,8 +296,8 @@ def lease_next_task(session: Session, *, user: User, now: datetime, lease_s: int
             assignment = Assignment(task_id=task_id, user_id=user_id)
             session.add(assignment)
         assignment.status = AssignmentStatus.active
-        assignment.leased_at = now
-        assignment.expires_at = now + timedelta(seconds=lease_s)
+        assignment.leased_at = now_locked
+        assignment.expires_at = now_locked + timedelta(seconds=lease_s)
         assignment.finished_at = None
         assignment.skip_reason = None
         attempt.commit()
@@ -258,33 +310,86 @@ def lease_next_task(session: Session, *, user: User, now: datetime, lease_s: int
 def skip_task(session: Session, *, user: User, task_id: int, reason: str,
               now: datetime | None = None) -> Assignment:
     """Give the task back, never to be offered to this labeler again. The labeler
-    must have leased it. Raises Invalid (no reason), NotAllowed, Conflict."""
-    reason = (reason or "").strip()
-    if not reason:
-        raise Invalid("Say why you skip this task.", errors={"reason": "choose or write a reason"})
-    if len(reason) > MAX_SKIP_REASON:
-        raise Invalid(f"The reason is too long ({len(reason)} characters; at most {MAX_SKIP_REASON}).",
-                      errors={"reason": f"at most {MAX_SKIP_REASON} characters"})
+    must have leased it. Raises NotFound (never given it), Conflict (submitted),
+    then Invalid (no reason)."""
     assignment = session.scalar(
         select(Assignment)
         .where(Assignment.task_id == task_id, Assignment.user_id == user.id)
         .with_for_update()
     )
     if assignment is None:
-        raise NotAllowed(f"You have not been given task {task_id}; open Label to get a task.")
+        raise NotFound(_NOT_GIVEN.format(task_id=task_id))
     if assignment.status == AssignmentStatus.submitted:
         raise Conflict(f"You already submitted task {task_id}; it cannot be skipped any more.")
+    reason = (reason or "").strip()
+    if not reason:
+        raise Invalid("Say why you skip this task.", errors={"reason": "choose or write a reason"})
+    if len(reason) > MAX_SKIP_REASON:
+        raise Invalid(f"The reason is too long ({len(reason)} characters; at most {MAX_SKIP_REASON}).",
+                      errors={"reason": f"at most {MAX_SKIP_REASON} characters"})
     if assignment.status != AssignmentStatus.skipped:
         assignment.status = AssignmentStatus.skipped
         assignment.skip_reason = reason
-        assignment.finished_at = now or utcnow()
+        assignment.finished_at = lease_clock(session, now)
     session.commit()
     return assignment
 
 
-def expire_leases(session: Session, *, now: datetime) -> int:
-    """Mark every lease past its time as expired (housekeeping: expired leases
-    already stop holding their task without this). Returns how many. Commits."""
+@dataclass
+class Hold:
+    """A labeler's assignment on a task, both rows locked, and the clock read after the locks."""
+    task: Task
+    assignment: Assignment
+    now: datetime
+
+
+def lock_for_submit(session: Session, *, user: User, task_id: int, now: datetime | None = None) -> Hold:
+    """Lock what a submission changes, in the order leasing takes the locks (the
+    labeler's advisory lock, the task row, then their assignment), and read the
+    clock after them. Raises NotFound when the labeler was never given the task."""
+    _lock_labeler(session, user.id)
+    task = session.scalar(select(Task).where(Task.id == task_id).with_for_update()
+                          .execution_options(populate_existing=True))
+    assignment = session.scalar(
+        select(Assignment)
+        .where(Assignment.task_id == task_id, Assignment.user_id == user.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ) if task is not None else None
+    if task is None or assignment is None:
+        raise NotFound(_NOT_GIVEN.format(task_id=task_id))
+    return Hold(task=task, assignment=assignment, now=lease_clock(session, now))
+
+
+def check_lease(session: Session, hold: Hold, *, user: User) -> None:
+    """Raise unless the labeler may submit the held task now: Conflict when they
+    submitted it already, their lease ran out (it may be another labeler's now) or
+    the task is of an earlier round; NotAllowed when its set is not active or no
+    longer open to them. The set is re-read: a pause committed before is seen."""
+    task, assignment = hold.task, hold.assignment
+    if assignment.status == AssignmentStatus.submitted:
+        raise Conflict(f"You already submitted task {task.id}; change it from your history instead.")
+    if assignment.status != AssignmentStatus.active or assignment.expires_at <= hold.now:
+        raise Conflict(f"Your lease on task {task.id} ran out, so it may have gone to another labeler. "
+                       "Open Label to get a task.")
+    prompt_set = session.get(PromptSet, task.prompt_set_id, populate_existing=True)
+    if prompt_set.status != PromptSetStatus.active or prompt_set.kind != PromptSetKind.ranking:
+        # The set's name is left out: a labeler never listed on it must not learn it here.
+        raise NotAllowed(f"Task {task.id} cannot be labeled now: its prompt set is {prompt_set.status.value}."
+                         " Open Label to get another task.")
+    if not is_allowed(session, prompt_set_id=prompt_set.id, user_id=user.id):
+        raise NotAllowed(f"You are no longer among the labelers of task {task.id}'s prompt set."
+                         " Open Label to get another task.")
+    if task.round != prompt_set.round:
+        raise Conflict(f"Task {task.id} belongs to an earlier round of its prompt set, which has moved on."
+                       " Open Label to get a current task.")
+
+
+def expire_leases(session: Session, *, now: datetime | None = None) -> int:
+    """Mark every lease past its time (by the database's clock unless `now` is given)
+    as expired (housekeeping: expired leases already stop holding their task without
+    this). Returns how many. Commits."""
+    now = lease_clock(session, now)
     count = session.execute(
         update(Assignment)
         .where(Assignment.status == AssignmentStatus.active, Assignment.expires_at <= now)

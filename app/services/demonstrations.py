@@ -16,8 +16,13 @@ of ranking tasks (app/services/assignment):
 - prompts with demonstrations already come first (finish the overlap), then
   the oldest; only active demonstration sets the labeler is allowed on.
 Concurrency: the prompt row is locked (FOR UPDATE SKIP LOCKED) and its holders
-counted again before a lease is written; every path that adds a holder locks
-the prompt first. A per-labeler advisory lock serialises one labeler's requests.
+counted again before a lease is written; every path that adds a holder or
+renews a lease locks the prompt first and then reads the database's clock (see
+"Clock" in app/services/assignment). A per-labeler advisory lock serialises one
+labeler's requests, so they always lock in the same order.
+
+Reading: a labeler reads a demonstration only through `labeler_demonstration`
+(their own); a submit also re-checks that its set is active and open to them.
 
 Submitting is idempotent: the row is unique per (prompt, labeler), and a
 submit of a demonstration already submitted (a double click, a retry) returns
@@ -54,9 +59,10 @@ from sqlalchemy.orm import Session
 from app.db.enums import DemonstrationStatus, PromptSetKind, PromptSetStatus, Role, Split
 from app.db.models import Demonstration, Prompt, PromptSet, PromptSetLabeler, Response, User
 from app.services.annotations import PROMPT_FLAG_KEYS, PROMPT_FLAGS, clamp_time_spent
-from app.services.assignment import MAX_SKIP_REASON
+from app.services.assignment import MAX_SKIP_REASON, lease_clock
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.export import stream_rows
+from app.services.labelers import is_allowed
 from app.services.prompt_import import (
     LIMITS,
     ImportLimits,
@@ -110,7 +116,8 @@ def _eligible_sets(user_id: int):
 
 
 def load_demonstration(session: Session, demonstration_id: int) -> Demonstration:
-    """The demonstration with its prompt and set; raises NotFound."""
+    """The demonstration with its prompt and set, unchecked (admins' review; a labeler
+    reads through `labeler_demonstration`). Raises NotFound."""
     demo = session.get(Demonstration, demonstration_id, populate_existing=True)
     if demo is None:
         raise NotFound(f"There is no demonstration {demonstration_id}.")
@@ -177,15 +184,22 @@ def _overlap_of(session: Session, prompt_id: int) -> int:
     )
 
 
-def lease_next_demonstration(session: Session, *, user: User, now: datetime, lease_s: int) -> Demonstration | None:
+def _lock_writer(session: Session, user_id: int) -> None:
+    session.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"),
+                    {"ns": _LEASE_LOCK_NS, "uid": user_id})
+
+
+def lease_next_demonstration(session: Session, *, user: User, lease_s: int,
+                             now: datetime | None = None) -> Demonstration | None:
     """The labeler's current draft, or a new lease on the best prompt they may write
-    for; None when nothing is left for them. Commits."""
+    for; None when nothing is left for them. Times are the database clock's unless
+    `now` is given. Commits."""
     if lease_s <= 0:
         raise Invalid("The lease must last at least one second.", errors={"lease_s": "must be positive"})
     user_id = user.id
-    session.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"),
-                    {"ns": _LEASE_LOCK_NS, "uid": user_id})
-    demo = current_demonstration(session, user=user, now=now)
+    _lock_writer(session, user_id)
+    start = lease_clock(session, now)
+    demo = current_demonstration(session, user=user, now=start)
     if demo is not None:
         session.commit()
         return demo
@@ -193,14 +207,15 @@ def lease_next_demonstration(session: Session, *, user: User, now: datetime, lea
     for _ in range(_MAX_ATTEMPTS):
         # A savepoint per attempt: rolling it back releases the lock on a prompt found full.
         attempt = session.begin_nested()
-        prompt_id = _pick(session, user_id=user_id, now=now, exclude=tried, skip_locked=True)
+        prompt_id = _pick(session, user_id=user_id, now=start, exclude=tried, skip_locked=True)
         if prompt_id is None:
             # Every candidate is being leased by someone right now: wait for one.
-            prompt_id = _pick(session, user_id=user_id, now=now, exclude=tried, skip_locked=False)
+            prompt_id = _pick(session, user_id=user_id, now=start, exclude=tried, skip_locked=False)
         if prompt_id is None:
             attempt.rollback()
             break
-        if _holder_count(session, prompt_id, now) >= _overlap_of(session, prompt_id):
+        now_locked = lease_clock(session, now)  # read under the prompt's row lock
+        if _holder_count(session, prompt_id, now_locked) >= _overlap_of(session, prompt_id):
             attempt.rollback()
             tried.add(prompt_id)
             continue
@@ -209,11 +224,11 @@ def lease_next_demonstration(session: Session, *, user: User, now: datetime, lea
         )
         if demo is None:
             demo = Demonstration(prompt_id=prompt_id, user_id=user_id, status=DemonstrationStatus.draft,
-                                 text="", created_at=now)
+                                 text="", created_at=now_locked)
             session.add(demo)
         assert demo.status == DemonstrationStatus.draft  # _pick only offers the labeler's own drafts again
-        demo.expires_at = now + timedelta(seconds=lease_s)
-        demo.updated_at = now
+        demo.expires_at = now_locked + timedelta(seconds=lease_s)
+        demo.updated_at = now_locked
         attempt.commit()
         session.commit()
         return demo
@@ -221,24 +236,55 @@ def lease_next_demonstration(session: Session, *, user: User, now: datetime, lea
     return None
 
 
-def _own(session: Session, *, user: User, demonstration_id: int, lock: bool = True) -> Demonstration:
+def labeler_demonstration(session: Session, *, user: User, demonstration_id: int,
+                          lock: bool = False) -> Demonstration:
+    """The labeler's own demonstration, the only way a labeler reads one; a draft only
+    while its set is active and open to them (`lock`: taken for a change, after the
+    labeler's advisory lock). Raises NotFound, or NotAllowed (another labeler's, or
+    a draft of a set closed to them)."""
+    if lock:
+        _lock_writer(session, user.id)
     demo = session.get(Demonstration, demonstration_id, with_for_update=lock, populate_existing=True)
     if demo is None:
         raise NotFound(f"There is no demonstration {demonstration_id}; open Write to get a prompt.")
     if demo.user_id != user.id:
         raise NotAllowed(f"Demonstration {demonstration_id} is not yours; open Write to get a prompt.")
+    if demo.status == DemonstrationStatus.draft:
+        _check_open(session, demo, user)
     return demo
 
 
+def _own(session: Session, *, user: User, demonstration_id: int) -> Demonstration:
+    return labeler_demonstration(session, user=user, demonstration_id=demonstration_id, lock=True)
+
+
+def _lock_prompt(session: Session, demo: Demonstration, now: datetime | None) -> datetime:
+    """Lock the demonstration's prompt row, as leasing does, and read the clock after it:
+    a lease another labeler was granted meanwhile is then seen, and so is its time."""
+    session.execute(select(Prompt.id).where(Prompt.id == demo.prompt_id).with_for_update())
+    return lease_clock(session, now)
+
+
 def _renew(session: Session, demo: Demonstration, *, now: datetime, lease_s: int) -> bool:
-    """Extend the draft's lease; an expired one only while its prompt still has room.
-    Returns whether the labeler holds the prompt now."""
+    """Extend the draft's lease (its prompt locked by _lock_prompt, `now` read after);
+    an expired one only while its prompt still has room. Returns whether the
+    labeler holds the prompt now."""
     if demo.expires_at is None or demo.expires_at <= now:
-        session.execute(select(Prompt.id).where(Prompt.id == demo.prompt_id).with_for_update())
         if _holder_count(session, demo.prompt_id, now, except_id=demo.id) >= _overlap_of(session, demo.prompt_id):
             return False
     demo.expires_at = now + timedelta(seconds=lease_s)
     return True
+
+
+def _check_open(session: Session, demo: Demonstration, user: User) -> None:
+    """Raise NotAllowed unless the demonstration's set is an active demonstration set
+    open to the labeler (the set's name is left out of the message)."""
+    prompt_set = session.get(PromptSet, demo.prompt.prompt_set_id, populate_existing=True)
+    if prompt_set.status != PromptSetStatus.active or prompt_set.kind != PromptSetKind.demonstration:
+        raise NotAllowed(f"This prompt's set is {prompt_set.status.value}: its prompts cannot be written now."
+                         " Open Write for another prompt.")
+    if not is_allowed(session, prompt_set_id=prompt_set.id, user_id=user.id):
+        raise NotAllowed("You are no longer among the writers of this prompt's set. Open Write for another prompt.")
 
 
 def _clean_text(value: Any, *, field_name: str = "text", required: bool) -> str:
@@ -268,19 +314,20 @@ class SaveResult:
     holds_lease: bool  # False when the lease ran out and the prompt went to others (the text is kept)
 
 
-def save_draft(session: Session, *, user: User, demonstration_id: int, text: str, now: datetime, lease_s: int,
-               time_spent_s: Any = None, edit_mode: bool | None = None,
+def save_draft(session: Session, *, user: User, demonstration_id: int, text: str, lease_s: int,
+               now: datetime | None = None, time_spent_s: Any = None, edit_mode: bool | None = None,
                prompt_flags: Iterable[str] | None = None) -> SaveResult:
     """Store the draft's text (saving the same text again changes nothing else) and
     renew the lease. A demonstration already submitted is left as it is. Raises
-    NotAllowed for someone else's, Conflict for a skipped one, Invalid for a text
-    over the limit. Commits."""
+    NotAllowed for someone else's or a set closed to them, Conflict for a skipped
+    one, Invalid for a text over the limit. Commits."""
     demo = _own(session, user=user, demonstration_id=demonstration_id)
     if demo.status != DemonstrationStatus.draft:
         if demo.status == DemonstrationStatus.skipped:
             raise Conflict("You skipped this prompt; its draft can no longer change.")
         session.commit()
         return SaveResult(demo, saved=False, holds_lease=False)
+    now = _lock_prompt(session, demo, now)
     demo.text = _clean_text(text, required=False)
     if edit_mode is not None:
         demo.edit_mode = bool(edit_mode)
@@ -300,19 +347,22 @@ class SubmitResult:
     already: bool  # True when it had been submitted before (nothing changed)
 
 
-def submit_demonstration(session: Session, *, user: User, demonstration_id: int, text: str, now: datetime,
-                         lease_s: int, time_spent_s: Any = None, edit_mode: bool | None = None,
+def submit_demonstration(session: Session, *, user: User, demonstration_id: int, text: str, lease_s: int,
+                         now: datetime | None = None, time_spent_s: Any = None, edit_mode: bool | None = None,
                          prompt_flags: Iterable[str] | None = None) -> SubmitResult:
-    """Submit the labeler's response for review. Submitting again returns the stored
-    one unchanged. Raises Invalid (empty or too long text, unknown flag),
-    NotAllowed (not theirs), Conflict (skipped, or the lease ran out and the
-    prompt went to other labelers; the draft is kept). Commits."""
+    """Submit the labeler's response for review, checked with its prompt locked and by
+    the database's clock (`now` replaces it in tests). Submitting again returns the
+    stored one unchanged. Raises NotFound, NotAllowed (not theirs, or its set is not
+    active or open to them any more), Conflict (skipped, or the lease ran out and
+    the prompt went to other labelers; the draft is kept), Invalid (empty or too
+    long text, unknown flag). Commits."""
     demo = _own(session, user=user, demonstration_id=demonstration_id)
     if demo.status in DONE:
         session.commit()
         return SubmitResult(demo, already=True)
     if demo.status == DemonstrationStatus.skipped:
         raise Conflict("You skipped this prompt; it cannot be submitted any more.")
+    now = _lock_prompt(session, demo, now)
     clean_text = _clean_text(text, required=True)
     flags = _clean_flags(prompt_flags) if prompt_flags is not None else demo.prompt_flags
     demo.text = clean_text
@@ -333,29 +383,30 @@ def submit_demonstration(session: Session, *, user: User, demonstration_id: int,
 
 
 def skip_demonstration(session: Session, *, user: User, demonstration_id: int, reason: str,
-                       now: datetime) -> Demonstration:
+                       now: datetime | None = None) -> Demonstration:
     """Give the prompt back, never to be offered to this labeler again. Raises
-    Invalid (no reason), NotAllowed, Conflict (already submitted). Commits."""
+    NotFound, NotAllowed (not theirs, or a set closed to them), Conflict (already
+    submitted), then Invalid (no reason). Commits."""
+    demo = _own(session, user=user, demonstration_id=demonstration_id)
+    if demo.status in DONE:
+        raise Conflict("You already submitted this demonstration; it cannot be skipped any more.")
     reason = (reason or "").strip()
     if not reason:
         raise Invalid("Say why you skip this prompt.", errors={"reason": "choose or write a reason"})
     if len(reason) > MAX_SKIP_REASON:
         raise Invalid(f"The reason is too long ({len(reason)} characters; at most {MAX_SKIP_REASON}).",
                       errors={"reason": f"at most {MAX_SKIP_REASON} characters"})
-    demo = _own(session, user=user, demonstration_id=demonstration_id)
-    if demo.status in DONE:
-        raise Conflict("You already submitted this demonstration; it cannot be skipped any more.")
     if demo.status != DemonstrationStatus.skipped:
         demo.status = DemonstrationStatus.skipped
         demo.skip_reason = reason
         demo.expires_at = None
-        demo.updated_at = now
+        demo.updated_at = lease_clock(session, now)
     session.commit()
     return demo
 
 
-def start_from_model_answer(session: Session, *, user: User, demonstration_id: int, now: datetime,
-                            lease_s: int) -> Demonstration:
+def start_from_model_answer(session: Session, *, user: User, demonstration_id: int, lease_s: int,
+                            now: datetime | None = None) -> Demonstration:
     """Edit mode: the newest model answer to the prompt becomes the draft's text, and
     the demonstration is recorded as written from it. Raises NotFound when the prompt
     has no model answer, NotAllowed, Conflict (not a draft any more). Commits."""
@@ -365,6 +416,7 @@ def start_from_model_answer(session: Session, *, user: User, demonstration_id: i
     answer = model_answer(session, demo.prompt_id)
     if answer is None:
         raise NotFound("There is no model answer for this prompt to start from.")
+    now = _lock_prompt(session, demo, now)
     demo.text = answer.text[:MAX_TEXT_CHARS]
     demo.edit_mode = True
     demo.updated_at = now

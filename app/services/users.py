@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.db.enums import AssignmentStatus, Role
 from app.db.models import Assignment, User
-from app.services.errors import Conflict, Invalid, NotFound
+from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.sessions import revoke_sessions
 
 _hasher = PasswordHash.recommended()  # argon2id
@@ -103,8 +103,13 @@ def change_password(session: Session, *, user: User, current_password: str, new_
     session.commit()
 
 
-def set_active(session: Session, *, user: User, active: bool, now: datetime | None = None) -> None:
-    """Activate or deactivate; a deactivated labeler's open leases are released at once."""
+def set_active(session: Session, *, user: User, active: bool, by: User | None = None,
+               now: datetime | None = None) -> None:
+    """Activate or deactivate; a deactivated labeler's open leases are released at once.
+    `by` is the admin doing it (None: the command line). Raises NotAllowed when an
+    admin would deactivate their own account (no one might be left to undo it)."""
+    if by is not None and by.id == user.id and not active:
+        raise NotAllowed("You cannot deactivate your own account; ask another admin.")
     user.is_active = active
     if not active:
         from app.db.base import utcnow
