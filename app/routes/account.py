@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 
 from app.routes.deps import EngineerUser, SessionDep
+from app.schemas import Id
 from app.services import auth
 from app.web import flash, redirect, render
 
@@ -27,7 +28,7 @@ def create_token(
 
 
 @router.post("/tokens/{token_id}/revoke")
-def revoke_token(request: Request, session: SessionDep, user: EngineerUser, token_id: int):
+def revoke_token(request: Request, session: SessionDep, user: EngineerUser, token_id: Id):
     auth.revoke_api_token(session, user=user, token_id=token_id)
     flash(request, "Token revoked.", "success")
     return redirect(request, "/account/tokens")

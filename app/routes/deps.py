@@ -87,6 +87,10 @@ async def verify_csrf(request: Request) -> None:
     sent = request.headers.get("X-CSRF-Token")
     if not sent:
         content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data") and not request.session.get("user_id"):
+            # A multipart body is parsed (files spooled to disk) only for a signed-in user:
+            # no signed-out visitor's upload is ever read. (Sign-in forms are urlencoded.)
+            raise NotAuthenticated("Please sign in.")
         if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
             sent = (await request.form()).get("csrf_token")
     if not expected or not isinstance(sent, str) or not hmac.compare_digest(expected, sent):

@@ -45,6 +45,7 @@ from app.db.models import (
     User,
 )
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+from app.services.validation import check_text
 
 # Namespace of the per-labeler advisory lock (any constant int4 of our own).
 _LEASE_LOCK_NS = 7_301
@@ -259,7 +260,7 @@ def skip_task(session: Session, *, user: User, task_id: int, reason: str,
               now: datetime | None = None) -> Assignment:
     """Give the task back, never to be offered to this labeler again. The labeler
     must have leased it. Raises Invalid (no reason), NotAllowed, Conflict."""
-    reason = (reason or "").strip()
+    reason = check_text((reason or "").strip(), "reason")
     if not reason:
         raise Invalid("Say why you skip this task.", errors={"reason": "choose or write a reason"})
     if len(reason) > MAX_SKIP_REASON:
