@@ -327,3 +327,17 @@ def test_export_filtered_by_an_odd_labeler_id_is_a_422(client, session, labelers
 def test_review_page_for_an_odd_set_id_shows_every_set(client, session, value):
     login(client, make_user(session, role=Role.admin))
     assert client.get(f"/admin/demonstrations?prompt_set_id={value}").status_code == 200
+
+
+def test_run_name_with_a_nul_from_a_form_is_invalid(session):
+    """A urlencoded form can carry %00; the name used to reach a query and fail there."""
+    from app.services import sft, training
+    from app.services.errors import Invalid
+
+    with pytest.raises(Invalid) as raised:
+        sft.start_sft_job(session, user_id=None, base_model_id=None, prompt_set_ids=[], values={}, name="a\x00b")
+    assert "NUL" in raised.value.errors["name"]
+    with pytest.raises(Invalid) as raised:
+        training.start_reward_job(session, user_id=None, values={}, base_model_id=None, prompt_set_ids=[],
+                                  labeler_ids=None, name="a\x00b")
+    assert "NUL" in raised.value.errors["name"]

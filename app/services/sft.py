@@ -19,7 +19,7 @@ from app.services.errors import Invalid
 from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model
 from app.services.run_settings import Setting, clean_config
-from app.services.validation import as_id
+from app.services.validation import as_id, text_problem
 
 # trainer.sft.SFTConfig's defaults: what a form shows first.
 CONFIG_DEFAULTS: dict[str, Any] = {
@@ -113,6 +113,8 @@ def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: It
     name = (name or "").strip()
     if len(name) > MAX_NAME_CHARS:
         errors["name"] = f"at most {MAX_NAME_CHARS} characters"
+    elif text_problem(name):
+        errors["name"] = text_problem(name)
     elif name and session.scalar(select(Model.id).where(Model.name == name)) is not None:
         errors["name"] = "a model of that name is already registered"
     if errors:
