@@ -341,3 +341,17 @@ def test_run_name_with_a_nul_from_a_form_is_invalid(session):
         training.start_reward_job(session, user_id=None, values={}, base_model_id=None, prompt_set_ids=[],
                                   labeler_ids=None, name="a\x00b")
     assert "NUL" in raised.value.errors["name"]
+
+
+def test_sign_in_with_a_nul_in_the_username_is_a_failed_attempt(client):
+    response = client.post("/login", data={"username": "ad\x00min", "password": "x", "csrf_token": csrf_of(client)})
+    assert response.status_code in (200, 401, 422)
+    assert "Wrong username or password" in response.text
+
+
+def test_api_token_named_with_a_nul_is_invalid(session):
+    from app.services.errors import Invalid
+
+    with pytest.raises(Invalid) as raised:
+        auth.create_api_token(session, user=make_user(session, role=Role.engineer), name="ci\x00")
+    assert "NUL" in raised.value.errors["name"]
