@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     login_max_address_failures: int = Field(default=20, gt=0, validation_alias="RLHF_LOGIN_MAX_ADDRESS_FAILURES")
     login_window_s: int = Field(default=15 * 60, gt=0, validation_alias="RLHF_LOGIN_WINDOW_S")
 
+    # Largest request body in bytes (JSON and forms), and for the import routes that take
+    # files; larger ones get a 413 before any of them is parsed.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, validation_alias="RLHF_MAX_BODY_BYTES")
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, validation_alias="RLHF_MAX_UPLOAD_BYTES")
+
     # How long a labeler holds a task before it returns to the pool.
     lease_s: int = Field(default=30 * 60, validation_alias="RLHF_LEASE_S")
 

@@ -5,7 +5,7 @@ import logging
 from http import HTTPStatus
 from urllib.parse import quote
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,6 +40,27 @@ def _respond(request: Request, status: int, title: str, detail: str, errors=None
     return render(request, "pages/error.html", context, status_code=status)
 
 
+def _size(n: int) -> str:
+    mib = n / (1024 * 1024)
+    return f"{mib:g} MiB" if mib >= 1 else f"{n / 1024:g} KiB"
+
+
+def body_too_large(limit: int) -> HTTPException:
+    """The error for a request body over `limit` bytes (a FastAPI HTTPException, so
+    FastAPI passes it on unchanged when it is raised while a body is being read)."""
+    return HTTPException(413, f"The request body is larger than the limit of {_size(limit)} ({limit:,} bytes)."
+                              " Send less at once, or split the file.")
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """The response for an HTTP error, raised by a route or by a middleware."""
+    title = HTTPStatus(exc.status_code).phrase
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"There is nothing at {request.url.path}."
+    return _respond(request, exc.status_code, title, detail)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, exc: DomainError) -> Response:
@@ -47,13 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return _respond(request, 401, exc.title, exc.message)
         return _respond(request, exc.status_code, exc.title, exc.message, exc.errors)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        title = HTTPStatus(exc.status_code).phrase
-        detail = exc.detail if isinstance(exc.detail, str) else title
-        if exc.status_code == 404 and detail == "Not Found":
-            detail = f"There is nothing at {request.url.path}."
-        return _respond(request, exc.status_code, title, detail)
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -10,10 +10,11 @@ from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings, get_settings
-from app.errors import install_error_handlers
+from app.errors import body_too_large, http_error, install_error_handlers
 from app.logs import request_id_var  # also installs the request-id log record factory
 from app.private_files import write_private_file
 from app.routes import account, admin_users, api, api_prompt_sets, auth, health, home, prompt_sets
@@ -24,6 +25,8 @@ from app.routes import demonstrations, demonstrations_admin, sft
 from app.routes import api_demonstrations, api_models, api_training, models, training
 from app.routes import api_docs
 from app.routes.deps import verify_csrf
+from app.routes.uploads import UPLOAD_PATH
+from app.schemas import PROBLEM_RESPONSES
 from app.web import ROOT, SECURITY_HEADERS
 
 
@@ -41,8 +44,9 @@ class RequestIdMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode()[:64]
-        request_id = incoming if incoming.isprintable() and incoming else uuid.uuid4().hex[:16]
+        # Latin-1 maps every byte to a character: an id that is not UTF-8 is replaced, not a 500.
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:64]
+        request_id = incoming if incoming.isascii() and incoming.isprintable() and incoming else uuid.uuid4().hex[:16]
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
@@ -84,6 +88,41 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+class BodyLimitMiddleware:
+    """Bounds every request body before anything parses it: a Content-Length over the
+    limit is refused at once, and a body without one (chunked) is counted as it
+    streams and stopped as soon as it passes the limit. Import routes take files and
+    get the larger upload limit. The 413 is worded by app/errors.py, like any error.
+
+    It sits inside the session middleware, so an HTML error page can be rendered."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_upload_bytes if UPLOAD_PATH.fullmatch(scope["path"]) else self.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+            response = await http_error(Request(scope), body_too_large(limit))
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise body_too_large(limit)
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
 def session_secret(settings: Settings) -> str:
     """The configured secret, or one generated once and kept in the data directory
     (mode 0600; replicas starting together all end up with the first one written)."""
@@ -103,8 +142,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # app.routes.api_docs serves Swagger UI from our own static files
         redoc_url=None,
         dependencies=[Depends(verify_csrf)],
+        responses=PROBLEM_RESPONSES,
     )
     app.state.settings = settings  # what SettingsDep gives routes
+    # Added first, so it runs inside the session middleware (added after it).
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret(settings),

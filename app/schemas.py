@@ -1,10 +1,56 @@
 """Pydantic schemas of the JSON API, kept apart from the table models."""
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from annotated_types import Interval
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.db.enums import Role
+from app.services.validation import MAX_ID, text_problem
+
+# Every id a request carries (path, query, form or JSON body): what fits the integer
+# columns, so a larger one is a 422 naming the parameter, never a database error.
+Id = Annotated[int, Interval(ge=1, le=MAX_ID)]
+# Offsets into long lists; a database `bigint` takes no more.
+Offset = Annotated[int, Interval(ge=0, le=MAX_ID)]
+
+
+def _storable(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+# Every free text a request carries: no NUL or lone surrogate (PostgreSQL stores neither),
+# refused with a 422 naming the field.
+Text = Annotated[str, AfterValidator(_storable)]
+
+
+class Problem(BaseModel):
+    """Every error of the API (RFC 9457 problem details), written by app/errors.py."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str = Field(description="What is wrong and what to do.")
+    errors: dict[str, str] | list[str] | None = Field(
+        default=None, description="Per field ({\"name\": \"required\"}) or per line (\"line 3: ...\"); left out when none.")
+
+
+def problem_response(description: str) -> dict:
+    """An OpenAPI response entry: a problem, as app/errors.py sends it (application/problem+json)."""
+    return {"description": description,
+            "content": {"application/problem+json": {"schema": Problem.model_json_schema()}}}
+
+
+# Declared on every route: refusals, bad input and (never expected) server errors are problems.
+PROBLEM_RESPONSES: dict[int | str, dict] = {
+    "4XX": problem_response("Refused: not signed in, not allowed, not found, conflict, invalid input"
+                            " (`errors` names each field or line), body too large, too many attempts."),
+    "5XX": problem_response("Server error, logged with the request's id (X-Request-ID)."),
+}
 
 
 class UserOut(BaseModel):
@@ -19,11 +65,11 @@ class UserOut(BaseModel):
 
 
 class UserCreate(BaseModel):
-    username: str = Field(max_length=64)
-    password: str = Field(min_length=8, max_length=1000)
+    username: Text = Field(max_length=64)
+    password: Text = Field(min_length=8, max_length=1000)
     role: Role = Role.labeler
 
 
 class UserUpdate(BaseModel):
     is_active: bool | None = None
-    password: str | None = Field(default=None, min_length=8, max_length=1000)
+    password: Text | None = Field(default=None, min_length=8, max_length=1000)

@@ -13,6 +13,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 from starlette.datastructures import FormData
 
+from app.schemas import Text
+from app.services.validation import small_int
 
 
 class ResponseOut(BaseModel):
@@ -52,7 +54,7 @@ class SubmitIn(BaseModel):
     ranks: dict[str, Any] = Field(description="{response_id: rank 1 (best) .. K}, every response; ties allowed.")
     flags: dict[str, list[str]] = Field(default_factory=dict, description="{response_id: [flag key, ...]}")
     prompt_flags: list[str] = Field(default_factory=list)
-    comment: str = ""
+    comment: Text = ""
     time_spent_s: float | None = Field(default=None, description="Clamped to 0..2 hours.")
 
 
@@ -78,15 +80,17 @@ class LabelForm:
         self.flags: dict[int, list[str]] = {}
         getlist = form.getlist if isinstance(form, FormData) else lambda k: [form[k]]
         for name in form.keys():
-            prefix, _, rid = name.partition("-")
-            if not rid.isdigit():
+            prefix, _, raw_id = name.partition("-")
+            # Only ASCII digits: "²".isdigit() holds, yet int("²") fails.
+            rid = small_int(raw_id)
+            if rid is None:
                 continue
             if prefix == "rating":
-                self.ratings[int(rid)] = str(form[name])
+                self.ratings[rid] = str(form[name])
             elif prefix == "rank":
-                self.ranks[int(rid)] = str(form[name])
+                self.ranks[rid] = str(form[name])
             elif prefix == "flags":
-                self.flags[int(rid)] = [str(v) for v in getlist(name)]
+                self.flags[rid] = [str(v) for v in getlist(name)]
         self.prompt_flags = [str(v) for v in getlist("prompt_flags")] if "prompt_flags" in form else []
         self.comment = str(form.get("comment", ""))
         self.skip_reason = str(form.get("skip_reason", ""))

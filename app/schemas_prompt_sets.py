@@ -10,13 +10,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.enums import JobStatus, PromptSetKind, PromptSetStatus
+from app.schemas import Id, Text
 from app.services.prompt_sets import DEFAULTS
 
 
 class PromptSetCreate(BaseModel):
-    name: str = Field(max_length=1000)
-    instructions: str = Field(default="", description="Markdown shown to labelers.")
-    generator_model_id: int | None = Field(
+    name: Text = Field(max_length=1000)
+    instructions: Text = Field(default="", description="Markdown shown to labelers.")
+    generator_model_id: Id | None = Field(
         default=None, description="An SFT or policy model; unset: the default model.")
     k: int = Field(default=DEFAULTS["k"], description="Responses per prompt, 2..9.")
     temperature: float = DEFAULTS["temperature"]
@@ -33,9 +34,9 @@ class PromptSetCreate(BaseModel):
 class PromptSetUpdate(BaseModel):
     """Only the fields sent are changed."""
 
-    name: str | None = Field(default=None, max_length=1000)
-    instructions: str | None = None
-    generator_model_id: int | None = None
+    name: Text | None = Field(default=None, max_length=1000)
+    instructions: Text | None = None
+    generator_model_id: Id | None = None
     k: int | None = None
     temperature: float | None = None
     top_p: float | None = None

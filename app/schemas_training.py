@@ -6,6 +6,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.enums import DemonstrationStatus, ModelKind
+from app.schemas import Id, Text
 from app.schemas_jobs import JobOut
 
 
@@ -15,10 +16,10 @@ class RewardRunIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt_set_ids: list[int]
-    base_model_id: int | None = None
-    labeler_ids: list[int] | None = None
-    name: str | None = None
+    prompt_set_ids: list[Id]
+    base_model_id: Id | None = None
+    labeler_ids: list[Id] | None = None
+    name: Text | None = None
     config: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -28,12 +29,12 @@ class PPORunIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt_set_ids: list[int]
-    policy_model_id: int | None = None
-    reference_model_id: int | None = None
-    reward_model_id: int | None = None
-    sft_set_ids: list[int] = Field(default_factory=list)
-    name: str | None = None
+    prompt_set_ids: list[Id]
+    policy_model_id: Id | None = None
+    reference_model_id: Id | None = None
+    reward_model_id: Id | None = None
+    sft_set_ids: list[Id] = Field(default_factory=list)
+    name: Text | None = None
     config: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -42,9 +43,9 @@ class SFTRunIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt_set_ids: list[int]
-    base_model_id: int | None = None
-    name: str | None = None
+    prompt_set_ids: list[Id]
+    base_model_id: Id | None = None
+    name: Text | None = None
     config: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -107,7 +108,7 @@ class SamplePairOut(BaseModel):
 class PromoteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt_set_id: int
+    prompt_set_id: Id
 
 
 class PromoteOut(BaseModel):
@@ -126,7 +127,7 @@ class DemonstrationOut(BaseModel):
     messages: list[dict[str, Any]]
     instructions: str
     user_id: int
-    text: str
+    text: Text
     status: DemonstrationStatus
     edit_mode: bool
     prompt_flags: list[str]
@@ -146,7 +147,7 @@ class NextDemonstrationOut(BaseModel):
 class DraftIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = ""
+    text: Text = ""
     prompt_flags: list[str] | None = None
     time_spent_s: float | None = None
 
@@ -169,19 +170,19 @@ class SubmitOut(BaseModel):
 class SkipIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str
+    reason: Text
 
 
 class RejectIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str
+    reason: Text
 
 
 class EditIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str
+    text: Text
 
 
 class DemonstrationImportOut(BaseModel):

@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 
 from app.routes.deps import CurrentUser, EngineerUser, SessionDep, SettingsDep, sign_in, sign_out
+from app.schemas import Id
 from app.services import auth, sessions, users
 from app.services.errors import Invalid
 from app.web import NO_STORE, flash, redirect, render
@@ -63,7 +64,7 @@ def create_token(
 
 
 @router.post("/tokens/{token_id}/revoke")
-def revoke_token(request: Request, session: SessionDep, user: EngineerUser, token_id: int):
+def revoke_token(request: Request, session: SessionDep, user: EngineerUser, token_id: Id):
     auth.revoke_api_token(session, user=user, token_id=token_id)
     flash(request, "Token revoked.", "success")
     return redirect(request, "/account/tokens")

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Form, Request
 
 from app.db.enums import Role
 from app.routes.deps import AdminUser, SessionDep
+from app.schemas import Id
 from app.services import users
 from app.services.errors import Invalid
 from app.web import flash, redirect, render
@@ -44,7 +45,7 @@ def set_active(
     request: Request,
     session: SessionDep,
     admin: AdminUser,
-    user_id: int,
+    user_id: Id,
     active: Annotated[bool, Form()],
 ):
     user = users.get_user(session, user_id)
@@ -58,7 +59,7 @@ def reset_password(
     request: Request,
     session: SessionDep,
     admin: AdminUser,
-    user_id: int,
+    user_id: Id,
     password: Annotated[str, Form(max_length=1000)],
 ):
     user = users.get_user(session, user_id)

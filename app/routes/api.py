@@ -3,7 +3,7 @@
 from fastapi import APIRouter, status
 
 from app.routes.deps import AdminUser, CurrentUser, SessionDep
-from app.schemas import UserCreate, UserOut, UserUpdate
+from app.schemas import Id, UserCreate, UserOut, UserUpdate
 from app.services import users
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
@@ -25,7 +25,7 @@ def create_user(body: UserCreate, session: SessionDep, admin: AdminUser):
 
 
 @router.patch("/users/{user_id}", response_model=UserOut)
-def update_user(user_id: int, body: UserUpdate, session: SessionDep, admin: AdminUser):
+def update_user(user_id: Id, body: UserUpdate, session: SessionDep, admin: AdminUser):
     user = users.get_user(session, user_id)
     # Both changes are checked before either is stored: nothing half-written.
     if body.password is not None:

@@ -12,7 +12,8 @@ from app.db.base import utcnow
 from app.db.enums import DemonstrationStatus
 from app.db.models import Demonstration
 from app.routes.deps import AdminUser, LabelerUser, SessionDep, SettingsDep
-from app.routes.uploads import JSON_BODY_LIMIT, read_import_payload
+from app.routes.uploads import read_import_payload
+from app.schemas import Id, Offset, problem_response
 from app.schemas_prompt_sets import PromptImportBody
 from app.schemas_training import (
     DemonstrationImportOut,
@@ -29,6 +30,7 @@ from app.schemas_training import (
 from app.services import demonstrations as demos
 from app.services.errors import Invalid
 from app.services.prompt_sets import get_prompt_set
+from app.services.validation import JsonProblem, load_json
 from app.web import download_headers
 
 router = APIRouter(prefix="/api/v1", tags=["demonstrations"])
@@ -55,7 +57,7 @@ def next_demonstration(session: SessionDep, user: LabelerUser, settings: Setting
 
 
 @router.put("/demonstrations/{demonstration_id}/draft", response_model=DraftOut)
-def save_draft(demonstration_id: int, body: DraftIn, session: SessionDep, user: LabelerUser, settings: SettingsDep):
+def save_draft(demonstration_id: Id, body: DraftIn, session: SessionDep, user: LabelerUser, settings: SettingsDep):
     """Autosave the draft and renew the lease (a submitted one is left as it is: saved=false)."""
     result = demos.save_draft(session, user=user, demonstration_id=demonstration_id, text=body.text,
                               lease_s=settings.lease_s, time_spent_s=body.time_spent_s,
@@ -64,7 +66,7 @@ def save_draft(demonstration_id: int, body: DraftIn, session: SessionDep, user: 
 
 
 @router.post("/demonstrations/{demonstration_id}/submit", response_model=SubmitOut)
-def submit(demonstration_id: int, body: SubmitIn, session: SessionDep, user: LabelerUser, settings: SettingsDep):
+def submit(demonstration_id: Id, body: SubmitIn, session: SessionDep, user: LabelerUser, settings: SettingsDep):
     """Submit for review. Sending it again changes nothing (already=true)."""
     result = demos.submit_demonstration(session, user=user, demonstration_id=demonstration_id, text=body.text,
                                         lease_s=settings.lease_s, time_spent_s=body.time_spent_s,
@@ -73,7 +75,7 @@ def submit(demonstration_id: int, body: SubmitIn, session: SessionDep, user: Lab
 
 
 @router.post("/demonstrations/{demonstration_id}/skip", response_model=DemonstrationOut)
-def skip(demonstration_id: int, body: SkipIn, session: SessionDep, user: LabelerUser):
+def skip(demonstration_id: Id, body: SkipIn, session: SessionDep, user: LabelerUser):
     return _out(demos.skip_demonstration(session, user=user, demonstration_id=demonstration_id, reason=body.reason))
 
 
@@ -81,8 +83,8 @@ def skip(demonstration_id: int, body: SkipIn, session: SessionDep, user: Labeler
 
 @router.get("/demonstrations", response_model=list[DemonstrationOut])
 def review_queue(session: SessionDep, admin: AdminUser, status: DemonstrationStatus = DemonstrationStatus.submitted,
-                 prompt_set_id: int | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                 offset: Annotated[int, Query(ge=0)] = 0):
+                 prompt_set_id: Id | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                 offset: Offset = 0):
     """The review queue: submitted demonstrations, oldest first (another `status`
     lists those instead, least recently changed first)."""
     return [_out(d) for d in demos.list_demonstrations(session, status=status, prompt_set_id=prompt_set_id,
@@ -90,19 +92,19 @@ def review_queue(session: SessionDep, admin: AdminUser, status: DemonstrationSta
 
 
 @router.post("/demonstrations/{demonstration_id}/accept", response_model=DemonstrationOut)
-def accept(demonstration_id: int, session: SessionDep, admin: AdminUser):
+def accept(demonstration_id: Id, session: SessionDep, admin: AdminUser):
     return _out(demos.accept_demonstration(session, reviewer=admin, demonstration_id=demonstration_id,
                                            now=utcnow()))
 
 
 @router.post("/demonstrations/{demonstration_id}/reject", response_model=DemonstrationOut)
-def reject(demonstration_id: int, body: RejectIn, session: SessionDep, admin: AdminUser):
+def reject(demonstration_id: Id, body: RejectIn, session: SessionDep, admin: AdminUser):
     return _out(demos.reject_demonstration(session, reviewer=admin, demonstration_id=demonstration_id,
                                            reason=body.reason, now=utcnow()))
 
 
 @router.post("/demonstrations/{demonstration_id}/edit", response_model=DemonstrationOut)
-def edit(demonstration_id: int, body: EditIn, session: SessionDep, admin: AdminUser):
+def edit(demonstration_id: Id, body: EditIn, session: SessionDep, admin: AdminUser):
     """Replace the text and accept it."""
     return _out(demos.edit_demonstration(session, reviewer=admin, demonstration_id=demonstration_id,
                                          text=body.text, now=utcnow()))
@@ -118,9 +120,11 @@ def _list_or_text(content: str) -> str:
     if not content.lstrip().startswith("["):
         return content
     try:
-        parsed = json.loads(content)
+        parsed = load_json(content)
     except json.JSONDecodeError:
         return content  # the import reports it by line
+    except JsonProblem as exc:
+        raise Invalid(f"Nothing was imported: the JSON {exc}.", errors=[f"line 1: the JSON {exc}"]) from None
     return _as_jsonl(parsed) if isinstance(parsed, list) else content
 
 
@@ -133,15 +137,13 @@ async def read_demonstration_import(request: Request) -> bytes | str:
         payload = await read_import_payload(request)
         data = payload.data()
         return _list_or_text(data) if isinstance(data, str) else data
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > JSON_BODY_LIMIT:
-            raise Invalid("The request body is too large.", errors=["request body too large"])
+    body = await request.body()  # its size is bounded by the app's body limit (app/main.py)
     if content_type not in ("", "application/json"):
-        return bytes(body)  # JSONL as it is: the import decodes and checks it
+        return body  # JSONL as it is: the import decodes and checks it
     try:
-        parsed = json.loads(body)
+        parsed = load_json(body)
+    except JsonProblem as exc:
+        raise Invalid(f"Nothing was imported: the JSON {exc}.", errors=[f"line 1: the JSON {exc}"]) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise Invalid("Send a JSON list of demonstrations, JSON like {\"content\": \"...JSONL...\"},"
                       " or the JSONL itself with Content-Type: application/jsonl.",
@@ -179,8 +181,8 @@ _IMPORT_BODY = {
 
 @router.post("/prompt-sets/{prompt_set_id}/demonstrations", response_model=DemonstrationImportOut,
              openapi_extra=_IMPORT_BODY,
-             responses={422: {"description": "Nothing stored; `errors` lists the problems by line."}})
-def import_demonstrations(prompt_set_id: int, session: SessionDep, admin: AdminUser,
+             responses={422: problem_response("Nothing stored; `errors` lists the problems by line.")})
+def import_demonstrations(prompt_set_id: Id, session: SessionDep, admin: AdminUser,
                           data: Annotated[bytes | str, Depends(read_demonstration_import)],
                           status: str = "accepted"):
     """Lines {"prompt", "response"} or {"messages": [..., assistant]}, as JSONL or a JSON
@@ -196,7 +198,7 @@ def import_demonstrations(prompt_set_id: int, session: SessionDep, admin: AdminU
 
 @router.get("/prompt-sets/{prompt_set_id}/demonstrations.jsonl",
             responses={200: {"content": {"application/jsonl": {}}}})
-def export_demonstrations(prompt_set_id: int, session: SessionDep, admin: AdminUser, format: str = "messages"):
+def export_demonstrations(prompt_set_id: Id, session: SessionDep, admin: AdminUser, format: str = "messages"):
     """Accepted demonstrations as JSONL for TRL's SFTTrainer: format=messages or prompt_completion."""
     prompt_set = get_prompt_set(session, prompt_set_id)
     lines = demos.iter_export(session, prompt_set_ids=[prompt_set.id], fmt=format)

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Query
 from app.db.enums import JobKind, JobStatus
 from app.db.models import Job
 from app.routes.deps import EngineerUser, SessionDep
+from app.schemas import Id, Offset
 from app.schemas_jobs import JobMetricOut, JobOut
 from app.services import jobs
 
@@ -23,9 +24,9 @@ def list_jobs(
     user: EngineerUser,
     status: JobStatus | None = None,
     kind: JobKind | None = None,
-    prompt_set_id: int | None = None,
+    prompt_set_id: Id | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ):
     """Newest first."""
     found = jobs.list_jobs(session, status=status, kind=kind, prompt_set_id=prompt_set_id, limit=limit, offset=offset)
@@ -33,25 +34,25 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: int, session: SessionDep, user: EngineerUser):
+def get_job(job_id: Id, session: SessionDep, user: EngineerUser):
     return _out(jobs.get_job(session, job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=list[JobMetricOut])
-def get_metrics(job_id: int, session: SessionDep, user: EngineerUser,
-                after_id: Annotated[int | None, Query(ge=0)] = None):
+def get_metrics(job_id: Id, session: SessionDep, user: EngineerUser,
+                after_id: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None):
     """By step; with after_id, only the values written since (a live chart polls this way)."""
     jobs.get_job(session, job_id)
     return jobs.list_metrics(session, job_id, after_id=after_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel(job_id: int, session: SessionDep, user: EngineerUser):
+def cancel(job_id: Id, session: SessionDep, user: EngineerUser):
     """Queued: cancelled at once. Running: stops at its next step (status shows when)."""
     return _out(jobs.request_cancel(session, job_id=job_id))
 
 
 @router.post("/{job_id}/retry", response_model=JobOut, status_code=201)
-def retry(job_id: int, session: SessionDep, user: EngineerUser):
+def retry(job_id: Id, session: SessionDep, user: EngineerUser):
     """A new job with the same kind and parameters as a failed or cancelled one."""
     return _out(jobs.retry_job(session, job_id=job_id, user_id=user.id))

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Response, status
 
 from app.db.base import utcnow
 from app.routes.deps import LabelerUser, SessionDep, SettingsDep
+from app.schemas import Id
 from app.schemas_label import FlagOut, LabelTaskOut, NextTaskOut, ResponseOut, SubmitIn, SubmitOut
 from app.services import annotations, assignment
 
@@ -40,8 +41,9 @@ def next_task(session: SessionDep, user: LabelerUser, settings: SettingsDep):
 
 
 @router.post("/{task_id}", response_model=SubmitOut, status_code=status.HTTP_201_CREATED,
-             responses={200: {"description": "A retry: this idempotency key's annotation, stored before."}})
-def submit(task_id: int, body: SubmitIn, response: Response, session: SessionDep, user: LabelerUser):
+             responses={200: {"model": SubmitOut,
+                             "description": "A retry: this idempotency key's annotation, stored before."}})
+def submit(task_id: Id, body: SubmitIn, response: Response, session: SessionDep, user: LabelerUser):
     """Submit ratings and a ranking of every response of a leased task. Errors name each
     field (rating-<response_id>, rank-<response_id>, ...)."""
     result = annotations.submit_annotation(

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from app.db.enums import ModelKind
 from app.routes.api_jobs import _out as job_out
 from app.routes.deps import EngineerUser, SessionDep
+from app.schemas import Id
 from app.schemas_training import ModelDetailOut, ModelOut, PromoteIn, PromoteOut, SampleOut, SamplePairOut
 from app.services import training
 
@@ -19,7 +20,7 @@ def list_models(session: SessionDep, user: EngineerUser, kind: ModelKind | None 
 
 
 @router.get("/{model_id}", response_model=ModelDetailOut)
-def get_model(model_id: int, session: SessionDep, user: EngineerUser):
+def get_model(model_id: Id, session: SessionDep, user: EngineerUser):
     model = training.get_model(session, model_id)
     related = training.related_models(session, model)
     return ModelDetailOut(
@@ -33,7 +34,7 @@ def get_model(model_id: int, session: SessionDep, user: EngineerUser):
 
 
 @router.get("/{model_id}/samples", response_model=list[SamplePairOut])
-def get_samples(model_id: int, session: SessionDep, user: EngineerUser):
+def get_samples(model_id: Id, session: SessionDep, user: EngineerUser):
     """The validation prompts answered by the model's starting point (before) and by it (after)."""
     training.get_model(session, model_id)
 
@@ -46,7 +47,7 @@ def get_samples(model_id: int, session: SessionDep, user: EngineerUser):
 
 
 @router.post("/{model_id}/promote", response_model=PromoteOut)
-def promote(model_id: int, body: PromoteIn, session: SessionDep, user: EngineerUser):
+def promote(model_id: Id, body: PromoteIn, session: SessionDep, user: EngineerUser):
     """Make the model the generator of a ranking set and open its next round (queued
     now when the set is active)."""
     training.get_model(session, model_id)

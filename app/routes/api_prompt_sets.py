@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
+from app.schemas import Id, problem_response
 from app.routes.uploads import ImportPayload, read_import_payload
 from app.schemas_prompt_sets import (
     ImportResultOut,
@@ -48,12 +49,12 @@ def create_prompt_set(body: PromptSetCreate, session: SessionDep, admin: AdminUs
 
 
 @router.get("/{prompt_set_id}", response_model=PromptSetOut)
-def get_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+def get_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
     return _out(session, prompt_sets.get_prompt_set(session, prompt_set_id))
 
 
 @router.patch("/{prompt_set_id}", response_model=PromptSetOut)
-def update_prompt_set(prompt_set_id: int, body: PromptSetUpdate, session: SessionDep, admin: AdminUser):
+def update_prompt_set(prompt_set_id: Id, body: PromptSetUpdate, session: SessionDep, admin: AdminUser):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     prompt_sets.update_prompt_set(session, prompt_set=prompt_set, **body.model_dump(exclude_unset=True))
     return _out(session, prompt_set)
@@ -78,8 +79,8 @@ _IMPORT_BODY = {
 
 
 @router.post("/{prompt_set_id}/prompts", response_model=ImportResultOut, openapi_extra=_IMPORT_BODY,
-             responses={422: {"description": "Nothing stored; `errors` lists the problems by line."}})
-def import_prompts(prompt_set_id: int, session: SessionDep, admin: AdminUser,
+             responses={422: problem_response("Nothing stored; `errors` lists the problems by line.")})
+def import_prompts(prompt_set_id: Id, session: SessionDep, admin: AdminUser,
                    payload: Annotated[ImportPayload, Depends(read_import_payload)]):
     """Import JSONL, a JSON array or CSV, all or nothing. Exact duplicates are skipped."""
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
@@ -95,7 +96,7 @@ def import_prompts(prompt_set_id: int, session: SessionDep, admin: AdminUser,
 
 
 @router.post("/{prompt_set_id}/start", response_model=PromptSetOut)
-def start_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+def start_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
     """Draft -> active; queues generation of K responses per prompt."""
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     prompt_sets.start_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
@@ -103,21 +104,21 @@ def start_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
 
 
 @router.post("/{prompt_set_id}/pause", response_model=PromptSetOut)
-def pause_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+def pause_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     prompt_sets.pause_prompt_set(session, prompt_set=prompt_set)
     return _out(session, prompt_set)
 
 
 @router.post("/{prompt_set_id}/resume", response_model=PromptSetOut)
-def resume_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+def resume_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     prompt_sets.resume_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
     return _out(session, prompt_set)
 
 
 @router.post("/{prompt_set_id}/archive", response_model=PromptSetOut)
-def archive_prompt_set(prompt_set_id: int, session: SessionDep, admin: AdminUser):
+def archive_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     prompt_sets.archive_prompt_set(session, prompt_set=prompt_set)
     return _out(session, prompt_set)

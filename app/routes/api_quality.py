@@ -6,6 +6,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from app.routes.deps import AdminUser, SessionDep
+from app.schemas import Id
 from app.routes.quality import Ids, Text, meta_response, plan_from_query, stream
 from app.services import labelers
 from app.services.agreement import SetAgreement, compute_set_agreement
@@ -16,7 +17,7 @@ router = APIRouter(prefix="/api/v1/prompt-sets/{prompt_set_id}", tags=["quality"
 
 
 @router.get("/agreement", response_model=SetAgreement)
-def agreement(session: SessionDep, admin: AdminUser, prompt_set_id: int):
+def agreement(session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     """Pairwise agreement, Kendall's tau-b, Krippendorff's alpha and per-labeler figures
     (conventions: app/services/agreement.py)."""
     get_prompt_set(session, prompt_set_id)
@@ -24,7 +25,7 @@ def agreement(session: SessionDep, admin: AdminUser, prompt_set_id: int):
 
 
 @router.get("/progress", response_model=SetProgress)
-def progress(session: SessionDep, admin: AdminUser, prompt_set_id: int,
+def progress(session: SessionDep, admin: AdminUser, prompt_set_id: Id,
              hours: Annotated[int, Query(ge=1, le=24 * 31)] = 48):
     """Tasks by state, labels per hour for the last `hours`, and the estimated time to finish."""
     return set_progress(session, prompt_set_id=prompt_set_id, hours=hours)
@@ -34,7 +35,7 @@ _FORMATS = "comparisons: plain | conversational; annotations: jsonl | csv"
 
 
 @router.get("/export", responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}})
-def export_file(session: SessionDep, admin: AdminUser, prompt_set_id: int,
+def export_file(session: SessionDep, admin: AdminUser, prompt_set_id: Id,
                 fmt: Annotated[str, Query(alias="format", max_length=20, description=_FORMATS)] = "plain",
                 kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
                 date_from: Text = None, date_to: Text = None):
@@ -46,7 +47,7 @@ def export_file(session: SessionDep, admin: AdminUser, prompt_set_id: int,
 
 
 @router.get("/export/meta")
-def export_sidecar(session: SessionDep, admin: AdminUser, prompt_set_id: int,
+def export_sidecar(session: SessionDep, admin: AdminUser, prompt_set_id: Id,
                    fmt: Annotated[str, Query(alias="format", max_length=20, description=_FORMATS)] = "plain",
                    kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
                    date_from: Text = None, date_to: Text = None):
@@ -75,13 +76,13 @@ def _exclusion(session, prompt_set_id: int, user_id: int, *, excluded: bool, eve
 
 
 @router.post("/labelers/{user_id}/exclude", response_model=ExclusionOut)
-def exclude(session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int, everywhere: bool = False):
+def exclude(session: SessionDep, admin: AdminUser, prompt_set_id: Id, user_id: Id, everywhere: bool = False):
     """Leave the labeler's annotations (on this set, or on every set) out of figures,
     exports and training data. Nothing is deleted."""
     return _exclusion(session, prompt_set_id, user_id, excluded=True, everywhere=everywhere)
 
 
 @router.post("/labelers/{user_id}/include", response_model=ExclusionOut)
-def include(session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int, everywhere: bool = False):
+def include(session: SessionDep, admin: AdminUser, prompt_set_id: Id, user_id: Id, everywhere: bool = False):
     """Bring the labeler's excluded annotations back."""
     return _exclusion(session, prompt_set_id, user_id, excluded=False, everywhere=everywhere)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, status
 
 from app.routes.api_jobs import _out as job_out
 from app.routes.deps import EngineerUser, SessionDep
+from app.schemas import problem_response
 from app.schemas_jobs import JobOut
 from app.schemas_training import PPORunIn, RewardRunIn, SettingOut, SFTRunIn, TrainingSettingsOut
 from app.services import sft, training
@@ -16,7 +17,7 @@ from app.services.run_settings import Setting
 
 router = APIRouter(prefix="/api/v1/training", tags=["training"])
 
-_422 = {422: {"description": "Nothing queued; `errors` names each bad field."}}
+_422 = {422: problem_response("Nothing queued; `errors` names each bad field.")}
 
 
 def _config(config: Mapping[str, Any], settings: Sequence[Setting]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse
 from app.db.base import utcnow
 from app.db.models import Demonstration, User
 from app.routes.deps import LabelerUser, SessionDep, SettingsDep
+from app.schemas import Id
 from app.services import demonstrations as demos
 from app.services.annotations import PROMPT_FLAGS
 from app.services.errors import Conflict, Invalid
@@ -70,7 +71,7 @@ def preview(user: LabelerUser, text: Annotated[str, Form()] = ""):
 
 @router.post("/{demonstration_id}/draft")
 def save_draft(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep,
-               demonstration_id: int, text: Annotated[str, Form()] = "",
+               demonstration_id: Id, text: Annotated[str, Form()] = "",
                prompt_flags: Annotated[list[str], Form()] = [], started_at: Annotated[str, Form()] = "",
                time_base: Annotated[str, Form()] = "0"):
     """Autosave: called every few seconds by the editor (and when the tab is hidden)."""
@@ -83,7 +84,7 @@ def save_draft(request: Request, session: SessionDep, user: LabelerUser, setting
 
 @router.post("/{demonstration_id}/from-model")
 def start_from_model(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep,
-                     demonstration_id: int):
+                     demonstration_id: Id):
     """Edit mode: the model's answer becomes the draft, to be corrected."""
     now = utcnow()
     demo = demos.start_from_model_answer(session, user=user, demonstration_id=demonstration_id,
@@ -93,7 +94,7 @@ def start_from_model(request: Request, session: SessionDep, user: LabelerUser, s
 
 
 @router.post("/{demonstration_id}/submit")
-def submit(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, demonstration_id: int,
+def submit(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, demonstration_id: Id,
            text: Annotated[str, Form()] = "", prompt_flags: Annotated[list[str], Form()] = [],
            started_at: Annotated[str, Form()] = "", time_base: Annotated[str, Form()] = "0"):
     now = utcnow()
@@ -115,7 +116,7 @@ def submit(request: Request, session: SessionDep, user: LabelerUser, settings: S
 
 
 @router.post("/{demonstration_id}/skip")
-def skip(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, demonstration_id: int,
+def skip(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, demonstration_id: Id,
          skip_reason: Annotated[str, Form()] = "", skip_reason_other: Annotated[str, Form()] = "",
          text: Annotated[str, Form()] = "", prompt_flags: Annotated[list[str], Form()] = []):
     now = utcnow()

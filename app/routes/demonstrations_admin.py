@@ -10,17 +10,15 @@ from app.db.base import utcnow
 from app.db.models import User
 from app.routes.deps import AdminUser, SessionDep
 from app.routes.uploads import ImportPayload, read_import_payload
+from app.schemas import Id
 from app.services import demonstrations as demos
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import LIMITS
 from app.services.prompt_sets import get_prompt_set
+from app.services.validation import as_id
 from app.web import download_headers, flash, redirect, render
 
 router = APIRouter(prefix="/admin/demonstrations", include_in_schema=False)
-
-
-def _set_id(raw: str | None) -> int | None:
-    return int(raw) if raw and raw.strip().isdigit() else None
 
 
 def _context(session, prompt_set_id: int | None, **extra: Any) -> dict[str, Any]:
@@ -38,7 +36,7 @@ def _context(session, prompt_set_id: int | None, **extra: Any) -> dict[str, Any]
 
 @router.get("")
 def review_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: str | None = None):
-    return render(request, "pages/demonstrations_review.html", _context(session, _set_id(prompt_set_id)))
+    return render(request, "pages/demonstrations_review.html", _context(session, as_id(prompt_set_id)))
 
 
 def _item(request: Request, session, demonstration_id: int, status_code: int = 200, **extra: Any):
@@ -57,13 +55,13 @@ def _done(request: Request, session, demonstration_id: int, message: str):
 
 
 @router.post("/{demonstration_id}/accept")
-def accept(request: Request, session: SessionDep, admin: AdminUser, demonstration_id: int):
+def accept(request: Request, session: SessionDep, admin: AdminUser, demonstration_id: Id):
     demos.accept_demonstration(session, reviewer=admin, demonstration_id=demonstration_id, now=utcnow())
     return _done(request, session, demonstration_id, f"Accepted demonstration {demonstration_id}.")
 
 
 @router.post("/{demonstration_id}/reject")
-def reject(request: Request, session: SessionDep, admin: AdminUser, demonstration_id: int,
+def reject(request: Request, session: SessionDep, admin: AdminUser, demonstration_id: Id,
            reason: Annotated[str, Form()] = ""):
     try:
         demos.reject_demonstration(session, reviewer=admin, demonstration_id=demonstration_id, reason=reason,
@@ -74,7 +72,7 @@ def reject(request: Request, session: SessionDep, admin: AdminUser, demonstratio
 
 
 @router.post("/{demonstration_id}/edit")
-def edit(request: Request, session: SessionDep, admin: AdminUser, demonstration_id: int,
+def edit(request: Request, session: SessionDep, admin: AdminUser, demonstration_id: Id,
          text: Annotated[str, Form()] = ""):
     try:
         demos.edit_demonstration(session, reviewer=admin, demonstration_id=demonstration_id, text=text,
@@ -95,7 +93,7 @@ async def read_demo_import(request: Request) -> tuple[ImportPayload, dict[str, s
 def import_file(request: Request, session: SessionDep, admin: AdminUser,
                 upload: Annotated[tuple[ImportPayload, dict[str, str]], Depends(read_demo_import)]):
     payload, fields = upload
-    set_id = _set_id(fields["prompt_set_id"])
+    set_id = as_id(fields["prompt_set_id"])
     try:
         if set_id is None:
             raise Invalid("Choose the demonstration set to import into.", errors={"prompt_set_id": "required"})
@@ -111,7 +109,7 @@ def import_file(request: Request, session: SessionDep, admin: AdminUser,
 
 
 @router.get("/export")
-def export(session: SessionDep, admin: AdminUser, prompt_set_id: int, format: str = "messages"):
+def export(session: SessionDep, admin: AdminUser, prompt_set_id: Id, format: str = "messages"):
     """Accepted demonstrations of the set as JSONL, in a format TRL's SFTTrainer reads."""
     prompt_set = get_prompt_set(session, prompt_set_id)
     lines = demos.iter_export(session, prompt_set_ids=[prompt_set.id], fmt=format)

@@ -107,7 +107,7 @@ EngineerUser = Annotated[User, Depends(RequireRole(Role.engineer))]
 LabelerUser = Annotated[User, Depends(RequireRole(Role.labeler))]
 
 
-async def verify_csrf(request: Request) -> None:
+async def verify_csrf(request: Request, user: OptionalUser) -> None:
     """Every state-changing request made with the session cookie must carry the
     session's CSRF token, in the X-CSRF-Token header (htmx) or a csrf_token field."""
     if request.method in SAFE_METHODS or _bearer(request) is not None:
@@ -116,6 +116,10 @@ async def verify_csrf(request: Request) -> None:
     sent = request.headers.get("X-CSRF-Token")
     if not sent:
         content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data") and user is None:
+            # A multipart body is parsed (files spooled to disk) only for a signed-in user:
+            # no signed-out visitor's upload is ever read. (Sign-in forms are urlencoded.)
+            raise NotAuthenticated("Please sign in.")
         if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
             sent = (await request.form()).get("csrf_token")
     if not expected or not isinstance(sent, str) or not hmac.compare_digest(expected, sent):

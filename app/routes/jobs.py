@@ -6,6 +6,7 @@ from sqlalchemy import select
 from app.db.enums import JobKind, JobStatus
 from app.db.models import Job, User
 from app.routes.deps import EngineerUser, SessionDep
+from app.schemas import Id
 from app.services import jobs
 from app.web import is_htmx, redirect, render, templates
 
@@ -56,13 +57,13 @@ def _detail_context(session, job: Job) -> dict:
 
 
 @router.get("/{job_id}")
-def detail_page(request: Request, session: SessionDep, user: EngineerUser, job_id: int):
+def detail_page(request: Request, session: SessionDep, user: EngineerUser, job_id: Id):
     job = jobs.get_job(session, job_id)
     return render(request, "pages/jobs_detail.html", _detail_context(session, job), block="job_status")
 
 
 @router.post("/{job_id}/cancel")
-def cancel(request: Request, session: SessionDep, user: EngineerUser, job_id: int):
+def cancel(request: Request, session: SessionDep, user: EngineerUser, job_id: Id):
     job = jobs.request_cancel(session, job_id=job_id)
     if is_htmx(request):
         return render(request, "pages/jobs_detail.html", _detail_context(session, job), block="job_status")
@@ -70,6 +71,6 @@ def cancel(request: Request, session: SessionDep, user: EngineerUser, job_id: in
 
 
 @router.post("/{job_id}/retry")
-def retry(request: Request, session: SessionDep, user: EngineerUser, job_id: int):
+def retry(request: Request, session: SessionDep, user: EngineerUser, job_id: Id):
     new = jobs.retry_job(session, job_id=job_id, user_id=user.id)
     return redirect(request, f"/jobs/{new.id}")

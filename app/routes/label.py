@@ -4,14 +4,16 @@ history, and editing a recent submission."""
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from app.db.base import utcnow
 from app.db.models import Annotation, Assignment, Task, User
 from app.routes.deps import LabelerUser, SessionDep, SettingsDep
+from app.schemas import Id
 from app.schemas_label import LabelForm, new_form_key
 from app.services import annotations, assignment
 from app.services.errors import Conflict, Invalid
+from app.services.validation import MAX_ID
 from app.web import flash, is_htmx, redirect, render
 
 router = APIRouter(prefix="/label", include_in_schema=False)
@@ -71,7 +73,7 @@ def label_page(request: Request, session: SessionDep, user: LabelerUser, setting
 
 
 @router.post("/{task_id}/submit")
-def submit(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, task_id: int,
+def submit(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, task_id: Id,
            form: LabelFormDep):
     now = utcnow()
     try:
@@ -91,7 +93,7 @@ def submit(request: Request, session: SessionDep, user: LabelerUser, settings: S
 
 
 @router.post("/{task_id}/skip")
-def skip(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, task_id: int,
+def skip(request: Request, session: SessionDep, user: LabelerUser, settings: SettingsDep, task_id: Id,
          form: LabelFormDep):
     now = utcnow()
     try:
@@ -106,7 +108,7 @@ def skip(request: Request, session: SessionDep, user: LabelerUser, settings: Set
 
 
 @router.get("/history")
-def history_page(request: Request, session: SessionDep, user: LabelerUser, page: int = 1):
+def history_page(request: Request, session: SessionDep, user: LabelerUser, page: Annotated[int, Query(ge=1, le=MAX_ID // HISTORY_PAGE_SIZE)] = 1):
     now = utcnow()
     page = max(page, 1)
     items = annotations.history(session, user=user, now=now, limit=HISTORY_PAGE_SIZE + 1,
@@ -120,7 +122,7 @@ def history_page(request: Request, session: SessionDep, user: LabelerUser, page:
 
 
 @router.get("/annotations/{annotation_id}/edit")
-def edit_page(request: Request, session: SessionDep, user: LabelerUser, annotation_id: int):
+def edit_page(request: Request, session: SessionDep, user: LabelerUser, annotation_id: Id):
     now = utcnow()
     annotation = annotations.get_own_annotation(session, user=user, annotation_id=annotation_id)
     if not annotations.can_edit(annotation, now):
@@ -132,7 +134,7 @@ def edit_page(request: Request, session: SessionDep, user: LabelerUser, annotati
 
 
 @router.post("/annotations/{annotation_id}")
-def edit(request: Request, session: SessionDep, user: LabelerUser, annotation_id: int, form: LabelFormDep):
+def edit(request: Request, session: SessionDep, user: LabelerUser, annotation_id: Id, form: LabelFormDep):
     now = utcnow()
     try:
         result = annotations.edit_annotation(

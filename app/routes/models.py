@@ -8,6 +8,7 @@ from fastapi import APIRouter, Form, Request
 from app.db.enums import ModelKind, PromptSetStatus
 from app.db.models import Job, Model, PromptSet
 from app.routes.deps import EngineerUser, SessionDep
+from app.schemas import Id
 from app.services import training
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_sets import GENERATOR_KINDS, active_generation_job, latest_generation_jobs
@@ -44,13 +45,13 @@ def _detail_context(session, model: Model, *, error: str | None = None, errors: 
 
 
 @router.get("/{model_id}")
-def detail_page(request: Request, session: SessionDep, user: EngineerUser, model_id: int):
+def detail_page(request: Request, session: SessionDep, user: EngineerUser, model_id: Id):
     model = training.get_model(session, model_id)
     return render(request, "pages/models_detail.html", _detail_context(session, model))
 
 
 @router.post("/{model_id}/promote")
-def promote(request: Request, session: SessionDep, user: EngineerUser, model_id: int,
+def promote(request: Request, session: SessionDep, user: EngineerUser, model_id: Id,
             prompt_set_id: Annotated[str, Form()] = ""):
     model = training.get_model(session, model_id)
     try:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from app.db.enums import PromptSetKind
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
+from app.schemas import Id
 from app.routes.uploads import ImportPayload, read_import_payload
 from app.schemas_prompt_sets import PromptSetForm
 from app.services import prompt_import, prompt_sets
@@ -62,13 +63,13 @@ def create(request: Request, session: SessionDep, admin: AdminUser, data: Annota
 
 
 @router.get("/{prompt_set_id}")
-def detail_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+def detail_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     return render(request, "pages/prompt_sets_detail.html", _detail_context(session, prompt_set))
 
 
 @router.get("/{prompt_set_id}/status")
-def status_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+def status_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     """Counts and generation progress; the page polls it while a job is queued or running."""
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     context = {
@@ -79,7 +80,7 @@ def status_fragment(request: Request, session: SessionDep, admin: AdminUser, pro
 
 
 @router.post("/{prompt_set_id}/settings")
-def update_settings(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+def update_settings(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
                     data: Annotated[PromptSetForm, Form()]):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     try:
@@ -93,7 +94,7 @@ def update_settings(request: Request, session: SessionDep, admin: AdminUser, pro
 
 
 @router.post("/{prompt_set_id}/prompts")
-def import_prompts(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+def import_prompts(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
                    payload: Annotated[ImportPayload, Depends(read_import_payload)]):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     try:
@@ -115,7 +116,7 @@ def _act(request: Request, prompt_set: PromptSet, message: str):
 
 
 @router.post("/{prompt_set_id}/start")
-def start(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+def start(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     job = prompt_sets.start_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
     queued = " Generation of responses is queued." if job else ""
@@ -123,14 +124,14 @@ def start(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id
 
 
 @router.post("/{prompt_set_id}/pause")
-def pause(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+def pause(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     prompt_sets.pause_prompt_set(session, prompt_set=prompt_set)
     return _act(request, prompt_set, f"Paused '{prompt_set.name}': labelers get no new tasks from it.")
 
 
 @router.post("/{prompt_set_id}/resume")
-def resume(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+def resume(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     job = prompt_sets.resume_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
     queued = " Generation of the new prompts is queued." if job else ""
@@ -138,7 +139,7 @@ def resume(request: Request, session: SessionDep, admin: AdminUser, prompt_set_i
 
 
 @router.post("/{prompt_set_id}/archive")
-def archive(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+def archive(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
     prompt_sets.archive_prompt_set(session, prompt_set=prompt_set)
     return _act(request, prompt_set, f"Archived '{prompt_set.name}'.")

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
+from app.schemas import Id
 from app.services import export, gold, labelers
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid
@@ -71,14 +72,14 @@ def _page_context(session, prompt_set: PromptSet, threshold: float) -> dict[str,
 
 
 @router.get("/quality")
-def quality_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+def quality_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
                  threshold: Threshold = DEFAULT_THRESHOLD):
     prompt_set = get_prompt_set(session, prompt_set_id)
     return render(request, "pages/quality.html", _page_context(session, prompt_set, threshold))
 
 
 @router.get("/quality/figures")
-def figures_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+def figures_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     """The set's figures; the page reloads them after a labeler is excluded or included."""
     prompt_set = get_prompt_set(session, prompt_set_id)
     context = {"prompt_set": prompt_set, "reference": INSTRUCTGPT_AGREEMENT,
@@ -87,7 +88,7 @@ def figures_fragment(request: Request, session: SessionDep, admin: AdminUser, pr
 
 
 @router.get("/quality/labelers")
-def labeler_rows_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+def labeler_rows_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
                           threshold: Threshold = DEFAULT_THRESHOLD):
     """The labeler table's rows; the page reloads them after an exclusion changes everyone's agreement."""
     get_prompt_set(session, prompt_set_id)
@@ -108,7 +109,7 @@ def _set_excluded(request: Request, session, prompt_set_id: int, user_id: int, *
 
 
 @router.post("/quality/labelers/{user_id}/exclude")
-def exclude_labeler(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int,
+def exclude_labeler(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id, user_id: Id,
                     everywhere: Annotated[bool, Form()] = False,
                     threshold: Annotated[float, Form(ge=0, le=1)] = DEFAULT_THRESHOLD):
     return _set_excluded(request, session, prompt_set_id, user_id, excluded=True, everywhere=everywhere,
@@ -116,7 +117,7 @@ def exclude_labeler(request: Request, session: SessionDep, admin: AdminUser, pro
 
 
 @router.post("/quality/labelers/{user_id}/include")
-def include_labeler(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int,
+def include_labeler(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id, user_id: Id,
                     everywhere: Annotated[bool, Form()] = False,
                     threshold: Annotated[float, Form(ge=0, le=1)] = DEFAULT_THRESHOLD):
     return _set_excluded(request, session, prompt_set_id, user_id, excluded=False, everywhere=everywhere,
@@ -126,7 +127,7 @@ def include_labeler(request: Request, session: SessionDep, admin: AdminUser, pro
 # ---- allowed labelers ---------------------------------------------------------------
 
 @router.post("/quality/allowed")
-def allow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+def allow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
           username: Annotated[str, Form(max_length=200)] = ""):
     prompt_set = get_prompt_set(session, prompt_set_id)
     try:
@@ -139,7 +140,7 @@ def allow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id
 
 
 @router.post("/quality/allowed/{user_id}/remove")
-def disallow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, user_id: int):
+def disallow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id, user_id: Id):
     prompt_set = get_prompt_set(session, prompt_set_id)
     labelers.disallow_labeler(session, prompt_set_id=prompt_set_id, user_id=user_id)
     return _done(request, prompt_set_id, "partials/_quality_allowed.html", _allowed_context(session, prompt_set))
@@ -148,8 +149,8 @@ def disallow(request: Request, session: SessionDep, admin: AdminUser, prompt_set
 # ---- gold ------------------------------------------------------------------------------
 
 @router.get("/quality/gold/form")
-def gold_form(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
-              task_id: Annotated[int, Query(ge=1)]):
+def gold_form(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
+              task_id: Id):
     """The expected-answer form of one task of the set."""
     task = gold.get_task(session, prompt_set_id=prompt_set_id, task_id=task_id)
     return render(request, "partials/_quality_gold_form.html", {"prompt_set_id": prompt_set_id, "task": task})
@@ -160,7 +161,7 @@ async def _form_fields(request: Request) -> dict[str, str]:
 
 
 @router.post("/quality/gold/{task_id}")
-def mark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, task_id: int,
+def mark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id, task_id: Id,
               form: Annotated[dict[str, str], Depends(_form_fields)]):
     """Fields rank_<response id> (a ranking) or best_response_id (an expected best response)."""
     prompt_set = get_prompt_set(session, prompt_set_id)
@@ -181,7 +182,7 @@ def mark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_se
 
 
 @router.post("/quality/gold/{task_id}/unmark")
-def unmark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int, task_id: int):
+def unmark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id, task_id: Id):
     prompt_set = get_prompt_set(session, prompt_set_id)
     gold.unmark_gold(session, prompt_set_id=prompt_set_id, task_id=task_id)
     # Gold tasks leave the agreement figures and score the labelers: the table reloads.
@@ -190,7 +191,7 @@ def unmark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_
 
 
 @router.post("/quality/gold-rate")
-def gold_rate(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int,
+def gold_rate(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
               gold_rate: Annotated[str, Form(max_length=50)] = ""):
     prompt_set = get_prompt_set(session, prompt_set_id)
     try:
@@ -231,7 +232,7 @@ Ids = Annotated[list[str] | None, Query()]
 
 
 @router.get("/export")
-def export_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: int):
+def export_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     prompt_set = get_prompt_set(session, prompt_set_id)
     rows = labelers.labeler_rows(session, prompt_set_id=prompt_set_id)
     return render(request, "pages/quality_export.html", {
@@ -240,7 +241,7 @@ def export_page(request: Request, session: SessionDep, admin: AdminUser, prompt_
 
 
 @router.get("/export/download")
-def export_download(session: SessionDep, admin: AdminUser, prompt_set_id: int, fmt: Fmt = "plain",
+def export_download(session: SessionDep, admin: AdminUser, prompt_set_id: Id, fmt: Fmt = "plain",
                     kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
                     date_from: Text = None, date_to: Text = None):
     plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
@@ -249,7 +250,7 @@ def export_download(session: SessionDep, admin: AdminUser, prompt_set_id: int, f
 
 
 @router.get("/export/meta")
-def export_sidecar(session: SessionDep, admin: AdminUser, prompt_set_id: int, fmt: Fmt = "plain",
+def export_sidecar(session: SessionDep, admin: AdminUser, prompt_set_id: Id, fmt: Fmt = "plain",
                    kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
                    date_from: Text = None, date_to: Text = None):
     plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,

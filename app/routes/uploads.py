@@ -1,6 +1,7 @@
 """Reading a prompt import from a request: a multipart form (file upload or
 pasted text, from the page or the API) or a JSON body {"format", "content"}."""
 
+import re
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -13,8 +14,9 @@ from app.services.prompt_import import LIMITS, check_size
 
 # Pasted text is echoed back into the form after an error only up to this size.
 ECHO_LIMIT_CHARS = 1_000_000
-# A JSON string may escape each character into several; the service checks the real size.
-JSON_BODY_LIMIT = 2 * LIMITS.max_file_bytes + 64 * 1024
+# The routes that take files: they get the upload limit (Settings.max_upload_bytes)
+# instead of the body limit (app/main.py BodyLimitMiddleware).
+UPLOAD_PATH = re.compile(r"/(api/v1|admin)/prompt-sets/[^/]+/(prompts|demonstrations)|/admin/demonstrations/import")
 
 
 @dataclass
@@ -63,14 +65,9 @@ async def read_import_payload(request: Request) -> ImportPayload:
             payload.file_size = upload.size
             payload.filename = upload.filename
         return payload
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > JSON_BODY_LIMIT:
-            raise Invalid(f"The request body is too large; the limit for prompts is"
-                          f" {LIMITS.max_file_bytes // (1024 * 1024)} MB.", errors=["request body too large"])
+    body = await request.body()  # its size is bounded by the app's upload limit (app/main.py)
     try:
-        parsed = PromptImportBody.model_validate_json(bytes(body))
+        parsed = PromptImportBody.model_validate_json(body)
     except ValidationError as exc:
         errors = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
         raise Invalid("Send JSON like {\"format\": \"jsonl\", \"content\": \"...\"}"

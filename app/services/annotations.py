@@ -35,6 +35,7 @@ from app.db.models import (
 )
 from app.services.assignment import check_lease, load_task, lock_for_submit
 from app.services.errors import Conflict, Invalid, NotFound
+from app.services.validation import small_int, text_problem
 
 # The labeling metadata of InstructGPT (Ouyang et al. 2022, appendix B): (key, label).
 RESPONSE_FLAGS: tuple[tuple[str, str], ...] = (
@@ -124,23 +125,11 @@ def clamp_time_spent(seconds: Any) -> float:
 
 # ---- validation ---------------------------------------------------------------------
 
-def _as_int(raw: Any) -> int | None:
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, float) and raw.is_integer():
-        return int(raw)
-    if isinstance(raw, str) and re.fullmatch(r"\s*\d+\s*", raw):
-        return int(raw)
-    return None
-
-
 def _by_response(raw: Mapping[Any, Any] | None, response_ids: set[int], name: str,
                  errors: dict[str, str]) -> dict[int, Any]:
     out: dict[int, Any] = {}
     for key, value in (raw or {}).items():
-        rid = _as_int(key)
+        rid = small_int(key)
         if rid not in response_ids:
             errors[name] = f"response {key} is not part of this task"
             continue
@@ -173,7 +162,7 @@ def clean_submission(task: Task, *, ratings: Mapping[Any, Any] | None, ranks: Ma
     for item in items:
         rid, name = item.response_id, letter(item.position)
         value = raw_ratings.get(rid)
-        likert = _as_int(value)
+        likert = small_int(value)
         if value is None or value == "":
             errors[f"rating-{rid}"] = f"rate {name} from 1 (very bad) to 7 (excellent)"
         elif likert is None or not 1 <= likert <= 7:
@@ -181,7 +170,7 @@ def clean_submission(task: Task, *, ratings: Mapping[Any, Any] | None, ranks: Ma
         else:
             clean.ratings[rid] = likert
         value = raw_ranks.get(rid)
-        rank = _as_int(value)
+        rank = small_int(value)
         if value is None or value == "":
             errors[f"rank-{rid}"] = f"put {name} in a rank slot (1 = best, {k} = worst)"
         elif rank is None or not 1 <= rank <= k:
@@ -202,6 +191,8 @@ def clean_submission(task: Task, *, ratings: Mapping[Any, Any] | None, ranks: Ma
     clean.comment = (comment or "").strip()
     if len(clean.comment) > MAX_COMMENT:
         errors["comment"] = f"at most {MAX_COMMENT} characters ({len(clean.comment)} given)"
+    elif text_problem(clean.comment):
+        errors["comment"] = text_problem(clean.comment)
     if errors:
         missing = sum(1 for key in errors if key.startswith(("rating-", "rank-")))
         detail = f"{missing} rating{'s' if missing != 1 else ''} or rank{'s' if missing != 1 else ''} missing or wrong" \

@@ -56,6 +56,7 @@ from app.db.models import (
 )
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.labelers import is_allowed
+from app.services.validation import check_text
 
 # Namespace of the per-labeler advisory lock (any constant int4 of our own).
 _LEASE_LOCK_NS = 7_301
@@ -321,7 +322,7 @@ def skip_task(session: Session, *, user: User, task_id: int, reason: str,
         raise NotFound(_NOT_GIVEN.format(task_id=task_id))
     if assignment.status == AssignmentStatus.submitted:
         raise Conflict(f"You already submitted task {task_id}; it cannot be skipped any more.")
-    reason = (reason or "").strip()
+    reason = check_text((reason or "").strip(), "reason")
     if not reason:
         raise Invalid("Say why you skip this task.", errors={"reason": "choose or write a reason"})
     if len(reason) > MAX_SKIP_REASON:

@@ -13,6 +13,7 @@ from app.db.enums import Role
 from app.db.models import ApiToken, LoginAttempt, User
 from app.services.errors import Invalid, NotAllowed, NotFound, RateLimited
 from app.services.users import get_user_by_name, verify_password
+from app.services.validation import check_text
 
 TOKEN_PREFIX = "rlhf_"
 
@@ -41,7 +42,8 @@ def authenticate(
     attempt are serialised per address, so parallel guesses get at most the limit
     verified."""
     now = now or utcnow()
-    username = username.strip()
+    # NUL can be neither queried nor stored, and no username holds one (users.USERNAME_RE).
+    username = username.strip().replace("\x00", "")
     address = address[:64]
     since = now - timedelta(seconds=window_s)
     # Held until the commit below; both counts are of this address's attempts.
@@ -83,7 +85,7 @@ def create_api_token(session: Session, *, user: User, name: str) -> tuple[ApiTok
     """A new bearer token; the raw value is returned once and only its hash is stored."""
     if not user.can(Role.engineer):
         raise NotAllowed("Only engineers and admins can create API tokens.")
-    name = name.strip()
+    name = check_text(name.strip(), "name")
     if not name or len(name) > 100:
         raise Invalid("Give the token a name of 1-100 characters.", errors={"name": "1-100 characters"})
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)

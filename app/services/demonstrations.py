@@ -77,6 +77,7 @@ from app.services.prompt_import import (
     decode,
 )
 from app.services.prompt_sets import canonical_messages, get_prompt_set, prompt_hash, split_for
+from app.services.validation import JsonProblem, check_text, load_json
 
 # Namespace of the per-labeler advisory lock (ranking leases use 7_301).
 _LEASE_LOCK_NS = 7_302
@@ -290,7 +291,7 @@ def _check_open(session: Session, demo: Demonstration, user: User) -> None:
 def _clean_text(value: Any, *, field_name: str = "text", required: bool) -> str:
     if not isinstance(value, str):
         raise Invalid("The text must be a string.", errors={field_name: "must be text"})
-    value = value.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    value = check_text(value.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", ""), field_name)
     if len(value) > MAX_TEXT_CHARS:
         raise Invalid(f"The text is {len(value):,} characters long; the limit is {MAX_TEXT_CHARS:,}.",
                       errors={field_name: f"at most {MAX_TEXT_CHARS:,} characters"})
@@ -390,7 +391,7 @@ def skip_demonstration(session: Session, *, user: User, demonstration_id: int, r
     demo = _own(session, user=user, demonstration_id=demonstration_id)
     if demo.status in DONE:
         raise Conflict("You already submitted this demonstration; it cannot be skipped any more.")
-    reason = (reason or "").strip()
+    reason = check_text((reason or "").strip(), "reason")
     if not reason:
         raise Invalid("Say why you skip this prompt.", errors={"reason": "choose or write a reason"})
     if len(reason) > MAX_SKIP_REASON:
@@ -525,7 +526,7 @@ def reject_demonstration(session: Session, *, reviewer: User, demonstration_id: 
                          now: datetime) -> Demonstration:
     """Reject with a reason the labeler can read; the prompt goes back to the pool for
     another labeler. Raises Invalid (no reason), NotFound, Conflict. Commits."""
-    reason = (reason or "").strip()
+    reason = check_text((reason or "").strip(), "reason")
     if not reason:
         raise Invalid("Say why the demonstration is rejected.", errors={"reason": "required"})
     if len(reason) > MAX_REASON_CHARS:
@@ -822,10 +823,13 @@ def parse_demonstrations(data: bytes | str, *, limits: ImportLimits = LIMITS) ->
                         f" {limits.max_prompts:,} per import. Split it into smaller files.")
         where = f"line {number}"
         try:
-            obj = json.loads(line)
+            obj = load_json(line)
         except json.JSONDecodeError as exc:
             hint = " (one JSON object per line: JSONL)" if number == 1 and line.lstrip().startswith("[") else ""
             problems.add(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}){hint}")
+            continue
+        except JsonProblem as exc:
+            problems.add(f"{where}: not accepted: the JSON {exc}")
             continue
         record = _demo_record(problems, where, number, obj, limits)
         if record is not None:

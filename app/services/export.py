@@ -49,6 +49,7 @@ from app.db.enums import Split
 from app.db.models import Annotation, Comparison, Prompt, PromptSet, Rating, Response, Task, TaskResponse, User
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid, NotFound
+from app.services.validation import as_id
 
 KINDS = ("comparisons", "annotations")
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -138,11 +139,11 @@ def parse_filters(*, prompt_set_ids: Iterable[int] | int, split: str | None = No
     user_ids = None
     raw_ids = _ids(labelers)
     if raw_ids:
-        bad = [r for r in raw_ids if not r.isdigit()]
+        bad = [r for r in raw_ids if as_id(r) is None]
         if bad:
-            errors["labelers"] = f"not labeler ids: {', '.join(bad)}"
+            errors["labelers"] = f"not labeler ids: {', '.join(r[:20] for r in bad)}"
         else:
-            user_ids = tuple(sorted({int(r) for r in raw_ids}))
+            user_ids = tuple(sorted({as_id(r) for r in raw_ids}))
     agreement = None
     if min_agreement not in (None, ""):
         try:

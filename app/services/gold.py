@@ -23,6 +23,7 @@ from app.services.errors import Invalid, NotFound
 
 LETTERS = "ABCDEFGHI"  # display letters of positions 0..8, as labelers see them
 from app.services.prompt_sets import get_prompt_set
+from app.services.validation import small_int
 
 
 def get_task(session: Session, *, prompt_set_id: int, task_id: int) -> Task:
@@ -37,18 +38,6 @@ def get_task(session: Session, *, prompt_set_id: int, task_id: int) -> Task:
     return task
 
 
-def _as_int(raw: Any) -> int | None:
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-        return int(raw.strip())
-    if isinstance(raw, float) and raw.is_integer():
-        return int(raw)
-    return None
-
-
 def expected_ranking(task: Task, *, ranking: Mapping[Any, Any] | None = None,
                      best_response_id: Any = None) -> dict[str, int]:
     """Check an expected ranking (or best response) against the task's responses and
@@ -60,7 +49,7 @@ def expected_ranking(task: Task, *, ranking: Mapping[Any, Any] | None = None,
         raise Invalid("Give either an expected ranking or an expected best response.",
                       errors={"ranking": "give a ranking or a best response"})
     if ranking is None:
-        best = _as_int(best_response_id)
+        best = small_int(best_response_id)
         if best not in response_ids:
             raise Invalid(f"Response {best_response_id!r} is not one of task {task.id}'s responses.",
                           errors={"best_response_id": f"choose one of {', '.join(map(str, response_ids))}"})
@@ -69,11 +58,11 @@ def expected_ranking(task: Task, *, ranking: Mapping[Any, Any] | None = None,
     clean: dict[str, int] = {}
     given = {str(key).strip(): value for key, value in ranking.items()}
     for key in given:
-        if _as_int(key) not in response_ids:
+        if small_int(key) not in response_ids:
             errors[f"rank_{key}"] = f"response {key} is not part of task {task.id}"
     for rid in response_ids:
         raw = given.get(str(rid))
-        rank = _as_int(raw)
+        rank = small_int(raw)
         if raw is None or raw == "":
             errors[f"rank_{rid}"] = "rank required"
         elif rank is None or not 1 <= rank <= k:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from app.db.enums import PromptSetStatus
 from app.db.models import Prompt, PromptSet
 from app.services.errors import Conflict, Invalid
+from app.services.validation import JsonProblem, decode_json, load_json, text_problem
 from app.services.prompt_sets import (
     SPLITS,
     canonical_messages,
@@ -197,8 +198,9 @@ def detect_format(text: str, *, format: str | None = None, filename: str | None 
 # ---- one record ------------------------------------------------------------------
 
 def _check_text(problems: _Problems, where: str, name: str, value: str) -> bool:
-    if "\x00" in value:
-        problems.add(f"{where}: {name} contains a NUL character (\\u0000), which cannot be stored")
+    problem = text_problem(value)
+    if problem is not None:
+        problems.add(f"{where}: {name} {problem}")
         return False
     if not value.strip():
         problems.add(f"{where}: {name} is empty")
@@ -216,16 +218,19 @@ def _external_id(problems: _Problems, where: str, raw: Any) -> tuple[bool, str |
     if len(value) > MAX_EXTERNAL_ID_CHARS:
         problems.add(f"{where}: 'id' is {len(value):,} characters; the limit is {MAX_EXTERNAL_ID_CHARS}")
         return False, None
-    if "\x00" in value:
-        problems.add(f"{where}: 'id' contains a NUL character (\\u0000), which cannot be stored")
+    problem = text_problem(value)
+    if problem is not None:
+        problems.add(f"{where}: 'id' {problem}")
         return False, None
     return True, value or None
 
 
 def _metadata(problems: _Problems, where: str, meta: dict[str, Any], limits: ImportLimits) -> bool:
     dumped = json.dumps(meta, ensure_ascii=False)
-    if "\\u0000" in dumped:
-        problems.add(f"{where}: metadata contains a NUL character (\\u0000), which cannot be stored")
+    # json.dumps writes NUL as the escape \u0000 (which jsonb refuses too) and keeps a lone surrogate as it is.
+    problem = text_problem(dumped.replace("\\u0000", "\x00"))
+    if problem is not None:
+        problems.add(f"{where}: metadata {problem}")
         return False
     if len(dumped) > limits.max_metadata_chars:
         problems.add(f"{where}: metadata is {len(dumped):,} characters as JSON;"
@@ -325,9 +330,13 @@ def _jsonl(text: str, problems: _Problems, limits: ImportLimits) -> Iterator[Par
             continue
         where = f"line {number}"
         try:
-            obj = json.loads(line)
+            obj = load_json(line)
         except json.JSONDecodeError as exc:
             problems.add(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            yield None
+            continue
+        except JsonProblem as exc:
+            problems.add(f"{where}: not accepted: the JSON {exc}")
             yield None
             continue
         yield _record(problems, where, number, obj, limits)
@@ -335,8 +344,10 @@ def _jsonl(text: str, problems: _Problems, limits: ImportLimits) -> Iterator[Par
 
 def _json_array(text: str, problems: _Problems, limits: ImportLimits) -> Iterator[ParsedPrompt | None]:
     """A JSON array of prompt objects, decoded item by item so each has its line."""
-    decoder = json.JSONDecoder()
     ws = " \t\r\n"
+    # Line numbers are counted on from the previous item (positions only grow): linear in
+    # the file, where counting from the start for every item was quadratic.
+    counted = [0, 1]  # position, its line
 
     def skip(i: int) -> int:
         while i < len(text) and text[i] in ws:
@@ -344,7 +355,10 @@ def _json_array(text: str, problems: _Problems, limits: ImportLimits) -> Iterato
         return i
 
     def line_of(i: int) -> int:
-        return text.count("\n", 0, i) + 1
+        position, line = counted
+        assert i >= position
+        counted[:] = [i, line + text.count("\n", position, i)]
+        return counted[1]
 
     i = skip(0) + 1  # past "["
     while True:
@@ -354,12 +368,16 @@ def _json_array(text: str, problems: _Problems, limits: ImportLimits) -> Iterato
             return
         if text[i] == "]":
             break
+        line = line_of(i)
         try:
-            obj, end = decoder.raw_decode(text, i)
+            obj, end = decode_json(text, i)
         except json.JSONDecodeError as exc:
             problems.add(f"line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
             return  # the rest of the array cannot be found reliably
-        yield _record(problems, f"line {line_of(i)}", line_of(i), obj, limits)
+        except JsonProblem as exc:
+            problems.add(f"line {line}: not accepted: the JSON {exc}")
+            return
+        yield _record(problems, f"line {line}", line, obj, limits)
         i = skip(end)
         if i < len(text) and text[i] == ",":
             i += 1

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetKind, PromptSetStatus, Split
 from app.db.models import Job, Model, Prompt, PromptSet, Response, Task
 from app.services.errors import Conflict, Invalid, NotFound
+from app.services.validation import text_problem
 
 # The settings an admin chooses, with the table's own defaults (one source).
 SETTING_FIELDS = (
@@ -169,6 +170,8 @@ def _clean_name(errors: dict[str, str], name: Any) -> str:
         errors["name"] = "required"
     elif len(name) > MAX_NAME_CHARS:
         errors["name"] = f"at most {MAX_NAME_CHARS} characters"
+    elif text_problem(name):
+        errors["name"] = text_problem(name)
     return name
 
 
@@ -178,6 +181,8 @@ def _clean_instructions(errors: dict[str, str], instructions: Any) -> str:
         return ""
     if len(instructions) > MAX_INSTRUCTIONS_CHARS:
         errors["instructions"] = f"at most {MAX_INSTRUCTIONS_CHARS:,} characters"
+    elif text_problem(instructions):
+        errors["instructions"] = text_problem(instructions)
     return instructions.replace("\r\n", "\n")
 
 

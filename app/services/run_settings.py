@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from app.services.validation import as_id
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -99,10 +101,9 @@ def parse_ids(errors: dict[str, str], field: str, raw: Any, what: str) -> list[i
     items = raw if isinstance(raw, list | tuple) else ([] if raw in (None, "") else [raw])
     ids: list[int] = []
     for item in items:
-        try:
-            value = int(str(item).strip())
-        except (TypeError, ValueError):
-            errors[field] = f"unknown {what} {item!r}"
+        value = as_id(item)
+        if value is None:
+            errors[field] = f"unknown {what} {str(item)[:20]!r}"
             return []
         ids.append(value)
     return sorted(set(ids))

@@ -19,6 +19,7 @@ from app.services.errors import Invalid
 from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model
 from app.services.run_settings import Setting, clean_config
+from app.services.validation import as_id, text_problem
 
 # trainer.sft.SFTConfig's defaults: what a form shows first.
 CONFIG_DEFAULTS: dict[str, Any] = {
@@ -81,20 +82,19 @@ def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: It
         if model is None:
             errors["base_model_id"] = "register a model first (no default model is registered)"
     else:
-        try:
-            model = session.get(Model, int(base_model_id))
-        except (TypeError, ValueError):
-            model = None
+        model_id = as_id(base_model_id)
+        model = session.get(Model, model_id) if model_id is not None else None
         if model is None or model.kind not in GENERATOR_KINDS:
             errors["base_model_id"] = "choose an SFT or policy model from the list"
             model = None
     # data
     set_ids: list[int] = []
     for raw in prompt_set_ids or []:
-        try:
-            set_ids.append(int(raw))
-        except (TypeError, ValueError):
-            errors["prompt_set_ids"] = f"unknown prompt set {raw!r}"
+        set_id = as_id(raw)
+        if set_id is None:
+            errors["prompt_set_ids"] = f"unknown prompt set {str(raw)[:20]!r}"
+        else:
+            set_ids.append(set_id)
     set_ids = sorted(set(set_ids))
     if not set_ids and "prompt_set_ids" not in errors:
         errors["prompt_set_ids"] = "choose at least one demonstration set"
@@ -113,6 +113,8 @@ def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: It
     name = (name or "").strip()
     if len(name) > MAX_NAME_CHARS:
         errors["name"] = f"at most {MAX_NAME_CHARS} characters"
+    elif text_problem(name):
+        errors["name"] = text_problem(name)
     elif name and session.scalar(select(Model.id).where(Model.name == name)) is not None:
         errors["name"] = "a model of that name is already registered"
     if errors:

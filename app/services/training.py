@@ -24,6 +24,7 @@ from app.services.errors import Conflict, Invalid, NotFound
 from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model, queue_generation_if_needed
 from app.services.run_settings import Setting, clean_config, parse_ids
+from app.services.validation import as_id, text_problem
 
 SCHEDULES = ("cosine", "linear", "constant")
 MAX_NAME_CHARS = 200
@@ -156,10 +157,8 @@ def _model(errors: dict[str, str], session: Session, field: str, raw: Any, kinds
         if default is None:
             errors[field] = f"register {what} first (none is registered)"
         return default
-    try:
-        model = session.get(Model, int(str(raw).strip()))
-    except (TypeError, ValueError):
-        model = None
+    model_id = as_id(raw)
+    model = session.get(Model, model_id) if model_id is not None else None
     if model is None or model.kind not in kinds:
         errors[field] = f"choose {what} from the list"
         return None
@@ -187,6 +186,8 @@ def _name(errors: dict[str, str], session: Session, raw: Any) -> str | None:
     name = str(raw or "").strip()
     if len(name) > MAX_NAME_CHARS:
         errors["name"] = f"at most {MAX_NAME_CHARS} characters"
+    elif text_problem(name):
+        errors["name"] = text_problem(name)
     elif name and session.scalar(select(Model.id).where(Model.name == name)) is not None:
         errors["name"] = "a model of that name is already registered"
     return name or None
