@@ -71,6 +71,17 @@ def test_adaptive_kl_controller_follows_ziegler():
     assert fixed.value == 0.05
 
 
+def test_default_adaptive_kl_steers_within_a_short_run():
+    # Ziegler et al.'s horizon (10000 samples at batch 512) is ~20 steps; at our batch of 8 the same 10000
+    # would move beta by at most 0.016% a step. The default horizon keeps their ~20 steps.
+    defaults = PPOConfig()
+    assert defaults.kl_horizon / defaults.batch_size == pytest.approx(10000 / 512, rel=0.05)
+    rising = AdaptiveKLController(0.05, target=defaults.target_kl, horizon=defaults.kl_horizon)
+    for _ in range(12):  # KL far above the target for a 12-step run
+        rising.update(10 * defaults.target_kl, n_steps=defaults.batch_size)
+    assert rising.value > 0.05 * 1.1
+
+
 def test_truncation_after_first_eos():
     eos, pad = 2, 0
     responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
