@@ -145,6 +145,28 @@ def test_reward_model_learns_a_ranking_rule_on_held_out_prompts(tiny_model_dir, 
         result.metrics["val_accuracy"], abs=1e-6)
 
 
+def test_reward_model_learns_a_preference_that_depends_on_the_prompt(tiny_model_dir, tmp_path):
+    """Half the prompts ask for GOOD, half for STONE; of two responses, one made of the asked-for word wins.
+    A rule that ignores the prompt is right half the time, so held-out accuracy means reading the prompt."""
+    def groups(indices: range, seed: int) -> list[RankedGroup]:
+        rng = random.Random(seed)
+        out = []
+        for index in indices:
+            wanted, other = ("good", "stone") if index % 2 == 0 else ("stone", "good")
+            messages = [{"role": "user", "content": f"Use the word {wanted} (#{index})."}]
+            responses = [" ".join([word] * rng.randint(2, 5)) for word in (wanted, other)]
+            ranks = [1, 2]
+            if rng.random() < 0.5:
+                responses, ranks = responses[::-1], ranks[::-1]
+            out.append(RankedGroup(messages, responses, ranks))
+        return out
+
+    config = RewardConfig(epochs=3, batch_size=8, learning_rate=1e-3, warmup_ratio=0.0)
+    result = train_reward_model(config, groups(range(0, 240), seed=1), groups(range(1000, 1040), seed=2),
+                                model_path=tiny_model_dir, output_dir=tmp_path / "rm")
+    assert result.metrics["val_accuracy"] > 0.8, result.metrics
+
+
 def test_reward_model_learns_from_plain_pairwise_comparisons(tiny_model_dir, tmp_path):
     def pairs(groups):
         out = []
