@@ -78,9 +78,11 @@ def test_ppo_form_checks_batch_division_ptx_data_and_queues_a_run(client, sessio
     assert page.status_code == 200 and "rm (reward)" in page.text and "(2 rl / 2 validation prompts)" in page.text
 
     bad = client.post("/training/ppo", data={"csrf_token": token, "prompt_set_ids": str(prompt_set.id),
-                                             "batch_size": "6", "mini_batch_size": "4", "ptx_coef": "0.5"})
+                                             "batch_size": "6", "mini_batch_size": "4", "ptx_coef": "0.5",
+                                             "steps": "3", "value_warmup_steps": "3"})
     assert bad.status_code == 422
     assert "must divide the batch size (6)" in bad.text and "needs demonstration sets" in bad.text
+    assert "must be below the number of steps (3)" in bad.text
     assert jobs_of(session, JobKind.train_ppo) == []
 
     good = client.post("/training/ppo", data={

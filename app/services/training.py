@@ -277,6 +277,9 @@ def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_mode
     batch, mini = config.get("batch_size"), config.get("mini_batch_size")
     if isinstance(batch, int) and isinstance(mini, int) and (mini > batch or batch % mini):
         errors["mini_batch_size"] = f"must divide the batch size ({batch})"
+    steps, warmup = config.get("steps"), config.get("value_warmup_steps")
+    if isinstance(steps, int) and isinstance(warmup, int) and warmup >= steps:
+        errors["value_warmup_steps"] = f"must be below the number of steps ({steps}): the policy would never train"
     sft_ids = _sets(errors, session, "sft_set_ids", sft_set_ids, PromptSetKind.demonstration, required=False)
     ptx = config.get("ptx_coef")
     if isinstance(ptx, float) and ptx > 0 and not sft_ids and "sft_set_ids" not in errors:
