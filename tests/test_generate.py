@@ -282,3 +282,31 @@ def test_a_round_opened_while_generating_is_generated_by_the_new_model(tiny_set,
         assert models == {policy_id}
         runs = session.scalars(select(Job).where(Job.kind == JobKind.generate).order_by(Job.id)).all()
         assert len(runs) == 2  # the first job, and one for round 2
+
+
+def test_sampler_ignores_the_sampling_settings_of_the_checkpoint(tiny_model_dir, tmp_path):
+    """transformers 5 fills every generate() setting left unset from generation_config.json: a checkpoint
+    with min_p or a repetition penalty must not change what the annotation sampler draws."""
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig
+
+    from tests import synthetic
+    from trainer.generate import SamplingSettings, TransformersSampler
+
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=12)
+    conversations, seeds = [synthetic.prompt(i) for i in range(4)], [11, 12, 13, 14]
+    cpu = torch.device("cpu")
+    sampler = TransformersSampler(str(tiny_model_dir), cpu, torch.float32)
+    plain = sampler.sample(conversations, seeds, settings)
+    # A random model's draws are near uniform over the vocabulary, where a penalty on a few tokens seldom
+    # shows: the checkpoint also suppresses every token the plain draws picked.
+    picked = sorted({t for s in plain for t in sampler.tokenizer(s.text, add_special_tokens=False).input_ids})
+    leaky = tmp_path / "leaky"
+    shutil.copytree(tiny_model_dir, leaky)
+    GenerationConfig(do_sample=True, min_p=0.3, repetition_penalty=1.3, no_repeat_ngram_size=2,
+                     suppress_tokens=picked).save_pretrained(leaky)
+    leaked = TransformersSampler(str(leaky), cpu, torch.float32).sample(conversations, seeds, settings)
+    assert [s.text for s in leaked] == [s.text for s in plain]
+

@@ -145,6 +145,28 @@ def test_reward_model_learns_a_ranking_rule_on_held_out_prompts(tiny_model_dir, 
         result.metrics["val_accuracy"], abs=1e-6)
 
 
+def test_reward_model_learns_a_preference_that_depends_on_the_prompt(tiny_model_dir, tmp_path):
+    """Half the prompts ask for GOOD, half for STONE; of two responses, one made of the asked-for word wins.
+    A rule that ignores the prompt is right half the time, so held-out accuracy means reading the prompt."""
+    def groups(indices: range, seed: int) -> list[RankedGroup]:
+        rng = random.Random(seed)
+        out = []
+        for index in indices:
+            wanted, other = ("good", "stone") if index % 2 == 0 else ("stone", "good")
+            messages = [{"role": "user", "content": f"Use the word {wanted} (#{index})."}]
+            responses = [" ".join([word] * rng.randint(2, 5)) for word in (wanted, other)]
+            ranks = [1, 2]
+            if rng.random() < 0.5:
+                responses, ranks = responses[::-1], ranks[::-1]
+            out.append(RankedGroup(messages, responses, ranks))
+        return out
+
+    config = RewardConfig(epochs=3, batch_size=8, learning_rate=1e-3, warmup_ratio=0.0)
+    result = train_reward_model(config, groups(range(0, 240), seed=1), groups(range(1000, 1040), seed=2),
+                                model_path=tiny_model_dir, output_dir=tmp_path / "rm")
+    assert result.metrics["val_accuracy"] > 0.8, result.metrics
+
+
 def test_reward_model_learns_from_plain_pairwise_comparisons(tiny_model_dir, tmp_path):
     def pairs(groups):
         out = []
@@ -174,8 +196,9 @@ def test_same_seed_gives_the_same_loss_curve(tiny_model_dir, tmp_path):
     assert curve(1, "c") != first  # the seed does reach the head's init and the shuffling
 
 
-def test_gradient_accumulation_matches_the_bigger_batch(tiny_model_dir, tmp_path):
-    train = synthetic.ranked_groups(range(0, 32), seed=7)
+def test_gradient_accumulation_matches_the_bigger_batch_on_the_last_partial_window_too(tiny_model_dir, tmp_path):
+    # 28 rankings: windows of 8, 8, 8 and a last one of 4, which accumulation reaches in one micro-batch of 2.
+    train = synthetic.ranked_groups(range(0, 28), seed=7)
     validation = synthetic.ranked_groups(range(1000, 1010), seed=8)
     common = dict(epochs=1, learning_rate=1e-3, lr_schedule="constant", warmup_ratio=0.0)
     big = train_reward_model(RewardConfig(batch_size=8, **common), train, validation,
@@ -183,6 +206,9 @@ def test_gradient_accumulation_matches_the_bigger_batch(tiny_model_dir, tmp_path
     accumulated = train_reward_model(RewardConfig(batch_size=4, gradient_accumulation_steps=2, **common), train,
                                      validation, model_path=tiny_model_dir, output_dir=tmp_path / "acc")
     assert accumulated.metrics["steps"] == big.metrics["steps"] == 4
+    step_losses = [[h["loss"] for h in r.history if "loss" in h] for r in (big, accumulated)]
+    assert step_losses[1] == pytest.approx(step_losses[0], rel=1e-4)  # the last step's loss is not halved
+    assert accumulated.metrics["train_loss"] == pytest.approx(big.metrics["train_loss"], rel=1e-4)
     assert accumulated.metrics["val_loss"] == pytest.approx(big.metrics["val_loss"], rel=1e-4)
 
 

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select, update
 
 from app.config import Settings
-from app.db.enums import JobStatus, ModelKind, Role
+from app.db.enums import JobStatus, ModelKind, Role, Split
 from app.db.models import Annotation, Job, JobMetric, Model, Prompt, Response, Task
 from app.db.session import new_session
 from app.services import training
@@ -102,7 +102,15 @@ def test_ppo_job_registers_a_policy_with_samples_before_and_after(trained_reward
         assert related["reward"].id == ids["model"] and related["reference"].id == ids["base"]
         assert [m.id for m in training.lineage(session, policy)] == [ids["base"]]
         pairs = training.side_by_side(session, policy.id)
-        assert len(pairs) == training.SAMPLE_PROMPTS
+        # Held out: the set's 5 validation-split prompts only, never the rl prompts PPO trained on.
+        validation = set(session.scalars(select(Prompt.id).where(Prompt.prompt_set_id == ids["set"],
+                                                                 Prompt.split == Split.validation)))
+        assert len(validation) == 5 and {p.prompt_id for p in pairs} == validation
+        assert job.result["validation_prompts"] == 5 and "5 validation-split prompt(s)" in job.result["validation_note"]
+        for key in ("validation_reward_before", "validation_reward_after", "validation_reward_change"):
+            assert job.result[f"{key}_ci"] >= 0 and key in policy.metrics
+        assert job.result["validation_reward_before_ci"] > 0  # 5 different rewards
+        assert 0 <= job.result["cut_fraction"] <= 1
         assert all(p.before is not None and p.after is not None for p in pairs)
         assert all(p.before.reward is not None and p.after.reward is not None for p in pairs)
         assert pairs[0].messages == pairs[0].after.messages

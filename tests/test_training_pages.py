@@ -75,12 +75,14 @@ def test_ppo_form_checks_batch_division_ptx_data_and_queues_a_run(client, sessio
     prompt_set = ranked_set(session, alice, prompts=10)
     session.commit()
     page = client.get("/training/ppo")
-    assert page.status_code == 200 and "rm (reward)" in page.text and "(2 rl prompts)" in page.text
+    assert page.status_code == 200 and "rm (reward)" in page.text and "(2 rl / 2 validation prompts)" in page.text
 
     bad = client.post("/training/ppo", data={"csrf_token": token, "prompt_set_ids": str(prompt_set.id),
-                                             "batch_size": "6", "mini_batch_size": "4", "ptx_coef": "0.5"})
+                                             "batch_size": "6", "mini_batch_size": "4", "ptx_coef": "0.5",
+                                             "steps": "3", "value_warmup_steps": "3"})
     assert bad.status_code == 422
     assert "must divide the batch size (6)" in bad.text and "needs demonstration sets" in bad.text
+    assert "must be below the number of steps (3)" in bad.text
     assert jobs_of(session, JobKind.train_ppo) == []
 
     good = client.post("/training/ppo", data={
@@ -177,3 +179,26 @@ def test_promoting_a_policy_opens_a_new_round_generated_by_it(client, session, t
     session.refresh(active)
     assert archived.round == 1 and (active.generator_model_id, active.round) == (policy.id, 2)
     assert session.scalar(select(func.count(Job.id)).where(Job.kind == JobKind.generate)) == 1
+
+
+def test_ppo_job_page_leads_with_the_held_out_reward_and_warns_of_cut_responses(client, session):
+    from app.services import jobs
+
+    engineer(client, session)
+    result = {"reward": 0.4, "kl": 1.25, "cut_fraction": 0.6, "validation_prompts": 5,
+              "validation_note": "the chosen sets have 5 validation-split prompt(s) of the 64 asked for",
+              "validation_reward_before": -0.1, "validation_reward_before_ci": 0.3,
+              "validation_reward_after": 0.2, "validation_reward_after_ci": 0.25,
+              "validation_reward_change": 0.3, "validation_reward_change_ci": 0.1}
+    job = jobs.enqueue_job(session, kind=JobKind.train_ppo, params={"config": {}})
+    job.status, job.result = JobStatus.succeeded, result
+    session.commit()
+    page = client.get(f"/jobs/{job.id}")
+    assert page.status_code == 200
+    text = page.text
+    assert "-0.100 ± 0.300" in text and "0.200 ± 0.250" in text and "+0.300 ± 0.100" in text
+    assert "1.250 nats per response" in text and "5 of them" in text and "64 asked for" in text
+    assert 'id="ppo-cut-warning"' in text and "60%" in text
+    job.result = result | {"cut_fraction": 0.1}
+    session.commit()
+    assert 'id="ppo-cut-warning"' not in client.get(f"/jobs/{job.id}").text

@@ -190,6 +190,27 @@ def response_logprobs(model, query_response: torch.Tensor, attention_mask: torch
     return logprobs, entropy
 
 
+def generate_exactly(model, generation_config, **inputs) -> torch.Tensor:
+    """model.generate(**inputs) sampling with generation_config and nothing else.
+
+    In transformers 5, generate() fills every field the config leaves unset
+    (None) from the checkpoint's generation_config.json: a checkpoint that sets
+    min_p, top_h, epsilon_cutoff, repetition_penalty or no_repeat_ngram_size
+    would change the distribution sampled, while PPO's log-probs (and the
+    settings we record) assume only ours. The model's own config is blanked
+    for the call, so only the library's neutral defaults fill the gaps.
+    """
+    from transformers import GenerationConfig
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA wrapper reads it here
+    saved = core.generation_config
+    core.generation_config = GenerationConfig()
+    try:
+        return model.generate(**inputs, generation_config=generation_config)
+    finally:
+        core.generation_config = saved
+
+
 def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of the tokens where loss_mask is 1 (the SFT / ptx loss).
 

@@ -30,6 +30,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from app.db.enums import JobKind, ModelKind, PromptSetKind, PromptSetStatus
 from app.db.models import Model, Prompt, PromptSet, Response, Task, TaskResponse
+from trainer.common import generate_exactly
 from trainer.jobs import JobCancelled, JobContext, JobFailed, handler
 from trainer.models import load_causal_lm, load_tokenizer, resolve_model_path
 
@@ -137,10 +138,10 @@ class TransformersSampler:
             max_new_tokens=settings.max_new_tokens, do_sample=False,
             eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
         )
-        out = self.model.generate(
-            **enc, generation_config=config,
+        out = generate_exactly(
+            self.model, config, **enc,
             logits_processor=LogitsProcessorList([SeededSampler(generators, settings.temperature, settings.top_p)]),
-        )  # (B, T + new)
+        )  # (B, T + new): only our sampler shapes the distribution, never the checkpoint's settings
         new_tokens = out[:, T:].tolist()
         samples = []
         for tokens, seed in zip(new_tokens, seeds, strict=True):
@@ -164,7 +165,8 @@ class VllmSampler:
     def __init__(self, path: str, dtype: torch.dtype | None = None):
         from vllm import LLM
 
-        self.llm = LLM(model=path, dtype="bfloat16" if dtype == torch.bfloat16 else "auto")
+        # generation_config="vllm": the checkpoint's generation_config.json sets no sampling default.
+        self.llm = LLM(model=path, dtype="bfloat16" if dtype == torch.bfloat16 else "auto", generation_config="vllm")
         self.tokenizer = self.llm.get_tokenizer()
 
     def sample(self, conversations, seeds, settings: SamplingSettings) -> list[Sample]:

@@ -10,12 +10,15 @@ What decides whether it works, after "The N Implementation Details of RLHF
 with PPO" (Huang et al. 2023) and TRL's / OpenRLHF's PPO, each marked where it
 happens below:
 - a pad token distinct from EOS, left-padded prompts, position ids from the mask;
-- sampling with top_k=0, top_p=1 and the logits divided by the temperature
-  before the log-probs, so the ratios are those of the distribution sampled;
-- responses truncated after their first EOS before scoring, and a penalty for
-  responses that never end;
-- reward-model scores normalised (SFT samples: mean 0, std 1) from the RM's
-  stored normalisation;
+- sampling with top_k=0, top_p=1 and nothing else (never the checkpoint's
+  generation_config.json), the logits divided by the temperature before the
+  log-probs, so the ratios are those of the distribution sampled;
+- responses truncated after their first EOS before scoring, scored as the RM
+  was trained (a response cut at the length limit gets EOS appended), and a
+  penalty for responses that never end;
+- reward-model scores normalised (mean 0, std 1) on the reference's samples
+  drawn with the run's own settings, or from the RM's stored normalisation;
+  the value head's output normalised alike, so values and rewards share units;
 - per-token KL (k1, or k3 as an option) with the score at the last token, and a
   fixed or adaptive (Ziegler et al. 2019) KL coefficient;
 - whitened advantages; value head initialised from the reward model; dropout
@@ -26,6 +29,7 @@ pretraining term (ptx); here both are options.
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +44,7 @@ from trainer.common import (
     check_settings,
     encode_prompt,
     encode_response,
+    generate_exactly,
     lr_lambda,
     masked_mean,
     masked_whiten,
@@ -69,21 +74,29 @@ class PPOConfig:
     lr_schedule: str = "linear"  # linear | cosine | constant: annealed to 0 over the run
     warmup_steps: int = 0  # optimizer steps of linear warmup
     max_grad_norm: float = 1.0  # gradient clipping over policy and value together
-    max_new_tokens: int = 32  # response length limit
+    weight_decay: float = 0.0  # AdamW's (torch's default, 0.01, is nobody's choice here), as the RM and SFT trainers
+    max_new_tokens: int = 128  # response length limit: the ranking sets' default, so few default-model answers are cut
     max_prompt_length: int = 256  # longer prompts keep their last tokens
     temperature: float = 0.7  # sampling temperature; log-probs use the same
     kl_coef: float = 0.05  # beta, the (initial) KL coefficient
     adaptive_kl: bool = False  # adapt beta toward target_kl (Ziegler et al. 2019)
     target_kl: float = 6.0  # nats per response, for the adaptive controller
-    kl_horizon: int = 10000  # the adaptive controller's horizon, in samples
+    kl_horizon: int = 160  # the adaptive controller's horizon, in samples: beta moves at most 0.2 * batch_size /
+    # kl_horizon per step. Ziegler et al. used 10000 at batch 512 (~20 steps); 160 is as many steps at batch 8
     kl_estimator: str = "k1"  # k1: log p - log q (unbiased); k3: (q/p - 1) - log(q/p), never negative
     cliprange: float = 0.2  # policy ratio clip
     cliprange_value: float = 0.2  # value prediction clip around the rollout's values
     vf_coef: float = 0.1  # weight of the value loss
+    value_warmup_steps: int = 0  # first PPO steps that train only the value model (OpenRLHF's freezing_actor_steps)
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
     whiten_advantages: bool = True
+    normalisation_prompts: int = 64  # > 0: normalise the RM score anew on the reference's samples of this many
+    # rl prompts, drawn with these sampling settings (mean 0, std 1 at step 1); 0: the RM's stored normalisation,
+    # made on responses sampled with the ranking set's settings
     missing_eos_penalty: float | None = 1.0  # subtracted from the (normalised) score of a response without EOS
+    validation_samples: int = 64  # held-out prompts sampled before and after (the first ones given); their mean
+    # reward, with a 95% interval, is the run's figure
     ptx_coef: float = 0.0  # weight of the SFT language-modelling loss (InstructGPT's PPO-ptx); needs sft_data
     seed: int = 0
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda ...
@@ -99,6 +112,7 @@ class PPOConfig:
             "mini_batch_size": 1 <= self.mini_batch_size <= self.batch_size and self.batch_size % self.mini_batch_size == 0,
             "ppo_epochs": self.ppo_epochs >= 1,
             "learning_rate": self.learning_rate > 0,
+            "weight_decay": self.weight_decay >= 0,
             "lr_schedule": self.lr_schedule in ("linear", "cosine", "constant"),
             "max_new_tokens": self.max_new_tokens >= 1,
             "max_prompt_length": self.max_prompt_length >= 1,
@@ -109,9 +123,12 @@ class PPOConfig:
             "kl_estimator": self.kl_estimator in ("k1", "k3"),
             "cliprange": self.cliprange > 0,
             "cliprange_value": self.cliprange_value > 0,
+            "value_warmup_steps": 0 <= self.value_warmup_steps < self.steps,
             "gamma": 0 <= self.gamma <= 1,
             "lam": 0 <= self.lam <= 1,
             "ptx_coef": self.ptx_coef >= 0,
+            "normalisation_prompts": self.normalisation_prompts >= 0,
+            "validation_samples": self.validation_samples >= 0,
             "lora_r": self.lora_r >= 0,
         }
         check_settings(self, checks, "PPO", {"mini_batch_size": "batch_size must be a multiple of mini_batch_size"})
@@ -184,22 +201,53 @@ def score_with_penalty(score: torch.Tensor, ended: torch.Tensor, missing_eos_pen
     return torch.where(ended, score, score - missing_eos_penalty)
 
 
+def ended_with_eos(responses: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor, eos_id: int,
+                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The responses as the reward model reads them: (B, R + 1) ids and mask.
+
+    The RM was trained and normalised on responses that all end with EOS
+    (encode_response appends it, also to responses cut at the length limit),
+    and reads its score there. A rollout cut at the limit gets EOS appended
+    for scoring, as OpenRLHF writes EOS over a cut response's last token;
+    read at an ordinary token, its score is on no scale the RM learnt (the
+    missing-EOS penalty, not the RM, is what judges that it never ended).
+    """
+    B = responses.shape[0]
+    ids = torch.cat([responses, responses.new_full((B, 1), pad_id)], 1)  # (B, R + 1)
+    mask = torch.cat([response_mask, response_mask.new_zeros((B, 1))], 1)  # (B, R + 1)
+    cut = (~ended).nonzero().squeeze(-1)  # rows that never produced EOS
+    end = response_mask.sum(1)[cut]  # the column after their last token
+    ids[cut, end] = eos_id
+    mask[cut, end] = 1
+    return ids, mask
+
+
+def reference_logprobs(policy, reference, query_response: torch.Tensor, attention: torch.Tensor,
+                       context_length: int, temperature: float) -> torch.Tensor:
+    """Log-probs of the response tokens under the frozen reference: (B, R). reference None: LoRA on the
+    reference's own weights, so the reference is the policy with its adapters switched off."""
+    if reference is None:
+        with policy.disable_adapter():
+            return response_logprobs(policy, query_response, attention, context_length, temperature)[0]
+    return response_logprobs(reference, query_response, attention, context_length, temperature)[0]
+
+
 def _generation_config(config: PPOConfig, tokenizer):
     from transformers import GenerationConfig
 
-    # Every sampling knob named: a checkpoint's generation_config.json (top_p=0.9, top_k=50 is
-    # transformers' default) must not change the distribution that the log-probs assume.
+    # Plain softmax(logits / T), the distribution the log-probs assume: top_k=0 (transformers' default is 50);
+    # generate_exactly keeps the checkpoint's generation_config.json out of it.
     return GenerationConfig(
-        do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=config.max_new_tokens, min_new_tokens=0,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, max_new_tokens=config.max_new_tokens,
+        min_new_tokens=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
 
 
 @torch.no_grad()
 def _generate(policy, query: torch.Tensor, query_mask: torch.Tensor, generation_config) -> torch.Tensor:
     """Sampled responses to left-padded prompts: (B, R), R <= max_new_tokens."""
-    output = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=generation_config)
+    output = generate_exactly(policy, generation_config, input_ids=query, attention_mask=query_mask)
     return output[:, query.shape[1]:]  # (B, R)
 
 
@@ -220,7 +268,8 @@ def train_ppo(
 
     on_step(step, metrics) is called after every PPO step; should_stop() is
     asked after every step and raises Cancelled (nothing saved) when true.
-    validation_prompts are sampled before and after training with a fixed seed.
+    The first config.validation_samples of validation_prompts (held out: never
+    trained on) are sampled before and after training with a fixed seed.
 
     Under a launcher with N processes, batch_size and mini_batch_size count
     rollouts of all processes together (both must be multiples of N): each
@@ -256,7 +305,10 @@ def train_ppo(
     assert reward_tokenizer.get_vocab() == tokenizer.get_vocab(), \
         "the reward model and the policy must share a tokenizer: responses are scored token for token"
     rm_mean, rm_std = reward_normalisation(reward_model)
-    value_model, _ = load_reward_model(reward_path, device)  # value head initialised from the reward model
+    # The value head starts as the reward head; its outputs are normalised like the rewards (OpenRLHF's critic),
+    # else the RM's arbitrary offset (the ranking loss ignores any shift) takes |offset| / cliprange_value
+    # steps to unlearn and biases GAE by position meanwhile.
+    value_model, _ = load_reward_model(reward_path, device)
     value_model.config.pad_token_id = tokenizer.pad_token_id
     if use_lora:
         policy = add_lora(policy, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, task_type="CAUSAL_LM")
@@ -281,12 +333,15 @@ def train_ppo(
     sft_encoded = []
     for messages, text in (sft_data or []) if config.ptx_coef > 0 else []:
         p, r = encode_prompt(tokenizer, messages, config.max_prompt_length), encode_response(tokenizer, text)
+        # No longer than a rollout (prompt + response): a long demonstration would cost memory and time
+        # out of all proportion, for tokens the policy never produces in a rollout.
+        r = r[:config.max_new_tokens]
         sft_encoded.append((p + r, [0] * len(p) + [1] * len(r)))
     generation_config = _generation_config(config, tokenizer)
 
     # 3. optimizer over policy and value; lr annealed to 0 over every gradient step of the run
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay)
     minibatches = config.batch_size // config.mini_batch_size
     total_updates = config.steps * config.ppo_epochs * minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -294,26 +349,31 @@ def train_ppo(
     kl_controller = (AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
                      if config.adaptive_kl else FixedKLController(config.kl_coef))
 
-    def reference_logprobs(query_response, attention, context_length):
-        if reference is None:
-            with policy.disable_adapter():
-                return response_logprobs(policy, query_response, attention, context_length, config.temperature)[0]
-        return response_logprobs(reference, query_response, attention, context_length, config.temperature)[0]
-
-    def sample_responses(indices: list[int], ids: list[list[int]]) -> dict:
-        """Left-pad the prompts, sample, truncate after the first EOS (no gradients)."""
+    def sample_responses(indices: list[int], ids: list[list[int]], model=None) -> dict:
+        """Left-pad the prompts, sample (from the policy unless told), truncate after the first EOS,
+        and the sequences the reward model reads ("scored", "scored_mask": query + response + EOS)."""
         query, query_mask = pad_left([ids[i] for i in indices], tokenizer.pad_token_id)  # (B, P)
         query, query_mask = query.to(device), query_mask.to(device)
         with autocast(device, config.mixed_precision):
-            responses = _generate(policy, query, query_mask, generation_config)  # (B, R)
+            responses = _generate(policy if model is None else model, query, query_mask, generation_config)  # (B, R)
         responses, response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        scored, scored_mask = ended_with_eos(responses, response_mask, ended, tokenizer.eos_token_id,
+                                             tokenizer.pad_token_id)  # (B, R + 1)
         return {"query": query, "query_mask": query_mask, "responses": responses,
-                "response_mask": response_mask, "ended": ended}
+                "response_mask": response_mask, "ended": ended,
+                "scored": torch.cat([query, scored], 1), "scored_mask": torch.cat([query_mask, scored_mask], 1)}
+
+    def value_scores(query_response, attention, context_length) -> torch.Tensor:
+        """Normalised value of the state before each response token: (B, R)."""
+        raw = token_scores(value_model, query_response, attention)[:, context_length - 1:-1]  # (B, R)
+        return (raw.float() - rm_mean) / rm_std
 
     @torch.no_grad()
     def rm_scores(query_response, attention) -> torch.Tensor:
         with autocast(device, config.mixed_precision):
             return sequence_scores(reward_model, query_response, attention)  # (B,)
+
+    validation_prompts = (validation_prompts or [])[:config.validation_samples]
 
     def validation_samples() -> list[dict]:
         if not validation_prompts:
@@ -326,9 +386,7 @@ def train_ppo(
             for start in range(0, len(mine), config.batch_size):
                 indices = mine[start:start + config.batch_size]
                 rollout = sample_responses(indices, ids)
-                query_response = torch.cat([rollout["query"], rollout["responses"]], 1)
-                attention = torch.cat([rollout["query_mask"], rollout["response_mask"]], 1)
-                raw = rm_scores(query_response, attention)
+                raw = rm_scores(rollout["scored"], rollout["scored_mask"])
                 for row, i in enumerate(indices):
                     tokens = rollout["responses"][row][rollout["response_mask"][row].bool()]
                     samples.append((i, {
@@ -339,6 +397,20 @@ def train_ppo(
                     }))
         everyone = [pair for part in rt.gather(samples) for pair in part]
         return [sample for _, sample in sorted(everyone, key=lambda pair: pair[0])]
+
+    # 3b. reward normalisation on samples drawn as the rollouts are: the RM's stored one was made on responses
+    # sampled with other settings (length, temperature), which shifts every score PPO sees.
+    if config.normalisation_prompts > 0:
+        order = torch.randperm(len(prompt_ids), generator=torch.Generator().manual_seed(config.seed + 2)).tolist()
+        picks = rt.shard([order[i % len(order)] for i in range(config.normalisation_prompts)])
+        raw = []
+        for start in range(0, len(picks), max(1, config.batch_size // rt.world)):
+            rollout = sample_responses(picks[start:start + config.batch_size // rt.world], prompt_ids,
+                                       model=reference)  # the SFT model; None: the policy without adapters
+            raw += rm_scores(rollout["scored"], rollout["scored_mask"]).tolist()
+        raw = torch.tensor([x for part in rt.gather(raw) for x in part])  # (N,)
+        rm_mean = raw.mean().item()
+        rm_std = raw.std().item() if len(raw) > 1 and raw.std().item() > 1e-6 else 1.0
 
     samples_before = validation_samples()
 
@@ -377,10 +449,10 @@ def train_ppo(
                    for c in chunks]
             logprobs = torch.cat([lp for lp, _ in old])  # (B, R)
             entropy = torch.cat([e for _, e in old])  # (B, R)
-            ref_logprobs = torch.cat([reference_logprobs(query_response[c], attention[c], P) for c in chunks])  # (B, R)
-            values = torch.cat([token_scores(value_model, query_response[c], attention[c])[:, P - 1:-1]
-                                for c in chunks]).float()  # (B, R): value of the state before each response token
-            raw_score = torch.cat([rm_scores(query_response[c], attention[c]) for c in chunks])  # (B,)
+            ref_logprobs = torch.cat([reference_logprobs(policy, reference, query_response[c], attention[c], P,
+                                                         config.temperature) for c in chunks])  # (B, R)
+            values = torch.cat([value_scores(query_response[c], attention[c], P) for c in chunks])  # (B, R)
+            raw_score = torch.cat([rm_scores(rollout["scored"][c], rollout["scored_mask"][c]) for c in chunks])  # (B,)
         score = (raw_score - rm_mean) / rm_std  # (B,): SFT samples have mean 0, std 1
         penalised = score_with_penalty(score, ended, config.missing_eos_penalty)  # (B,)
         t2 = time.perf_counter()
@@ -405,12 +477,13 @@ def train_ppo(
         stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": [],
                  "ptx_loss": []}
         lr = scheduler.get_last_lr()[0]
+        train_policy = step > config.value_warmup_steps  # the first steps fit the value model alone
         for _ in range(config.ppo_epochs):
             order = torch.randperm(B, generator=shuffle).tolist()
             for start in range(0, B, mb):
                 idx = torch.tensor(order[start:start + mb], device=device)
                 m = mask[idx]  # (mb, R)
-                if config.ptx_coef > 0:
+                if config.ptx_coef > 0 and train_policy:
                     # InstructGPT's PPO-ptx: keep the likelihood of SFT data up while optimising the reward.
                     picks = rt.shard(torch.randint(len(sft_encoded), (config.mini_batch_size,),
                                                    generator=shuffle).tolist())
@@ -419,11 +492,11 @@ def train_ppo(
                     loss_mask, _ = pad_left([sft_encoded[i][1] for i in picks], 0)
                 tokens, ptx_tokens = 0.0, 0.0  # the whole minibatch's token counts, with several processes
                 if rt.distributed:
-                    tokens, ptx_tokens = rt.sum([float(m.sum()), float(loss_mask.sum()) if config.ptx_coef > 0 else 0.0])
+                    tokens, ptx_tokens = rt.sum([float(m.sum()),
+                                                 float(loss_mask.sum()) if config.ptx_coef > 0 and train_policy else 0.0])
                 with autocast(device, config.mixed_precision):
                     new_logprobs, _ = response_logprobs(policy, query_response[idx], attention[idx], P, config.temperature)
-                    vpred = token_scores(value_model, query_response[idx], attention[idx])[:, P - 1:-1]  # (mb, R)
-                vpred = vpred.float()
+                    vpred = value_scores(query_response[idx], attention[idx], P)  # (mb, R)
                 vpred_clipped = values[idx] + (vpred - values[idx]).clamp(-config.cliprange_value, config.cliprange_value)
                 vf_losses = torch.max((vpred - returns[idx]) ** 2, (vpred_clipped - returns[idx]) ** 2)  # (mb, R)
                 value_loss = 0.5 * token_mean(vf_losses, m, tokens)
@@ -432,8 +505,8 @@ def train_ppo(
                 pg_losses = -advantages[idx] * ratio  # (mb, R)
                 pg_losses_clipped = -advantages[idx] * ratio.clamp(1 - config.cliprange, 1 + config.cliprange)
                 policy_loss = token_mean(torch.max(pg_losses, pg_losses_clipped), m, tokens)
-                loss = policy_loss + config.vf_coef * value_loss
-                if config.ptx_coef > 0:
+                loss = config.vf_coef * value_loss + (policy_loss if train_policy else 0.0)
+                if config.ptx_coef > 0 and train_policy:
                     with autocast(device, config.mixed_precision):
                         ptx_loss = sequence_nll(policy, ids.to(device), ptx_attention.to(device), loss_mask.to(device))
                     if rt.distributed:  # this process's part of the token mean over every process's picks
@@ -480,6 +553,7 @@ def train_ppo(
             "approx_kl": _mean(stats["approx_kl"]),
             "response_length": response_mask.sum(1).float().mean().item(),
             "eos_fraction": ended.float().mean().item(),
+            "cut_fraction": 1.0 - ended.float().mean().item(),  # responses cut at max_new_tokens
             "lr": lr,
             "kl_coef": beta,
             "generation_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2,
@@ -487,7 +561,8 @@ def train_ppo(
         if stats["ptx_loss"]:
             metrics["ptx_loss"] = _mean(stats["ptx_loss"])
         if rt.distributed:  # means over every process's rollouts (each has as many)
-            per_rollout = ["reward", "reward_unnormalised", "total_reward", "response_length", "eos_fraction"]
+            per_rollout = ["reward", "reward_unnormalised", "total_reward", "response_length", "eos_fraction",
+                           "cut_fraction"]
             for name, value in zip(per_rollout, rt.mean([metrics[name] for name in per_rollout])):
                 metrics[name] = value
             entropy_sum, entropy_tokens = rt.sum([float((entropy * mask).sum()), float(mask.sum())])
@@ -504,10 +579,17 @@ def train_ppo(
     final.pop("step")
     final["steps"] = config.steps
     final["processes"] = rt.world
+    final["normalisation_mean"], final["normalisation_std"] = rm_mean, rm_std
     final["seconds"] = time.perf_counter() - started
-    if samples_before:
-        final["validation_reward_before"] = _mean([s["reward"] for s in samples_before])
-        final["validation_reward_after"] = _mean([s["reward"] for s in samples_after])
+    if samples_before:  # held-out prompts: what the run generalised, apart from the training "reward"
+        before = [s["reward"] for s in samples_before]
+        after = [s["reward"] for s in samples_after]
+        final["validation_prompts"] = len(before)
+        final["validation_reward_before"], final["validation_reward_before_ci"] = mean_and_interval(before)
+        final["validation_reward_after"], final["validation_reward_after_ci"] = mean_and_interval(after)
+        # paired: the same prompts before and after, so the change's interval is narrower than either's
+        final["validation_reward_change"], final["validation_reward_change_ci"] = mean_and_interval(
+            [a - b for a, b in zip(after, before, strict=True)])
     policy = unwrap_lora(policy)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     policy.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -515,6 +597,9 @@ def train_ppo(
         save_checkpoint(policy, tokenizer, output_dir, {
             "kind": "policy", "policy_path": str(policy_path), "reference_path": str(reference_path),
             "reward_path": str(reward_path), "config": asdict(config), "metrics": final,
+            # what the rollouts were drawn with, and nothing else (generate_exactly)
+            "sampling": {"temperature": config.temperature, "top_k": 0, "top_p": 1.0,
+                         "max_new_tokens": config.max_new_tokens},
         })
     rt.barrier()  # the checkpoint is in place when any process returns
     return PPOResult(output_dir=Path(output_dir), metrics=final, history=history,
@@ -523,3 +608,12 @@ def train_ppo(
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def mean_and_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% normal interval); the half-width is 0 for fewer than 2 values."""
+    mean = _mean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, 1.96 * math.sqrt(variance / len(values))

@@ -37,7 +37,9 @@ def train_ppo_job(ctx: JobContext) -> dict[str, Any]:
         paths = {key: resolve_model_path(m.path, artifacts) for key, m in
                  (("policy", policy), ("reference", reference), ("reward", reward))}
         prompts = training.prompts_of(session, params["prompt_set_ids"], Split.rl)
-        sample_rows = training.sample_prompts(session, params["prompt_set_ids"])
+        # Held out: the validation split only, never the rl prompts PPO trains on.
+        sample_rows = training.prompts_of(session, params["prompt_set_ids"], Split.validation,
+                                          limit=config.validation_samples)
         sft_data = None
         if config.ptx_coef > 0:
             accepted = demonstrations.accepted_demonstrations(session, prompt_set_ids=params.get("sft_set_ids") or [])
@@ -78,7 +80,13 @@ def train_ppo_job(ctx: JobContext) -> dict[str, Any]:
     metrics = result.metrics
     out = {"model_id": registered.model_id, "model_name": registered.name, "steps": metrics["steps"],
            "reward": round(metrics["reward"], 4), "kl": round(metrics["kl"], 4), "rl_prompts": len(prompts)}
-    for key in ("validation_reward_before", "validation_reward_after"):
+    out["cut_fraction"] = round(metrics["cut_fraction"], 4)
+    out["validation_prompts"] = len(sample_rows)
+    if len(sample_rows) < config.validation_samples:
+        out["validation_note"] = (f"the chosen sets have {len(sample_rows)} validation-split prompt(s) of the"
+                                  f" {config.validation_samples} asked for")
+    for key in ("validation_reward_before", "validation_reward_after", "validation_reward_change"):
         if key in metrics:
             out[key] = round(metrics[key], 4)
+            out[f"{key}_ci"] = round(metrics[f"{key}_ci"], 4)
     return out

@@ -351,8 +351,10 @@ def train_reward_model(
     shuffle = torch.Generator().manual_seed(config.seed)
 
     # 4. the loop: forward K responses per group, K-wise loss, backward, clip, step, log; evaluate each epoch.
-    # Several processes: each takes its shard of every micro-batch and weighs its mean loss by its share of
-    # the micro-batch, so the summed gradients are those of the whole micro-batch.
+    # Each micro-batch's mean loss is weighed by its share of the rankings in its accumulation window (and,
+    # with several processes, each process's by its shard's share), so every optimizer step's gradient is
+    # that of the mean loss over the window's rankings, the last, partial window too.
+    window_size = config.batch_size * config.gradient_accumulation_steps  # rankings per optimizer step
     step = 0
     val: dict[str, float] = {}
     for epoch in range(1, config.epochs + 1):
@@ -361,13 +363,15 @@ def train_reward_model(
         window_loss, window_correct, window_pairs = 0.0, 0, 0
         for micro in range(micro_batches):
             full = order[micro * config.batch_size:(micro + 1) * config.batch_size]
+            window_start = micro // config.gradient_accumulation_steps * window_size
+            in_window = len(order[window_start:window_start + window_size])  # fewer in the last window
             batch = [train_groups[i] for i in rt.shard(full)]
             if batch:  # a process gets nothing when a last micro-batch is smaller than the number of processes
                 rewards, ranks, valid = _forward_groups(model, batch, pad_id, device, config.mixed_precision)  # (B, K)
                 loss, correct, pairs = ranking_loss(rewards, ranks, valid)
-                share = len(batch) / len(full)  # 1.0 in one process
-                (loss * share / config.gradient_accumulation_steps).backward()
-                window_loss += loss.item() * share / config.gradient_accumulation_steps
+                share = len(batch) / in_window
+                (loss * share).backward()
+                window_loss += loss.item() * share
                 window_correct += int(correct)
                 window_pairs += int(pairs)
             last_micro = micro == micro_batches - 1
@@ -382,7 +386,7 @@ def train_reward_model(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            epoch_loss += window_loss
+            epoch_loss += window_loss * in_window  # a sum over rankings
             epoch_correct += window_correct
             epoch_pairs += window_pairs
             report(step, {"epoch": epoch, "loss": window_loss, "accuracy": window_correct / max(1, window_pairs),
@@ -390,7 +394,7 @@ def train_reward_model(
             window_loss, window_correct, window_pairs = 0.0, 0, 0
             rt.agree_to_stop(should_stop, f"reward training stopped at step {step}")
         val = _evaluate(model, val_groups, pad_id, device, config, rt)
-        report(step, {"epoch": epoch, "train_loss": epoch_loss / steps_per_epoch,
+        report(step, {"epoch": epoch, "train_loss": epoch_loss / len(train_groups),
                       "train_accuracy": epoch_correct / max(1, epoch_pairs),
                       "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
         log.info("epoch %d: val accuracy %.3f, val loss %.4f", epoch, val["accuracy"], val["loss"])

@@ -96,7 +96,7 @@ def _ppo_context(session, *, form: dict[str, Any] | None = None, errors: dict | 
     return {
         "form": default_form | (form or {}), "form_errors": errors or {}, "form_error": error,
         "policies": policies, "rewards": rewards, "sets": sets, "sft_sets": training.demonstration_sets(session),
-        "rl_counts": training.rl_prompt_counts(session, [s.id for s in sets]), "settings": training.PPO_SETTINGS,
+        "rl_counts": training.ppo_prompt_counts(session, [s.id for s in sets]), "settings": training.PPO_SETTINGS,
         "runs": jobs.list_jobs(session, kind=JobKind.train_ppo, limit=20),
     }
 

@@ -29,7 +29,7 @@ from app.services.validation import as_id, text_problem
 SCHEDULES = ("cosine", "linear", "constant")
 MAX_NAME_CHARS = 200
 VALIDATION_SHARE = 0.1  # of the prompts, borrowed for validation when none is in the validation split
-SAMPLE_PROMPTS = 8  # fixed validation prompts sampled before and after a run
+SAMPLE_PROMPTS = 8  # fixed prompts an SFT run is sampled on before and after
 
 # trainer.reward.RewardConfig's defaults.
 REWARD_DEFAULTS: dict[str, Any] = {
@@ -55,10 +55,11 @@ REWARD_SETTINGS: tuple[Setting, ...] = (
 # trainer.ppo.PPOConfig's defaults.
 PPO_DEFAULTS: dict[str, Any] = {
     "steps": 10, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 4, "learning_rate": 1e-6,
-    "lr_schedule": "linear", "warmup_steps": 0, "max_grad_norm": 1.0, "max_new_tokens": 32,
+    "lr_schedule": "linear", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0, "max_new_tokens": 128,
     "max_prompt_length": 256, "temperature": 0.7, "kl_coef": 0.05, "adaptive_kl": False, "target_kl": 6.0,
-    "kl_horizon": 10000, "kl_estimator": "k1", "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
-    "gamma": 1.0, "lam": 0.95, "whiten_advantages": True, "missing_eos_penalty": 1.0, "ptx_coef": 0.0,
+    "kl_horizon": 160, "kl_estimator": "k1", "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
+    "value_warmup_steps": 0, "gamma": 1.0, "lam": 0.95, "whiten_advantages": True,
+    "normalisation_prompts": 64, "missing_eos_penalty": 1.0, "validation_samples": 64, "ptx_coef": 0.0,
     "seed": 0, "device": "auto", "mixed_precision": True, "lora_r": 0, "lora_alpha": 16, "lora_dropout": 0.0,
 }
 PPO_SETTINGS: tuple[Setting, ...] = (
@@ -68,15 +69,29 @@ PPO_SETTINGS: tuple[Setting, ...] = (
     Setting("ppo_epochs", int, 1, 100, label="PPO epochs", help="passes per batch"),
     Setting("learning_rate", float, 1e-10, 1.0),
     Setting("lr_schedule", str, choices=SCHEDULES, label="Schedule", help="annealed to 0"),
-    Setting("max_new_tokens", int, 1, 4096, label="Response length", help="tokens"),
+    Setting("weight_decay", float, 0.0, 10.0, help="AdamW's, on policy and value"),
+    Setting("max_new_tokens", int, 1, 4096, label="Response length",
+            help="tokens; as long as the ranking sets' responses (128 by default), or most rollouts are cut and"
+                 " pay the missing-EOS penalty"),
     Setting("temperature", float, 0.01, 5.0),
     Setting("kl_coef", float, 0.0, 100.0, label="KL coefficient (beta)"),
     Setting("adaptive_kl", bool, label="Adaptive KL", help="steer beta toward the target KL"),
     Setting("target_kl", float, 0.001, 1000.0, label="Target KL", help="nats per response"),
+    Setting("kl_horizon", int, 1, 10_000_000, label="KL horizon",
+            help="samples; beta moves at most 0.2 x batch size / horizon per step. Ziegler et al. used 10000 at"
+                 " batch 512 (about 20 steps); 160 is as many steps at batch 8. Lower it to steer faster"),
     Setting("kl_estimator", str, choices=("k1", "k3"), label="KL estimator"),
     Setting("cliprange", float, 0.001, 10.0, label="Policy clip range"),
     Setting("cliprange_value", float, 0.001, 1000.0, label="Value clip range"),
     Setting("vf_coef", float, 0.0, 100.0, label="Value loss coefficient"),
+    Setting("value_warmup_steps", int, 0, 100_000, label="Value warm-up steps",
+            help="first steps train the value model only"),
+    Setting("normalisation_prompts", int, 0, 100_000, label="Normalisation prompts",
+            help="the reward is normalised anew on the reference's samples of this many rl prompts, drawn with"
+                 " these settings; 0 = the reward model's stored normalisation (made on the ranking set's"
+                 " responses, sampled with other settings)"),
+    Setting("validation_samples", int, 0, 100_000, label="Validation prompts",
+            help="held-out (validation-split) prompts sampled before and after"),
     Setting("gamma", float, 0.0, 1.0),
     Setting("lam", float, 0.0, 1.0, label="Lambda (GAE)"),
     Setting("missing_eos_penalty", float, 0.0, 100.0, optional=True, label="Missing-EOS penalty",
@@ -139,14 +154,20 @@ def annotation_counts(session: Session, prompt_set_ids: Sequence[int]) -> dict[i
     return {set_id: 0 for set_id in prompt_set_ids} | dict(rows)
 
 
-def rl_prompt_counts(session: Session, prompt_set_ids: Sequence[int]) -> dict[int, int]:
-    """Prompts of the rl split per set: what PPO samples from."""
+def split_counts(session: Session, prompt_set_ids: Sequence[int], split: Split) -> dict[int, int]:
+    """Prompts of a split per set."""
     if not prompt_set_ids:
         return {}
     rows = session.execute(select(Prompt.prompt_set_id, func.count(Prompt.id))
-                           .where(Prompt.prompt_set_id.in_(list(prompt_set_ids)), Prompt.split == Split.rl)
+                           .where(Prompt.prompt_set_id.in_(list(prompt_set_ids)), Prompt.split == split)
                            .group_by(Prompt.prompt_set_id)).all()
     return {set_id: 0 for set_id in prompt_set_ids} | dict(rows)
+
+
+def ppo_prompt_counts(session: Session, prompt_set_ids: Sequence[int]) -> dict[int, str]:
+    """Per set, what a PPO run takes from it: rl prompts to train on, validation prompts held out."""
+    rl, validation = (split_counts(session, prompt_set_ids, s) for s in (Split.rl, Split.validation))
+    return {i: f"{rl[i]} rl / {validation[i]} validation" for i in prompt_set_ids}
 
 
 # ---- checking what a run may use ------------------------------------------------
@@ -257,6 +278,9 @@ def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_mode
     batch, mini = config.get("batch_size"), config.get("mini_batch_size")
     if isinstance(batch, int) and isinstance(mini, int) and (mini > batch or batch % mini):
         errors["mini_batch_size"] = f"must divide the batch size ({batch})"
+    steps, warmup = config.get("steps"), config.get("value_warmup_steps")
+    if isinstance(steps, int) and isinstance(warmup, int) and warmup >= steps:
+        errors["value_warmup_steps"] = f"must be below the number of steps ({steps}): the policy would never train"
     sft_ids = _sets(errors, session, "sft_set_ids", sft_set_ids, PromptSetKind.demonstration, required=False)
     ptx = config.get("ptx_coef")
     if isinstance(ptx, float) and ptx > 0 and not sft_ids and "sft_set_ids" not in errors:
