@@ -5,8 +5,10 @@ policy's samples side by side, and make the policy generate the set's next round
 
 import pytest
 
-from app.db.enums import JobKind, JobStatus, Role
-from app.db.models import Job, PromptSet
+from sqlalchemy import func, select
+
+from app.db.enums import JobKind, JobStatus, Role, Split
+from app.db.models import Job, Prompt, PromptSet
 from app.db.session import session_scope
 from tests.conftest import TEST_PASSWORD, make_user, screenshot
 from tests.factories_jobs import make_model
@@ -24,6 +26,10 @@ def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_
         prompt_set = ranked_set(s, alice, prompts=24, name="word soup")
         s.flush()
         set_id = prompt_set.id
+        # Samples before/after come from the held-out validation split only.
+        held_out = s.scalar(select(func.count()).select_from(Prompt).where(
+            Prompt.prompt_set_id == set_id, Prompt.split == Split.validation))
+    assert 0 < held_out < 24
     workers.start(cli=True)
 
     page.set_default_timeout(15_000)
@@ -90,8 +96,8 @@ def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_
     page.wait_for_selector("#samples .sample-pair")
     lineage = page.inner_text("#model-lineage")
     assert "tiny-llama" in lineage and "tiny RM" in lineage
-    assert page.locator("#samples .sample-pair").count() == 8
-    assert page.locator("#samples .sample[data-stage=before]").count() == 8
+    assert page.locator("#samples .sample-pair").count() == held_out
+    assert page.locator("#samples .sample[data-stage=before]").count() == held_out
     screenshot(page, "policy_side_by_side")
 
     # 4. It generates the next round of the set.
