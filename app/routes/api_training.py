@@ -31,7 +31,7 @@ def _config(config: Mapping[str, Any], settings: Sequence[Setting]) -> dict[str,
 
 
 def _settings_out(settings: Sequence[Setting]) -> list[SettingOut]:
-    return [SettingOut(name=s.name, type=s.kind.__name__, default=s.default,
+    return [SettingOut(name=s.name, label=s.title, type=s.kind.__name__, default=s.default,
                        low=None if s.kind in (bool, str) else s.low, high=None if s.kind in (bool, str) else s.high,
                        choices=list(s.choices) or None, optional=s.optional, help=s.help) for s in settings]
 
