@@ -50,7 +50,10 @@ class SFTRunIn(BaseModel):
 
 
 class SettingOut(BaseModel):
+    """One setting a run's `config` may hold (from trainer/configs.py), as the forms show it."""
+
     name: str
+    label: str
     type: str
     default: Any
     low: float | None = None

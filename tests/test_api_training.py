@@ -50,6 +50,10 @@ def test_settings_lists_each_run_kind_with_defaults(client, session):
                                                                                                  "constant"]
     assert {s["name"] for s in body["ppo"]} >= {"kl_coef", "adaptive_kl", "target_kl", "ptx_coef", "missing_eos_penalty"}
     assert any(s["name"] == "packing" for s in body["sft"])
+    steps = next(s for s in body["ppo"] if s["name"] == "steps")  # as trainer/configs.py's metadata has it
+    assert (steps["label"], steps["low"], steps["high"], steps["default"]) == ("Steps", 1, 100_000, 10)
+    eos = next(s for s in body["ppo"] if s["name"] == "missing_eos_penalty")
+    assert eos["optional"] is True and eos["label"] == "Missing-EOS penalty" and eos["help"] == "blank = none"
 
 
 def test_each_run_starts_with_a_201_and_its_parameters(client, session, data):

@@ -1,8 +1,6 @@
 """The train_sft job: only accepted demonstrations are trained on, the split is the
 prompts', progress and curves reach the job, the result is registered as an SFT model."""
 
-import dataclasses
-
 from sqlalchemy import select
 
 from app.config import Settings
@@ -15,13 +13,8 @@ from app.services import sft, training
 from tests.conftest import make_user
 from tests.factories import make_prompt_set
 from tests.test_demonstrations import add_prompt
-from trainer.sft import SFTConfig
 from trainer.sft_job import split_examples
 from trainer.worker import execute_job
-
-
-def test_form_defaults_are_the_trainer_defaults():
-    assert sft.CONFIG_DEFAULTS == {f.name: f.default for f in dataclasses.fields(SFTConfig)}
 
 
 def item(prompt_id: int, split: Split, text: str = "q") -> demos.AcceptedDemonstration:

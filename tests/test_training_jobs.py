@@ -2,8 +2,6 @@
 what they read, what they register (lineage, metrics, data snapshot), the samples
 they leave for reading side by side, and how they fail."""
 
-import dataclasses
-
 import pytest
 from sqlalchemy import select, update
 
@@ -16,23 +14,11 @@ from tests.conftest import make_user
 from tests.factories_jobs import make_model
 from tests.training_data import ranked_set
 from trainer.jobs import JobFailed
-from trainer.ppo import PPOConfig
-from trainer.reward import RewardConfig
 from trainer.worker import execute_job
 
 REWARD_VALUES = {"epochs": 2, "batch_size": 4, "learning_rate": 1e-3, "max_length": 96, "warmup_ratio": 0}
 PPO_VALUES = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "learning_rate": 1e-4,
               "max_new_tokens": 8}
-
-
-@pytest.mark.parametrize(("defaults", "settings", "config"), [
-    (training.REWARD_DEFAULTS, training.REWARD_SETTINGS, RewardConfig),
-    (training.PPO_DEFAULTS, training.PPO_SETTINGS, PPOConfig),
-])
-def test_form_defaults_are_the_trainer_defaults(defaults, settings, config):
-    fields = {f.name: f.default for f in dataclasses.fields(config)}
-    assert defaults == fields
-    assert {s.name for s in settings} <= set(fields)
 
 
 def run(job_id: int, tmp_path) -> Job:

@@ -22,8 +22,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from typing import Any
-
 import torch
 
 Messages = list[dict[str, str]]
@@ -298,28 +296,4 @@ def save_checkpoint(model, tokenizer, output_dir: Path, extra: dict) -> Path:
 def read_workbench_json(path: Path) -> dict:
     file = Path(path) / CONFIG_FILE
     return json.loads(file.read_text()) if file.exists() else {}
-
-
-def check_settings(config: Any, checks: dict[str, bool], what: str, hints: dict[str, str] | None = None) -> None:
-    """Raise ValueError naming every setting whose check failed, with its value (and its
-    hint, where one is given)."""
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        extra = "".join(f" ({hints[n]})" for n in bad if hints and n in hints)
-        raise ValueError(f"invalid {what} settings: {', '.join(f'{n}={getattr(config, n)!r}' for n in bad)}{extra}")
-
-
-def epoch_training_checks(config: Any) -> dict[str, bool]:
-    """The checks every epoch-based trainer (SFT, reward model) makes of its settings."""
-    return {
-        "epochs": config.epochs >= 1,
-        "batch_size": config.batch_size >= 1,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps >= 1,
-        "learning_rate": config.learning_rate > 0,
-        "lr_schedule": config.lr_schedule in ("linear", "cosine", "constant"),
-        "warmup_ratio": 0 <= config.warmup_ratio < 1,
-        "max_length": config.max_length >= 8,
-        "eval_batch_size": config.eval_batch_size >= 1,
-        "lora_r": config.lora_r >= 0,
-    }
 

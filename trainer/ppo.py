@@ -41,7 +41,6 @@ from trainer.common import (
     Messages,
     add_lora,
     autocast,
-    check_settings,
     encode_prompt,
     encode_response,
     generate_exactly,
@@ -57,81 +56,12 @@ from trainer.common import (
     truncate_after_eos,
     unwrap_lora,
 )
+from trainer.configs import PPOConfig
 from trainer.distributed import runtime
 from trainer.models import load_causal_lm, load_tokenizer
 from trainer.reward import load_reward_model, reward_normalisation, sequence_scores, token_scores
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PPOConfig:
-    steps: int = 10  # PPO iterations; each samples batch_size responses
-    batch_size: int = 8  # prompts (rollouts) per iteration
-    mini_batch_size: int = 4  # rollouts per gradient step; batch_size must be a multiple
-    ppo_epochs: int = 4  # passes over each batch of rollouts
-    learning_rate: float = 1e-6  # 1e-6..1e-5 for real models; the tiny test models want ~1e-4
-    lr_schedule: str = "linear"  # linear | cosine | constant: annealed to 0 over the run
-    warmup_steps: int = 0  # optimizer steps of linear warmup
-    max_grad_norm: float = 1.0  # gradient clipping over policy and value together
-    weight_decay: float = 0.0  # AdamW's (torch's default, 0.01, is nobody's choice here), as the RM and SFT trainers
-    max_new_tokens: int = 128  # response length limit: the ranking sets' default, so few default-model answers are cut
-    max_prompt_length: int = 256  # longer prompts keep their last tokens
-    temperature: float = 0.7  # sampling temperature; log-probs use the same
-    kl_coef: float = 0.05  # beta, the (initial) KL coefficient
-    adaptive_kl: bool = False  # adapt beta toward target_kl (Ziegler et al. 2019)
-    target_kl: float = 6.0  # nats per response, for the adaptive controller
-    kl_horizon: int = 160  # the adaptive controller's horizon, in samples: beta moves at most 0.2 * batch_size /
-    # kl_horizon per step. Ziegler et al. used 10000 at batch 512 (~20 steps); 160 is as many steps at batch 8
-    kl_estimator: str = "k1"  # k1: log p - log q (unbiased); k3: (q/p - 1) - log(q/p), never negative
-    cliprange: float = 0.2  # policy ratio clip
-    cliprange_value: float = 0.2  # value prediction clip around the rollout's values
-    vf_coef: float = 0.1  # weight of the value loss
-    value_warmup_steps: int = 0  # first PPO steps that train only the value model (OpenRLHF's freezing_actor_steps)
-    gamma: float = 1.0  # discount
-    lam: float = 0.95  # GAE lambda
-    whiten_advantages: bool = True
-    normalisation_prompts: int = 64  # > 0: normalise the RM score anew on the reference's samples of this many
-    # rl prompts, drawn with these sampling settings (mean 0, std 1 at step 1); 0: the RM's stored normalisation,
-    # made on responses sampled with the ranking set's settings
-    missing_eos_penalty: float | None = 1.0  # subtracted from the (normalised) score of a response without EOS
-    validation_samples: int = 64  # held-out prompts sampled before and after (the first ones given); their mean
-    # reward, with a 95% interval, is the run's figure
-    ptx_coef: float = 0.0  # weight of the SFT language-modelling loss (InstructGPT's PPO-ptx); needs sft_data
-    seed: int = 0
-    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda ...
-    mixed_precision: bool = True  # bf16 autocast on CUDA; ignored elsewhere
-    lora_r: int = 0  # 0: full fine-tuning; > 0: LoRA on policy and value (needs peft)
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "mini_batch_size": 1 <= self.mini_batch_size <= self.batch_size and self.batch_size % self.mini_batch_size == 0,
-            "ppo_epochs": self.ppo_epochs >= 1,
-            "learning_rate": self.learning_rate > 0,
-            "weight_decay": self.weight_decay >= 0,
-            "lr_schedule": self.lr_schedule in ("linear", "cosine", "constant"),
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "max_prompt_length": self.max_prompt_length >= 1,
-            "temperature": self.temperature > 0,
-            "kl_coef": self.kl_coef >= 0,
-            "target_kl": self.target_kl > 0,
-            "kl_horizon": self.kl_horizon >= 1,
-            "kl_estimator": self.kl_estimator in ("k1", "k3"),
-            "cliprange": self.cliprange > 0,
-            "cliprange_value": self.cliprange_value > 0,
-            "value_warmup_steps": 0 <= self.value_warmup_steps < self.steps,
-            "gamma": 0 <= self.gamma <= 1,
-            "lam": 0 <= self.lam <= 1,
-            "ptx_coef": self.ptx_coef >= 0,
-            "normalisation_prompts": self.normalisation_prompts >= 0,
-            "validation_samples": self.validation_samples >= 0,
-            "lora_r": self.lora_r >= 0,
-        }
-        check_settings(self, checks, "PPO", {"mini_batch_size": "batch_size must be a multiple of mini_batch_size"})
 
 
 @dataclass

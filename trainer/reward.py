@@ -39,10 +39,8 @@ from trainer.common import (
     Messages,
     add_lora,
     autocast,
-    check_settings,
     encode_prompt,
     encode_response,
-    epoch_training_checks,
     last_token_index,
     lr_lambda,
     pad_right,
@@ -53,6 +51,7 @@ from trainer.common import (
     seed_everything,
     unwrap_lora,
 )
+from trainer.configs import RewardConfig
 from trainer.distributed import Runtime, runtime
 from trainer.models import load_tokenizer
 
@@ -70,29 +69,6 @@ class RankedGroup(NamedTuple):
 def pairwise(messages: Messages, chosen: str, rejected: str) -> RankedGroup:
     """A plain comparison as a ranked group of two."""
     return RankedGroup(messages, [chosen, rejected], [1, 2])
-
-
-@dataclass
-class RewardConfig:
-    epochs: int = 1  # passes over the training annotations
-    batch_size: int = 8  # annotations per forward pass; each brings its K responses
-    gradient_accumulation_steps: int = 1  # forward passes per optimizer step
-    learning_rate: float = 1e-5  # InstructGPT's 6B RM used 9e-6; tiny test models want ~1e-3
-    lr_schedule: str = "cosine"  # linear | cosine | constant, after warmup, decaying to 0
-    warmup_ratio: float = 0.05  # fraction of optimizer steps spent warming up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # gradient clipping
-    max_length: int = 512  # tokens of prompt + response; longer ones lose the START of the prompt
-    eval_batch_size: int = 16  # annotations per forward pass when evaluating and normalising
-    seed: int = 0
-    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
-    mixed_precision: bool = True  # bf16 autocast on CUDA; ignored elsewhere
-    lora_r: int = 0  # 0: train every weight; > 0: LoRA of that rank (needs peft)
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_settings(self, epoch_training_checks(self), "reward")
 
 
 @dataclass

@@ -40,9 +40,7 @@ from trainer.common import (
     Messages,
     add_lora,
     autocast,
-    check_settings,
     encode_prompt,
-    epoch_training_checks,
     lr_lambda,
     prepare_tokenizer,
     read_workbench_json,
@@ -50,6 +48,7 @@ from trainer.common import (
     seed_everything,
     unwrap_lora,
 )
+from trainer.configs import SFTConfig
 from trainer.distributed import Runtime, runtime
 from trainer.models import load_tokenizer
 
@@ -63,30 +62,6 @@ class SFTExample(NamedTuple):
 
     messages: Messages
     response: str
-
-
-@dataclass
-class SFTConfig:
-    epochs: int = 1  # passes over the training demonstrations
-    batch_size: int = 8  # rows per forward pass (examples, or packed rows of examples)
-    gradient_accumulation_steps: int = 1  # forward passes per optimizer step
-    learning_rate: float = 2e-5  # full fine-tuning of a ~100M model; LoRA wants ~1e-4, tiny test models ~1e-3
-    lr_schedule: str = "cosine"  # linear | cosine | constant, after warmup, decaying to 0
-    warmup_ratio: float = 0.03  # fraction of optimizer steps spent warming up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # gradient clipping
-    max_length: int = 512  # tokens of prompt + response (and of a packed row)
-    packing: bool = False  # several whole examples per row; no padding, same loss
-    eval_batch_size: int = 8  # examples per forward pass when computing the validation loss
-    seed: int = 0
-    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
-    mixed_precision: bool = True  # bf16 autocast on CUDA; ignored elsewhere
-    lora_r: int = 0  # 0: train every weight; > 0: LoRA of that rank (needs peft), merged into the saved weights
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_settings(self, epoch_training_checks(self) | {"max_grad_norm": self.max_grad_norm > 0}, "SFT")
 
 
 @dataclass

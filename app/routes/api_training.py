@@ -30,8 +30,8 @@ def _config(config: Mapping[str, Any], settings: Sequence[Setting]) -> dict[str,
     return dict(config)
 
 
-def _settings_out(defaults: Mapping[str, Any], settings: Sequence[Setting]) -> list[SettingOut]:
-    return [SettingOut(name=s.name, type=s.kind.__name__, default=defaults[s.name],
+def _settings_out(settings: Sequence[Setting]) -> list[SettingOut]:
+    return [SettingOut(name=s.name, label=s.title, type=s.kind.__name__, default=s.default,
                        low=None if s.kind in (bool, str) else s.low, high=None if s.kind in (bool, str) else s.high,
                        choices=list(s.choices) or None, optional=s.optional, help=s.help) for s in settings]
 
@@ -39,9 +39,8 @@ def _settings_out(defaults: Mapping[str, Any], settings: Sequence[Setting]) -> l
 @router.get("/settings", response_model=TrainingSettingsOut)
 def settings(user: EngineerUser):
     """What `config` may hold for each kind of run, with defaults and ranges."""
-    return TrainingSettingsOut(sft=_settings_out(sft.CONFIG_DEFAULTS, sft.SETTINGS),
-                               reward=_settings_out(training.REWARD_DEFAULTS, training.REWARD_SETTINGS),
-                               ppo=_settings_out(training.PPO_DEFAULTS, training.PPO_SETTINGS))
+    return TrainingSettingsOut(sft=_settings_out(sft.SETTINGS), reward=_settings_out(training.REWARD_SETTINGS),
+                               ppo=_settings_out(training.PPO_SETTINGS))
 
 
 @router.post("/sft", response_model=JobOut, status_code=status.HTTP_201_CREATED, responses=_422)

@@ -22,7 +22,7 @@ def _context(session, *, form: dict[str, Any] | None = None, errors: dict | None
              error: str | None = None) -> dict[str, Any]:
     sets = demos.demonstration_sets(session, include_archived=True)
     models = sft.base_models(session)
-    default_form = form_values(sft.CONFIG_DEFAULTS, sft.SETTINGS) | {
+    default_form = form_values(sft.SETTINGS) | {
         "base_model_id": str(models[0].id) if models else "", "prompt_set_ids": [], "name": "",
     }
     return {

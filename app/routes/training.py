@@ -56,7 +56,7 @@ def _reward_context(session, *, form: dict[str, Any] | None = None, errors: dict
                     error: str | None = None) -> dict[str, Any]:
     bases = training.models_of(session, GENERATOR_KINDS)
     sets = training.ranking_sets(session)
-    default_form = form_values(training.REWARD_DEFAULTS, training.REWARD_SETTINGS) | {
+    default_form = form_values(training.REWARD_SETTINGS) | {
         "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "labeler_ids": [], "name": ""}
     return {
         "form": default_form | (form or {}), "form_errors": errors or {}, "form_error": error,
@@ -89,7 +89,7 @@ def _ppo_context(session, *, form: dict[str, Any] | None = None, errors: dict | 
     rewards = training.models_of(session, (ModelKind.reward,))
     default_reward = training.default_reward_model(session)
     sets = training.ranking_sets(session)
-    default_form = form_values(training.PPO_DEFAULTS, training.PPO_SETTINGS) | {
+    default_form = form_values(training.PPO_SETTINGS) | {
         "policy_model_id": str(policies[0].id) if policies else "", "reference_model_id": "",
         "reward_model_id": str(default_reward.id) if default_reward else "", "prompt_set_ids": [],
         "sft_set_ids": [], "name": ""}

@@ -2,8 +2,7 @@
 
 The web process checks the settings and the data and writes the job; the
 worker (trainer/sft_job.py) trains and registers the result. No torch here:
-the defaults below mirror trainer.sft.SFTConfig (tests/test_sft_jobs.py checks
-that they agree).
+the settings are trainer.configs.SFTConfig's.
 """
 
 from collections.abc import Iterable, Mapping
@@ -18,31 +17,11 @@ from app.db.models import Demonstration, Job, Model, Prompt, PromptSet
 from app.services.errors import Invalid
 from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model
-from app.services.run_settings import Setting, clean_config
+from app.services.run_settings import clean_config, settings_of
 from app.services.validation import as_id, text_problem
+from trainer.configs import SFTConfig
 
-# trainer.sft.SFTConfig's defaults: what a form shows first.
-CONFIG_DEFAULTS: dict[str, Any] = {
-    "epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-5,
-    "lr_schedule": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0,
-    "max_length": 512, "packing": False, "eval_batch_size": 8, "seed": 0, "device": "auto",
-    "mixed_precision": True, "lora_r": 0, "lora_alpha": 16, "lora_dropout": 0.0,
-}
-SCHEDULES = ("cosine", "linear", "constant")
-# What a form or an API call may set. Others keep their defaults.
-SETTINGS: tuple[Setting, ...] = (
-    Setting("epochs", int, 1, 100),
-    Setting("learning_rate", float, 1e-8, 1.0),
-    Setting("lr_schedule", str, choices=SCHEDULES, label="Schedule"),
-    Setting("warmup_ratio", float, 0.0, 0.99),
-    Setting("batch_size", int, 1, 1024, help="examples per step"),
-    Setting("gradient_accumulation_steps", int, 1, 1024, label="Gradient accumulation"),
-    Setting("max_length", int, 16, 32_768, help="tokens"),
-    Setting("packing", bool, help="several examples per row"),
-    Setting("lora_r", int, 0, 1024, label="LoRA rank", help="0 = full fine-tuning"),
-    Setting("lora_alpha", int, 1, 4096, label="LoRA alpha"),
-    Setting("seed", int, 0, 2**31 - 1),
-)
+SETTINGS = settings_of(SFTConfig)  # what a form or an API call may set; others keep their defaults
 MIN_DEMONSTRATIONS = 2  # one to train on and one to validate on, at least
 MAX_NAME_CHARS = 200
 
@@ -109,7 +88,7 @@ def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: It
                 errors["prompt_set_ids"] = (f"the chosen sets hold {accepted} accepted demonstration"
                                             f"{'s' if accepted != 1 else ''}; at least {MIN_DEMONSTRATIONS} are needed")
     # settings
-    config = clean_config(values, CONFIG_DEFAULTS, SETTINGS, errors, flags_from_form=flags_from_form)
+    config = clean_config(values, SFTConfig, errors, flags_from_form=flags_from_form)
     name = (name or "").strip()
     if len(name) > MAX_NAME_CHARS:
         errors["name"] = f"at most {MAX_NAME_CHARS} characters"

@@ -5,8 +5,7 @@ policy to be the generator of a prompt set (closing the loop generate -> label
 
 The web process checks settings and data and writes the job; the worker
 (trainer/reward_job.py, trainer/ppo_job.py) trains and registers the result.
-No torch here: the defaults mirror trainer.reward.RewardConfig and
-trainer.ppo.PPOConfig (tests check that they agree).
+No torch here: the settings are trainer.configs.RewardConfig's and PPOConfig's.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,87 +22,16 @@ from app.services import export
 from app.services.errors import Conflict, Invalid, NotFound
 from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model, queue_generation_if_needed
-from app.services.run_settings import Setting, clean_config, parse_ids
+from app.services.run_settings import clean_config, parse_ids, settings_of
 from app.services.validation import as_id, text_problem
+from trainer.configs import PPOConfig, RewardConfig
 
-SCHEDULES = ("cosine", "linear", "constant")
 MAX_NAME_CHARS = 200
 VALIDATION_SHARE = 0.1  # of the prompts, borrowed for validation when none is in the validation split
 SAMPLE_PROMPTS = 8  # fixed prompts an SFT run is sampled on before and after
 
-# trainer.reward.RewardConfig's defaults.
-REWARD_DEFAULTS: dict[str, Any] = {
-    "epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-5,
-    "lr_schedule": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.0, "max_grad_norm": 1.0,
-    "max_length": 512, "eval_batch_size": 16, "seed": 0, "device": "auto", "mixed_precision": True,
-    "lora_r": 0, "lora_alpha": 16, "lora_dropout": 0.0,
-}
-REWARD_SETTINGS: tuple[Setting, ...] = (
-    Setting("epochs", int, 1, 100),
-    Setting("learning_rate", float, 1e-8, 1.0),
-    Setting("lr_schedule", str, choices=SCHEDULES, label="Schedule", help="after warmup, to 0"),
-    Setting("warmup_ratio", float, 0.0, 0.99, help="share of steps"),
-    Setting("batch_size", int, 1, 1024, help="annotations, K responses each"),
-    Setting("gradient_accumulation_steps", int, 1, 1024, label="Gradient accumulation"),
-    Setting("max_length", int, 16, 32_768, help="tokens of prompt + response"),
-    Setting("lora_r", int, 0, 1024, label="LoRA rank", help="0 = full fine-tuning"),
-    Setting("lora_alpha", int, 1, 4096, label="LoRA alpha"),
-    Setting("seed", int, 0, 2**31 - 1),
-    Setting("mixed_precision", bool, label="Mixed precision", help="bf16 on CUDA"),
-)
-
-# trainer.ppo.PPOConfig's defaults.
-PPO_DEFAULTS: dict[str, Any] = {
-    "steps": 10, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 4, "learning_rate": 1e-6,
-    "lr_schedule": "linear", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0, "max_new_tokens": 128,
-    "max_prompt_length": 256, "temperature": 0.7, "kl_coef": 0.05, "adaptive_kl": False, "target_kl": 6.0,
-    "kl_horizon": 160, "kl_estimator": "k1", "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
-    "value_warmup_steps": 0, "gamma": 1.0, "lam": 0.95, "whiten_advantages": True,
-    "normalisation_prompts": 64, "missing_eos_penalty": 1.0, "validation_samples": 64, "ptx_coef": 0.0,
-    "seed": 0, "device": "auto", "mixed_precision": True, "lora_r": 0, "lora_alpha": 16, "lora_dropout": 0.0,
-}
-PPO_SETTINGS: tuple[Setting, ...] = (
-    Setting("steps", int, 1, 100_000, help="each samples one batch"),
-    Setting("batch_size", int, 1, 4096, help="prompts per step"),
-    Setting("mini_batch_size", int, 1, 4096, help="divides the batch"),
-    Setting("ppo_epochs", int, 1, 100, label="PPO epochs", help="passes per batch"),
-    Setting("learning_rate", float, 1e-10, 1.0),
-    Setting("lr_schedule", str, choices=SCHEDULES, label="Schedule", help="annealed to 0"),
-    Setting("weight_decay", float, 0.0, 10.0, help="AdamW's, on policy and value"),
-    Setting("max_new_tokens", int, 1, 4096, label="Response length",
-            help="tokens; as long as the ranking sets' responses (128 by default), or most rollouts are cut and"
-                 " pay the missing-EOS penalty"),
-    Setting("temperature", float, 0.01, 5.0),
-    Setting("kl_coef", float, 0.0, 100.0, label="KL coefficient (beta)"),
-    Setting("adaptive_kl", bool, label="Adaptive KL", help="steer beta toward the target KL"),
-    Setting("target_kl", float, 0.001, 1000.0, label="Target KL", help="nats per response"),
-    Setting("kl_horizon", int, 1, 10_000_000, label="KL horizon",
-            help="samples; beta moves at most 0.2 x batch size / horizon per step. Ziegler et al. used 10000 at"
-                 " batch 512 (about 20 steps); 160 is as many steps at batch 8. Lower it to steer faster"),
-    Setting("kl_estimator", str, choices=("k1", "k3"), label="KL estimator"),
-    Setting("cliprange", float, 0.001, 10.0, label="Policy clip range"),
-    Setting("cliprange_value", float, 0.001, 1000.0, label="Value clip range"),
-    Setting("vf_coef", float, 0.0, 100.0, label="Value loss coefficient"),
-    Setting("value_warmup_steps", int, 0, 100_000, label="Value warm-up steps",
-            help="first steps train the value model only"),
-    Setting("normalisation_prompts", int, 0, 100_000, label="Normalisation prompts",
-            help="the reward is normalised anew on the reference's samples of this many rl prompts, drawn with"
-                 " these settings; 0 = the reward model's stored normalisation (made on the ranking set's"
-                 " responses, sampled with other settings)"),
-    Setting("validation_samples", int, 0, 100_000, label="Validation prompts",
-            help="held-out (validation-split) prompts sampled before and after"),
-    Setting("gamma", float, 0.0, 1.0),
-    Setting("lam", float, 0.0, 1.0, label="Lambda (GAE)"),
-    Setting("missing_eos_penalty", float, 0.0, 100.0, optional=True, label="Missing-EOS penalty",
-            help="blank = none"),
-    Setting("ptx_coef", float, 0.0, 100.0, label="Pretraining-loss coefficient (ptx)",
-            help="needs demonstration sets"),
-    Setting("lora_r", int, 0, 1024, label="LoRA rank", help="0 = full fine-tuning"),
-    Setting("lora_alpha", int, 1, 4096, label="LoRA alpha"),
-    Setting("seed", int, 0, 2**31 - 1),
-    Setting("whiten_advantages", bool, label="Whiten advantages"),
-    Setting("mixed_precision", bool, label="Mixed precision", help="bf16 on CUDA"),
-)
+REWARD_SETTINGS = settings_of(RewardConfig)  # what a form or an API call may set
+PPO_SETTINGS = settings_of(PPOConfig)
 
 
 # ---- choices the forms offer --------------------------------------------------------
@@ -248,7 +176,7 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
             errors["prompt_set_ids"] = (f"the chosen data ranks responses to {prompts} prompt"
                                         f"{'s' if prompts != 1 else ''}; at least 2 are needed"
                                         " (one to train on, one to validate on)")
-    config = clean_config(values, REWARD_DEFAULTS, REWARD_SETTINGS, errors, flags_from_form=flags_from_form)
+    config = clean_config(values, RewardConfig, errors, flags_from_form=flags_from_form)
     clean_name = _name(errors, session, name)
     _raise(errors)
     assert base is not None
@@ -274,7 +202,7 @@ def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_mode
                                                                  Prompt.split == Split.rl)) or 0
         if rl == 0:
             errors["prompt_set_ids"] = "the chosen sets have no prompt in the rl split"
-    config = clean_config(values, PPO_DEFAULTS, PPO_SETTINGS, errors, flags_from_form=flags_from_form)
+    config = clean_config(values, PPOConfig, errors, flags_from_form=flags_from_form)
     batch, mini = config.get("batch_size"), config.get("mini_batch_size")
     if isinstance(batch, int) and isinstance(mini, int) and (mini > batch or batch % mini):
         errors["mini_batch_size"] = f"must divide the batch size ({batch})"

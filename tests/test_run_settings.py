@@ -1,0 +1,83 @@
+"""The settings of training runs come from the trainer's config dataclasses
+(trainer/configs.py): the forms' fields, the API's listing and the checks of a
+submitted value are derived from each field's metadata."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from app.services import sft, training
+from app.services.run_settings import clean_config, form_values, settings_of
+from trainer.configs import PPOConfig, RewardConfig, SFTConfig, setting
+
+
+@dataclasses.dataclass
+class Toy:
+    steps: int = setting(3, label="Steps", help="a few", ge=1, le=5)
+    rate: float = setting(0.5, ge=0.0, le=1.0)
+    penalty: float | None = setting(1.0, ge=0.0, le=2.0)
+    schedule: str = setting("a", choices=("a", "b"))
+    fast: bool = setting(False, label="Fast")
+    hidden: int = 7  # not a setting: keeps its default
+
+
+def test_a_configs_settings_are_its_fields_made_with_setting():
+    steps, rate, penalty, schedule, fast = settings_of(Toy)
+    assert (steps.name, steps.kind, steps.default, steps.low, steps.high) == ("steps", int, 3, 1, 5)
+    assert (steps.title, steps.help, rate.title) == ("Steps", "a few", "Rate")
+    assert (penalty.kind, penalty.optional, rate.optional) == (float, True, False)
+    assert (schedule.choices, fast.kind, fast.title) == (("a", "b"), bool, "Fast")
+    assert form_values(settings_of(Toy)) == {"steps": "3", "rate": "0.5", "penalty": "1.0", "schedule": "a",
+                                             "fast": False}
+
+
+def test_values_are_checked_against_the_metadata_with_clear_messages():
+    errors: dict[str, str] = {}
+    config = clean_config({"steps": " 2.0 ", "rate": "1", "penalty": "", "schedule": " b ", "fast": "on",
+                           "hidden": 99}, Toy, errors)
+    assert errors == {}
+    assert config == {"steps": 2, "rate": 1.0, "penalty": None, "schedule": "b", "fast": True, "hidden": 7}
+    assert isinstance(config["rate"], float)
+
+    errors = {}
+    clean_config({"steps": "6", "rate": "fast", "penalty": "nan", "schedule": "c", "fast": "no"}, Toy, errors)
+    assert errors == {"steps": "must be 1..5", "rate": "must be a number", "penalty": "must be a finite number",
+                      "schedule": "one of a, b"}
+    errors = {}
+    clean_config({"steps": 2.5, "rate": True}, Toy, errors)
+    assert errors == {"steps": "must be a whole number", "rate": "must be a number"}
+
+
+def test_blank_values_and_missing_flags():
+    errors: dict[str, str] = {}
+    assert clean_config({"steps": "", "schedule": " "}, Toy, errors) == dataclasses.asdict(Toy())
+    assert clean_config({}, Toy, errors, flags_from_form=True)["fast"] is False
+    assert errors == {}
+
+
+def test_the_services_use_the_trainer_configs():
+    assert sft.SETTINGS == settings_of(SFTConfig)
+    assert training.REWARD_SETTINGS == settings_of(RewardConfig)
+    assert training.PPO_SETTINGS == settings_of(PPOConfig)
+    ranges = {s.name: (s.low, s.high) for s in training.PPO_SETTINGS}
+    assert ranges["steps"] == (1, 100_000) and ranges["learning_rate"] == (1e-10, 1.0)
+
+
+def test_a_cleaned_config_is_a_whole_trainer_config():
+    # A job's stored config holds every field, as before: the worker builds the dataclass from it.
+    for config_class in (SFTConfig, RewardConfig, PPOConfig):
+        errors: dict[str, str] = {}
+        config = clean_config({"seed": "5"}, config_class, errors)
+        assert errors == {} and config_class(**config) == config_class(seed=5)
+
+
+def test_the_web_app_imports_no_torch():
+    code = ("import sys; from app.main import create_app; from app.config import Settings; "
+            "create_app(Settings(secret_key='k')); import app.services.run_settings, app.routes.api_training; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
