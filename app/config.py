@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     login_max_address_failures: int = Field(default=20, gt=0, validation_alias="RLHF_LOGIN_MAX_ADDRESS_FAILURES")
     login_window_s: int = Field(default=15 * 60, gt=0, validation_alias="RLHF_LOGIN_WINDOW_S")
 
+    # Database connections one process keeps open (more wait for a free one; up to as
+    # many again are opened for bursts). Unset: `serve --workers N` shares 20 among its
+    # N web processes; other processes keep 5.
+    db_pool_size: int | None = Field(default=None, gt=0, validation_alias="RLHF_DB_POOL_SIZE")
+
     # How long a labeler holds a task before it returns to the pool.
     lease_s: int = Field(default=30 * 60, validation_alias="RLHF_LEASE_S")
 

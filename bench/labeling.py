@@ -151,7 +151,10 @@ def supports_workers() -> bool:
 def start_server(db_url: str, data_dir: Path, workers: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": db_url, "RLHF_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT),
-           "RLHF_ADMIN_PASSWORD": PASSWORD}
+           "RLHF_ADMIN_PASSWORD": PASSWORD,
+           # Every labeler signs in at once from 127.0.0.1: a sign-in in progress counts as a
+           # failure of its address until its password is checked (app.services.auth).
+           "RLHF_LOGIN_MAX_ADDRESS_FAILURES": "1000"}
     command = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--no-worker",
                "--port", str(port)]
     if supports_workers():
@@ -210,7 +213,11 @@ async def labeler(base: str, username: str, user_id: int, seconds: float, ready:
                   result: Result) -> None:
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
-        csrf = await sign_in(client, username)
+        try:
+            csrf = await sign_in(client, username)
+        except BaseException:
+            await ready.abort()  # the others stop waiting; gather() reports this error
+            raise
         headers = {"X-CSRF-Token": csrf}
         await ready.wait()
         end = time.perf_counter() + seconds
@@ -246,7 +253,10 @@ async def run_labelers(base: str, users: list[tuple[str, int]], seconds: float) 
     result = Result()
     ready = asyncio.Barrier(len(users) + 1)
     tasks = [asyncio.create_task(labeler(base, name, uid, seconds, ready, result)) for name, uid in users]
-    await ready.wait()  # every labeler has signed in
+    try:
+        await ready.wait()  # every labeler has signed in
+    except asyncio.BrokenBarrierError:
+        await asyncio.gather(*tasks)  # raises the sign-in error
     started = time.perf_counter()
     await asyncio.gather(*tasks)
     return result, time.perf_counter() - started
