@@ -95,7 +95,9 @@ def serve(
             uvicorn.run(create_app(settings), **options)
         else:
             log.info("serving from %d web processes", workers)
-            uvicorn.run("app.cli:web_app", factory=True, workers=workers, **options)
+            from app.serving import NoDelayHTTPProtocol
+
+            uvicorn.run("app.serving:web_app", factory=True, workers=workers, http=NoDelayHTTPProtocol, **options)
     finally:
         if worker is not None:
             worker.terminate()
@@ -103,14 +105,6 @@ def serve(
                 worker.wait(timeout=settings.worker_shutdown_timeout_s + 5)
             except subprocess.TimeoutExpired:
                 worker.kill()
-
-
-def web_app():
-    """The app of one web process of `serve --workers N` (a fresh interpreter: logging is set up here)."""
-    from app.main import create_app
-
-    _setup()
-    return create_app()
 
 
 def uvicorn_options(settings: Settings, *, host: str | None = None, port: int | None = None) -> dict[str, Any]:

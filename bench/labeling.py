@@ -212,14 +212,18 @@ async def sign_in(client: httpx.AsyncClient, username: str) -> str:
 async def labeler(base: str, username: str, user_id: int, seconds: float, ready: asyncio.Barrier,
                   result: Result) -> None:
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as login:
         try:
-            csrf = await sign_in(client, username)
+            csrf = await sign_in(login, username)
         except BaseException:
             await ready.abort()  # the others stop waiting; gather() reports this error
             raise
+        cookies = login.cookies
+    await ready.wait()
+    # A connection of its own opened now: one kept from the sign-in may have idled
+    # past the server's keep-alive while the others signed in.
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60, cookies=cookies) as client:
         headers = {"X-CSRF-Token": csrf}
-        await ready.wait()
         end = time.perf_counter() + seconds
         n = 0
         while time.perf_counter() < end:
