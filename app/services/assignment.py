@@ -61,6 +61,8 @@ _LEASE_LOCK_NS = 7_301
 _NOT_GIVEN = "You have not been given task {task_id}; open Label to get a task."
 # Tasks found full after locking (a stale candidate) before giving up.
 _MAX_ATTEMPTS = 50
+# Candidates looked at first when picking a task (the whole set only when none of them will do).
+_SHORTLIST = 64
 MAX_SKIP_REASON = 500
 SKIP_REASONS = (
     "I cannot judge this topic",
@@ -208,8 +210,9 @@ def _gold_due_sets(session: Session, user_id: int) -> list[int]:
 
 
 def _pick(session: Session, *, user_id: int, now: datetime, gold_sets: list[int],
-          exclude: set[int], skip_locked: bool) -> int | None:
-    """Lock and return the id of the best candidate task, or None."""
+          exclude: set[int], skip_locked: bool, shortlist: int | None = None) -> int | None:
+    """Lock and return the id of the best candidate task, or None. With `shortlist`,
+    only the first that many tasks in the order are looked at (see below)."""
     mine = select(Assignment.task_id).where(
         Assignment.user_id == user_id,
         or_(
@@ -217,22 +220,30 @@ def _pick(session: Session, *, user_id: int, now: datetime, gold_sets: list[int]
             and_(Assignment.status == AssignmentStatus.active, Assignment.expires_at > now),
         ),
     )
-    ordinary = and_(~Task.is_gold, _holder_count(now) < PromptSet.overlap)
+    order = (Task.is_gold.desc(), Task.num_labels.desc(), Task.created_at, Task.id)
+    # num_labels (kept on the task) counts the submitted holders: a cheap first cut
+    # before the leases are counted.
+    ordinary = and_(~Task.is_gold, Task.num_labels < PromptSet.overlap)
     gold = and_(Task.is_gold, Task.prompt_set_id.in_(gold_sets)) if gold_sets else None
-    query = (
+    candidates = (
         select(Task.id)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
-        .where(
-            _eligible_sets(user_id),
-            Task.id.not_in(mine),
-            or_(ordinary, gold) if gold is not None else ordinary,
-        )
-        .order_by(Task.is_gold.desc(), Task.num_labels.desc(), Task.created_at, Task.id)
-        .limit(1)
-        .with_for_update(of=Task, skip_locked=skip_locked)
+        .where(_eligible_sets(user_id), Task.id.not_in(mine), or_(ordinary, gold) if gold is not None else ordinary)
     )
     if exclude:
-        query = query.where(Task.id.not_in(exclude))
+        candidates = candidates.where(Task.id.not_in(exclude))
+    has_room = Task.is_gold | (_holder_count(now) < PromptSet.overlap)
+    if shortlist is None:
+        query = candidates.where(has_room)
+    else:
+        # Counting each candidate's holders is what costs (a subquery per task of
+        # the set): count them for the first few in the order only.
+        query = (
+            select(Task.id)
+            .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+            .where(Task.id.in_(candidates.order_by(*order).limit(shortlist)), has_room)
+        )
+    query = query.order_by(*order).limit(1).with_for_update(of=Task, skip_locked=skip_locked)
     return session.scalar(query)
 
 
@@ -303,8 +314,14 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
     for _ in range(_MAX_ATTEMPTS):
         # A savepoint per attempt: rolling it back releases the lock on a task found full.
         attempt = session.begin_nested()
+        # The first tasks in the order nearly always have room; a task is full by its
+        # leases alone only while leased, so past as many tasks as labelers at work
+        # the whole set is searched.
         task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
-                        skip_locked=True)
+                        skip_locked=True, shortlist=_SHORTLIST)
+        if task_id is None:
+            task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
+                            skip_locked=True)
         if task_id is None:
             # Every candidate is locked by someone leasing it right now: wait for
             # one, it may still have room once that lease is written.
