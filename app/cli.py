@@ -97,7 +97,11 @@ def serve(
             log.info("serving from %d web processes", workers)
             from app.serving import NoDelayHTTPProtocol
 
-            uvicorn.run("app.serving:web_app", factory=True, workers=workers, http=NoDelayHTTPProtocol, **options)
+            # A process that has not answered the supervisor's ping in time is killed and
+            # replaced; importing the app on a busy machine took longer than uvicorn's 5 s,
+            # and the replacement was killed the same way, over and over.
+            uvicorn.run("app.serving:web_app", factory=True, workers=workers, http=NoDelayHTTPProtocol,
+                        timeout_worker_healthcheck=60, **options)
     finally:
         if worker is not None:
             worker.terminate()
