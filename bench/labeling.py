@@ -12,7 +12,9 @@ the login form on its own connection (asyncio + httpx), and the clock starts
 once every labeler has signed in. A loop is `GET /api/v1/label/next` then
 `POST /api/v1/label/{task}` with 4 ratings and a ranking.
 
-Printed per run: loops/s, p50/p95/p99 of each endpoint, the status codes;
+Printed per run: loops/s, the CPU time the server and the database used per
+loop (sign-ins excluded; on a machine shared with other work this stays
+comparable where latencies do not), p50/p95/p99 of each endpoint, the status codes;
 then the invariants are checked in the database: no task annotated twice by
 one labeler, no ordinary task with more annotations than its overlap, each
 task's kept label count equal to its annotations, and every annotation the
@@ -187,6 +189,23 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def cpu_s(*roots: int) -> float:
+    """CPU seconds used so far by these processes and all their descendants (Linux /proc):
+    the cost of a run that stays comparable on a machine shared with other work."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, list(roots)
+    while todo:
+        pid = todo.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 # ---- client ----------------------------------------------------------------------------
 
 @dataclass
@@ -298,7 +317,8 @@ def main() -> None:
         ids = dict(conn.execute(text("SELECT username, id FROM users WHERE username LIKE 'bench-%'")).all())
     log_path = data_dir / "server.log"
     print(f"data and server log in {data_dir}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'processes':>9} {'labelers':>8} {'loops/s':>8}   {'next p50/p95/p99 ms':>22}"
+    postmaster = int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+    print(f"{'processes':>9} {'labelers':>8} {'loops/s':>8} {'cpu ms':>8}   {'next p50/p95/p99 ms':>22}"
           f"   {'submit p50/p95/p99 ms':>22}   statuses")
     failures = []
     processes = [1] if args.single_only else sorted({1, args.workers})
@@ -308,10 +328,14 @@ def main() -> None:
             for n in args.labelers:
                 set_id = seed_set(engine, f"bench-{procs}p-{n}l-{time.time_ns()}", args.tasks)
                 users = [(f"bench-{i}", ids[f"bench-{i}"]) for i in range(1, n + 1)]
+                server_cpu = cpu_s(proc.pid, postmaster)
                 result, elapsed = asyncio.run(run_labelers(base, users, args.seconds))
+                server_cpu = cpu_s(proc.pid, postmaster) - server_cpu
                 statuses = " ".join(f"{k}:{v}" for k, v in sorted(result.statuses.items()))
-                print(f"{procs:>9} {n:>8} {result.loops / elapsed:>8.1f}   {percentiles(result.next_ms):>22}"
-                      f"   {percentiles(result.submit_ms):>22}   {statuses}", flush=True)
+                cpu_ms = 1000 * server_cpu / max(result.loops, 1)
+                print(f"{procs:>9} {n:>8} {result.loops / elapsed:>8.1f} {cpu_ms:>8.1f}"
+                      f"   {percentiles(result.next_ms):>22}   {percentiles(result.submit_ms):>22}   {statuses}",
+                      flush=True)
                 problems = check_invariants(engine, set_id, result.stored)
                 bad = sum(v for k, v in result.statuses.items() if not k.endswith(("200", "201")))
                 if bad:
