@@ -314,9 +314,8 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
     for _ in range(_MAX_ATTEMPTS):
         # A savepoint per attempt: rolling it back releases the lock on a task found full.
         attempt = session.begin_nested()
-        # The first tasks in the order nearly always have room; a task is full by its
-        # leases alone only while leased, so past as many tasks as labelers at work
-        # the whole set is searched.
+        # One of the first tasks in the order nearly always has room; only when none
+        # of them has (all leased or being leased) is the whole set searched.
         task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
                         skip_locked=True, shortlist=_SHORTLIST)
         if task_id is None:
