@@ -40,22 +40,38 @@ def _print_settings() -> None:
         log.info("setting %s = %s", key, value)
 
 
+# Database connections that the web processes of one `serve` share (see Settings.db_pool_size).
+SERVE_DB_CONNECTIONS = 20
+
+
 @cli.command()
 def serve(
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Run the web app only.")] = False,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Web processes (default: the number of cores).")] = 0,
 ) -> None:
     """Migrate the database, create the first admin if needed, and serve the web app
-    (with one in-process worker unless --no-worker)."""
+    from N web processes (uvicorn's process manager), with the job worker as a
+    process of its own unless --no-worker."""
+    import os
+    import subprocess
+
     import uvicorn
 
     from app.db import migrate
-    from app.db.session import new_session
-    from app.main import create_app
+    from app.db.session import new_session, resolve_database_url
     from app.services.users import ensure_first_admin
 
     _setup()
+    settings = get_settings()
+    workers = workers or os.cpu_count() or 1
+    # The children (web processes, job worker) join the database this process
+    # resolved (the embedded one started here, if any) and split the connections.
+    os.environ["DATABASE_URL"] = resolve_database_url(settings)
+    if settings.db_pool_size is None:
+        os.environ["RLHF_DB_POOL_SIZE"] = str(max(2, SERVE_DB_CONNECTIONS // workers))
+    get_settings.cache_clear()
     settings = get_settings()
     _print_settings()
     migrate.upgrade()
@@ -69,14 +85,30 @@ def serve(
         _announce_first_admin(admin.username, generated, settings)
     worker = None
     if not no_worker:
-        from trainer.worker import start_background_worker
-
-        worker = start_background_worker(settings)
+        log.info("starting the job worker as its own process")
+        worker = subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()", "worker"])
     try:
-        uvicorn.run(create_app(settings), **uvicorn_options(settings, host=host, port=port))
+        options = uvicorn_options(settings, host=host, port=port)
+        if workers == 1:
+            from app.main import create_app
+
+            uvicorn.run(create_app(settings), **options)
+        else:
+            log.info("serving from %d web processes", workers)
+            from app.serving import NoDelayHTTPProtocol
+
+            # A process that has not answered the supervisor's ping in time is killed and
+            # replaced; importing the app on a busy machine took longer than uvicorn's 5 s,
+            # and the replacement was killed the same way, over and over.
+            uvicorn.run("app.serving:web_app", factory=True, workers=workers, http=NoDelayHTTPProtocol,
+                        timeout_worker_healthcheck=60, **options)
     finally:
         if worker is not None:
-            worker.stop()
+            worker.terminate()
+            try:
+                worker.wait(timeout=settings.worker_shutdown_timeout_s + 5)
+            except subprocess.TimeoutExpired:
+                worker.kill()
 
 
 def uvicorn_options(settings: Settings, *, host: str | None = None, port: int | None = None) -> dict[str, Any]:

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # files; larger ones get a 413 before any of them is parsed.
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, validation_alias="RLHF_MAX_BODY_BYTES")
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, validation_alias="RLHF_MAX_UPLOAD_BYTES")
+    # Database connections one process keeps open (more wait for a free one; up to as
+    # many again are opened for bursts). Unset: `serve --workers N` shares 20 among its
+    # N web processes; other processes keep 5.
+    db_pool_size: int | None = Field(default=None, gt=0, validation_alias="RLHF_DB_POOL_SIZE")
 
     # How long a labeler holds a task before it returns to the pool.
     lease_s: int = Field(default=30 * 60, validation_alias="RLHF_LEASE_S")

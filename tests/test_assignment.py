@@ -49,6 +49,17 @@ def test_reload_gives_back_the_same_leased_task(session):
         == NOW + timedelta(seconds=LEASE_S)
 
 
+def test_a_task_past_the_shortlist_is_found_when_the_first_are_all_leased(session, monkeypatch):
+    # Only the first _SHORTLIST candidates are counted at first; full ones there must
+    # not hide a free task further down the order.
+    monkeypatch.setattr(assignment_service, "_SHORTLIST", 2)
+    prompt_set = make_prompt_set(session, overlap=1)
+    tasks = [make_task(session, prompt_set) for _ in range(4)]
+    got = [lease(session, make_user(session)) for _ in range(4)]
+    assert [task.id for task in got] == [task.id for task in tasks]
+    assert lease(session, make_user(session)) is None
+
+
 def test_overlap_respected_and_never_twice_per_labeler(session):
     prompt_set = make_prompt_set(session, overlap=2)
     task = make_task(session, prompt_set)

@@ -174,6 +174,20 @@ def test_api_token_works_as_bearer_and_stops_when_revoked(client, session):
     assert client.get("/api/v1/me", headers=headers).status_code == 401
 
 
+def test_api_token_use_is_written_at_most_once_a_minute(session):
+    engineer = make_user(session, role=Role.engineer)
+    token, raw = auth.create_api_token(session, user=engineer, name="script")
+    first = utcnow()
+    assert auth.user_for_token(session, raw, now=first).id == engineer.id
+    assert token.last_used_at == first
+    # A script calling in a loop costs a read per call, not a write.
+    assert auth.user_for_token(session, raw, now=first + timedelta(seconds=59)).id == engineer.id
+    assert token.last_used_at == first
+    later = first + timedelta(seconds=61)
+    assert auth.user_for_token(session, raw, now=later).id == engineer.id
+    assert token.last_used_at == later
+
+
 def test_token_page_shows_a_new_token_once(client, session):
     engineer = make_user(session, role=Role.engineer)
     csrf = login(client, engineer)

@@ -54,6 +54,9 @@ def configure(url: str | None = None, **engine_kwargs) -> Engine:
     if _engine is not None:
         _engine.dispose()
     engine_kwargs.setdefault("pool_pre_ping", True)
+    pool_size = get_settings().db_pool_size or 5
+    engine_kwargs.setdefault("pool_size", pool_size)
+    engine_kwargs.setdefault("max_overflow", pool_size)
     _engine = create_engine(sqlalchemy_url(url or resolve_database_url()), **engine_kwargs)
     _session_factory = sessionmaker(_engine, expire_on_commit=False)
     return _engine

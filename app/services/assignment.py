@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, exists, func, or_, select, text, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload
 
 from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus
 from app.db.models import (
@@ -55,7 +55,6 @@ from app.db.models import (
     User,
 )
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
-from app.services.labelers import is_allowed
 from app.services.validation import check_text
 
 # Namespace of the per-labeler advisory lock (any constant int4 of our own).
@@ -63,6 +62,8 @@ _LEASE_LOCK_NS = 7_301
 _NOT_GIVEN = "You have not been given task {task_id}; open Label to get a task."
 # Tasks found full after locking (a stale candidate) before giving up.
 _MAX_ATTEMPTS = 50
+# Candidates looked at first when picking a task (the whole set only when none of them will do).
+_SHORTLIST = 64
 MAX_SKIP_REASON = 500
 SKIP_REASONS = (
     "I cannot judge this topic",
@@ -105,33 +106,39 @@ def _holder_count(now: datetime):
     )
 
 
-def _eligible_sets(user_id: int):
-    """SQL: the task's set is an active ranking set, in its current round, open to the labeler."""
+def _open_to(user_id: int):
+    """SQL: the set lists no labelers (open to all) or lists this one."""
     listed_any = exists().where(PromptSetLabeler.prompt_set_id == PromptSet.id)
     listed_me = exists().where(
         PromptSetLabeler.prompt_set_id == PromptSet.id, PromptSetLabeler.user_id == user_id
     )
+    return or_(~listed_any, listed_me)
+
+
+def _eligible_sets(user_id: int):
+    """SQL: the task's set is an active ranking set, in its current round, open to the labeler."""
     return and_(
         PromptSet.status == PromptSetStatus.active,
         PromptSet.kind == PromptSetKind.ranking,
         Task.round == PromptSet.round,
-        or_(~listed_any, listed_me),
+        _open_to(user_id),
     )
 
 
 def load_task(session: Session, task_id: int) -> Task:
     """The task with its prompt, set and responses in display order, unchecked (for
     services; a labeler reads through `labeler_task`). Raises NotFound."""
-    task = session.scalar(
+    # One statement (joins, not a query per relationship): this runs on every "next".
+    task = session.scalars(
         select(Task)
         .where(Task.id == task_id)
         .options(
-            selectinload(Task.items).selectinload(TaskResponse.response),
-            selectinload(Task.prompt),
-            selectinload(Task.prompt_set),
+            joinedload(Task.items).joinedload(TaskResponse.response),
+            joinedload(Task.prompt),
+            joinedload(Task.prompt_set),
         )
         .execution_options(populate_existing=True)
-    )
+    ).unique().first()
     if task is None:
         raise NotFound(f"There is no task {task_id}.")
     return task
@@ -204,8 +211,9 @@ def _gold_due_sets(session: Session, user_id: int) -> list[int]:
 
 
 def _pick(session: Session, *, user_id: int, now: datetime, gold_sets: list[int],
-          exclude: set[int], skip_locked: bool) -> int | None:
-    """Lock and return the id of the best candidate task, or None."""
+          exclude: set[int], skip_locked: bool, shortlist: int | None = None) -> int | None:
+    """Lock and return the id of the best candidate task, or None. With `shortlist`,
+    only the first that many tasks in the order are looked at (see below)."""
     mine = select(Assignment.task_id).where(
         Assignment.user_id == user_id,
         or_(
@@ -213,40 +221,73 @@ def _pick(session: Session, *, user_id: int, now: datetime, gold_sets: list[int]
             and_(Assignment.status == AssignmentStatus.active, Assignment.expires_at > now),
         ),
     )
-    ordinary = and_(~Task.is_gold, _holder_count(now) < PromptSet.overlap)
+    order = (Task.is_gold.desc(), Task.num_labels.desc(), Task.created_at, Task.id)
+    # num_labels (kept on the task) counts the submitted holders: a cheap first cut
+    # before the leases are counted.
+    ordinary = and_(~Task.is_gold, Task.num_labels < PromptSet.overlap)
     gold = and_(Task.is_gold, Task.prompt_set_id.in_(gold_sets)) if gold_sets else None
-    query = (
+    candidates = (
         select(Task.id)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
-        .where(
-            _eligible_sets(user_id),
-            Task.id.not_in(mine),
-            or_(ordinary, gold) if gold is not None else ordinary,
-        )
-        .order_by(Task.is_gold.desc(), Task.num_labels.desc(), Task.created_at, Task.id)
-        .limit(1)
-        .with_for_update(of=Task, skip_locked=skip_locked)
+        .where(_eligible_sets(user_id), Task.id.not_in(mine), or_(ordinary, gold) if gold is not None else ordinary)
     )
     if exclude:
-        query = query.where(Task.id.not_in(exclude))
+        candidates = candidates.where(Task.id.not_in(exclude))
+    has_room = Task.is_gold | (_holder_count(now) < PromptSet.overlap)
+    if shortlist is None:
+        query = candidates.where(has_room)
+    else:
+        # Counting each candidate's holders is what costs (a subquery per task of
+        # the set): count them for the first few in the order only.
+        query = (
+            select(Task.id)
+            .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+            .where(Task.id.in_(candidates.order_by(*order).limit(shortlist)), has_room)
+        )
+    query = query.order_by(*order).limit(1).with_for_update(of=Task, skip_locked=skip_locked)
     return session.scalar(query)
 
 
-def _has_room(session: Session, *, task_id: int, now: datetime) -> bool:
-    """Counted again after the row lock, in a new statement: sees every committed lease."""
-    task = session.get(Task, task_id, populate_existing=True)
-    if task.is_gold:
-        return True
-    holders = session.scalar(
-        select(func.count(Assignment.id)).where(Assignment.task_id == task_id, holders_clause(now))
+@dataclass
+class _Room:
+    now: datetime  # the clock read under the row lock (see "Clock" above)
+    has_room: bool
+    assignment_id: int | None  # the labeler's row on the task, reused if there is one
+
+
+def _room(session: Session, *, task_id: int, user_id: int, now: datetime | None) -> _Room:
+    """Under the task's row lock, in one new statement (so it sees every lease committed
+    meanwhile): the clock, whether the task has room at that instant, and the
+    labeler's existing assignment row on it."""
+    clock = select(func.clock_timestamp().label("now")).cte("clock")  # read once per statement
+    at = clock.c.now if now is None else now
+    holders = (
+        select(func.count(Assignment.id))
+        .where(Assignment.task_id == task_id, holders_clause(at))
+        .scalar_subquery()
     )
-    overlap = session.scalar(select(PromptSet.overlap).where(PromptSet.id == task.prompt_set_id))
-    return holders < overlap
+    mine = (
+        select(Assignment.id)
+        .where(Assignment.task_id == task_id, Assignment.user_id == user_id)
+        .scalar_subquery()
+    )
+    read_at, is_gold, count, overlap, assignment_id = session.execute(
+        select(clock.c.now, Task.is_gold, holders, PromptSet.overlap, mine)
+        .select_from(Task)
+        .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+        .join(clock, text("true"))
+        .where(Task.id == task_id)
+    ).one()
+    return _Room(now=read_at.astimezone(UTC) if now is None else now,
+                 has_room=is_gold or count < overlap, assignment_id=assignment_id)
 
 
-def _lock_labeler(session: Session, user_id: int) -> None:
-    session.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"),
-                    {"ns": _LEASE_LOCK_NS, "uid": user_id})
+def _lock_labeler(session: Session, user_id: int) -> datetime:
+    """Take the labeler's advisory lock; returns the database's clock read right after it."""
+    return session.execute(
+        text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer)), clock_timestamp()"),
+        {"ns": _LEASE_LOCK_NS, "uid": user_id},
+    ).one()[1].astimezone(UTC)
 
 
 def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime | None = None) -> Lease | None:
@@ -256,8 +297,8 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
     if lease_s <= 0:
         raise Invalid("The lease must last at least one second.", errors={"lease_s": "must be positive"})
     user_id = user.id
-    _lock_labeler(session, user_id)
-    start = lease_clock(session, now)
+    locked_at = _lock_labeler(session, user_id)
+    start = locked_at if now is None else now
     lease = current_lease(session, user=user, now=start)
     if lease is not None:
         session.commit()
@@ -274,8 +315,13 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
     for _ in range(_MAX_ATTEMPTS):
         # A savepoint per attempt: rolling it back releases the lock on a task found full.
         attempt = session.begin_nested()
+        # One of the first tasks in the order nearly always has room; only when none
+        # of them has (all leased or being leased) is the whole set searched.
         task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
-                        skip_locked=True)
+                        skip_locked=True, shortlist=_SHORTLIST)
+        if task_id is None:
+            task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
+                            skip_locked=True)
         if task_id is None:
             # Every candidate is locked by someone leasing it right now: wait for
             # one, it may still have room once that lease is written.
@@ -285,25 +331,25 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
             attempt.rollback()
             break
         # The clock is read again under the row lock (see "Clock" above).
-        now_locked = lease_clock(session, now)
-        if not _has_room(session, task_id=task_id, now=now_locked):
+        room = _room(session, task_id=task_id, user_id=user_id, now=now)
+        if not room.has_room:
             attempt.rollback()
             tried.add(task_id)
             continue
-        assignment = session.scalar(
-            select(Assignment).where(Assignment.task_id == task_id, Assignment.user_id == user_id)
-        )
-        if assignment is None:
+        if room.assignment_id is None:
             assignment = Assignment(task_id=task_id, user_id=user_id)
             session.add(assignment)
+        else:
+            assignment = session.get(Assignment, room.assignment_id)
         assignment.status = AssignmentStatus.active
-        assignment.leased_at = now_locked
-        assignment.expires_at = now_locked + timedelta(seconds=lease_s)
+        assignment.leased_at = room.now
+        assignment.expires_at = room.now + timedelta(seconds=lease_s)
         assignment.finished_at = None
         assignment.skip_reason = None
         attempt.commit()
+        task = load_task(session, task_id)  # before the commit: no second transaction to read it
         session.commit()
-        return Lease(assignment=assignment, task=load_task(session, task_id))
+        return Lease(assignment=assignment, task=task)
     session.commit()
     return None
 
@@ -373,12 +419,15 @@ def check_lease(session: Session, hold: Hold, *, user: User) -> None:
     if assignment.status != AssignmentStatus.active or assignment.expires_at <= hold.now:
         raise Conflict(f"Your lease on task {task.id} ran out, so it may have gone to another labeler. "
                        "Open Label to get a task.")
-    prompt_set = session.get(PromptSet, task.prompt_set_id, populate_existing=True)
+    prompt_set, allowed = session.execute(
+        select(PromptSet, _open_to(user.id)).where(PromptSet.id == task.prompt_set_id)
+        .execution_options(populate_existing=True)
+    ).one()
     if prompt_set.status != PromptSetStatus.active or prompt_set.kind != PromptSetKind.ranking:
         # The set's name is left out: a labeler never listed on it must not learn it here.
         raise NotAllowed(f"Task {task.id} cannot be labeled now: its prompt set is {prompt_set.status.value}."
                          " Open Label to get another task.")
-    if not is_allowed(session, prompt_set_id=prompt_set.id, user_id=user.id):
+    if not allowed:
         raise NotAllowed(f"You are no longer among the labelers of task {task.id}'s prompt set."
                          " Open Label to get another task.")
     if task.round != prompt_set.round:

@@ -12,6 +12,7 @@ from app.db.base import utcnow
 from app.db.enums import Role
 from app.db.models import ApiToken, LoginAttempt, User
 from app.services.errors import Invalid, NotAllowed, NotFound, RateLimited
+from app.services.sessions import TOUCH_EVERY
 from app.services.users import get_user_by_name, verify_password
 from app.services.validation import check_text
 
@@ -109,11 +110,20 @@ def revoke_api_token(session: Session, *, user: User, token_id: int) -> None:
     session.commit()
 
 
-def user_for_token(session: Session, raw: str) -> User | None:
-    """The active user owning this unrevoked token, or None."""
-    token = session.scalar(select(ApiToken).where(ApiToken.token_hash == _token_hash(raw)))
-    if token is None or token.revoked_at is not None or not token.user.is_active:
+def user_for_token(session: Session, raw: str, *, now: datetime | None = None) -> User | None:
+    """The active user owning this unrevoked token, or None. One indexed read per call;
+    last_used_at is written at most once a minute (as a session's last_seen_at)."""
+    now = now or utcnow()
+    row = session.execute(
+        select(ApiToken, User).join(User, ApiToken.user_id == User.id)
+        .where(ApiToken.token_hash == _token_hash(raw))
+    ).first()
+    if row is None:
         return None
-    token.last_used_at = utcnow()
-    session.commit()
-    return token.user
+    token, user = row
+    if token.revoked_at is not None or not user.is_active:
+        return None
+    if token.last_used_at is None or now - token.last_used_at >= TOUCH_EVERY:
+        token.last_used_at = now
+        session.commit()
+    return user
