@@ -310,3 +310,52 @@ def test_sampler_ignores_the_sampling_settings_of_the_checkpoint(tiny_model_dir,
     leaked = TransformersSampler(str(leaky), cpu, torch.float32).sample(conversations, seeds, settings)
     assert [s.text for s in leaked] == [s.text for s in plain]
 
+
+
+# Draws of the seeded sampler as it was before its speed-up (issue 15), pinned: a faster sampler must pick
+# the same tokens for the same seeds, or resumed and repeated runs would change their responses.
+PINNED_DRAWS = {  # (logit scale, temperature, top_p): picked tokens of rows seeded 1..4, three steps
+    (1.0, 1.0, 1.0): [[27558, 14708, 13741, 29823], [40937, 47416, 15032, 38507], [24292, 37409, 31310, 34955]],
+    (1.0, 0.7, 0.9): [[10947, 14708, 13741, 29823], [40937, 42481, 21724, 38507], [24292, 37409, 31310, 34955]],
+    (4.0, 1.0, 0.95): [[36885, 29926, 13741, 43453], [36885, 31769, 25635, 21179], [1472, 26336, 47013, 43453]],
+    (4.0, 0.7, 0.9): [[36885, 31769, 30675, 43453], [36885, 31769, 25635, 43453], [36885, 26336, 47013, 43453]],
+    (8.0, 1.3, 0.5): [[36885, 31769, 32414, 43453], [36885, 31769, 25419, 43453], [36885, 31769, 47013, 43453]],
+}
+
+
+@pytest.mark.parametrize("scale,temperature,top_p", list(PINNED_DRAWS))
+def test_seeded_sampler_draws_the_pinned_tokens(scale, temperature, top_p):
+    """Flat (scale 1: top-p keeps most of the vocabulary) and peaked (scale 4, 8: a few tokens) logits."""
+    import torch
+
+    from trainer.generate import SeededSampler
+
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(0)) * scale
+    sampler = SeededSampler([torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)], temperature, top_p)
+    input_ids = torch.zeros(4, 1, dtype=torch.long)
+    drawn = [sampler(input_ids, logits).argmax(-1).tolist() for _ in range(3)]
+    assert drawn == PINNED_DRAWS[scale, temperature, top_p]
+
+
+def test_sampler_responses_are_pinned_and_do_not_depend_on_the_batch(tiny_model_dir):
+    """The generate job's sampler on the tiny model: today's responses for fixed seeds, and each row the same
+    alone as in a batch with other (differently long, so differently padded) prompts."""
+    import torch
+
+    from tests import synthetic
+    from trainer.generate import SamplingSettings, TransformersSampler
+
+    sampler = TransformersSampler(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    conversations, seeds = [synthetic.prompt(i) for i in range(3)], [11, 12, 13]
+    pinned = {
+        SamplingSettings(1.0, 1.0, 6): ["soy eventACHE partnered Algon Harr", "supplies updated reliabilityfailure vig hun",
+                                        "optionsgetitem barrels autobiographymarkets shrouded"],
+        SamplingSettings(0.7, 0.9, 6): ["soy event mortal partnered Hero Harr", "supplies updated reliabilityfailure vig hun",
+                                        "options Lear barrels autobiographymarkets shrouded"],
+    }
+    for settings, texts in pinned.items():
+        batched = sampler.sample(conversations, seeds, settings)
+        assert [s.text for s in batched] == texts
+        assert [(s.num_tokens, s.finish_reason, s.seed) for s in batched] == [(6, "length", seed) for seed in seeds]
+        alone = [sampler.sample([c], [seed], settings)[0] for c, seed in zip(conversations, seeds, strict=True)]
+        assert alone == batched
