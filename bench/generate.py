@@ -17,13 +17,14 @@ the default settings take about a minute.
 It also prints what the hardware allows, measured in the same run. A decoding
 step reads every weight once, whatever the batch, so at memory bandwidth BW it
 yields at most BW / weight bytes x batch tokens per second (the memory bound);
-it also does about 2 x parameters floating-point operations per token, so at
-the matrix-multiply throughput measured for the model's own shapes at this
-batch it yields at most that / (2 x parameters) tokens per second (the compute
-bound). The lower of the two is the bound, and each mode's share of it is
-printed. On a CPU with few cores a large batch is bound by compute, not by
-memory. Prefill and attention over the cache are not counted: short prompts
-and 48 new tokens make them small, and they only lower what is reachable.
+it also does about 2 x parameters floating-point operations per token, and the
+prompt's tokens (padded to the longest in a batch) cost 2 x the parameters
+outside the embedding each, so at the matrix-multiply throughput measured for
+the model's own shapes at this batch the run takes at least their total / that
+throughput (the compute bound, in tokens/s of the run). The lower of the two is
+the bound, and each mode's share of it is printed. On a CPU with few cores a
+large batch is bound by compute, not by memory. Attention over the cache is not
+counted: short prompts and 48 new tokens make it small.
 """
 
 import argparse
@@ -130,14 +131,21 @@ def main() -> None:
     n = args.prompts
     print(f"{'mode':<22}{'seconds':>9}{'responses/s':>14}{'tokens':>8}{'tokens/s':>11}"
           f"{'memory bound':>14}{'compute bound':>15}{'share of bound':>16}")
-    for name, seconds, tokens, batch in (("batched (1 batch)", batched_s, batched_tokens, n),
-                                         ("one prompt at a time", single_s, single_tokens, 1)):
+    embedding = sampler.model.get_input_embeddings().weight.numel()
+    prompt_lengths = [len(sampler.tokenizer(sampler.prompt_text(c), add_special_tokens=False).input_ids)
+                      for c in conversations]
+    for name, seconds, tokens, batch, prompt_tokens in (
+        ("batched (1 batch)", batched_s, batched_tokens, n, n * max(prompt_lengths)),
+        ("one prompt at a time", single_s, single_tokens, 1, sum(prompt_lengths)),
+    ):
         memory_bound = bandwidth / weight_bytes * batch
-        compute_bound = matmul_throughput(sampler.model, batch, device, dtype) / (2 * n_params)
+        flops = 2 * n_params * tokens + 2 * (n_params - embedding) * prompt_tokens
+        compute_bound = tokens / (flops / matmul_throughput(sampler.model, batch, device, dtype))
         rate = tokens / seconds
         print(f"{name:<22}{seconds:>9.2f}{n / seconds:>14.2f}{tokens:>8}{rate:>11.1f}"
               f"{memory_bound:>14.0f}{compute_bound:>15.0f}{rate / min(memory_bound, compute_bound):>16.0%}")
-    print(f"\nbounds in tokens/s; share of bound = tokens/s / the lower bound ({rate / memory_bound:.0%} of the "
+    print(f"\nprompts {sum(prompt_lengths)} tokens ({n * max(prompt_lengths)} padded in the batch); "
+          f"bounds in tokens/s; share of bound = tokens/s / the lower bound ({rate / memory_bound:.0%} of the "
           f"memory bound one at a time)")
     print(f"batching speed-up: {single_s / batched_s:.1f}x in responses/s, "
           f"{(batched_tokens / batched_s) / (single_tokens / single_s):.1f}x in tokens/s")
