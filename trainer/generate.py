@@ -90,7 +90,9 @@ class SeededSampler(LogitsProcessor):
     (do_sample=False), so it picks exactly that token.
     """
 
-    TOP_P_WINDOW = 64  # candidates looked at first; widened 8x while some row's nucleus is wider
+    # Candidates looked at first; widened 8x while some row's nucleus is wider, and to the whole vocabulary
+    # (one sort) once the window would hold a 16th of it: flat rows (random models) then cost one sort.
+    TOP_P_WINDOW = 64
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
         assert temperature > 0 and 0 < top_p <= 1
@@ -130,7 +132,7 @@ class SeededSampler(LogitsProcessor):
             keep = top.cumsum(dim=-1) - top < self.top_p
             if k == V or not keep[:, -1].any():
                 return top.masked_fill(~keep, 0.0), token_ids
-            k = min(V, k * 8)
+            k = k * 8 if k * 8 < V // 16 else V
 
 
 class TransformersSampler:
