@@ -310,3 +310,80 @@ def test_sampler_ignores_the_sampling_settings_of_the_checkpoint(tiny_model_dir,
     leaked = TransformersSampler(str(leaky), cpu, torch.float32).sample(conversations, seeds, settings)
     assert [s.text for s in leaked] == [s.text for s in plain]
 
+
+
+# The seeded sampler's draws, pinned: a change of sampler that changes the tokens drawn for a seed changes
+# what repeated and resumed runs produce, and must be deliberate (re-pin). Issue 15 changed them once: the
+# sampler now takes one counter-based uniform number per row and step instead of a vocabulary of noise.
+PINNED_DRAWS = {  # (logit scale, temperature, top_p): picked tokens of rows seeded 1..4, three steps
+    (1.0, 1.0, 1.0): [[27887, 28972, 5662, 21104], [36708, 36861, 34541, 43824], [47774, 29201, 30232, 42259]],
+    (1.0, 0.7, 0.9): [[3804, 1385, 36761, 46892], [43610, 44436, 28897, 2528], [39474, 1647, 30765, 34405]],
+    (4.0, 1.0, 0.95): [[393, 26336, 32414, 43453], [39907, 44675, 33030, 5627], [42557, 26336, 39075, 2175]],
+    (4.0, 0.7, 0.9): [[36885, 5355, 41849, 43453], [36885, 5355, 28194, 43453], [393, 5355, 8551, 43453]],
+    (8.0, 1.3, 0.5): [[36885, 31769, 41849, 43453], [36885, 5355, 6598, 43453], [36885, 31769, 6598, 43453]],
+}
+
+
+def draw(seeds, logits, temperature, top_p, steps=3):
+    import torch
+
+    from trainer.generate import SeededSampler
+
+    sampler = SeededSampler(seeds, temperature, top_p)
+    input_ids = torch.zeros(len(seeds), 1, dtype=torch.long)
+    return [sampler(input_ids, logits).argmax(-1).tolist() for _ in range(steps)]
+
+
+@pytest.mark.parametrize("scale,temperature,top_p", list(PINNED_DRAWS))
+def test_seeded_sampler_draws_the_pinned_tokens_whatever_the_batch(scale, temperature, top_p):
+    """Flat (scale 1: the nucleus is most of the vocabulary, wider than the first top-k window) and peaked
+    (scale 4, 8: a few tokens) logits; each row draws the same alone as in the batch."""
+    import torch
+
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(0)) * scale
+    drawn = draw([1, 2, 3, 4], logits, temperature, top_p)
+    assert drawn == PINNED_DRAWS[scale, temperature, top_p]
+    for row, seed in enumerate([1, 2, 3, 4]):
+        alone = draw([seed], logits[row:row + 1], temperature, top_p)
+        assert [step[0] for step in alone] == [step[row] for step in drawn]
+
+
+@pytest.mark.parametrize("temperature,top_p,expected", [
+    (1.0, 1.0, [0.5609, 0.2063, 0.1252, 0.0759, 0.0279, 0.0038]),
+    (1.0, 0.8, [0.6285, 0.2312, 0.1402, 0, 0, 0]),  # the nucleus: 0.56 + 0.21 < 0.8, the third reaches it
+    (0.5, 0.9, [0.8808, 0.1192, 0, 0, 0, 0]),  # 0.8668 < 0.9: the second token reaches it
+])
+def test_seeded_sampler_draws_from_the_temperature_and_top_p_distribution(temperature, top_p, expected):
+    """20,000 rows with their own seeds: the frequencies match softmax(logits / T) cut to the nucleus."""
+    import torch
+
+    n = 20_000
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]).expand(n, 6)
+    picked = torch.tensor(draw(list(range(n)), logits, temperature, top_p, steps=1)[0])
+    frequencies = torch.bincount(picked, minlength=6) / n
+    assert frequencies.tolist() == pytest.approx(expected, abs=0.015)
+    assert all(frequencies[i] == 0 for i, p in enumerate(expected) if p == 0)
+
+
+def test_sampler_responses_are_pinned_and_do_not_depend_on_the_batch(tiny_model_dir):
+    """The generate job's sampler on the tiny model: pinned responses for fixed seeds, and each row the same
+    alone as in a batch with other (differently long, so differently padded) prompts."""
+    import torch
+
+    from tests import synthetic
+    from trainer.generate import SamplingSettings, TransformersSampler
+
+    sampler = TransformersSampler(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    conversations, seeds = [synthetic.prompt(i) for i in range(3)], [11, 12, 13]
+    pinned = {
+        SamplingSettings(1.0, 1.0, 6): ["argvagleopedic percentagesSheawk", "sizes Balancedrizona straining Historianasted",
+                                        "Intermediateuated translatorThoseSon utils"],
+        SamplingSettings(0.7, 0.9, 6): ["tricksslot perenn retrie ideologiesVIS", "geComp superheroescos rebel´",
+                                        "commemoratingChrisMas adopts An cutoff"],
+    }
+    for settings, texts in pinned.items():
+        batched = sampler.sample(conversations, seeds, settings)
+        assert [s.text for s in batched] == texts
+        assert [(s.num_tokens, s.finish_reason, s.seed) for s in batched] == [(6, "length", seed) for seed in seeds]
+        alone = [sampler.sample([c], [seed], settings)[0] for c, seed in zip(conversations, seeds, strict=True)]
+        assert alone == batched

@@ -2,7 +2,7 @@
 
 Every response has its own seed, derived from the prompt set's seed, the prompt
 id, the sample index and the resample attempt. Sampling draws each row's next
-token from that row's own torch.Generator (SeededSampler below), so a response
+token from that row's own random stream (SeededSampler below), so a response
 depends on its seed only, not on which other prompts shared its batch: a run
 that resumes after a crash produces what an uninterrupted run would have.
 
@@ -65,43 +65,74 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-class SeededSampler(LogitsProcessor):
-    """Temperature + top-p sampling where row i draws with generators[i].
+_MASK64 = 2**64 - 1
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment
 
-    It returns logits that are -inf everywhere except at the drawn token, and
-    generate() runs greedy (do_sample=False), so it picks exactly that token.
+
+def row_uniform(seed: int, step: int) -> float:
+    """Draw number `step` of the stream seeded `seed`, uniform in [0, 1): SplitMix64,
+    which is counter-based (any draw is computed from (seed, step) alone, no state)."""
+    z = (seed + (step + 1) * _GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((z ^ (z >> 31)) >> 11) / 2**53
+
+
+class SeededSampler(LogitsProcessor):
+    """Temperature + top-p sampling where row i draws from its own stream seeded seeds[i].
+
+    Each step takes one uniform number per row (row_uniform) and inverts the row's
+    distribution with it, so a row's tokens depend on its seed and its logits only,
+    never on the other rows of the batch. Top-p looks at the most likely tokens
+    only (torch.topk), widening the window for the rows whose nucleus does not fit,
+    instead of sorting the whole vocabulary. It returns logits that are -inf
+    everywhere except at the drawn token, and generate() runs greedy
+    (do_sample=False), so it picks exactly that token.
     """
 
-    def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_p: float):
+    # Candidates looked at first; widened 8x while some row's nucleus is wider, and to the whole vocabulary
+    # (one sort) once the window would hold a 16th of it: flat rows (random models) then cost one sort.
+    TOP_P_WINDOW = 64
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
         assert temperature > 0 and 0 < top_p <= 1
-        self.generators = list(generators)
+        self.seeds = list(seeds)
         self.temperature = temperature
         self.top_p = top_p
+        self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         B, V = scores.shape
-        assert B == len(self.generators), f"batch of {B} rows, {len(self.generators)} generators"
-        logits = scores.float() / self.temperature  # (B, V)
+        assert B == len(self.seeds), f"batch of {B} rows, {len(self.seeds)} seeds"
+        probs = (scores.float() / self.temperature).softmax(dim=-1)  # (B, V)
+        token_ids = None
         if self.top_p < 1.0:
-            # Drop the least likely tokens whose total probability is below 1 - top_p
-            # (always keeping the most likely one), as transformers' TopPLogitsWarper.
-            sorted_logits, sorted_idx = torch.sort(logits, descending=False)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-            remove_sorted = cumulative <= (1 - self.top_p)
-            remove_sorted[:, -1] = False
-            remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-            logits = logits.masked_fill(remove, float("-inf"))
-        probs = logits.softmax(dim=-1)  # (B, V)
-        # argmax(p / E) with E ~ Exponential(1) draws from p (the "exponential race",
-        # as torch.multinomial, but much faster over a 50k vocabulary); each row's
-        # noise comes from its own generator.
-        noise = torch.stack([
-            torch.empty(V, device=probs.device).exponential_(1.0, generator=g) for g in self.generators
-        ])  # (B, V)
-        picked = (probs / noise).argmax(dim=-1)  # (B,)
+            probs, token_ids = self._nucleus(probs)  # (B, k) most likely first, 0 outside the nucleus
+        cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+        total = cdf[:, -1:]
+        u = torch.tensor([row_uniform(s, self.step) for s in self.seeds], dtype=torch.float64, device=scores.device)
+        self.step += 1
+        # The first token whose cumulative probability passes u * total; capped at the last token with any
+        # probability, in case rounding makes u * total reach the total.
+        picked = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
+        picked = torch.minimum(picked, (cdf < total).sum(dim=-1, keepdim=True))  # (B, 1)
+        if token_ids is not None:
+            picked = token_ids.gather(1, picked)
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(B, device=scores.device), picked] = 0.0
+        out.scatter_(1, picked, 0.0)
         return out
+
+    def _nucleus(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest set of most likely tokens whose probability reaches top_p (as transformers'
+        TopPLogitsWarper: a token is kept while the tokens more likely than it hold less than top_p)."""
+        V = probs.shape[1]
+        k = min(V, self.TOP_P_WINDOW)
+        while True:
+            top, token_ids = probs.topk(k, dim=-1)  # (B, k), most likely first
+            keep = top.cumsum(dim=-1) - top < self.top_p
+            if k == V or not keep[:, -1].any():
+                return top.masked_fill(~keep, 0.0), token_ids
+            k = k * 8 if k * 8 < V // 16 else V
 
 
 class TransformersSampler:
@@ -133,14 +164,13 @@ class TransformersSampler:
         texts = [self.prompt_text(c) for c in conversations]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         T = enc.input_ids.shape[1]
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens, do_sample=False,
             eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
         )
         out = generate_exactly(
             self.model, config, **enc,
-            logits_processor=LogitsProcessorList([SeededSampler(generators, settings.temperature, settings.top_p)]),
+            logits_processor=LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p)]),
         )  # (B, T + new): only our sampler shapes the distribution, never the checkpoint's settings
         new_tokens = out[:, T:].tolist()
         samples = []
