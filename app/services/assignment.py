@@ -354,6 +354,18 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
     return None
 
 
+def clean_skip_reason(reason: str | None, *, what: str) -> str:
+    """The skip reason, stripped; raises Invalid when it is empty, too long or not storable
+    (shared by skipping a task and a demonstration prompt)."""
+    reason = check_text((reason or "").strip(), "reason")
+    if not reason:
+        raise Invalid(f"Say why you skip this {what}.", errors={"reason": "choose or write a reason"})
+    if len(reason) > MAX_SKIP_REASON:
+        raise Invalid(f"The reason is too long ({len(reason)} characters; at most {MAX_SKIP_REASON}).",
+                      errors={"reason": f"at most {MAX_SKIP_REASON} characters"})
+    return reason
+
+
 def skip_task(session: Session, *, user: User, task_id: int, reason: str,
               now: datetime | None = None) -> Assignment:
     """Give the task back, never to be offered to this labeler again. The labeler
@@ -368,12 +380,7 @@ def skip_task(session: Session, *, user: User, task_id: int, reason: str,
         raise NotFound(_NOT_GIVEN.format(task_id=task_id))
     if assignment.status == AssignmentStatus.submitted:
         raise Conflict(f"You already submitted task {task_id}; it cannot be skipped any more.")
-    reason = check_text((reason or "").strip(), "reason")
-    if not reason:
-        raise Invalid("Say why you skip this task.", errors={"reason": "choose or write a reason"})
-    if len(reason) > MAX_SKIP_REASON:
-        raise Invalid(f"The reason is too long ({len(reason)} characters; at most {MAX_SKIP_REASON}).",
-                      errors={"reason": f"at most {MAX_SKIP_REASON} characters"})
+    reason = clean_skip_reason(reason, what="task")
     if assignment.status != AssignmentStatus.skipped:
         assignment.status = AssignmentStatus.skipped
         assignment.skip_reason = reason

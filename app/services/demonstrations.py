@@ -59,7 +59,7 @@ from sqlalchemy.orm import Session
 from app.db.enums import DemonstrationStatus, PromptSetKind, PromptSetStatus, Role, Split
 from app.db.models import Demonstration, Prompt, PromptSet, PromptSetLabeler, Response, User
 from app.services.annotations import PROMPT_FLAG_KEYS, PROMPT_FLAGS, clamp_time_spent
-from app.services.assignment import MAX_SKIP_REASON, lease_clock
+from app.services.assignment import clean_skip_reason, lease_clock
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.export import stream_rows
 from app.services.labelers import is_allowed
@@ -391,12 +391,7 @@ def skip_demonstration(session: Session, *, user: User, demonstration_id: int, r
     demo = _own(session, user=user, demonstration_id=demonstration_id)
     if demo.status in DONE:
         raise Conflict("You already submitted this demonstration; it cannot be skipped any more.")
-    reason = check_text((reason or "").strip(), "reason")
-    if not reason:
-        raise Invalid("Say why you skip this prompt.", errors={"reason": "choose or write a reason"})
-    if len(reason) > MAX_SKIP_REASON:
-        raise Invalid(f"The reason is too long ({len(reason)} characters; at most {MAX_SKIP_REASON}).",
-                      errors={"reason": f"at most {MAX_SKIP_REASON} characters"})
+    reason = clean_skip_reason(reason, what="prompt")
     if demo.status != DemonstrationStatus.skipped:
         demo.status = DemonstrationStatus.skipped
         demo.skip_reason = reason
