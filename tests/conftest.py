@@ -251,12 +251,28 @@ def page(browser):
     context.close()
 
 
+# Screenshots the README shows, refreshed by scripts/readme-images.sh (RLHF_README_IMAGES=1):
+# screenshot name -> (file under docs/images/, the part of the page to show; None: the first screen).
+README_IMAGES = {
+    "label_page": ("labeling.jpg", None),
+    "quality_page": ("quality.jpg", None),
+    "ppo_job_curves": ("training-curves.jpg", "#job-charts"),
+    "policy_side_by_side": ("model-samples.jpg", "#samples"),
+}
+
+
 def screenshot(page, name: str) -> Path:
     """Save a full-page screenshot under test-artifacts/screenshots for a person to look at."""
     folder = ARTIFACTS / "screenshots"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("RLHF_README_IMAGES") == "1" and name in README_IMAGES:
+        file, selector = README_IMAGES[name]
+        images = ROOT / "docs" / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        target = page.locator(selector).first if selector else page
+        target.screenshot(path=str(images / file), type="jpeg", quality=70)
     return path
 
 
