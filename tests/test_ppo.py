@@ -18,7 +18,7 @@ from trainer.common import (
     response_logprobs,
     truncate_after_eos,
 )
-from trainer.models import load_causal_lm, load_tokenizer
+from trainer.models import load_causal_lm, load_tokenizer, pick_device, pick_dtype
 from trainer.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -260,9 +260,12 @@ def test_values_are_in_reward_units_whatever_offset_the_reward_model_has(word_mo
         offset = _ppo(config, sft, shifted, tmp_path / "offset").history[0]
     finally:
         handle.remove()
-    assert offset["reward_unnormalised"] == pytest.approx(plain["reward_unnormalised"] + 50.0, abs=1e-3)
+    # On CUDA the trainer computes in bf16, whose step near 50 is 0.25; on the CPU (CI) float32 holds it tight.
+    bf16 = pick_dtype(pick_device()) == torch.bfloat16
+    assert offset["reward_unnormalised"] == pytest.approx(plain["reward_unnormalised"] + 50.0,
+                                                          abs=0.5 if bf16 else 1e-3)
     for name in ("reward", "value_loss", "policy_loss", "value_clip_frac", "clip_frac", "total_reward"):
-        assert offset[name] == pytest.approx(plain[name], rel=1e-3, abs=1e-4), name
+        assert offset[name] == pytest.approx(plain[name], rel=5e-2 if bf16 else 1e-3, abs=1e-4), name
 
 
 def test_value_warmup_steps_leave_the_policy_unchanged(word_models, tmp_path):

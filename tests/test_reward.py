@@ -11,7 +11,7 @@ import torch
 
 from tests import synthetic
 from trainer.common import CONFIG_FILE, Cancelled, pad_left, pad_right, prepare_tokenizer
-from trainer.models import load_tokenizer
+from trainer.models import load_tokenizer, pick_device, pick_dtype
 from trainer.reward import (
     RankedGroup,
     RewardConfig,
@@ -112,6 +112,10 @@ def test_smollm2_tokenizer_gets_a_pad_token_distinct_from_eos(tiny_model_dir):
 
 # ---- learning ------------------------------------------------------------------------
 
+# On CUDA the trainer computes in bf16 (8-bit mantissa): comparisons of two runs' figures allow for it
+# there and stay float32-tight on the CPU, where CI runs.
+BF16 = pick_dtype(pick_device()) == torch.bfloat16
+
 FAST = RewardConfig(epochs=1, batch_size=8, learning_rate=1e-3, eval_batch_size=32)
 
 
@@ -139,8 +143,8 @@ def test_reward_model_learns_a_ranking_rule_on_held_out_prompts(tiny_model_dir, 
     assert rewards[0] > rewards[1] > rewards[2]
     # Normalised: the SFT samples score mean 0, std 1.
     normalised = torch.cat([score(model, tokenizer, m, [r]) for m, r in sft_samples])
-    assert normalised.mean().item() == pytest.approx(0.0, abs=1e-3)
-    assert normalised.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert normalised.mean().item() == pytest.approx(0.0, abs=2e-2 if BF16 else 1e-3)
+    assert normalised.std().item() == pytest.approx(1.0, abs=2e-2 if BF16 else 1e-3)
     assert evaluate_reward_model(model, tokenizer, validation)["accuracy"] == pytest.approx(
         result.metrics["val_accuracy"], abs=1e-6)
 
@@ -207,9 +211,10 @@ def test_gradient_accumulation_matches_the_bigger_batch_on_the_last_partial_wind
                                      validation, model_path=tiny_model_dir, output_dir=tmp_path / "acc")
     assert accumulated.metrics["steps"] == big.metrics["steps"] == 4
     step_losses = [[h["loss"] for h in r.history if "loss" in h] for r in (big, accumulated)]
-    assert step_losses[1] == pytest.approx(step_losses[0], rel=1e-4)  # the last step's loss is not halved
-    assert accumulated.metrics["train_loss"] == pytest.approx(big.metrics["train_loss"], rel=1e-4)
-    assert accumulated.metrics["val_loss"] == pytest.approx(big.metrics["val_loss"], rel=1e-4)
+    rel = 2e-2 if BF16 else 1e-4
+    assert step_losses[1] == pytest.approx(step_losses[0], rel=rel)  # the last step's loss is not halved
+    assert accumulated.metrics["train_loss"] == pytest.approx(big.metrics["train_loss"], rel=rel)
+    assert accumulated.metrics["val_loss"] == pytest.approx(big.metrics["val_loss"], rel=rel)
 
 
 def test_malformed_ranking_is_refused_with_its_position(tiny_model_dir, tmp_path):
