@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 
 from app.routes.deps import CurrentUser, EngineerUser, SessionDep, SettingsDep, sign_in, sign_out
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import auth, sessions, users
 from app.services.errors import Invalid
 from app.web import NO_STORE, flash, redirect, render

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Form, Request
 
 from app.db.enums import Role
 from app.routes.deps import AdminUser, SessionDep
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import users
 from app.services.errors import Invalid
 from app.web import flash, redirect, render

@@ -6,14 +6,14 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from app.routes.deps import AdminUser, SessionDep
-from app.schemas import Id
+from app.schemas.common import Id
 from app.routes.quality import Ids, Text, meta_response, plan_from_query, stream
 from app.services import labelers
 from app.services.agreement import SetAgreement, compute_set_agreement
 from app.services.progress import SetProgress, set_progress
 from app.services.prompt_sets import get_prompt_set
 
-router = APIRouter(prefix="/api/v1/prompt-sets/{prompt_set_id}", tags=["quality"])
+router = APIRouter(prefix="/prompt-sets/{prompt_set_id}", tags=["quality"])
 
 
 @router.get("/agreement", response_model=SetAgreement)

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 from app.db.base import utcnow
 from app.db.models import Demonstration, User
 from app.routes.deps import LabelerUser, SessionDep, SettingsDep
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import demonstrations as demos
 from app.services.annotations import PROMPT_FLAGS
 from app.services.errors import Conflict, Invalid

@@ -10,7 +10,7 @@ from app.db.base import utcnow
 from app.db.models import User
 from app.routes.deps import AdminUser, SessionDep
 from app.routes.uploads import ImportPayload, read_import_payload
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import demonstrations as demos
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import LIMITS

@@ -6,7 +6,7 @@ from sqlalchemy import select
 from app.db.enums import JobKind, JobStatus
 from app.db.models import Job, User
 from app.routes.deps import EngineerUser, SessionDep
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import jobs
 from app.web import is_htmx, redirect, render, templates
 

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from app.db.base import utcnow
 from app.db.models import Annotation, Assignment, Task, User
 from app.routes.deps import LabelerUser, SessionDep, SettingsDep
-from app.schemas import Id
-from app.schemas_label import LabelForm, new_form_key
+from app.schemas.common import Id
+from app.schemas.label import LabelForm, new_form_key
 from app.services import annotations, assignment
 from app.services.errors import Conflict, Invalid
 from app.services.validation import MAX_ID

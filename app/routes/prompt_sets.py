@@ -7,9 +7,9 @@ from fastapi import APIRouter, Depends, Form, Request
 from app.db.enums import PromptSetKind
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
-from app.schemas import Id
 from app.routes.uploads import ImportPayload, read_import_payload
-from app.schemas_prompt_sets import PromptSetForm
+from app.schemas.common import Id
+from app.schemas.prompt_sets import PromptSetForm
 from app.services import prompt_import, prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.web import flash, redirect, render

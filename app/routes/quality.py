@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import export, gold, labelers
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid

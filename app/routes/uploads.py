@@ -8,7 +8,7 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from app.schemas_prompt_sets import PromptImportBody
+from app.schemas.prompt_sets import PromptImportBody
 from app.services.errors import Invalid
 from app.services.prompt_import import LIMITS, check_size
 
