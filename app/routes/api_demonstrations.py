@@ -12,7 +12,7 @@ from app.db.base import utcnow
 from app.db.enums import DemonstrationStatus
 from app.routes.deps import AdminUser, LabelerUser, SessionDep, SettingsDep
 from app.routes.uploads import read_import_payload
-from app.schemas.common import Id, Offset, problem_response
+from app.schemas.common import Id, Offset, error_lines, problem_response
 from app.schemas.demonstrations import (
     DemonstrationImportOut,
     DemonstrationOut,
@@ -56,7 +56,8 @@ def save_draft(demonstration_id: Id, body: DraftIn, session: SessionDep, user: L
 
 
 @router.post("/demonstrations/{demonstration_id}/submit", response_model=DemonstrationSubmitOut)
-def submit(demonstration_id: Id, body: DemonstrationSubmitIn, session: SessionDep, user: LabelerUser, settings: SettingsDep):
+def submit(demonstration_id: Id, body: DemonstrationSubmitIn, session: SessionDep, user: LabelerUser,
+           settings: SettingsDep):
     """Submit for review. Sending it again changes nothing (already=true)."""
     result = demos.submit_demonstration(session, user=user, demonstration_id=demonstration_id, text=body.text,
                                         lease_s=settings.lease_s, time_spent_s=body.time_spent_s,
@@ -144,9 +145,8 @@ async def read_demonstration_import(request: Request) -> bytes | str:
     try:
         content = PromptImportBody.model_validate(parsed).content
     except ValidationError as exc:
-        errors = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
         raise Invalid("Send a JSON list of demonstrations or JSON like {\"content\": \"...JSONL...\"}.",
-                      errors=errors) from None
+                      errors=error_lines(exc)) from None
     return _list_or_text(content)
 
 

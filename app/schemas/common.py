@@ -3,7 +3,7 @@
 from typing import Annotated
 
 from annotated_types import Interval
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from app.services.validation import MAX_ID, text_problem
 
@@ -24,6 +24,11 @@ def _storable(value: str) -> str:
 # Every free text a request carries: no NUL or lone surrogate (PostgreSQL stores neither),
 # refused with a 422 naming the field.
 Text = Annotated[str, AfterValidator(_storable)]
+
+
+def error_lines(exc: ValidationError) -> list[str]:
+    """A body's validation errors as "field.path: message" lines (for an Invalid's errors)."""
+    return [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
 
 
 class Problem(BaseModel):
