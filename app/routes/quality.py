@@ -5,17 +5,18 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
+from app.routes.exports import ExportPlan, meta_response, stream
 from app.schemas.common import Id
 from app.services import export, gold, labelers
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid
 from app.services.progress import set_progress
 from app.services.prompt_sets import get_prompt_set
-from app.web import download_headers, fragment_or_redirect, render, render_form_errors
+from app.web import fragment_or_redirect, render, render_form_errors
 
 router = APIRouter(prefix="/admin/prompt-sets/{prompt_set_id}", include_in_schema=False)
 
@@ -206,31 +207,6 @@ def gold_rate(request: Request, session: SessionDep, admin: AdminUser, prompt_se
 
 # ---- export -----------------------------------------------------------------------------
 
-def plan_from_query(session, prompt_set_id: int, *, kind: str | None, fmt: str, split: str | None,
-                    labelers: list[str] | None, min_agreement: str | None, date_from: str | None,
-                    date_to: str | None) -> export.ExportPlan:
-    """An export plan from query values (shared with the JSON API)."""
-    filters = export.parse_filters(prompt_set_ids=prompt_set_id, split=split, labelers=labelers,
-                                   min_agreement=min_agreement, date_from=date_from, date_to=date_to)
-    return export.plan_export(session, kind=kind or export.kind_of(fmt), fmt=fmt, filters=filters)
-
-
-def stream(session, plan: export.ExportPlan) -> StreamingResponse:
-    return StreamingResponse(
-        export.iter_export(session, plan), media_type=plan.media_type,
-        headers=download_headers(plan.filename),
-    )
-
-
-def meta_response(session, plan: export.ExportPlan) -> JSONResponse:
-    return JSONResponse(export.export_meta(session, plan), headers=download_headers(f"{plan.filename}.meta.json"))
-
-
-Fmt = Annotated[str, Query(alias="format", max_length=20)]
-Text = Annotated[str | None, Query(max_length=50)]
-Ids = Annotated[list[str] | None, Query()]
-
-
 @router.get("/export")
 def export_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     prompt_set = get_prompt_set(session, prompt_set_id)
@@ -241,18 +217,10 @@ def export_page(request: Request, session: SessionDep, admin: AdminUser, prompt_
 
 
 @router.get("/export/download")
-def export_download(session: SessionDep, admin: AdminUser, prompt_set_id: Id, fmt: Fmt = "plain",
-                    kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
-                    date_from: Text = None, date_to: Text = None):
-    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
-                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+def export_download(session: SessionDep, admin: AdminUser, plan: ExportPlan):
     return stream(session, plan)
 
 
 @router.get("/export/meta")
-def export_sidecar(session: SessionDep, admin: AdminUser, prompt_set_id: Id, fmt: Fmt = "plain",
-                   kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
-                   date_from: Text = None, date_to: Text = None):
-    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
-                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+def export_sidecar(session: SessionDep, admin: AdminUser, plan: ExportPlan):
     return meta_response(session, plan)
