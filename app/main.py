@@ -17,16 +17,10 @@ from app.config import Settings, get_settings
 from app.errors import body_too_large, http_error, install_error_handlers
 from app.logs import request_id_var  # also installs the request-id log record factory
 from app.private_files import write_private_file
-from app.routes import account, admin_users, api, api_prompt_sets, auth, health, home, prompt_sets
-from app.routes import api_label, label
-from app.routes import api_quality, quality
-from app.routes import api_jobs, jobs
-from app.routes import demonstrations, demonstrations_admin, sft
-from app.routes import api_demonstrations, api_models, api_training, models, training
-from app.routes import api_docs
+from app.routes import api, pages
 from app.routes.deps import verify_csrf
 from app.routes.uploads import UPLOAD_PATH
-from app.schemas import PROBLEM_RESPONSES
+from app.schemas.common import PROBLEM_RESPONSES
 from app.web import ROOT, SECURITY_HEADERS
 
 
@@ -138,7 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
         title="RLHF Workbench",
-        openapi_url="/api/v1/openapi.json",
+        openapi_url=f"{api.PREFIX}/openapi.json",
         docs_url=None,  # app.routes.api_docs serves Swagger UI from our own static files
         redoc_url=None,
         dependencies=[Depends(verify_csrf)],
@@ -160,14 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityHeadersMiddleware)
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
-    for module in (health, auth, home, admin_users, account, api, prompt_sets, api_prompt_sets, label, api_label,
-                   quality, api_quality):
-        app.include_router(module.router)
-    for module in (jobs, api_jobs):
-        app.include_router(module.router)
-    for module in (demonstrations, demonstrations_admin, sft):
-        app.include_router(module.router)
-    for module in (training, models, api_training, api_models, api_demonstrations):
-        app.include_router(module.router)
-    app.include_router(api_docs.router)
+    for router in pages.routers:
+        app.include_router(router)
+    app.include_router(api.router)
     return app

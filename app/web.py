@@ -1,6 +1,9 @@
-"""Templates, and the one helper that chooses between a full page and an htmx fragment."""
+"""Templates and the helpers every page route answers with: render (the one place that
+chooses between a full page and an htmx fragment), render_form_errors (a refused form
+again, with its errors), fragment_or_redirect (after a form post) and redirect."""
 
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,8 @@ from jinja2_fragments.fastapi import Jinja2Blocks
 from markdown_it import MarkdownIt
 from markdown_it.common.utils import escapeHtml
 from markupsafe import Markup
+
+from app.services.errors import DomainError
 
 ROOT = Path(__file__).resolve().parents[1]
 templates = Jinja2Blocks(directory=str(ROOT / "templates"))
@@ -90,10 +95,12 @@ def render(
     context: dict[str, Any] | None = None,
     *,
     block: str | None = None,
+    fragment: str | None = None,
     status_code: int = 200,
     headers: dict[str, str] | None = None,
 ) -> HTMLResponse:
-    """Render the page, or only `block` of it when htmx asked (HX-Request)."""
+    """Render the page; when htmx asked (HX-Request), only `block` of it, or the
+    `fragment` template instead of the page."""
     ctx = {
         "request": request,
         "current_user": getattr(request.state, "user", None),
@@ -105,12 +112,45 @@ def render(
             request, template, ctx, block_name=block, status_code=status_code, headers=headers
         )
     else:
+        if fragment is not None and is_htmx(request):
+            template = fragment
         ctx["flashes"] = pop_flashes(request)
         response = templates.TemplateResponse(
             request, template, ctx, status_code=status_code, headers=headers
         )
     response.headers["Vary"] = "HX-Request"
     return response
+
+
+def render_form_errors(
+    request: Request,
+    exc: DomainError,
+    template: str,
+    context: dict[str, Any],
+    *,
+    prefix: str = "form_",
+    block: str | None = None,
+    fragment: str | None = None,
+    status_code: int | None = None,
+) -> HTMLResponse:
+    """The form again after a service refused it: the refusal's message as `<prefix>error`,
+    its per-field (or per-line) messages as `<prefix>errors`, next to what was entered
+    (in `context`), with the refusal's status (422 invalid, 409 conflict) unless
+    `status_code` says otherwise. Page or fragment as `render` chooses."""
+    context = context | {f"{prefix}error": exc.message, f"{prefix}errors": exc.errors}
+    return render(request, template, context, block=block, fragment=fragment,
+                  status_code=exc.status_code if status_code is None else status_code)
+
+
+def fragment_or_redirect(request: Request, url: str, fragment: Callable[[], Response], *,
+                         message: str | None = None, category: str = "success") -> Response:
+    """After a form post: htmx gets `fragment()` to swap in place (called only then); a
+    plain post gets `message` flashed, if any, and goes to `url`."""
+    if is_htmx(request):
+        return fragment()
+    if message:
+        flash(request, message, category)
+    return redirect(request, url)
 
 
 def redirect(request: Request, url: str) -> Response:

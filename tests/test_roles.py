@@ -149,20 +149,21 @@ ALLOWED = {
 
 
 def _walk(routes):
+    """(full path, route) of every API route; an included router (the /api/v1 router
+    holds the area routers) lists its routes with their prefixes joined."""
     for route in routes:
-        # Included routers are wrapped; their routes carry the full path already
-        # (prefixes are set on our APIRouters, never on include_router).
-        inner = getattr(route, "original_router", None)
-        if inner is not None:
-            yield from _walk(inner.routes)
+        if hasattr(route, "effective_route_contexts"):
+            for context in route.effective_route_contexts():
+                if isinstance(context.original_route, APIRoute):
+                    yield context.path, context.original_route
         elif isinstance(route, APIRoute):
-            yield route
+            yield route.path, route
 
 
 def registered_routes(app) -> list[tuple[str, str]]:
     return [
-        (method, route.path)
-        for route in _walk(app.routes)
+        (method, path)
+        for path, route in _walk(app.routes)
         for method in sorted(route.methods - {"HEAD"})
     ]
 

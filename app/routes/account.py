@@ -6,10 +6,10 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 
 from app.routes.deps import CurrentUser, EngineerUser, SessionDep, SettingsDep, sign_in, sign_out
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import auth, sessions, users
 from app.services.errors import Invalid
-from app.web import NO_STORE, flash, redirect, render
+from app.web import NO_STORE, flash, redirect, render, render_form_errors
 
 router = APIRouter(prefix="/account", include_in_schema=False)
 
@@ -31,8 +31,7 @@ def change_password(
     try:
         users.change_password(session, user=user, current_password=current_password, new_password=new_password)
     except Invalid as exc:
-        context = {"error": exc.message, "form_errors": exc.errors}
-        return render(request, "pages/account_password.html", context, status_code=422)
+        return render_form_errors(request, exc, "pages/account_password.html", {})
     # Every session ended, this one too; this browser gets a fresh one.
     sign_in(request, session, settings, user)
     flash(request, "Password changed; you are signed out everywhere else.", "success")

@@ -1,22 +1,26 @@
 """Admin: labeler and staff accounts."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 
 from app.db.enums import Role
 from app.routes.deps import AdminUser, SessionDep
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import users
 from app.services.errors import Invalid
-from app.web import flash, redirect, render
+from app.web import flash, redirect, render, render_form_errors
 
 router = APIRouter(prefix="/admin/users", include_in_schema=False)
 
 
+def _context(session, **extra: Any) -> dict[str, Any]:
+    return {"users": users.list_users(session), "roles": list(Role)} | extra
+
+
 @router.get("")
 def users_page(request: Request, session: SessionDep, admin: AdminUser):
-    return render(request, "pages/admin_users.html", {"users": users.list_users(session), "roles": list(Role)})
+    return render(request, "pages/admin_users.html", _context(session))
 
 
 @router.post("")
@@ -31,11 +35,8 @@ def create_user(
     try:
         user = users.create_user(session, username=username, password=password, role=role)
     except Invalid as exc:
-        context = {
-            "users": users.list_users(session), "roles": list(Role),
-            "form": {"username": username, "role": role}, "form_errors": exc.errors, "error": exc.message,
-        }
-        return render(request, "pages/admin_users.html", context, block="create_form", status_code=422)
+        context = _context(session, form={"username": username, "role": role})
+        return render_form_errors(request, exc, "pages/admin_users.html", context, block="create_form")
     flash(request, f"Created {user.role.value} '{user.username}'.", "success")
     return redirect(request, "/admin/users")
 

@@ -1,37 +1,24 @@
-"""JSON API under /api/v1 (OpenAPI at /api/v1/openapi.json). Bearer tokens or the session."""
+"""The JSON API under /api/v1 (OpenAPI at /api/v1/openapi.json; bearer tokens or the
+session). Each area's router holds paths relative to /api/v1; they are included here,
+in this order, and the app includes this one router."""
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter
 
-from app.routes.deps import AdminUser, CurrentUser, SessionDep
-from app.schemas import Id, UserCreate, UserOut, UserUpdate
-from app.services import users
+from app.routes import (
+    api_demonstrations,
+    api_docs,
+    api_jobs,
+    api_label,
+    api_models,
+    api_prompt_sets,
+    api_quality,
+    api_training,
+    api_users,
+)
 
-router = APIRouter(prefix="/api/v1", tags=["api"])
+PREFIX = "/api/v1"
 
-
-@router.get("/me", response_model=UserOut)
-def me(user: CurrentUser):
-    return user
-
-
-@router.get("/users", response_model=list[UserOut])
-def list_users(session: SessionDep, admin: AdminUser):
-    return users.list_users(session)
-
-
-@router.post("/users", response_model=UserOut, status_code=status.HTTP_201_CREATED)
-def create_user(body: UserCreate, session: SessionDep, admin: AdminUser):
-    return users.create_user(session, username=body.username, password=body.password, role=body.role)
-
-
-@router.patch("/users/{user_id}", response_model=UserOut)
-def update_user(user_id: Id, body: UserUpdate, session: SessionDep, admin: AdminUser):
-    user = users.get_user(session, user_id)
-    # Both changes are checked before either is stored: nothing half-written.
-    if body.password is not None:
-        users.check_password_rules(body.password)
-    if body.is_active is not None:
-        users.set_active(session, user=user, active=body.is_active, by=admin)
-    if body.password is not None:
-        users.set_password(session, user=user, password=body.password)
-    return user
+router = APIRouter(prefix=PREFIX)
+for area in (api_users, api_prompt_sets, api_label, api_quality, api_jobs, api_training, api_models,
+             api_demonstrations, api_docs):
+    router.include_router(area.router)

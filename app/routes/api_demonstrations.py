@@ -10,41 +10,30 @@ from pydantic import ValidationError
 
 from app.db.base import utcnow
 from app.db.enums import DemonstrationStatus
-from app.db.models import Demonstration
 from app.routes.deps import AdminUser, LabelerUser, SessionDep, SettingsDep
 from app.routes.uploads import read_import_payload
-from app.schemas import Id, Offset, problem_response
-from app.schemas_prompt_sets import PromptImportBody
-from app.schemas_training import (
+from app.schemas.common import Id, Offset, error_lines, problem_response
+from app.schemas.demonstrations import (
     DemonstrationImportOut,
     DemonstrationOut,
+    DemonstrationSubmitIn,
+    DemonstrationSubmitOut,
     DraftIn,
     DraftOut,
     EditIn,
     NextDemonstrationOut,
     RejectIn,
     SkipIn,
-    SubmitIn,
-    SubmitOut,
+    demonstration_out,
 )
+from app.schemas.prompt_sets import PromptImportBody
 from app.services import demonstrations as demos
 from app.services.errors import Invalid
 from app.services.prompt_sets import get_prompt_set
 from app.services.validation import JsonProblem, load_json
 from app.web import download_headers
 
-router = APIRouter(prefix="/api/v1", tags=["demonstrations"])
-
-
-def _out(demo: Demonstration) -> DemonstrationOut:
-    prompt = demo.prompt
-    return DemonstrationOut(
-        id=demo.id, prompt_id=demo.prompt_id, prompt_set_id=prompt.prompt_set_id, messages=list(prompt.messages),
-        instructions=prompt.prompt_set.instructions, user_id=demo.user_id, text=demo.text, status=demo.status,
-        edit_mode=demo.edit_mode, prompt_flags=list(demo.prompt_flags), time_spent_s=demo.time_spent_s or 0.0,
-        expires_at=demo.expires_at, reject_reason=demo.reject_reason, skip_reason=demo.skip_reason,
-        reviewed_by_id=demo.reviewed_by_id, reviewed_at=demo.reviewed_at, updated_at=demo.updated_at,
-    )
+router = APIRouter(tags=["demonstrations"])
 
 
 # ---- labelers -------------------------------------------------------------------
@@ -53,7 +42,7 @@ def _out(demo: Demonstration) -> DemonstrationOut:
 def next_demonstration(session: SessionDep, user: LabelerUser, settings: SettingsDep):
     """The prompt you hold, or a new lease on the next one; null when none is left."""
     demo = demos.lease_next_demonstration(session, user=user, lease_s=settings.lease_s)
-    return NextDemonstrationOut(demonstration=_out(demo) if demo else None)
+    return NextDemonstrationOut(demonstration=demonstration_out(demo) if demo else None)
 
 
 @router.put("/demonstrations/{demonstration_id}/draft", response_model=DraftOut)
@@ -62,21 +51,24 @@ def save_draft(demonstration_id: Id, body: DraftIn, session: SessionDep, user: L
     result = demos.save_draft(session, user=user, demonstration_id=demonstration_id, text=body.text,
                               lease_s=settings.lease_s, time_spent_s=body.time_spent_s,
                               prompt_flags=body.prompt_flags)
-    return DraftOut(demonstration=_out(result.demonstration), saved=result.saved, holds_lease=result.holds_lease)
+    return DraftOut(demonstration=demonstration_out(result.demonstration), saved=result.saved,
+                    holds_lease=result.holds_lease)
 
 
-@router.post("/demonstrations/{demonstration_id}/submit", response_model=SubmitOut)
-def submit(demonstration_id: Id, body: SubmitIn, session: SessionDep, user: LabelerUser, settings: SettingsDep):
+@router.post("/demonstrations/{demonstration_id}/submit", response_model=DemonstrationSubmitOut)
+def submit(demonstration_id: Id, body: DemonstrationSubmitIn, session: SessionDep, user: LabelerUser,
+           settings: SettingsDep):
     """Submit for review. Sending it again changes nothing (already=true)."""
     result = demos.submit_demonstration(session, user=user, demonstration_id=demonstration_id, text=body.text,
                                         lease_s=settings.lease_s, time_spent_s=body.time_spent_s,
                                         prompt_flags=body.prompt_flags)
-    return SubmitOut(demonstration=_out(result.demonstration), already=result.already)
+    return DemonstrationSubmitOut(demonstration=demonstration_out(result.demonstration), already=result.already)
 
 
 @router.post("/demonstrations/{demonstration_id}/skip", response_model=DemonstrationOut)
 def skip(demonstration_id: Id, body: SkipIn, session: SessionDep, user: LabelerUser):
-    return _out(demos.skip_demonstration(session, user=user, demonstration_id=demonstration_id, reason=body.reason))
+    return demonstration_out(demos.skip_demonstration(session, user=user, demonstration_id=demonstration_id,
+                                                      reason=body.reason))
 
 
 # ---- admins ---------------------------------------------------------------------
@@ -87,27 +79,27 @@ def review_queue(session: SessionDep, admin: AdminUser, status: DemonstrationSta
                  offset: Offset = 0):
     """The review queue: submitted demonstrations, oldest first (another `status`
     lists those instead, least recently changed first)."""
-    return [_out(d) for d in demos.list_demonstrations(session, status=status, prompt_set_id=prompt_set_id,
-                                                       limit=limit, offset=offset)]
+    found = demos.list_demonstrations(session, status=status, prompt_set_id=prompt_set_id, limit=limit, offset=offset)
+    return [demonstration_out(d) for d in found]
 
 
 @router.post("/demonstrations/{demonstration_id}/accept", response_model=DemonstrationOut)
 def accept(demonstration_id: Id, session: SessionDep, admin: AdminUser):
-    return _out(demos.accept_demonstration(session, reviewer=admin, demonstration_id=demonstration_id,
-                                           now=utcnow()))
+    return demonstration_out(demos.accept_demonstration(session, reviewer=admin, demonstration_id=demonstration_id,
+                                                        now=utcnow()))
 
 
 @router.post("/demonstrations/{demonstration_id}/reject", response_model=DemonstrationOut)
 def reject(demonstration_id: Id, body: RejectIn, session: SessionDep, admin: AdminUser):
-    return _out(demos.reject_demonstration(session, reviewer=admin, demonstration_id=demonstration_id,
-                                           reason=body.reason, now=utcnow()))
+    return demonstration_out(demos.reject_demonstration(session, reviewer=admin, demonstration_id=demonstration_id,
+                                                        reason=body.reason, now=utcnow()))
 
 
 @router.post("/demonstrations/{demonstration_id}/edit", response_model=DemonstrationOut)
 def edit(demonstration_id: Id, body: EditIn, session: SessionDep, admin: AdminUser):
     """Replace the text and accept it."""
-    return _out(demos.edit_demonstration(session, reviewer=admin, demonstration_id=demonstration_id,
-                                         text=body.text, now=utcnow()))
+    return demonstration_out(demos.edit_demonstration(session, reviewer=admin, demonstration_id=demonstration_id,
+                                                      text=body.text, now=utcnow()))
 
 
 def _as_jsonl(items: list[Any]) -> str:
@@ -153,9 +145,8 @@ async def read_demonstration_import(request: Request) -> bytes | str:
     try:
         content = PromptImportBody.model_validate(parsed).content
     except ValidationError as exc:
-        errors = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
         raise Invalid("Send a JSON list of demonstrations or JSON like {\"content\": \"...JSONL...\"}.",
-                      errors=errors) from None
+                      errors=error_lines(exc)) from None
     return _list_or_text(content)
 
 

@@ -24,7 +24,7 @@ def _script_hashes(html: str) -> str:
     )
 
 
-@router.get("/api/v1/docs")
+@router.get("/docs")
 def api_docs(request: Request) -> HTMLResponse:
     """Swagger UI. Its page starts the UI with an inline script, which its own policy
     allows by hash; Swagger UI's CSS draws its icons from data: URLs."""

@@ -5,17 +5,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.db.enums import JobKind, JobStatus
-from app.db.models import Job
 from app.routes.deps import EngineerUser, SessionDep
-from app.schemas import Id, Offset
-from app.schemas_jobs import JobMetricOut, JobOut
+from app.schemas.common import Id, Offset
+from app.schemas.jobs import JobMetricOut, JobOut, job_out
 from app.services import jobs
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
-
-
-def _out(job: Job) -> JobOut:
-    return JobOut.model_validate(job).model_copy(update={"eta_s": jobs.eta_s(job)})
+router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @router.get("", response_model=list[JobOut])
@@ -30,12 +25,12 @@ def list_jobs(
 ):
     """Newest first."""
     found = jobs.list_jobs(session, status=status, kind=kind, prompt_set_id=prompt_set_id, limit=limit, offset=offset)
-    return [_out(j) for j in found]
+    return [job_out(j) for j in found]
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: Id, session: SessionDep, user: EngineerUser):
-    return _out(jobs.get_job(session, job_id))
+    return job_out(jobs.get_job(session, job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=list[JobMetricOut])
@@ -49,10 +44,10 @@ def get_metrics(job_id: Id, session: SessionDep, user: EngineerUser,
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel(job_id: Id, session: SessionDep, user: EngineerUser):
     """Queued: cancelled at once. Running: stops at its next step (status shows when)."""
-    return _out(jobs.request_cancel(session, job_id=job_id))
+    return job_out(jobs.request_cancel(session, job_id=job_id))
 
 
 @router.post("/{job_id}/retry", response_model=JobOut, status_code=201)
 def retry(job_id: Id, session: SessionDep, user: EngineerUser):
     """A new job with the same kind and parameters as a failed or cancelled one."""
-    return _out(jobs.retry_job(session, job_id=job_id, user_id=user.id))
+    return job_out(jobs.retry_job(session, job_id=job_id, user_id=user.id))

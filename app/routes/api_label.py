@@ -4,11 +4,11 @@ from fastapi import APIRouter, Response, status
 
 from app.db.base import utcnow
 from app.routes.deps import LabelerUser, SessionDep, SettingsDep
-from app.schemas import Id
-from app.schemas_label import FlagOut, LabelTaskOut, NextTaskOut, ResponseOut, SubmitIn, SubmitOut
+from app.schemas.common import Id
+from app.schemas.label import FlagOut, LabelTaskOut, NextTaskOut, ResponseOut, SubmitIn, SubmitOut
 from app.services import annotations, assignment
 
-router = APIRouter(prefix="/api/v1/label", tags=["labeling"])
+router = APIRouter(prefix="/label", tags=["labeling"])
 
 
 def _flags(pairs) -> list[FlagOut]:

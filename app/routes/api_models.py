@@ -4,13 +4,13 @@ and promoting a model to generate a prompt set's next round."""
 from fastapi import APIRouter
 
 from app.db.enums import ModelKind
-from app.routes.api_jobs import _out as job_out
 from app.routes.deps import EngineerUser, SessionDep
-from app.schemas import Id
-from app.schemas_training import ModelDetailOut, ModelOut, PromoteIn, PromoteOut, SampleOut, SamplePairOut
+from app.schemas.common import Id
+from app.schemas.jobs import job_out
+from app.schemas.models import ModelDetailOut, ModelOut, PromoteIn, PromoteOut, SampleOut, SamplePairOut
 from app.services import training
 
-router = APIRouter(prefix="/api/v1/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"])
 
 
 @router.get("", response_model=list[ModelOut])

@@ -7,39 +7,36 @@ from sqlalchemy.orm import Session
 
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
-from app.schemas import Id, problem_response
 from app.routes.uploads import ImportPayload, read_import_payload
-from app.schemas_prompt_sets import (
+from app.schemas.common import Id, problem_response
+from app.schemas.prompt_sets import (
     ImportResultOut,
-    JobBrief,
     PromptImportBody,
-    PromptSetCountsOut,
     PromptSetCreate,
     PromptSetOut,
     PromptSetUpdate,
+    prompt_set_out,
 )
 from app.services import prompt_import, prompt_sets
 
-router = APIRouter(prefix="/api/v1/prompt-sets", tags=["prompt sets"])
+router = APIRouter(prefix="/prompt-sets", tags=["prompt sets"])
 
 
 def _out(session: Session, prompt_set: PromptSet) -> PromptSetOut:
-    out = PromptSetOut.model_validate(prompt_set)
-    out.counts = PromptSetCountsOut.model_validate(prompt_sets.counts(session, prompt_set))
-    job = prompt_sets.latest_generation_job(session, prompt_set)
-    out.generation_job = JobBrief.model_validate(job) if job else None
-    return out
+    return prompt_set_out(prompt_set, prompt_sets.counts(session, prompt_set),
+                          prompt_sets.latest_generation_job(session, prompt_set))
+
+
+def _change(session: Session, prompt_set_id: int, change, **kwargs) -> PromptSetOut:
+    """Apply a life-cycle change (start, pause, resume, archive) to the set and return it."""
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    change(session, prompt_set=prompt_set, **kwargs)
+    return _out(session, prompt_set)
 
 
 @router.get("", response_model=list[PromptSetOut])
 def list_prompt_sets(session: SessionDep, admin: AdminUser):
-    return [
-        PromptSetOut.model_validate(s.prompt_set).model_copy(update={
-            "counts": PromptSetCountsOut.model_validate(s.counts),
-            "generation_job": JobBrief.model_validate(s.generation_job) if s.generation_job else None,
-        })
-        for s in prompt_sets.list_prompt_sets(session)
-    ]
+    return [prompt_set_out(s.prompt_set, s.counts, s.generation_job) for s in prompt_sets.list_prompt_sets(session)]
 
 
 @router.post("", response_model=PromptSetOut, status_code=status.HTTP_201_CREATED)
@@ -98,27 +95,19 @@ def import_prompts(prompt_set_id: Id, session: SessionDep, admin: AdminUser,
 @router.post("/{prompt_set_id}/start", response_model=PromptSetOut)
 def start_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
     """Draft -> active; queues generation of K responses per prompt."""
-    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
-    prompt_sets.start_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
-    return _out(session, prompt_set)
+    return _change(session, prompt_set_id, prompt_sets.start_prompt_set, user_id=admin.id)
 
 
 @router.post("/{prompt_set_id}/pause", response_model=PromptSetOut)
 def pause_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
-    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
-    prompt_sets.pause_prompt_set(session, prompt_set=prompt_set)
-    return _out(session, prompt_set)
+    return _change(session, prompt_set_id, prompt_sets.pause_prompt_set)
 
 
 @router.post("/{prompt_set_id}/resume", response_model=PromptSetOut)
 def resume_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
-    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
-    prompt_sets.resume_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
-    return _out(session, prompt_set)
+    return _change(session, prompt_set_id, prompt_sets.resume_prompt_set, user_id=admin.id)
 
 
 @router.post("/{prompt_set_id}/archive", response_model=PromptSetOut)
 def archive_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
-    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
-    prompt_sets.archive_prompt_set(session, prompt_set=prompt_set)
-    return _out(session, prompt_set)
+    return _change(session, prompt_set_id, prompt_sets.archive_prompt_set)

@@ -6,14 +6,14 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from app.routes.deps import AdminUser, SessionDep
-from app.schemas import Id
-from app.routes.quality import Ids, Text, meta_response, plan_from_query, stream
+from app.routes.exports import ExportPlan, meta_response, stream
+from app.schemas.common import Id
 from app.services import labelers
 from app.services.agreement import SetAgreement, compute_set_agreement
 from app.services.progress import SetProgress, set_progress
 from app.services.prompt_sets import get_prompt_set
 
-router = APIRouter(prefix="/api/v1/prompt-sets/{prompt_set_id}", tags=["quality"])
+router = APIRouter(prefix="/prompt-sets/{prompt_set_id}", tags=["quality"])
 
 
 @router.get("/agreement", response_model=SetAgreement)
@@ -31,29 +31,16 @@ def progress(session: SessionDep, admin: AdminUser, prompt_set_id: Id,
     return set_progress(session, prompt_set_id=prompt_set_id, hours=hours)
 
 
-_FORMATS = "comparisons: plain | conversational; annotations: jsonl | csv"
-
-
 @router.get("/export", responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}})
-def export_file(session: SessionDep, admin: AdminUser, prompt_set_id: Id,
-                fmt: Annotated[str, Query(alias="format", max_length=20, description=_FORMATS)] = "plain",
-                kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
-                date_from: Text = None, date_to: Text = None):
+def export_file(session: SessionDep, admin: AdminUser, plan: ExportPlan):
     """The export file, streamed. `labelers`: ids (repeat or comma-separate); dates:
     YYYY-MM-DD (date_to's day included) or ISO times. Excluded annotations never appear."""
-    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
-                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
     return stream(session, plan)
 
 
 @router.get("/export/meta")
-def export_sidecar(session: SessionDep, admin: AdminUser, prompt_set_id: Id,
-                   fmt: Annotated[str, Query(alias="format", max_length=20, description=_FORMATS)] = "plain",
-                   kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
-                   date_from: Text = None, date_to: Text = None):
+def export_sidecar(session: SessionDep, admin: AdminUser, plan: ExportPlan):
     """The sidecar of the same export: filters, what was left out, row count, time, format."""
-    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
-                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
     return meta_response(session, plan)
 
 

@@ -6,16 +6,15 @@ from typing import Any
 
 from fastapi import APIRouter, status
 
-from app.routes.api_jobs import _out as job_out
 from app.routes.deps import EngineerUser, SessionDep
-from app.schemas import problem_response
-from app.schemas_jobs import JobOut
-from app.schemas_training import PPORunIn, RewardRunIn, SettingOut, SFTRunIn, TrainingSettingsOut
+from app.schemas.common import problem_response
+from app.schemas.jobs import JobOut, job_out
+from app.schemas.training import PPORunIn, RewardRunIn, SettingOut, SFTRunIn, TrainingSettingsOut
 from app.services import sft, training
 from app.services.errors import Invalid
 from app.services.run_settings import Setting
 
-router = APIRouter(prefix="/api/v1/training", tags=["training"])
+router = APIRouter(prefix="/training", tags=["training"])
 
 _422 = {422: problem_response("Nothing queued; `errors` names each bad field.")}
 

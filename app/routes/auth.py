@@ -8,7 +8,7 @@ from fastapi.responses import RedirectResponse
 from app.routes.deps import OptionalUser, SessionDep, SettingsDep, sign_in, sign_out
 from app.services import auth
 from app.services.errors import Invalid, RateLimited
-from app.web import flash, render
+from app.web import flash, render, render_form_errors
 
 router = APIRouter(tags=["auth"], include_in_schema=False)
 
@@ -47,8 +47,8 @@ def login(
             window_s=settings.login_window_s,
         )
     except (Invalid, RateLimited) as exc:
-        context = {"next": _safe_next(next), "username": username, "error": exc.message}
-        return render(request, "pages/login.html", context, status_code=exc.status_code)
+        context = {"next": _safe_next(next), "username": username}
+        return render_form_errors(request, exc, "pages/login.html", context, prefix="")
     sign_in(request, session, settings, user)
     return RedirectResponse(_safe_next(next), status_code=303)
 

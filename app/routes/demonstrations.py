@@ -10,13 +10,14 @@ from fastapi.responses import HTMLResponse
 from app.db.base import utcnow
 from app.db.models import Demonstration, User
 from app.routes.deps import LabelerUser, SessionDep, SettingsDep
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import demonstrations as demos
 from app.services.annotations import PROMPT_FLAGS
 from app.services.errors import Conflict, Invalid
-from app.web import flash, is_htmx, redirect, render, render_markdown
+from app.web import fragment_or_redirect, render, render_form_errors, render_markdown
 
 router = APIRouter(prefix="/demonstrate", include_in_schema=False)
+
 
 def _time_spent(started_at: str, time_base: str, now: datetime) -> float | None:
     """Seconds on the prompt: what was stored when the editor was shown, plus the time since."""
@@ -27,12 +28,11 @@ def _time_spent(started_at: str, time_base: str, now: datetime) -> float | None:
 
 
 def _context(session, user: User, now: datetime, demo: Demonstration | None, *, notice: str | None = None,
-             error: str | None = None, errors: dict | None = None, text: str | None = None,
-             flags: list[str] | None = None, skip_reason: str = "") -> dict[str, Any]:
+             text: str | None = None, flags: list[str] | None = None, skip_reason: str = "") -> dict[str, Any]:
     context: dict[str, Any] = {
         "demo": demo, "counts": demos.writer_counts(session, user=user), "notice": notice,
         "rejections": demos.recent_rejections(session, user=user),
-        "error": error, "errors": errors or {}, "prompt_flag_choices": PROMPT_FLAGS,
+        "error": None, "errors": {}, "prompt_flag_choices": PROMPT_FLAGS,
         "skip_reasons": demos.SKIP_REASONS, "skip_reason": skip_reason, "max_chars": demos.MAX_TEXT_CHARS,
     }
     if demo is not None:
@@ -46,10 +46,12 @@ def _context(session, user: User, now: datetime, demo: Demonstration | None, *, 
     return context
 
 
-def _editor(request: Request, context: dict[str, Any], status_code: int = 200):
-    """The editor alone for htmx, the whole page otherwise."""
-    template = "partials/_demonstration_editor.html" if is_htmx(request) else "pages/demonstrate.html"
-    return render(request, template, context, status_code=status_code)
+PAGE = "pages/demonstrate.html"
+EDITOR = "partials/_demonstration_editor.html"  # what htmx requests get instead of the page
+
+
+def _editor(request: Request, context: dict[str, Any]):
+    return render(request, PAGE, context, fragment=EDITOR)
 
 
 def _next(request: Request, session, user: User, settings, **extra: Any):
@@ -104,15 +106,12 @@ def submit(request: Request, session: SessionDep, user: LabelerUser, settings: S
             time_spent_s=_time_spent(started_at, time_base, now), prompt_flags=prompt_flags)
     except (Invalid, Conflict) as exc:
         demo = demos.labeler_demonstration(session, user=user, demonstration_id=demonstration_id)
-        context = _context(session, user, now, demo, error=exc.message, errors=exc.errors, text=text,
-                           flags=prompt_flags)
-        return _editor(request, context, 422 if isinstance(exc, Invalid) else 409)
+        context = _context(session, user, now, demo, text=text, flags=prompt_flags)
+        return render_form_errors(request, exc, PAGE, context, prefix="", fragment=EDITOR)
     notice = ("This demonstration was already submitted." if result.already
               else "Submitted. Thank you! An admin will review it.")
-    if not is_htmx(request):
-        flash(request, notice, "success")
-        return redirect(request, "/demonstrate")
-    return _next(request, session, user, settings, notice=notice)
+    return fragment_or_redirect(request, "/demonstrate", lambda: _next(request, session, user, settings, notice=notice),
+                                message=notice)
 
 
 @router.post("/{demonstration_id}/skip")
@@ -125,10 +124,9 @@ def skip(request: Request, session: SessionDep, user: LabelerUser, settings: Set
         demos.skip_demonstration(session, user=user, demonstration_id=demonstration_id, reason=reason)
     except Invalid as exc:
         demo = demos.labeler_demonstration(session, user=user, demonstration_id=demonstration_id)
-        context = _context(session, user, now, demo, error=exc.message, errors=exc.errors, text=text,
-                           flags=prompt_flags, skip_reason=skip_reason)
-        return _editor(request, context, 422)
-    if not is_htmx(request):
-        flash(request, "Skipped.")
-        return redirect(request, "/demonstrate")
-    return _next(request, session, user, settings, notice="Skipped; here is the next prompt.")
+        context = _context(session, user, now, demo, text=text, flags=prompt_flags, skip_reason=skip_reason)
+        return render_form_errors(request, exc, PAGE, context, prefix="", fragment=EDITOR)
+    return fragment_or_redirect(
+        request, "/demonstrate",
+        lambda: _next(request, session, user, settings, notice="Skipped; here is the next prompt."),
+        message="Skipped.", category="info")

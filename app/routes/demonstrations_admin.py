@@ -1,6 +1,7 @@
 """Admin pages for demonstrations: the review queue (accept / reject with a reason /
 edit), acceptance per labeler, progress of each set, import and export."""
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
@@ -10,13 +11,13 @@ from app.db.base import utcnow
 from app.db.models import User
 from app.routes.deps import AdminUser, SessionDep
 from app.routes.uploads import ImportPayload, read_import_payload
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import demonstrations as demos
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import LIMITS
 from app.services.prompt_sets import get_prompt_set
 from app.services.validation import as_id
-from app.web import download_headers, flash, redirect, render
+from app.web import download_headers, flash, fragment_or_redirect, redirect, render, render_form_errors
 
 router = APIRouter(prefix="/admin/demonstrations", include_in_schema=False)
 
@@ -39,48 +40,49 @@ def review_page(request: Request, session: SessionDep, admin: AdminUser, prompt_
     return render(request, "pages/demonstrations_review.html", _context(session, as_id(prompt_set_id)))
 
 
-def _item(request: Request, session, demonstration_id: int, status_code: int = 200, **extra: Any):
+REVIEW_ITEM = "partials/_demonstration_review_item.html"
+
+
+def _item_context(session, demonstration_id: int, **extra: Any) -> dict[str, Any]:
     """One review card, as it is now (reviewed ones show the outcome)."""
     demo = demos.load_demonstration(session, demonstration_id)
     reviewer = session.get(User, demo.reviewed_by_id) if demo.reviewed_by_id else None
-    return render(request, "partials/_demonstration_review_item.html",
-                  {"demo": demo, "reviewer": reviewer} | extra, status_code=status_code)
+    return {"demo": demo, "reviewer": reviewer} | extra
 
 
-def _done(request: Request, session, demonstration_id: int, message: str):
-    if request.headers.get("HX-Request") == "true":
-        return _item(request, session, demonstration_id)
-    flash(request, message, "success")
-    return redirect(request, "/admin/demonstrations")
+def _review(request: Request, session, demonstration_id: int, review: Callable[[], Any], done: str, **echo: Any):
+    """Apply the review; htmx gets the card again (with the errors next to what was
+    entered, if refused), a plain form post goes back to the queue."""
+    try:
+        review()
+    except Invalid as exc:
+        return render_form_errors(request, exc, REVIEW_ITEM, _item_context(session, demonstration_id, **echo),
+                                  prefix="")
+    return fragment_or_redirect(
+        request, "/admin/demonstrations",
+        lambda: render(request, REVIEW_ITEM, _item_context(session, demonstration_id)),
+        message=f"{done} demonstration {demonstration_id}.")
 
 
 @router.post("/{demonstration_id}/accept")
 def accept(request: Request, session: SessionDep, admin: AdminUser, demonstration_id: Id):
-    demos.accept_demonstration(session, reviewer=admin, demonstration_id=demonstration_id, now=utcnow())
-    return _done(request, session, demonstration_id, f"Accepted demonstration {demonstration_id}.")
+    return _review(request, session, demonstration_id, lambda: demos.accept_demonstration(
+        session, reviewer=admin, demonstration_id=demonstration_id, now=utcnow()), "Accepted")
 
 
 @router.post("/{demonstration_id}/reject")
 def reject(request: Request, session: SessionDep, admin: AdminUser, demonstration_id: Id,
            reason: Annotated[str, Form()] = ""):
-    try:
-        demos.reject_demonstration(session, reviewer=admin, demonstration_id=demonstration_id, reason=reason,
-                                   now=utcnow())
-    except Invalid as exc:
-        return _item(request, session, demonstration_id, error=exc.message, errors=exc.errors, status_code=422)
-    return _done(request, session, demonstration_id, f"Rejected demonstration {demonstration_id}.")
+    return _review(request, session, demonstration_id, lambda: demos.reject_demonstration(
+        session, reviewer=admin, demonstration_id=demonstration_id, reason=reason, now=utcnow()), "Rejected")
 
 
 @router.post("/{demonstration_id}/edit")
 def edit(request: Request, session: SessionDep, admin: AdminUser, demonstration_id: Id,
          text: Annotated[str, Form()] = ""):
-    try:
-        demos.edit_demonstration(session, reviewer=admin, demonstration_id=demonstration_id, text=text,
-                                 now=utcnow())
-    except Invalid as exc:
-        return _item(request, session, demonstration_id, error=exc.message, errors=exc.errors,
-                     edit_text=text, status_code=422)
-    return _done(request, session, demonstration_id, f"Edited and accepted demonstration {demonstration_id}.")
+    return _review(request, session, demonstration_id, lambda: demos.edit_demonstration(
+        session, reviewer=admin, demonstration_id=demonstration_id, text=text, now=utcnow()),
+        "Edited and accepted", edit_text=text)
 
 
 async def read_demo_import(request: Request) -> tuple[ImportPayload, dict[str, str]]:
@@ -101,9 +103,9 @@ def import_file(request: Request, session: SessionDep, admin: AdminUser,
         result = demos.import_demonstrations(session, prompt_set=prompt_set, data=payload.data(), user=admin,
                                              now=utcnow(), status=fields["status"] or "accepted")
     except (Invalid, Conflict) as exc:
-        context = _context(session, set_id, import_error=exc.message, import_errors=exc.errors,
-                           import_status=fields["status"] or "accepted", paste=payload.echo)
-        return render(request, "pages/demonstrations_review.html", context, block="import_form", status_code=422)
+        context = _context(session, set_id, import_status=fields["status"] or "accepted", paste=payload.echo)
+        return render_form_errors(request, exc, "pages/demonstrations_review.html", context, prefix="import_",
+                                  block="import_form", status_code=422)
     flash(request, result.describe(), "success")
     return redirect(request, f"/admin/demonstrations?prompt_set_id={set_id}")
 

@@ -6,9 +6,9 @@ from sqlalchemy import select
 from app.db.enums import JobKind, JobStatus
 from app.db.models import Job, User
 from app.routes.deps import EngineerUser, SessionDep
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import jobs
-from app.web import is_htmx, redirect, render, templates
+from app.web import fragment_or_redirect, redirect, render, templates
 
 router = APIRouter(prefix="/jobs", include_in_schema=False)
 
@@ -65,9 +65,8 @@ def detail_page(request: Request, session: SessionDep, user: EngineerUser, job_i
 @router.post("/{job_id}/cancel")
 def cancel(request: Request, session: SessionDep, user: EngineerUser, job_id: Id):
     job = jobs.request_cancel(session, job_id=job_id)
-    if is_htmx(request):
-        return render(request, "pages/jobs_detail.html", _detail_context(session, job), block="job_status")
-    return redirect(request, f"/jobs/{job.id}")
+    return fragment_or_redirect(request, f"/jobs/{job.id}", lambda: render(
+        request, "pages/jobs_detail.html", _detail_context(session, job), block="job_status"))
 
 
 @router.post("/{job_id}/retry")

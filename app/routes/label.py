@@ -9,12 +9,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from app.db.base import utcnow
 from app.db.models import Annotation, Assignment, Task, User
 from app.routes.deps import LabelerUser, SessionDep, SettingsDep
-from app.schemas import Id
-from app.schemas_label import LabelForm, new_form_key
+from app.schemas.common import Id
+from app.schemas.label import LabelForm, new_form_key
 from app.services import annotations, assignment
 from app.services.errors import Conflict, Invalid
 from app.services.validation import MAX_ID
-from app.web import flash, is_htmx, redirect, render
+from app.web import flash, fragment_or_redirect, redirect, render, render_form_errors
 
 router = APIRouter(prefix="/label", include_in_schema=False)
 
@@ -29,21 +29,23 @@ LabelFormDep = Annotated[LabelForm, Depends(read_label_form)]
 
 
 def _context(session, user: User, now: datetime, *, task: Task | None, lease: Assignment | None = None,
-             form: LabelForm | None = None, values: dict[str, Any] | None = None, exc: Invalid | None = None,
+             form: LabelForm | None = None, values: dict[str, Any] | None = None, refused: bool = False,
              editing: Annotation | None = None, notice: str | None = None,
              notice_warnings: list[str] | None = None) -> dict[str, Any]:
+    """The task card's context. `refused`: the form comes back after a refusal, keeping
+    its idempotency key and start time."""
     values = values or (form.values() if form else {})
     context: dict[str, Any] = {
         "task": task, "lease": lease, "editing": editing,
         "counts": annotations.labeler_counts(session, user=user, now=now),
         "values": {"ratings": {}, "ranks": {}, "flags": {}, "prompt_flags": [], "comment": "",
                    "skip_reason": "", "skip_reason_other": ""} | values,
-        "errors": exc.errors if exc else {}, "error": exc.message if exc else None,
+        "errors": {}, "error": None,
         "notice": notice, "notice_warnings": notice_warnings or [],
         "response_flags": annotations.RESPONSE_FLAGS, "prompt_flag_choices": annotations.PROMPT_FLAGS,
         "likert_labels": annotations.LIKERT_LABELS, "skip_reasons": assignment.SKIP_REASONS,
-        "idempotency_key": form.idempotency_key if form and exc else new_form_key(),
-        "started_at": form.started_at if form and exc else f"{now.timestamp():.3f}",
+        "idempotency_key": form.idempotency_key if form and refused else new_form_key(),
+        "started_at": form.started_at if form and refused else f"{now.timestamp():.3f}",
     }
     if task is not None:
         context["form_action"] = (f"/label/annotations/{editing.id}" if editing else f"/label/{task.id}/submit")
@@ -53,10 +55,16 @@ def _context(session, user: User, now: datetime, *, task: Task | None, lease: As
     return context
 
 
-def _task_response(request: Request, context: dict[str, Any], status_code: int = 200):
-    """The task card alone for htmx, the whole page otherwise."""
-    template = "partials/_label_task.html" if is_htmx(request) else "pages/label.html"
-    return render(request, template, context, status_code=status_code)
+PAGE = "pages/label.html"
+TASK_CARD = "partials/_label_task.html"  # what htmx requests get instead of the page
+
+
+def _task_response(request: Request, context: dict[str, Any]):
+    return render(request, PAGE, context, fragment=TASK_CARD)
+
+
+def _refused(request: Request, exc: Invalid, context: dict[str, Any]):
+    return render_form_errors(request, exc, PAGE, context, prefix="", fragment=TASK_CARD)
 
 
 def _next_task(request: Request, session, user: User, settings, **extra: Any):
@@ -84,12 +92,12 @@ def submit(request: Request, session: SessionDep, user: LabelerUser, settings: S
         )
     except Invalid as exc:
         task = assignment.labeler_task(session, user=user, task_id=task_id)
-        return _task_response(request, _context(session, user, now, task=task, form=form, exc=exc), 422)
+        return _refused(request, exc, _context(session, user, now, task=task, form=form, refused=True))
     notice = f"Saved task {task_id}." if result.created else f"Task {task_id} was already saved."
-    if not is_htmx(request):
-        flash(request, " ".join([notice, *result.warnings]), "success")
-        return redirect(request, "/label")
-    return _next_task(request, session, user, settings, notice=notice, notice_warnings=result.warnings)
+    return fragment_or_redirect(
+        request, "/label", lambda: _next_task(request, session, user, settings, notice=notice,
+                                              notice_warnings=result.warnings),
+        message=" ".join([notice, *result.warnings]))
 
 
 @router.post("/{task_id}/skip")
@@ -100,15 +108,15 @@ def skip(request: Request, session: SessionDep, user: LabelerUser, settings: Set
         assignment.skip_task(session, user=user, task_id=task_id, reason=form.skip_text())
     except Invalid as exc:
         task = assignment.labeler_task(session, user=user, task_id=task_id)
-        return _task_response(request, _context(session, user, now, task=task, form=form, exc=exc), 422)
-    if not is_htmx(request):
-        flash(request, f"Skipped task {task_id}.")
-        return redirect(request, "/label")
-    return _next_task(request, session, user, settings, notice=f"Skipped task {task_id}.")
+        return _refused(request, exc, _context(session, user, now, task=task, form=form, refused=True))
+    notice = f"Skipped task {task_id}."
+    return fragment_or_redirect(request, "/label", lambda: _next_task(request, session, user, settings, notice=notice),
+                                message=notice, category="info")
 
 
 @router.get("/history")
-def history_page(request: Request, session: SessionDep, user: LabelerUser, page: Annotated[int, Query(ge=1, le=MAX_ID // HISTORY_PAGE_SIZE)] = 1):
+def history_page(request: Request, session: SessionDep, user: LabelerUser,
+                 page: Annotated[int, Query(ge=1, le=MAX_ID // HISTORY_PAGE_SIZE)] = 1):
     now = utcnow()
     page = max(page, 1)
     items = annotations.history(session, user=user, now=now, limit=HISTORY_PAGE_SIZE + 1,
@@ -144,8 +152,8 @@ def edit(request: Request, session: SessionDep, user: LabelerUser, annotation_id
     except Invalid as exc:
         annotation = annotations.get_own_annotation(session, user=user, annotation_id=annotation_id)
         task = assignment.labeler_task(session, user=user, task_id=annotation.task_id)
-        context = _context(session, user, now, task=task, form=form, exc=exc, editing=annotation)
-        return _task_response(request, context, 422)
+        return _refused(request, exc, _context(session, user, now, task=task, form=form, refused=True,
+                                               editing=annotation))
     flash(request, " ".join([f"Saved your changes to task {result.annotation.task_id}.", *result.warnings]),
           "success")
     return redirect(request, "/label/history")

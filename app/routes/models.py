@@ -8,7 +8,7 @@ from fastapi import APIRouter, Form, Request
 from app.db.enums import ModelKind, PromptSetStatus
 from app.db.models import Job, Model, PromptSet
 from app.routes.deps import EngineerUser, SessionDep
-from app.schemas import Id
+from app.schemas.common import Id
 from app.services import training
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_sets import GENERATOR_KINDS, active_generation_job, latest_generation_jobs

@@ -1,5 +1,6 @@
 """Admin pages: prompt sets, their prompts, settings and life cycle."""
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
@@ -7,20 +8,19 @@ from fastapi import APIRouter, Depends, Form, Request
 from app.db.enums import PromptSetKind
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
-from app.schemas import Id
 from app.routes.uploads import ImportPayload, read_import_payload
-from app.schemas_prompt_sets import PromptSetForm
+from app.schemas.common import Id
+from app.schemas.prompt_sets import PromptSetForm
 from app.services import prompt_import, prompt_sets
 from app.services.errors import Conflict, Invalid
-from app.web import flash, redirect, render
+from app.web import flash, redirect, render, render_form_errors
 
 router = APIRouter(prefix="/admin/prompt-sets", include_in_schema=False)
 
 
-def _form_context(session, *, form: dict[str, Any], errors: dict | None = None, error: str | None = None,
-                  prompt_set: PromptSet | None = None) -> dict[str, Any]:
+def _form_context(session, *, form: dict[str, Any], prompt_set: PromptSet | None = None) -> dict[str, Any]:
     return {
-        "form": form, "form_errors": errors or {}, "form_error": error, "prompt_set": prompt_set,
+        "form": form, "form_errors": {}, "form_error": None, "prompt_set": prompt_set,
         "models": prompt_sets.list_generator_models(session), "kinds": list(PromptSetKind),
         "limits": prompt_import.LIMITS,
     }
@@ -56,8 +56,8 @@ def create(request: Request, session: SessionDep, admin: AdminUser, data: Annota
     try:
         prompt_set = prompt_sets.create_prompt_set(session, **data.model_dump(), created_by_id=admin.id)
     except (Invalid, Conflict) as exc:
-        context = _form_context(session, form=data.model_dump(), errors=exc.errors, error=exc.message)
-        return render(request, "pages/prompt_sets_new.html", context, block="form", status_code=422)
+        context = _form_context(session, form=data.model_dump())
+        return render_form_errors(request, exc, "pages/prompt_sets_new.html", context, block="form", status_code=422)
     flash(request, f"Created the prompt set '{prompt_set.name}'. Import prompts, then start it.", "success")
     return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
 
@@ -86,9 +86,9 @@ def update_settings(request: Request, session: SessionDep, admin: AdminUser, pro
     try:
         prompt_sets.update_prompt_set(session, prompt_set=prompt_set, **data.model_dump(exclude={"kind"}))
     except (Invalid, Conflict) as exc:
-        context = _detail_context(session, prompt_set, form=data.model_dump(), form_errors=exc.errors,
-                                  form_error=exc.message)
-        return render(request, "pages/prompt_sets_detail.html", context, block="settings_form", status_code=422)
+        return render_form_errors(request, exc, "pages/prompt_sets_detail.html",
+                                  _detail_context(session, prompt_set, form=data.model_dump()),
+                                  block="settings_form", status_code=422)
     flash(request, "Settings saved.", "success")
     return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
 
@@ -103,44 +103,43 @@ def import_prompts(request: Request, session: SessionDep, admin: AdminUser, prom
             filename=payload.filename, user_id=admin.id,
         )
     except Invalid as exc:
-        context = _detail_context(session, prompt_set, import_error=exc.message, import_errors=exc.errors,
-                                  import_format=payload.format, paste=payload.echo)
-        return render(request, "pages/prompt_sets_detail.html", context, block="import_form", status_code=422)
+        context = _detail_context(session, prompt_set, import_format=payload.format, paste=payload.echo)
+        return render_form_errors(request, exc, "pages/prompt_sets_detail.html", context, prefix="import_",
+                                  block="import_form")
     flash(request, result.describe(), "success")
     return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
 
 
-def _act(request: Request, prompt_set: PromptSet, message: str):
-    flash(request, message, "success")
+def _change(request: Request, session, prompt_set_id: int, change: Callable[..., Any],
+            message: Callable[[PromptSet, Any], str], **kwargs: Any):
+    """Apply a life-cycle change (start, pause, resume, archive), say what it did, back to the set."""
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    result = change(session, prompt_set=prompt_set, **kwargs)
+    flash(request, message(prompt_set, result), "success")
     return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
 
 
 @router.post("/{prompt_set_id}/start")
 def start(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
-    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
-    job = prompt_sets.start_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
-    queued = " Generation of responses is queued." if job else ""
-    return _act(request, prompt_set, f"Started '{prompt_set.name}'.{queued}")
+    queued = " Generation of responses is queued."
+    return _change(request, session, prompt_set_id, prompt_sets.start_prompt_set, user_id=admin.id,
+                   message=lambda s, job: f"Started '{s.name}'.{queued if job else ''}")
 
 
 @router.post("/{prompt_set_id}/pause")
 def pause(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
-    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
-    prompt_sets.pause_prompt_set(session, prompt_set=prompt_set)
-    return _act(request, prompt_set, f"Paused '{prompt_set.name}': labelers get no new tasks from it.")
+    return _change(request, session, prompt_set_id, prompt_sets.pause_prompt_set,
+                   message=lambda s, _: f"Paused '{s.name}': labelers get no new tasks from it.")
 
 
 @router.post("/{prompt_set_id}/resume")
 def resume(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
-    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
-    job = prompt_sets.resume_prompt_set(session, prompt_set=prompt_set, user_id=admin.id)
-    queued = " Generation of the new prompts is queued." if job else ""
-    return _act(request, prompt_set, f"Resumed '{prompt_set.name}'.{queued}")
+    queued = " Generation of the new prompts is queued."
+    return _change(request, session, prompt_set_id, prompt_sets.resume_prompt_set, user_id=admin.id,
+                   message=lambda s, job: f"Resumed '{s.name}'.{queued if job else ''}")
 
 
 @router.post("/{prompt_set_id}/archive")
 def archive(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
-    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
-    prompt_sets.archive_prompt_set(session, prompt_set=prompt_set)
-    return _act(request, prompt_set, f"Archived '{prompt_set.name}'.")
-
+    return _change(request, session, prompt_set_id, prompt_sets.archive_prompt_set,
+                   message=lambda s, _: f"Archived '{s.name}'.")

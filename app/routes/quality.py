@@ -1,20 +1,22 @@
 """Admin: a set's quality page (agreement, labelers, progress, allowed labelers,
 gold tasks) and its export page with streamed downloads."""
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response
 
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
-from app.schemas import Id
+from app.routes.exports import ExportPlan, meta_response, stream
+from app.schemas.common import Id
 from app.services import export, gold, labelers
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid
 from app.services.progress import set_progress
 from app.services.prompt_sets import get_prompt_set
-from app.web import download_headers, flash, is_htmx, redirect, render
+from app.web import fragment_or_redirect, render, render_form_errors
 
 router = APIRouter(prefix="/admin/prompt-sets/{prompt_set_id}", include_in_schema=False)
 
@@ -25,6 +27,8 @@ INSTRUCTGPT_AGREEMENT = 0.726
 Threshold = Annotated[float, Query(ge=0, le=1, description="Agreement under which a labeler is highlighted")]
 CHANGED = {"HX-Trigger": "quality-changed"}  # the figures and labeler rows reload on it
 QUICK_PICKS = 10  # non-gold tasks offered as quick picks in the gold form
+ALLOWED = "partials/_quality_allowed.html"
+GOLD = "partials/_quality_gold.html"
 
 
 def _agreement_rows(session, prompt_set_id: int) -> dict[str, Any]:
@@ -51,14 +55,10 @@ def _gold_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, Any
     } | extra
 
 
-def _done(request: Request, prompt_set_id: int, template: str, context: dict[str, Any], *,
-          status_code: int = 200, error: str | None = None, headers: dict[str, str] | None = None):
-    """An htmx request gets the fragment; a plain form post goes back to the page."""
-    if is_htmx(request):
-        return render(request, template, context, status_code=status_code, headers=headers)
-    if error:
-        flash(request, error, "error")
-    return redirect(request, f"/admin/prompt-sets/{prompt_set_id}/quality")
+def _done(request: Request, prompt_set_id: int, fragment: Callable[[], Response], error: str | None = None):
+    """An htmx request gets the fragment; a plain form post goes back to the page (with the error, if any)."""
+    return fragment_or_redirect(request, f"/admin/prompt-sets/{prompt_set_id}/quality", fragment,
+                                message=error, category="error")
 
 
 def _page_context(session, prompt_set: PromptSet, threshold: float) -> dict[str, Any]:
@@ -104,8 +104,8 @@ def _set_excluded(request: Request, session, prompt_set_id: int, user_id: int, *
     rows = labelers.labeler_rows(session, prompt_set_id=prompt_set_id, user_id=user_id)
     context = {"prompt_set_id": prompt_set_id, "threshold": threshold, "row": rows[0] if rows else None}
     # The row swaps in place; the set's figures and the other rows listen for this event and reload.
-    return _done(request, prompt_set_id, "partials/_quality_labeler_row.html", context,
-                 headers=CHANGED)
+    return _done(request, prompt_set_id,
+                 lambda: render(request, "partials/_quality_labeler_row.html", context, headers=CHANGED))
 
 
 @router.post("/quality/labelers/{user_id}/exclude")
@@ -133,17 +133,17 @@ def allow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id
     try:
         labelers.allow_labeler(session, prompt_set_id=prompt_set_id, username=username)
     except Invalid as exc:
-        context = _allowed_context(session, prompt_set, allowed_error=exc.message, username=username)
-        return _done(request, prompt_set_id, "partials/_quality_allowed.html", context, status_code=422,
-                     error=exc.message)
-    return _done(request, prompt_set_id, "partials/_quality_allowed.html", _allowed_context(session, prompt_set))
+        context = _allowed_context(session, prompt_set, username=username)
+        return _done(request, prompt_set_id, lambda: render_form_errors(request, exc, ALLOWED, context,
+                                                                         prefix="allowed_"), error=exc.message)
+    return _done(request, prompt_set_id, lambda: render(request, ALLOWED, _allowed_context(session, prompt_set)))
 
 
 @router.post("/quality/allowed/{user_id}/remove")
 def disallow(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id, user_id: Id):
     prompt_set = get_prompt_set(session, prompt_set_id)
     labelers.disallow_labeler(session, prompt_set_id=prompt_set_id, user_id=user_id)
-    return _done(request, prompt_set_id, "partials/_quality_allowed.html", _allowed_context(session, prompt_set))
+    return _done(request, prompt_set_id, lambda: render(request, ALLOWED, _allowed_context(session, prompt_set)))
 
 
 # ---- gold ------------------------------------------------------------------------------
@@ -154,6 +154,12 @@ def gold_form(request: Request, session: SessionDep, admin: AdminUser, prompt_se
     """The expected-answer form of one task of the set."""
     task = gold.get_task(session, prompt_set_id=prompt_set_id, task_id=task_id)
     return render(request, "partials/_quality_gold_form.html", {"prompt_set_id": prompt_set_id, "task": task})
+
+
+def _gold_changed(request: Request, session, prompt_set: PromptSet):
+    # Gold tasks leave the agreement figures and score the labelers: the table reloads.
+    return _done(request, prompt_set.id,
+                 lambda: render(request, GOLD, _gold_context(session, prompt_set), headers=CHANGED))
 
 
 async def _form_fields(request: Request) -> dict[str, str]:
@@ -172,22 +178,17 @@ def mark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_se
                        ranking=None if best else ranks, best_response_id=best or None)
     except Invalid as exc:
         task = gold.get_task(session, prompt_set_id=prompt_set_id, task_id=task_id)
-        context = _gold_context(session, prompt_set, prompt_set_id=prompt_set_id, task=task, form_error=exc.message,
-                                form_errors=exc.errors, values=form)
-        return _done(request, prompt_set_id, "partials/_quality_gold.html", context, status_code=422,
+        context = _gold_context(session, prompt_set, prompt_set_id=prompt_set_id, task=task, values=form)
+        return _done(request, prompt_set_id, lambda: render_form_errors(request, exc, GOLD, context),
                      error=exc.message)
-    # Gold tasks leave the agreement figures and score the labelers: the table reloads.
-    return _done(request, prompt_set_id, "partials/_quality_gold.html", _gold_context(session, prompt_set),
-                 headers=CHANGED)
+    return _gold_changed(request, session, prompt_set)
 
 
 @router.post("/quality/gold/{task_id}/unmark")
 def unmark_gold(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id, task_id: Id):
     prompt_set = get_prompt_set(session, prompt_set_id)
     gold.unmark_gold(session, prompt_set_id=prompt_set_id, task_id=task_id)
-    # Gold tasks leave the agreement figures and score the labelers: the table reloads.
-    return _done(request, prompt_set_id, "partials/_quality_gold.html", _gold_context(session, prompt_set),
-                 headers=CHANGED)
+    return _gold_changed(request, session, prompt_set)
 
 
 @router.post("/quality/gold-rate")
@@ -197,39 +198,14 @@ def gold_rate(request: Request, session: SessionDep, admin: AdminUser, prompt_se
     try:
         gold.set_gold_rate(session, prompt_set_id=prompt_set_id, rate=gold_rate)
     except Invalid as exc:
-        context = _gold_context(session, prompt_set, rate_error=exc.message, rate_value=gold_rate)
-        return _done(request, prompt_set_id, "partials/_quality_gold.html", context, status_code=422,
+        context = _gold_context(session, prompt_set, rate_value=gold_rate)
+        return _done(request, prompt_set_id, lambda: render_form_errors(request, exc, GOLD, context, prefix="rate_"),
                      error=exc.message)
-    return _done(request, prompt_set_id, "partials/_quality_gold.html",
-                 _gold_context(session, prompt_set, rate_saved=True))
+    return _done(request, prompt_set_id, lambda: render(request, GOLD, _gold_context(session, prompt_set,
+                                                                                       rate_saved=True)))
 
 
 # ---- export -----------------------------------------------------------------------------
-
-def plan_from_query(session, prompt_set_id: int, *, kind: str | None, fmt: str, split: str | None,
-                    labelers: list[str] | None, min_agreement: str | None, date_from: str | None,
-                    date_to: str | None) -> export.ExportPlan:
-    """An export plan from query values (shared with the JSON API)."""
-    filters = export.parse_filters(prompt_set_ids=prompt_set_id, split=split, labelers=labelers,
-                                   min_agreement=min_agreement, date_from=date_from, date_to=date_to)
-    return export.plan_export(session, kind=kind or export.kind_of(fmt), fmt=fmt, filters=filters)
-
-
-def stream(session, plan: export.ExportPlan) -> StreamingResponse:
-    return StreamingResponse(
-        export.iter_export(session, plan), media_type=plan.media_type,
-        headers=download_headers(plan.filename),
-    )
-
-
-def meta_response(session, plan: export.ExportPlan) -> JSONResponse:
-    return JSONResponse(export.export_meta(session, plan), headers=download_headers(f"{plan.filename}.meta.json"))
-
-
-Fmt = Annotated[str, Query(alias="format", max_length=20)]
-Text = Annotated[str | None, Query(max_length=50)]
-Ids = Annotated[list[str] | None, Query()]
-
 
 @router.get("/export")
 def export_page(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
@@ -241,18 +217,10 @@ def export_page(request: Request, session: SessionDep, admin: AdminUser, prompt_
 
 
 @router.get("/export/download")
-def export_download(session: SessionDep, admin: AdminUser, prompt_set_id: Id, fmt: Fmt = "plain",
-                    kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
-                    date_from: Text = None, date_to: Text = None):
-    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
-                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+def export_download(session: SessionDep, admin: AdminUser, plan: ExportPlan):
     return stream(session, plan)
 
 
 @router.get("/export/meta")
-def export_sidecar(session: SessionDep, admin: AdminUser, prompt_set_id: Id, fmt: Fmt = "plain",
-                   kind: Text = None, split: Text = None, labelers: Ids = None, min_agreement: Text = None,
-                   date_from: Text = None, date_to: Text = None):
-    plan = plan_from_query(session, prompt_set_id, kind=kind, fmt=fmt, split=split, labelers=labelers,
-                           min_agreement=min_agreement, date_from=date_from, date_to=date_to)
+def export_sidecar(session: SessionDep, admin: AdminUser, plan: ExportPlan):
     return meta_response(session, plan)

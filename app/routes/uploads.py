@@ -8,7 +8,8 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from app.schemas_prompt_sets import PromptImportBody
+from app.schemas.common import error_lines
+from app.schemas.prompt_sets import PromptImportBody
 from app.services.errors import Invalid
 from app.services.prompt_import import LIMITS, check_size
 
@@ -69,7 +70,6 @@ async def read_import_payload(request: Request) -> ImportPayload:
     try:
         parsed = PromptImportBody.model_validate_json(body)
     except ValidationError as exc:
-        errors = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
         raise Invalid("Send JSON like {\"format\": \"jsonl\", \"content\": \"...\"}"
-                      " or a multipart form with a 'file' field.", errors=errors) from None
+                      " or a multipart form with a 'file' field.", errors=error_lines(exc)) from None
     return ImportPayload(content=parsed.content, format=parsed.format, from_json=True)

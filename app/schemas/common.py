@@ -1,12 +1,10 @@
-"""Pydantic schemas of the JSON API, kept apart from the table models."""
+"""Types every schema shares: ids, offsets, storable text, and the problem document of every error."""
 
-from datetime import datetime
 from typing import Annotated
 
 from annotated_types import Interval
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
-from app.db.enums import Role
 from app.services.validation import MAX_ID, text_problem
 
 # Every id a request carries (path, query, form or JSON body): what fits the integer
@@ -26,6 +24,11 @@ def _storable(value: str) -> str:
 # Every free text a request carries: no NUL or lone surrogate (PostgreSQL stores neither),
 # refused with a 422 naming the field.
 Text = Annotated[str, AfterValidator(_storable)]
+
+
+def error_lines(exc: ValidationError) -> list[str]:
+    """A body's validation errors as "field.path: message" lines (for an Invalid's errors)."""
+    return [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
 
 
 class Problem(BaseModel):
@@ -51,25 +54,3 @@ PROBLEM_RESPONSES: dict[int | str, dict] = {
                             " (`errors` names each field or line), body too large, too many attempts."),
     "5XX": problem_response("Server error, logged with the request's id (X-Request-ID)."),
 }
-
-
-class UserOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    username: str
-    role: Role
-    is_active: bool
-    created_at: datetime
-    last_login_at: datetime | None
-
-
-class UserCreate(BaseModel):
-    username: Text = Field(max_length=64)
-    password: Text = Field(min_length=8, max_length=1000)
-    role: Role = Role.labeler
-
-
-class UserUpdate(BaseModel):
-    is_active: bool | None = None
-    password: Text | None = Field(default=None, min_length=8, max_length=1000)

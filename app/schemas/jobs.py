@@ -6,6 +6,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from app.db.enums import JobKind, JobStatus
+from app.db.models import Job
+from app.services.jobs import eta_s
 
 
 class JobOut(BaseModel):
@@ -41,3 +43,8 @@ class JobMetricOut(BaseModel):
     step: int
     name: str
     value: float
+
+
+def job_out(job: Job) -> JobOut:
+    """The job with its estimated time to finish."""
+    return JobOut.model_validate(job).model_copy(update={"eta_s": eta_s(job)})

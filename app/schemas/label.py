@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from starlette.datastructures import FormData
 
-from app.schemas import Text
+from app.schemas.common import Text
 from app.services.validation import small_int
 
 

@@ -10,8 +10,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.enums import JobStatus, PromptSetKind, PromptSetStatus
-from app.schemas import Id, Text
-from app.services.prompt_sets import DEFAULTS
+from app.db.models import Job, PromptSet
+from app.schemas.common import Id, Text
+from app.services.prompt_sets import DEFAULTS, PromptSetCounts
 
 
 class PromptSetCreate(BaseModel):
@@ -115,6 +116,13 @@ class PromptSetOut(BaseModel):
     created_at: datetime
     counts: PromptSetCountsOut | None = None
     generation_job: JobBrief | None = None
+
+
+def prompt_set_out(prompt_set: PromptSet, counts: PromptSetCounts, generation_job: Job | None) -> PromptSetOut:
+    return PromptSetOut.model_validate(prompt_set).model_copy(update={
+        "counts": PromptSetCountsOut.model_validate(counts),
+        "generation_job": JobBrief.model_validate(generation_job) if generation_job else None,
+    })
 
 
 class PromptImportBody(BaseModel):

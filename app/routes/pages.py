@@ -1,0 +1,24 @@
+"""The routers outside the JSON API: the HTML pages and the health probes, each with its
+own URL prefix, in the order the app includes them."""
+
+from app.routes import (
+    account,
+    admin_users,
+    auth,
+    demonstrations,
+    demonstrations_admin,
+    health,
+    home,
+    jobs,
+    label,
+    models,
+    prompt_sets,
+    quality,
+    sft,
+    training,
+)
+
+routers = [module.router for module in (
+    health, auth, home, admin_users, account, prompt_sets, label, quality, jobs, demonstrations,
+    demonstrations_admin, sft, training, models,
+)]

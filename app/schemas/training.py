@@ -1,0 +1,66 @@
+"""JSON shapes of training runs and the settings each accepts."""
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.common import Id, Text
+
+
+class RewardRunIn(BaseModel):
+    """A reward-model run. Omitted choices take the defaults (the default SFT model;
+    every labeler); `config` holds the settings to change (see GET /api/v1/training/settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_set_ids: list[Id]
+    base_model_id: Id | None = None
+    labeler_ids: list[Id] | None = None
+    name: Text | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class PPORunIn(BaseModel):
+    """A PPO run on the rl-split prompts of the sets. The reference defaults to the
+    policy, the reward model to the default (else newest) one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_set_ids: list[Id]
+    policy_model_id: Id | None = None
+    reference_model_id: Id | None = None
+    reward_model_id: Id | None = None
+    sft_set_ids: list[Id] = Field(default_factory=list)
+    name: Text | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class SFTRunIn(BaseModel):
+    """Supervised fine-tuning on the accepted demonstrations of the sets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_set_ids: list[Id]
+    base_model_id: Id | None = None
+    name: Text | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class SettingOut(BaseModel):
+    """One setting a run's `config` may hold (from trainer/configs.py), as the forms show it."""
+
+    name: str
+    label: str
+    type: str
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: list[str] | None = None
+    optional: bool = False
+    help: str = ""
+
+
+class TrainingSettingsOut(BaseModel):
+    sft: list[SettingOut]
+    reward: list[SettingOut]
+    ppo: list[SettingOut]
