@@ -21,7 +21,7 @@ from app.routes import account, admin_users, api, api_prompt_sets, auth, health,
 from app.routes import api_label, label
 from app.routes import api_quality, quality
 from app.routes import api_jobs, jobs
-from app.routes import demonstrations, demonstrations_admin, sft
+from app.routes import demonstrations, demonstrations_admin
 from app.routes import api_demonstrations, api_models, api_training, models, training
 from app.routes import api_docs
 from app.routes.deps import verify_csrf
@@ -165,8 +165,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     for module in (jobs, api_jobs):
         app.include_router(module.router)
-    for module in (demonstrations, demonstrations_admin, sft):
+    for module in (demonstrations, demonstrations_admin):
         app.include_router(module.router)
+    app.include_router(training.sft_router)
     for module in (training, models, api_training, api_models, api_demonstrations):
         app.include_router(module.router)
     app.include_router(api_docs.router)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.services import sft, training
+from app.services import training
 from app.services.run_settings import clean_config, form_values, settings_of
 from trainer.configs import PPOConfig, RewardConfig, SFTConfig, setting
 
@@ -58,7 +58,7 @@ def test_blank_values_and_missing_flags():
 
 
 def test_the_services_use_the_trainer_configs():
-    assert sft.SETTINGS == settings_of(SFTConfig)
+    assert training.SFT_SETTINGS == settings_of(SFTConfig)
     assert training.REWARD_SETTINGS == settings_of(RewardConfig)
     assert training.PPO_SETTINGS == settings_of(PPOConfig)
     ranges = {s.name: (s.low, s.high) for s in training.PPO_SETTINGS}
