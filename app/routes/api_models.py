@@ -52,6 +52,6 @@ def promote(model_id: Id, body: PromoteIn, session: SessionDep, user: EngineerUs
     now when the set is active)."""
     models.get_model(session, model_id)
     prompt_set, job = models.promote_generator(session, model_id=model_id, prompt_set_id=body.prompt_set_id,
-                                                 user_id=user.id)
+                                               user_id=user.id)
     return PromoteOut(prompt_set_id=prompt_set.id, round=prompt_set.round,
                       generator_model_id=prompt_set.generator_model_id, job=job_out(job) if job else None)

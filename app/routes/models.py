@@ -56,7 +56,7 @@ def promote(request: Request, session: SessionDep, user: EngineerUser, model_id:
     model = models.get_model(session, model_id)
     try:
         prompt_set, job = models.promote_generator(session, model_id=model.id, prompt_set_id=prompt_set_id,
-                                                     user_id=user.id)
+                                                   user_id=user.id)
     except (Invalid, Conflict) as exc:
         session.rollback()
         # The form comes back with the reason: swapped in place for a 422; for a 409 htmx shows the alert on top.
