@@ -5,7 +5,7 @@ from sqlalchemy import func, select
 
 from app.db.enums import JobKind, ModelKind, PromptSetKind, Role
 from app.db.models import Job
-from app.services import auth, training
+from app.services import auth, models
 from app.services import demonstrations as demos
 from app.db.base import utcnow
 from tests.conftest import login, make_user
@@ -114,7 +114,7 @@ def test_models_lineage_samples_and_promotion(client, session, data, tmp_path):
     policy = make_model(session, tmp_path, name="policy", kind=ModelKind.policy)
     policy.parent_id = data["sft"]
     policy.config = {"reward_model_id": data["rm"], "reference_model_id": data["sft"]}
-    training.save_samples(session, model_id=policy.id, stage="after", prompts=[training.PromptRow(
+    models.save_samples(session, model_id=policy.id, stage="after", prompts=[models.PromptRow(
         None, [{"role": "user", "content": "hi"}])], samples=[{"response": "hello", "reward": 0.5, "ended": True}])
     session.commit()
 

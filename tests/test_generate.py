@@ -250,7 +250,7 @@ def test_a_round_opened_while_generating_is_generated_by_the_new_model(tiny_set,
     old round and a job of its own generates the new one, whenever the promotion lands."""
     import threading
 
-    from app.services import training
+    from app.services import models
 
     set_id = tiny_set(n_prompts=12, k=2, max_new_tokens=6)
     with new_session() as session:
@@ -264,7 +264,7 @@ def test_a_round_opened_while_generating_is_generated_by_the_new_model(tiny_set,
     runner.start()
     wait_for(lambda: load_job(first_id).progress_done >= 1, timeout=60)
     with new_session() as session:
-        _, queued = training.promote_generator(session, model_id=policy_id, prompt_set_id=set_id, user_id=None)
+        _, queued = models.promote_generator(session, model_id=policy_id, prompt_set_id=set_id, user_id=None)
     runner.join(120)
     # Run what is queued for the set (the hand-off job, or the one promotion queued) until none is left.
     while True:

@@ -288,20 +288,20 @@ def test_signed_out_multipart_post_is_refused_without_parsing_the_body(client, m
 # ---- ids typed into forms: parsed by the services -----------------------------------
 
 def test_form_ids_past_the_integer_range_are_invalid_not_database_errors(session, tmp_path):
-    from app.services import sft, training
+    from app.services import models, training
     from app.services.errors import Invalid
     from tests.factories_jobs import make_model
 
     model = make_model(session, tmp_path, is_default=True)
     ranking = make_prompt_set(session)
     with pytest.raises(Invalid) as raised:
-        training.promote_generator(session, model_id=model.id, prompt_set_id=str(HUGE_ID), user_id=None)
+        models.promote_generator(session, model_id=model.id, prompt_set_id=str(HUGE_ID), user_id=None)
     assert "prompt_set_id" in raised.value.errors
     with pytest.raises(Invalid) as raised:
-        training.promote_generator(session, model_id=str(HUGE_ID), prompt_set_id=str(ranking.id), user_id=None)
+        models.promote_generator(session, model_id=str(HUGE_ID), prompt_set_id=str(ranking.id), user_id=None)
     assert "model_id" in raised.value.errors
     with pytest.raises(Invalid) as raised:
-        sft.start_sft_job(session, user_id=None, base_model_id=str(HUGE_ID), prompt_set_ids=["²"], values={})
+        training.start_sft_job(session, user_id=None, base_model_id=str(HUGE_ID), prompt_set_ids=["²"], values={})
     assert {"base_model_id", "prompt_set_ids"} <= set(raised.value.errors)
 
 
@@ -331,11 +331,11 @@ def test_review_page_for_an_odd_set_id_shows_every_set(client, session, value):
 
 def test_run_name_with_a_nul_from_a_form_is_invalid(session):
     """A urlencoded form can carry %00; the name used to reach a query and fail there."""
-    from app.services import sft, training
+    from app.services import models, training
     from app.services.errors import Invalid
 
     with pytest.raises(Invalid) as raised:
-        sft.start_sft_job(session, user_id=None, base_model_id=None, prompt_set_ids=[], values={}, name="a\x00b")
+        training.start_sft_job(session, user_id=None, base_model_id=None, prompt_set_ids=[], values={}, name="a\x00b")
     assert "NUL" in raised.value.errors["name"]
     with pytest.raises(Invalid) as raised:
         training.start_reward_job(session, user_id=None, values={}, base_model_id=None, prompt_set_ids=[],

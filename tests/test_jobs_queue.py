@@ -14,6 +14,7 @@ from app.db.session import new_session
 from app.services import jobs
 from app.services.errors import Conflict, Invalid, NotFound
 from tests.workers import load_job, pid_of, queue_status, wait_for, workers  # noqa: F401 (fixture)
+from trainer.recovery import recover_stalled_jobs
 
 
 def steps_job(session, steps: int, step_s: float = 0.05, log=None) -> Job:
@@ -221,7 +222,7 @@ def test_recovery_closes_a_running_row_whose_queue_job_has_ended(committed):
         session.execute(text("UPDATE jobs SET status = 'running', heartbeat_at = now() - interval '1 hour'"
                              " WHERE id = :i"), {"i": job.id})
         session.commit()
-        done = jobs.recover_stalled_jobs(session, stalled_after_s=60, max_attempts=3)
+        done = recover_stalled_jobs(session, stalled_after_s=60, max_attempts=3)
     assert [(r.job_id, r.action) for r in done] == [(job.id, "closed")]
     closed = load_job(job.id)
     assert closed.status == JobStatus.failed and "without recording an outcome" in closed.error

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.services import sft, training
+import pytest
+
+from app.services import training
 from app.services.run_settings import clean_config, form_values, settings_of
 from trainer.configs import PPOConfig, RewardConfig, SFTConfig, setting
 
@@ -58,7 +60,7 @@ def test_blank_values_and_missing_flags():
 
 
 def test_the_services_use_the_trainer_configs():
-    assert sft.SETTINGS == settings_of(SFTConfig)
+    assert training.SFT_SETTINGS == settings_of(SFTConfig)
     assert training.REWARD_SETTINGS == settings_of(RewardConfig)
     assert training.PPO_SETTINGS == settings_of(PPOConfig)
     ranges = {s.name: (s.low, s.high) for s in training.PPO_SETTINGS}
@@ -71,6 +73,20 @@ def test_a_cleaned_config_is_a_whole_trainer_config():
         errors: dict[str, str] = {}
         config = clean_config({"seed": "5"}, config_class, errors)
         assert errors == {} and config_class(**config) == config_class(seed=5)
+
+
+def test_rules_between_ppo_settings_are_the_configs_own():
+    # The trainer refuses them naming the field; the forms and the API show the same message beside it.
+    with pytest.raises(ValueError, match=r"mini_batch_size=4 \(must divide the batch size \(6\)\)"):
+        PPOConfig(batch_size=6, mini_batch_size=4)
+    with pytest.raises(ValueError, match=r"value_warmup_steps=3 \(must be below the number of steps \(3\)"):
+        PPOConfig(steps=3, value_warmup_steps=3)
+    errors: dict[str, str] = {}
+    clean_config({"steps": "3", "value_warmup_steps": "3"}, PPOConfig, errors)
+    assert errors == {}  # a single value is in range; the rule between them is the config's
+    assert set(PPOConfig.joint_problems({"steps": 3, "value_warmup_steps": 3, "batch_size": 6,
+                                         "mini_batch_size": 4})) == {"value_warmup_steps", "mini_batch_size"}
+    assert PPOConfig.joint_problems({"batch_size": 6, "mini_batch_size": None}) == {}  # its own check speaks
 
 
 def test_the_web_app_imports_no_torch():

@@ -9,7 +9,8 @@ from app.db.enums import DemonstrationStatus, JobStatus, ModelKind, PromptSetKin
 from app.db.models import Demonstration, Job, JobMetric, Model
 from app.db.session import new_session
 from app.services import demonstrations as demos
-from app.services import sft, training
+from app.services import models, training
+from app.services.prompt_sets import GENERATOR_KINDS
 from tests.conftest import make_user
 from tests.factories import make_prompt_set
 from tests.test_demonstrations import add_prompt
@@ -50,7 +51,7 @@ def test_train_sft_job_trains_on_accepted_demonstrations_and_registers_an_sft_mo
             prompt = add_prompt(session, s, f"Not accepted: {status.value}")
             session.add(Demonstration(prompt_id=prompt.id, user_id=alice.id, text="NOPE", status=status))
         session.commit()
-        job = sft.start_sft_job(session, user_id=admin.id, base_model_id=base.id, prompt_set_ids=[s.id],
+        job = training.start_sft_job(session, user_id=admin.id, base_model_id=base.id, prompt_set_ids=[s.id],
                                 values={"epochs": "2", "batch_size": "2", "learning_rate": "1e-3",
                                         "max_length": "96", "packing": "on"}, name="tiny-sft")
         job_id, base_id, set_id = job.id, base.id, s.id
@@ -75,9 +76,9 @@ def test_train_sft_job_trains_on_accepted_demonstrations_and_registers_an_sft_mo
         assert ("val_loss", 0) in curves and ("loss", 1) in curves and ("val_loss", job.result["steps"]) in curves
         assert not any(name == "total_steps" for name, _ in curves)
         # The parent and the new model answered the same validation prompts, kept side by side.
-        pairs = training.side_by_side(session, model.id)
+        pairs = models.side_by_side(session, model.id)
         assert [p.messages[0]["content"] for p in pairs][:2] == [f"Question {i}: what colour is the sky?"
                                                                 for i in (4, 5)]
         assert all(p.before is not None and p.after is not None and p.after.reward is None for p in pairs)
         # The new model can generate: it is offered as a base model and as a generator.
-        assert model.id in [m.id for m in sft.base_models(session)]
+        assert model.id in [m.id for m in models.models_of(session, GENERATOR_KINDS)]

@@ -9,7 +9,8 @@ from app.config import Settings
 from app.db.enums import JobStatus, ModelKind, Role, Split
 from app.db.models import Annotation, Job, JobMetric, Model, Prompt, Response, Task
 from app.db.session import new_session
-from app.services import training
+from app.services import models, training
+from app.services.prompt_sets import GENERATOR_KINDS
 from tests.conftest import make_user
 from tests.factories_jobs import make_model
 from tests.training_data import ranked_set
@@ -70,7 +71,7 @@ def test_reward_job_registers_a_reward_model_with_its_data_snapshot(trained_rewa
         names = {m.name for m in session.scalars(select(JobMetric).where(JobMetric.job_id == ids["job"]))}
         assert {"loss", "accuracy", "val_accuracy", "val_loss"} <= names and "total_steps" not in names
         assert job.progress_done == job.progress_total == job.result["steps"]
-        assert training.related_models(session, model)["base"].id == ids["base"]
+        assert models.related_models(session, model)["base"].id == ids["base"]
 
 
 def test_ppo_job_registers_a_policy_with_samples_before_and_after(trained_reward_model, tmp_path):
@@ -84,10 +85,10 @@ def test_ppo_job_registers_a_policy_with_samples_before_and_after(trained_reward
     with new_session() as session:
         policy = session.get(Model, job.model_id)
         assert (policy.kind, policy.parent_id, policy.source) == (ModelKind.policy, ids["base"], "train_ppo")
-        related = training.related_models(session, policy)
+        related = models.related_models(session, policy)
         assert related["reward"].id == ids["model"] and related["reference"].id == ids["base"]
-        assert [m.id for m in training.lineage(session, policy)] == [ids["base"]]
-        pairs = training.side_by_side(session, policy.id)
+        assert [m.id for m in models.lineage(session, policy)] == [ids["base"]]
+        pairs = models.side_by_side(session, policy.id)
         # Held out: the set's 5 validation-split prompts only, never the rl prompts PPO trained on.
         validation = set(session.scalars(select(Prompt.id).where(Prompt.prompt_set_id == ids["set"],
                                                                  Prompt.split == Split.validation)))
@@ -105,7 +106,7 @@ def test_ppo_job_registers_a_policy_with_samples_before_and_after(trained_reward
                 "approx_kl", "response_length", "lr"} <= metric_names
         assert job.progress_done == job.progress_total == 2
         # The new policy can generate the next round.
-        assert policy.id in [m.id for m in training.models_of(session, training.GENERATOR_KINDS)]
+        assert policy.id in [m.id for m in models.models_of(session, GENERATOR_KINDS)]
 
 
 def test_reward_job_fails_with_a_message_when_its_data_is_gone(committed, tiny_model_dir, tmp_path):

@@ -5,7 +5,7 @@ from sqlalchemy import func, select
 
 from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetStatus, Role
 from app.db.models import Job, Model
-from app.services import training
+from app.services import models
 from tests.conftest import login, make_user
 from tests.factories_jobs import make_model
 from tests.training_data import ranked_set
@@ -112,10 +112,10 @@ def test_registry_shows_lineage_metrics_and_samples_escaped(client, session, tmp
                    metrics={"validation_reward_before": -0.5, "validation_reward_after": 1.25, "kl": 2.0})
     session.add(policy)
     session.flush()
-    prompts = [training.PromptRow(None, [{"role": "user", "content": "Say <b>hi</b>"}])]
-    training.save_samples(session, model_id=policy.id, stage="before", samples=[
+    prompts = [models.PromptRow(None, [{"role": "user", "content": "Say <b>hi</b>"}])]
+    models.save_samples(session, model_id=policy.id, stage="before", samples=[
         {"response": "<script>alert(1)</script>", "reward": -0.5, "ended": True}], prompts=prompts)
-    training.save_samples(session, model_id=policy.id, stage="after", samples=[
+    models.save_samples(session, model_id=policy.id, stage="after", samples=[
         {"response": "hello there", "reward": 1.25, "ended": False}], prompts=prompts)
     session.commit()
 

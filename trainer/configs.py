@@ -9,6 +9,7 @@ carry their help in `field(metadata={"help": ...})`). The other fields keep
 their defaults. No torch here: the web process imports this module.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,11 +174,27 @@ class PPOConfig:
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
     lora_dropout: float = 0.0
 
+    @staticmethod
+    def joint_problems(values: Mapping[str, Any]) -> dict[str, str]:
+        """The rules that tie settings together, as {field: message} (the forms show the
+        message beside the field). A rule is skipped while one of its fields is not a
+        whole number yet: that field's own check speaks for it."""
+        problems: dict[str, str] = {}
+        batch, mini = values.get("batch_size"), values.get("mini_batch_size")
+        if isinstance(batch, int) and isinstance(mini, int) and mini >= 1 and (mini > batch or batch % mini):
+            problems["mini_batch_size"] = f"must divide the batch size ({batch})"
+        steps, warmup = values.get("steps"), values.get("value_warmup_steps")
+        if isinstance(steps, int) and isinstance(warmup, int) and warmup >= steps:
+            problems["value_warmup_steps"] = (f"must be below the number of steps ({steps}):"
+                                              " the policy would never train")
+        return problems
+
     def __post_init__(self) -> None:
+        joint = self.joint_problems(vars(self))
         checks = {
             "steps": self.steps >= 1,
             "batch_size": self.batch_size >= 1,
-            "mini_batch_size": 1 <= self.mini_batch_size <= self.batch_size and self.batch_size % self.mini_batch_size == 0,
+            "mini_batch_size": self.mini_batch_size >= 1 and "mini_batch_size" not in joint,
             "ppo_epochs": self.ppo_epochs >= 1,
             "learning_rate": self.learning_rate > 0,
             "weight_decay": self.weight_decay >= 0,
@@ -191,7 +208,7 @@ class PPOConfig:
             "kl_estimator": self.kl_estimator in ("k1", "k3"),
             "cliprange": self.cliprange > 0,
             "cliprange_value": self.cliprange_value > 0,
-            "value_warmup_steps": 0 <= self.value_warmup_steps < self.steps,
+            "value_warmup_steps": self.value_warmup_steps >= 0 and "value_warmup_steps" not in joint,
             "gamma": 0 <= self.gamma <= 1,
             "lam": 0 <= self.lam <= 1,
             "ptx_coef": self.ptx_coef >= 0,
@@ -199,4 +216,4 @@ class PPOConfig:
             "validation_samples": self.validation_samples >= 0,
             "lora_r": self.lora_r >= 0,
         }
-        check_settings(self, checks, "PPO", {"mini_batch_size": "batch_size must be a multiple of mini_batch_size"})
+        check_settings(self, checks, "PPO", joint)

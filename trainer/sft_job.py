@@ -1,7 +1,7 @@
 """The `train_sft` job: fine-tune a registered model on accepted demonstrations and
 register the result as an SFT model whose parent is the base model.
 
-Parameters (app/services/sft.clean_sft_params): base_model_id, prompt_set_ids,
+Parameters (app/services/training.clean_sft_params): base_model_id, prompt_set_ids,
 name (or None), config (trainer.sft.SFTConfig's fields).
 
 Data: accepted demonstrations only (app/services/demonstrations). Prompts of
@@ -84,7 +84,7 @@ def train_sft_job(ctx: JobContext) -> dict[str, Any]:
     }
 
 
-def sample_answers(ctx: JobContext, model_path: str, prompts: list[training.PromptRow]) -> list[dict[str, Any]]:
+def sample_answers(ctx: JobContext, model_path: str, prompts: list[models.PromptRow]) -> list[dict[str, Any]]:
     """One seeded sample per prompt (the same seeds for every model), without rewards."""
     if not prompts:
         return []

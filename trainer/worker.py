@@ -1,12 +1,16 @@
-"""The job loop: procrastinate workers that run our jobs.
+"""The job runner: the procrastinate app and tasks that run our jobs, and the
+workers that take them.
 
-`rlhf worker --queues gpu` runs `run_worker` in the foreground; `rlhf serve`
-runs one in a background thread (`start_background_worker`). Either way the
-procrastinate worker fetches `run_job` tasks (app/queue.py) with row locks, runs
-each in a thread while its event loop keeps the heartbeat going, and this
-module's `execute_job` turns one into a handler call (trainer/jobs.py) with our
-`jobs` row kept in step: running, progress, metrics, then succeeded / failed
-(message + traceback) / cancelled / queued again.
+The web side queues `run_job` tasks (app/queue.py); this module defines them.
+`rlhf worker --queues gpu` runs `run_worker` in the foreground; the
+`start_background_worker` thread runs one in-process. Either way the
+procrastinate worker fetches `run_job` tasks with row locks, runs each in a
+thread while its event loop keeps the heartbeat going, and `execute_job` turns
+one into a handler call (trainer/jobs.py) with our `jobs` row kept in step:
+running, progress, metrics, then succeeded / failed (message + traceback) /
+cancelled / queued again. Jobs of dead workers are settled by
+trainer/recovery.py, on every worker (at an interval, even while busy) and by a
+periodic task.
 
 Two guards make sure no job runs twice at once:
 1. procrastinate hands a job to one worker (SELECT ... FOR UPDATE SKIP LOCKED);
@@ -27,17 +31,62 @@ from contextlib import contextmanager
 
 import procrastinate
 import psycopg
-from procrastinate import worker as pq_worker
 from procrastinate import exceptions as pq_exceptions
+from procrastinate import worker as pq_worker
 from procrastinate.job_context import AbortReason
+from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
 from app import queue
 from app.config import Settings, get_settings
 from app.db.session import get_engine, libpq_url, new_session
 from app.services import jobs
 from trainer.jobs import JobCancelled, JobContext, JobFailed, resolve_handler
+from trainer.recovery import Recovery, recover_stalled_jobs
 
 log = logging.getLogger(__name__)
+
+RECOVER_TASK = "recover_stalled_jobs"
+
+
+class JobLocked(Exception):
+    """Another process holds the job's run lock: it is still running it."""
+
+
+class _RunJobRetry(BaseRetryStrategy):
+    """Retry a run only when the worker itself stopped it (shutdown) or another
+    process still holds it; a handler's own error fails the job (retrying would
+    repeat it), and the page offers a manual retry."""
+
+    def get_retry_decision(self, *, exception: BaseException, job) -> RetryDecision | None:
+        if isinstance(exception, JobLocked):
+            # By then a run that only looked stalled has ended or shown it is alive.
+            return RetryDecision(retry_in={"seconds": max(1, round(get_settings().worker_stalled_after_s))})
+        # A JobAborted reaches the strategy only when the worker shuts down
+        # (procrastinate does not retry user-requested aborts).
+        if isinstance(exception, pq_exceptions.JobAborted):
+            return RetryDecision(retry_in={"seconds": 0})
+        return None
+
+
+# No connection parameters: a worker opens the app with its own pool (_serve).
+app = procrastinate.App(connector=procrastinate.PsycopgConnector())
+
+
+@app.task(name=queue.RUN_JOB_TASK, queue=queue.DEFAULT_QUEUE, pass_context=True, retry=_RunJobRetry())
+def run_job(context: procrastinate.JobContext, job_id: int) -> None:
+    """Run our job `job_id` in this worker (a thread of it: procrastinate runs
+    sync tasks off the event loop, so heartbeats go on meanwhile)."""
+    execute_job(job_id, queue_context=context)
+
+
+# The queueing lock keeps at most one of these waiting, so a deployment with no
+# worker on the default queue does not pile them up.
+@app.periodic(cron="* * * * *", periodic_id="stalled")
+@app.task(name=RECOVER_TASK, queue=queue.DEFAULT_QUEUE, pass_context=False, queueing_lock=RECOVER_TASK)
+def recover_stalled_jobs_task(timestamp: int) -> None:
+    """Every minute on some free worker: jobs of dead workers are retried or failed.
+    (Busy workers also check on their own, see _recovery_loop.)"""
+    recover_once(get_settings())
 
 
 def _database_url() -> str:
@@ -74,7 +123,7 @@ def execute_job(job_id: int, *, queue_context: procrastinate.JobContext | None =
     with _run_lock(job_id, settings) as acquired:
         if not acquired:
             log.warning("job %s is still held by another process; retrying later", job_id)
-            raise queue.JobLocked(f"job {job_id} is running elsewhere")
+            raise JobLocked(f"job {job_id} is running elsewhere")
         with new_session() as session:
             job = jobs.mark_running(session, job_id=job_id, worker=name)
             if job is None:
@@ -117,9 +166,9 @@ def execute_job(job_id: int, *, queue_context: procrastinate.JobContext | None =
         log.info("job %s succeeded", job_id)
 
 
-def recover_once(settings: Settings) -> list[jobs.Recovery]:
+def recover_once(settings: Settings) -> list[Recovery]:
     with new_session() as session:
-        done = jobs.recover_stalled_jobs(session, stalled_after_s=settings.worker_stalled_after_s,
+        done = recover_stalled_jobs(session, stalled_after_s=settings.worker_stalled_after_s,
                                          max_attempts=settings.job_max_attempts)
     for r in done:
         log.warning("job %s of a dead worker: %s", r.job_id, r.action)
@@ -140,7 +189,7 @@ async def _recovery_loop(settings: Settings) -> None:
 def _make_worker(settings: Settings, queues: Sequence[str] | None, concurrency: int,
                  install_signal_handlers: bool) -> pq_worker.Worker:
     return pq_worker.Worker(
-        app=queue.app,
+        app=app,
         queues=list(queues) if queues else None,
         name=worker_name(),
         concurrency=concurrency,
@@ -158,8 +207,8 @@ def _make_worker(settings: Settings, queues: Sequence[str] | None, concurrency: 
 async def _serve(settings: Settings, queues: Sequence[str] | None, concurrency: int,
                  install_signal_handlers: bool, on_ready=None) -> None:
     connector = procrastinate.PsycopgConnector(conninfo=_database_url(), min_size=1, max_size=concurrency + 4)
-    with queue.app.replace_connector(connector):
-        async with queue.app.open_async():
+    with app.replace_connector(connector):
+        async with app.open_async():
             worker = _make_worker(settings, queues, concurrency, install_signal_handlers)
             recovery = asyncio.create_task(_recovery_loop(settings), name="recover_stalled_jobs")
             if on_ready is not None:

@@ -8,7 +8,7 @@ from app.routes.deps import EngineerUser, SessionDep
 from app.schemas.common import Id
 from app.schemas.jobs import job_out
 from app.schemas.models import ModelDetailOut, ModelOut, PromoteIn, PromoteOut, SampleOut, SamplePairOut
-from app.services import training
+from app.services import models
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -16,42 +16,42 @@ router = APIRouter(prefix="/models", tags=["models"])
 @router.get("", response_model=list[ModelOut])
 def list_models(session: SessionDep, user: EngineerUser, kind: ModelKind | None = None):
     """Defaults first, then newest."""
-    return training.models_of(session, [kind] if kind else list(ModelKind))
+    return models.models_of(session, [kind] if kind else list(ModelKind))
 
 
 @router.get("/{model_id}", response_model=ModelDetailOut)
 def get_model(model_id: Id, session: SessionDep, user: EngineerUser):
-    model = training.get_model(session, model_id)
-    related = training.related_models(session, model)
+    model = models.get_model(session, model_id)
+    related = models.related_models(session, model)
     return ModelDetailOut(
         **ModelOut.model_validate(model).model_dump(),
-        lineage_ids=[m.id for m in training.lineage(session, model)],
+        lineage_ids=[m.id for m in models.lineage(session, model)],
         reward_model_id=related["reward"].id if related.get("reward") else None,
         reference_model_id=related["reference"].id if related.get("reference") else None,
-        children_ids=[m.id for m in training.children(session, model)],
-        generator_of=[s.id for s in training.generator_of(session, model)],
+        children_ids=[m.id for m in models.children(session, model)],
+        generator_of=[s.id for s in models.generator_of(session, model)],
     )
 
 
 @router.get("/{model_id}/samples", response_model=list[SamplePairOut])
 def get_samples(model_id: Id, session: SessionDep, user: EngineerUser):
     """The validation prompts answered by the model's starting point (before) and by it (after)."""
-    training.get_model(session, model_id)
+    models.get_model(session, model_id)
 
     def out(sample):
         return None if sample is None else SampleOut(response=sample.response, reward=sample.reward,
                                                      ended=sample.ended)
 
     return [SamplePairOut(position=p.position, prompt_id=p.prompt_id, messages=p.messages,
-                          before=out(p.before), after=out(p.after)) for p in training.side_by_side(session, model_id)]
+                          before=out(p.before), after=out(p.after)) for p in models.side_by_side(session, model_id)]
 
 
 @router.post("/{model_id}/promote", response_model=PromoteOut)
 def promote(model_id: Id, body: PromoteIn, session: SessionDep, user: EngineerUser):
     """Make the model the generator of a ranking set and open its next round (queued
     now when the set is active)."""
-    training.get_model(session, model_id)
-    prompt_set, job = training.promote_generator(session, model_id=model_id, prompt_set_id=body.prompt_set_id,
-                                                 user_id=user.id)
+    models.get_model(session, model_id)
+    prompt_set, job = models.promote_generator(session, model_id=model_id, prompt_set_id=body.prompt_set_id,
+                                               user_id=user.id)
     return PromoteOut(prompt_set_id=prompt_set.id, round=prompt_set.round,
                       generator_model_id=prompt_set.generator_model_id, job=job_out(job) if job else None)

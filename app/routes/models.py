@@ -9,7 +9,7 @@ from app.db.enums import ModelKind, PromptSetStatus
 from app.db.models import Job, Model, PromptSet
 from app.routes.deps import EngineerUser, SessionDep
 from app.schemas.common import Id
-from app.services import training
+from app.services import models, training
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_sets import GENERATOR_KINDS, active_generation_job, latest_generation_jobs
 from app.web import flash, redirect, render
@@ -20,22 +20,22 @@ router = APIRouter(prefix="/models", include_in_schema=False)
 @router.get("")
 def registry_page(request: Request, session: SessionDep, user: EngineerUser, kind: str | None = None):
     chosen = ModelKind(kind) if kind in ModelKind.__members__ else None
-    found = training.models_of(session, [chosen] if chosen else list(ModelKind))
-    related = {m.id: training.related_models(session, m) for m in found}
+    found = models.models_of(session, [chosen] if chosen else list(ModelKind))
+    related = {m.id: models.related_models(session, m) for m in found}
     return render(request, "pages/models_list.html", {
         "models": found, "related": related, "kind": chosen.value if chosen else "", "kinds": list(ModelKind),
     })
 
 
 def _detail_context(session, model: Model, *, error: str | None = None, errors: dict | None = None) -> dict:
-    pairs = training.side_by_side(session, model.id)
+    pairs = models.side_by_side(session, model.id)
     rewards = {stage: [getattr(p, stage).reward for p in pairs
                        if getattr(p, stage) is not None and getattr(p, stage).reward is not None]
                for stage in ("before", "after")}
-    generates = training.generator_of(session, model)
+    generates = models.generator_of(session, model)
     return {
-        "model": model, "lineage": training.lineage(session, model), "related": training.related_models(session, model),
-        "children": training.children(session, model), "generator_of": generates,
+        "model": model, "lineage": models.lineage(session, model), "related": models.related_models(session, model),
+        "children": models.children(session, model), "generator_of": generates,
         "generation_jobs": latest_generation_jobs(session, [s.id for s in generates]),
         "pairs": pairs, "mean_reward": {k: sum(v) / len(v) for k, v in rewards.items() if v},
         "can_generate": model.kind in GENERATOR_KINDS,
@@ -46,17 +46,17 @@ def _detail_context(session, model: Model, *, error: str | None = None, errors: 
 
 @router.get("/{model_id}")
 def detail_page(request: Request, session: SessionDep, user: EngineerUser, model_id: Id):
-    model = training.get_model(session, model_id)
+    model = models.get_model(session, model_id)
     return render(request, "pages/models_detail.html", _detail_context(session, model))
 
 
 @router.post("/{model_id}/promote")
 def promote(request: Request, session: SessionDep, user: EngineerUser, model_id: Id,
             prompt_set_id: Annotated[str, Form()] = ""):
-    model = training.get_model(session, model_id)
+    model = models.get_model(session, model_id)
     try:
-        prompt_set, job = training.promote_generator(session, model_id=model.id, prompt_set_id=prompt_set_id,
-                                                     user_id=user.id)
+        prompt_set, job = models.promote_generator(session, model_id=model.id, prompt_set_id=prompt_set_id,
+                                                   user_id=user.id)
     except (Invalid, Conflict) as exc:
         session.rollback()
         # The form comes back with the reason: swapped in place for a 422; for a 409 htmx shows the alert on top.

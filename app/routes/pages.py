@@ -14,11 +14,10 @@ from app.routes import (
     models,
     prompt_sets,
     quality,
-    sft,
     training,
 )
 
 routers = [module.router for module in (
     health, auth, home, admin_users, account, prompt_sets, label, quality, jobs, demonstrations,
-    demonstrations_admin, sft, training, models,
-)]
+    demonstrations_admin,
+)] + [training.sft_router, training.router, models.router]

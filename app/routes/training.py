@@ -1,5 +1,6 @@
-"""Engineer pages: start a reward-model run (`train_reward`) or a PPO run (`train_ppo`)
-and see the recent runs of each."""
+"""Engineer pages: start a supervised fine-tuning run (`train_sft`, on accepted
+demonstrations), a reward-model run (`train_reward`) or a PPO run (`train_ppo`) and
+see the recent runs of each (and the SFT models made so far)."""
 
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -9,13 +10,15 @@ from starlette.datastructures import FormData
 
 from app.db.enums import JobKind, ModelKind
 from app.routes.deps import EngineerUser, SessionDep
-from app.services import jobs, training
+from app.services import demonstrations as demos
+from app.services import jobs, models, training
 from app.services.errors import Invalid
 from app.services.prompt_sets import GENERATOR_KINDS
 from app.services.run_settings import form_values, submitted_settings
 from app.web import flash, redirect, render
 
 router = APIRouter(prefix="/training", include_in_schema=False)
+sft_router = APIRouter(prefix="/sft", include_in_schema=False)
 
 
 async def read_form(request: Request) -> FormData:
@@ -34,7 +37,7 @@ def _choices(data: FormData, *names: str) -> dict[str, Any]:
 
 
 def _start(request: Request, session, user, data: FormData, *, settings, choice_names, start: Callable[..., Any],
-           context: Callable[..., dict[str, Any]], template: str, what: str):
+           context: Callable[..., dict[str, Any]], template: str, what: str, block: str = "run_form"):
     """Queue the run and go to its job page, or show the form again with each error beside its field."""
     values = submitted_settings(data, settings)
     choices = _choices(data, *choice_names)
@@ -42,9 +45,41 @@ def _start(request: Request, session, user, data: FormData, *, settings, choice_
         job = start(session, user_id=user.id, values=values, flags_from_form=True, **choices)
     except Invalid as exc:
         shown = context(session, form=values | choices, errors=exc.errors, error=exc.message)
-        return render(request, template, shown, block="run_form", status_code=422)
+        return render(request, template, shown, block=block, status_code=422)
     flash(request, f"Queued {what} job #{job.id}.", "success")
     return redirect(request, f"/jobs/{job.id}")
+
+
+# ---- supervised fine-tuning --------------------------------------------------------
+
+SFT_CHOICES = ("base_model_id", "prompt_set_ids", "name")
+
+
+def _sft_context(session, *, form: dict[str, Any] | None = None, errors: dict | None = None,
+                 error: str | None = None) -> dict[str, Any]:
+    sets = demos.demonstration_sets(session, include_archived=True)
+    bases = models.models_of(session, GENERATOR_KINDS)
+    default_form = form_values(training.SFT_SETTINGS) | {
+        "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "name": "",
+    }
+    return {
+        "form": default_form | (form or {}), "form_errors": errors or {}, "form_error": error,
+        "models": bases, "sets": sets, "accepted": training.accepted_counts(session, [s.id for s in sets]),
+        "settings": training.SFT_SETTINGS, "runs": jobs.list_jobs(session, kind=JobKind.train_sft, limit=20),
+        "sft_models": models.sft_models(session),
+    }
+
+
+@sft_router.get("")
+def sft_page(request: Request, session: SessionDep, user: EngineerUser):
+    return render(request, "pages/sft.html", _sft_context(session))
+
+
+@sft_router.post("")
+def start_sft(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
+    return _start(request, session, user, data, settings=training.SFT_SETTINGS, choice_names=SFT_CHOICES,
+                  start=training.start_sft_job, context=_sft_context, template="pages/sft.html", what="SFT",
+                  block="sft_form")
 
 
 # ---- reward model -----------------------------------------------------------------
@@ -54,7 +89,7 @@ REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "name")
 
 def _reward_context(session, *, form: dict[str, Any] | None = None, errors: dict | None = None,
                     error: str | None = None) -> dict[str, Any]:
-    bases = training.models_of(session, GENERATOR_KINDS)
+    bases = models.models_of(session, GENERATOR_KINDS)
     sets = training.ranking_sets(session)
     default_form = form_values(training.REWARD_SETTINGS) | {
         "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "labeler_ids": [], "name": ""}
@@ -85,9 +120,9 @@ PPO_CHOICES = ("policy_model_id", "reference_model_id", "reward_model_id", "prom
 
 def _ppo_context(session, *, form: dict[str, Any] | None = None, errors: dict | None = None,
                  error: str | None = None) -> dict[str, Any]:
-    policies = training.models_of(session, GENERATOR_KINDS)
-    rewards = training.models_of(session, (ModelKind.reward,))
-    default_reward = training.default_reward_model(session)
+    policies = models.models_of(session, GENERATOR_KINDS)
+    rewards = models.models_of(session, (ModelKind.reward,))
+    default_reward = models.default_reward_model(session)
     sets = training.ranking_sets(session)
     default_form = form_values(training.PPO_SETTINGS) | {
         "policy_model_id": str(policies[0].id) if policies else "", "reference_model_id": "",

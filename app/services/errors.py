@@ -44,3 +44,9 @@ class Invalid(DomainError):
 class RateLimited(DomainError):
     status_code = 429
     title = "Too many attempts"
+
+
+def raise_for_fields(errors: dict[str, str]) -> None:
+    """Raise Invalid naming every field of `errors` (field -> message), if there is any."""
+    if errors:
+        raise Invalid("Please correct the highlighted fields: " + ", ".join(errors) + ".", errors=errors)

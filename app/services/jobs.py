@@ -2,8 +2,9 @@
 
 The web side queues, lists, cancels and retries jobs; the worker side
 (trainer/worker.py) marks them running, writes progress, metrics and the
-outcome. Queue mechanics (locks, heartbeats, retries) are procrastinate's, see
-app/queue.py; this module keeps our `jobs` row in step with them.
+outcome, and trainer/recovery.py settles the jobs of dead workers. Queue
+mechanics (locks, heartbeats, retries) are procrastinate's: app/queue.py queues
+and cancels, the workers run; this module keeps our `jobs` row in step.
 
 No torch here: the web process imports this module.
 """
@@ -12,10 +13,10 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -33,8 +34,9 @@ MAX_ERROR_CHARS = 2_000
 MAX_TRACEBACK_CHARS = 50_000
 
 
-def _driver_connection(session: Session) -> Any:
-    """The psycopg connection under the session's current transaction."""
+def driver_connection(session: Session) -> Any:
+    """The psycopg connection under the session's current transaction (queue calls
+    made on it are part of that transaction)."""
     return session.connection().connection.driver_connection
 
 
@@ -81,7 +83,7 @@ def enqueue_job(
 def _defer(session: Session, job: Job) -> int:
     from app import queue as queue_module  # the parameter `queue` shadows the module above
 
-    return queue_module.defer_run_job(_driver_connection(session), job_id=job.id, queue=job.queue)
+    return queue_module.defer_run_job(driver_connection(session), job_id=job.id, queue=job.queue)
 
 
 def get_job(session: Session, job_id: int) -> Job:
@@ -168,15 +170,15 @@ def request_cancel(session: Session, *, job_id: int) -> Job:
     job = _locked(session, job_id)
     if job.status.finished:
         raise Conflict(f"Job #{job.id} has already {_finished_word(job.status)}; there is nothing to cancel.")
-    conn = _driver_connection(session)
+    conn = driver_connection(session)
     if job.status == JobStatus.queued:
         if job.queue_job_id is None or queue.cancel_queue_job(conn, queue_job_id=job.queue_job_id, abort=False):
-            _finish(job, JobStatus.cancelled, error="Cancelled before it started.")
+            finish(job, JobStatus.cancelled, error="Cancelled before it started.")
             session.commit()
             return job
         if queue.queue_job_status(conn, job.queue_job_id) != "doing":
             # Not waiting, not running: nothing will ever run it.
-            _finish(job, JobStatus.cancelled, error="Cancelled before it started.")
+            finish(job, JobStatus.cancelled, error="Cancelled before it started.")
             session.commit()
             return job
     # Running (or just taken by a worker): the worker checks the flag at each
@@ -220,7 +222,8 @@ def _finished_word(status: JobStatus) -> str:
             JobStatus.cancelled: "been cancelled"}[status]
 
 
-def _finish(job: Job, status: JobStatus, *, error: str | None = None, tb: str | None = None) -> None:
+def finish(job: Job, status: JobStatus, *, error: str | None = None, tb: str | None = None) -> None:
+    """End the job's row with this status, message and traceback. Does not commit."""
     job.status = status
     job.finished_at = utcnow()
     job.error = error[:MAX_ERROR_CHARS] if error else None
@@ -238,7 +241,7 @@ def mark_running(session: Session, *, job_id: int, worker: str) -> Job | None:
         session.commit()
         return None
     if job.cancel_requested:
-        _finish(job, JobStatus.cancelled, error="Cancelled before it started.")
+        finish(job, JobStatus.cancelled, error="Cancelled before it started.")
         session.commit()
         return None
     now = utcnow()
@@ -306,7 +309,7 @@ def mark_succeeded(session: Session, *, job_id: int, result: Mapping[str, Any] |
     if job.status.finished:
         session.commit()
         return
-    _finish(job, JobStatus.succeeded)
+    finish(job, JobStatus.succeeded)
     job.result = {**(job.result or {}), **dict(result or {})}
     if job.progress_total and job.progress_done < job.progress_total:
         job.progress_done = job.progress_total
@@ -321,7 +324,7 @@ def mark_failed(session: Session, *, job_id: int, error: str, traceback: str | N
     if job.status.finished:
         session.commit()
         return
-    _finish(job, JobStatus.failed, error=error, tb=traceback)
+    finish(job, JobStatus.failed, error=error, tb=traceback)
     session.commit()
 
 
@@ -330,7 +333,7 @@ def mark_cancelled(session: Session, *, job_id: int, reason: str = "Cancelled.")
     if job.status.finished:
         session.commit()
         return
-    _finish(job, JobStatus.cancelled, error=reason)
+    finish(job, JobStatus.cancelled, error=reason)
     session.commit()
 
 
@@ -340,11 +343,12 @@ def mark_requeued(session: Session, *, job_id: int, reason: str, count_attempt: 
     if job.status.finished:
         session.commit()
         return
-    _requeue(job, reason, count_attempt=count_attempt)
+    requeue(job, reason, count_attempt=count_attempt)
     session.commit()
 
 
-def _requeue(job: Job, reason: str, *, count_attempt: bool = True) -> None:
+def requeue(job: Job, reason: str, *, count_attempt: bool = True) -> None:
+    """Show the job's row as queued again, saying why. Does not commit."""
     job.status = JobStatus.queued
     job.worker = None
     job.error = reason[:MAX_ERROR_CHARS]
@@ -357,67 +361,3 @@ def set_job_model(session: Session, *, job_id: int, model_id: int, commit: bool 
     session.execute(update(Job).where(Job.id == job_id).values(model_id=model_id))
     if commit:
         session.commit()
-
-
-# ---- dead workers ----------------------------------------------------------------
-
-@dataclass
-class Recovery:
-    job_id: int
-    action: str  # "retried" | "failed" | "cancelled" | "closed"
-
-
-def recover_stalled_jobs(session: Session, *, stalled_after_s: float, max_attempts: int) -> list[Recovery]:
-    """Jobs whose worker stopped heartbeating are retried (up to max_attempts runs)
-    or failed with a message saying so; our rows left running or queued by a queue
-    job that has ended are closed. Safe to run from several workers at once: one
-    advisory lock serialises the checkers and the queue rows are locked."""
-    session.execute(text("SELECT pg_advisory_xact_lock(:k, 0)"), {"k": RECOVERY_LOCK_KEY})
-    conn = _driver_connection(session)
-    done: list[Recovery] = []
-    for row in queue.stalled_queue_jobs(conn, stalled_after_s=stalled_after_s):
-        job_id = (row["args"] or {}).get("job_id")
-        job = session.get(Job, job_id, with_for_update=True, populate_existing=True) if job_id else None
-        lost = f"its worker ({job.worker or 'unknown'}) stopped responding" if job else ""
-        if job is None or job.status.finished:
-            queue.fail_queue_job(conn, row["id"])
-            continue
-        if job.cancel_requested:
-            queue.fail_queue_job(conn, row["id"])
-            _finish(job, JobStatus.cancelled, error=f"Cancelled ({lost} before it could stop).")
-            done.append(Recovery(job.id, "cancelled"))
-        elif job.attempts < max_attempts:
-            queue.retry_queue_job(conn, row["id"])
-            _requeue(job, f"Run {job.attempts} of {max_attempts} stopped: {lost}. Queued again.")
-            done.append(Recovery(job.id, "retried"))
-        else:
-            queue.fail_queue_job(conn, row["id"])
-            _finish(job, JobStatus.failed, error=(
-                f"Gave up after {job.attempts} runs: {lost} each time. "
-                "Retry it once the workers are healthy."))
-            done.append(Recovery(job.id, "failed"))
-    done += _close_orphans(session, stalled_after_s=stalled_after_s)
-    session.commit()
-    return done
-
-
-def _close_orphans(session: Session, *, stalled_after_s: float) -> list[Recovery]:
-    """Our rows queued or running whose queue job has ended or vanished: the run
-    crashed between the two updates. Fail them visibly instead of showing them
-    running forever."""
-    cutoff = utcnow() - timedelta(seconds=stalled_after_s)
-    rows = session.execute(text(
-        """SELECT j.id, pj.status AS queue_status
-             FROM jobs j LEFT JOIN procrastinate_jobs pj ON pj.id = j.queue_job_id
-            WHERE j.status IN ('queued', 'running')
-              AND coalesce(j.heartbeat_at, j.created_at) < :cutoff
-              AND (pj.id IS NULL OR pj.status IN ('succeeded', 'failed', 'cancelled', 'aborted'))
-            FOR UPDATE OF j"""), {"cutoff": cutoff}).all()
-    out = []
-    for job_id, queue_status in rows:
-        job = session.get(Job, job_id, populate_existing=True)
-        assert job is not None
-        what = f"ended as '{queue_status}'" if queue_status else "is gone"
-        _finish(job, JobStatus.failed, error=f"Its queue job {what} without recording an outcome. Retry it.")
-        out.append(Recovery(job.id, "closed"))
-    return out

@@ -1,52 +1,38 @@
-"""The model registry: SFT, reward and policy checkpoints with their lineage.
+"""The model registry: SFT, reward and policy checkpoints with their lineage, the
+samples a run leaves for reading side by side, and promoting a trained policy to be
+the generator of a prompt set (closing the loop generate -> label -> train -> generate).
 
 A checkpoint is a directory (safetensors + config.json + tokenizer) stored under
 the artifacts directory (its path is then kept relative to it, so the directory
 can move) or anywhere else (absolute path), or a hub id for machines that can
-reach a hub. No torch here: the web process lists and chooses models.
+reach a hub. The default model's name and directory, the hash of a checkpoint and
+where a stored path points on a machine are trainer.models' (imported without
+torch). No torch here: the web process lists and chooses models.
 """
 
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.enums import ModelKind
-from app.db.models import Model
-from app.services.errors import Conflict, Invalid, NotFound
+from app.db.enums import ModelKind, PromptSetKind, PromptSetStatus
+from app.db.models import Job, Model, ModelSample, PromptSet
+from app.services.errors import Conflict, Invalid, NotFound, raise_for_fields
+from app.services.prompt_sets import GENERATOR_KINDS, queue_generation_if_needed
+from app.services.run_settings import parse_ids
+from app.services.validation import as_id
+from trainer.models import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, PROVISIONED_MARKER, checkpoint_sha256
 
 log = logging.getLogger(__name__)
 
-# Same values as trainer.models (which imports torch, so it is not imported
-# here); tests/test_models_registry.py checks they agree.
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
-_PROVISIONED_MARKER = ".provisioned"
 MAX_NAME_CHARS = 200
-
-
-def checkpoint_sha256(directory: Path) -> str | None:
-    """One hash over a checkpoint's weight files (the same as trainer.models'),
-    None when the directory holds no safetensors."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        inner = hashlib.sha256()
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                inner.update(chunk)
-        digest.update(file.name.encode())
-        digest.update(inner.hexdigest().encode())
-    return digest.hexdigest()
 
 
 def stored_path(path: Path, artifacts_dir: Path) -> str:
@@ -57,16 +43,6 @@ def stored_path(path: Path, artifacts_dir: Path) -> str:
         return str(absolute.relative_to(root))
     except ValueError:
         return str(absolute)
-
-
-def local_path(model: Model, artifacts_dir: Path) -> Path | None:
-    """The model's directory on this machine, None for a hub id."""
-    candidate = Path(model.path)
-    if candidate.is_absolute():
-        return candidate
-    if (artifacts_dir / candidate).exists():
-        return artifacts_dir / candidate
-    return None
 
 
 def register_model(
@@ -183,6 +159,28 @@ def list_models(session: Session, *, kind: ModelKind | str | None = None) -> Seq
     return session.scalars(query).all()
 
 
+def models_of(session: Session, kinds: Iterable[ModelKind]) -> list[Model]:
+    """Registered models of the kinds, defaults first, then newest."""
+    return list(session.scalars(
+        select(Model).where(Model.kind.in_(list(kinds)))
+        .order_by(Model.is_default.desc(), Model.kind, Model.created_at.desc(), Model.id.desc())
+    ))
+
+
+def sft_models(session: Session, *, limit: int = 20) -> list[Model]:
+    """SFT models made by train_sft jobs, newest first."""
+    return list(session.scalars(
+        select(Model).where(Model.kind == ModelKind.sft, Model.source == "train_sft")
+        .order_by(Model.created_at.desc(), Model.id.desc()).limit(limit)
+    ))
+
+
+def default_reward_model(session: Session) -> Model | None:
+    """The default reward model, else the newest one."""
+    return session.scalar(select(Model).where(Model.kind == ModelKind.reward)
+                          .order_by(Model.is_default.desc(), Model.created_at.desc(), Model.id.desc()).limit(1))
+
+
 def default_model(session: Session, kind: ModelKind | str = ModelKind.sft) -> Model | None:
     return session.scalar(select(Model).where(Model.kind == ModelKind(kind), Model.is_default))
 
@@ -211,7 +209,7 @@ def ensure_default_model(session: Session, settings: Settings) -> Model | None:
     path = stored_path(directory, settings.artifacts_path)
     model = session.scalar(select(Model).where(Model.path.in_([path, os.path.abspath(directory)])))
     if model is None:
-        if not (directory / _PROVISIONED_MARKER).exists():
+        if not (directory / PROVISIONED_MARKER).exists():
             log.warning("the default model is not provisioned in %s; run `rlhf models provision-default`",
                         directory)
             return None
@@ -227,3 +225,125 @@ def ensure_default_model(session: Session, settings: Settings) -> Model | None:
         _make_default(session, model)
     session.commit()
     return model
+
+
+# ---- choosing a model ---------------------------------------------------------------
+
+def choose_model(errors: dict[str, str], session: Session, field: str, raw: Any, kinds: Sequence[ModelKind],
+                 default: Model | None, what: str) -> Model | None:
+    """The model of id `raw` if it is of one of the kinds, `default` when none is given;
+    else None with a message in errors[field]."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        if default is None:
+            errors[field] = f"register {what} first (none is registered)"
+        return default
+    model_id = as_id(raw)
+    model = session.get(Model, model_id) if model_id is not None else None
+    if model is None or model.kind not in kinds:
+        errors[field] = f"choose {what} from the list"
+        return None
+    return model
+
+
+# ---- samples side by side -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class PromptRow:
+    """A prompt a model is sampled on (training.sample_prompts and prompts_of give them)."""
+
+    prompt_id: int
+    messages: list[dict[str, str]]
+
+
+def save_samples(session: Session, *, model_id: int, stage: str, samples: Sequence[Mapping[str, Any]],
+                 prompts: Sequence[PromptRow]) -> None:
+    """Store a model's samples of one stage ("before": its starting point; "after":
+    the model). samples[i] answers prompts[i]: {"response", "reward" (or None), "ended"}.
+    Replaces earlier ones of the stage. Does not commit."""
+    if stage not in ("before", "after"):
+        raise ValueError(f"unknown stage {stage!r}")
+    session.execute(delete(ModelSample).where(ModelSample.model_id == model_id, ModelSample.stage == stage))
+    for position, (prompt, sample) in enumerate(zip(prompts, samples, strict=True)):
+        reward = sample.get("reward")
+        session.add(ModelSample(model_id=model_id, prompt_id=prompt.prompt_id, position=position, stage=stage,
+                                messages=prompt.messages, response=str(sample["response"]),
+                                reward=None if reward is None else float(reward),
+                                ended=bool(sample.get("ended", True))))
+
+
+@dataclass
+class SidePair:
+    position: int
+    prompt_id: int | None
+    messages: list[dict[str, str]]
+    before: ModelSample | None
+    after: ModelSample | None
+
+
+def side_by_side(session: Session, model_id: int) -> list[SidePair]:
+    """The model's samples, before and after, one row per prompt."""
+    rows: dict[int, SidePair] = {}
+    for sample in session.scalars(select(ModelSample).where(ModelSample.model_id == model_id)
+                                  .order_by(ModelSample.position, ModelSample.stage)):
+        pair = rows.setdefault(sample.position, SidePair(sample.position, sample.prompt_id, list(sample.messages),
+                                                         None, None))
+        setattr(pair, sample.stage, sample)
+    return [rows[p] for p in sorted(rows)]
+
+
+# ---- lineage and promotion ----------------------------------------------------------
+
+def lineage(session: Session, model: Model) -> list[Model]:
+    """The model's ancestors through parent_id, nearest first (cycles cut)."""
+    chain: list[Model] = []
+    seen = {model.id}
+    current = model.parent
+    while current is not None and current.id not in seen:
+        chain.append(current)
+        seen.add(current.id)
+        current = current.parent
+    return chain
+
+
+def related_models(session: Session, model: Model) -> dict[str, Model | None]:
+    """Models a run used besides its parent: the reward model and reference of a policy."""
+    out: dict[str, Model | None] = {}
+    for key in ("reward_model_id", "reference_model_id", "base_model_id"):
+        raw = (model.config or {}).get(key)
+        if isinstance(raw, int):
+            out[key.removesuffix("_model_id")] = session.get(Model, raw)
+    return out
+
+
+def children(session: Session, model: Model) -> list[Model]:
+    return list(session.scalars(select(Model).where(Model.parent_id == model.id).order_by(Model.id)))
+
+
+def generator_of(session: Session, model: Model) -> list[PromptSet]:
+    """Ranking sets this model generates for."""
+    return list(session.scalars(select(PromptSet).where(PromptSet.generator_model_id == model.id)
+                                .order_by(PromptSet.name)))
+
+
+def promote_generator(session: Session, *, model_id: Any, prompt_set_id: Any, user_id: int | None) -> tuple[PromptSet, Job | None]:
+    """Make the model the generator of a ranking set and open a new generation round:
+    every prompt gets K fresh responses from it, as new tasks. The generation job is
+    queued now when the set is active (else when it is started or resumed). Raises
+    Invalid for a model that cannot generate or a set that is not a ranking set,
+    Conflict for an archived set. Commits."""
+    errors: dict[str, str] = {}
+    model = choose_model(errors, session, "model_id", model_id, GENERATOR_KINDS, None, "an SFT or policy model")
+    set_ids = parse_ids(errors, "prompt_set_id", prompt_set_id, "prompt set")
+    prompt_set = session.get(PromptSet, set_ids[0]) if len(set_ids) == 1 else None
+    if "prompt_set_id" not in errors and (prompt_set is None or prompt_set.kind != PromptSetKind.ranking):
+        errors["prompt_set_id"] = "choose a ranking prompt set"
+    raise_for_fields(errors)
+    assert model is not None and prompt_set is not None
+    session.refresh(prompt_set, with_for_update=True)
+    if prompt_set.status == PromptSetStatus.archived:
+        raise Conflict(f"The prompt set '{prompt_set.name}' is archived: it takes no new round.")
+    prompt_set.generator_model_id = model.id
+    prompt_set.round += 1
+    job = queue_generation_if_needed(session, prompt_set=prompt_set, created_by_id=user_id)
+    session.commit()
+    return prompt_set, job

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
+from app.services.errors import Invalid
 from app.services.validation import as_id
 
 
@@ -112,7 +113,8 @@ def clean_config(values: Mapping[str, Any], config: type, errors: dict[str, str]
     """The config's defaults overlaid with the checked values of its settings; a message
     per bad field goes into `errors` (a bad field's value is None). A form leaves an
     unticked checkbox out, so with flags_from_form a missing flag is False (an API
-    caller's missing flag keeps its default)."""
+    caller's missing flag keeps its default). Keys that are no setting are ignored
+    here: reject_unknown refuses them."""
     cleaned = defaults_of(config)
     for setting in settings_of(config):
         if setting.name not in values:
@@ -130,6 +132,15 @@ def clean_config(values: Mapping[str, Any], config: type, errors: dict[str, str]
             errors[setting.name] = setting.message(exc)
             cleaned[setting.name] = None
     return cleaned
+
+
+def reject_unknown(values: Mapping[str, Any], config: type) -> None:
+    """Raise Invalid naming each key of `values` that is no setting of the config, so that
+    a misspelt setting sent to the API is an error, not silently dropped."""
+    known = {s.name for s in settings_of(config)}
+    if unknown := sorted(set(values) - known):
+        raise Invalid(f"Unknown setting '{unknown[0]}'; the settings are: {', '.join(sorted(known))}.",
+                      errors={f"config.{name}": "unknown setting" for name in unknown})
 
 
 def form_values(settings: Sequence[Setting]) -> dict[str, Any]:

@@ -1,36 +1,37 @@
-"""Starting reward-model (`train_reward`) and PPO (`train_ppo`) runs, the data they
-read, the samples they leave for reading side by side, and promoting a trained
-policy to be the generator of a prompt set (closing the loop generate -> label
--> train -> generate).
+"""Training runs: starting supervised fine-tuning (`train_sft`), reward-model
+(`train_reward`) and PPO (`train_ppo`) runs, and the data each reads.
 
 The web process checks settings and data and writes the job; the worker
-(trainer/reward_job.py, trainer/ppo_job.py) trains and registers the result.
-No torch here: the settings are trainer.configs.RewardConfig's and PPOConfig's.
+(trainer/sft_job.py, trainer/reward_job.py, trainer/ppo_job.py) trains and
+registers the result in the model registry (app/services/models.py). No torch
+here: the settings are trainer.configs' SFTConfig, RewardConfig and PPOConfig.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import queue
-from app.db.enums import JobKind, ModelKind, PromptSetKind, PromptSetStatus, Split
-from app.db.models import Annotation, Job, Model, ModelSample, Prompt, PromptSet, Response, Task, User
-from app.services import export
-from app.services.errors import Conflict, Invalid, NotFound
+from app.db.enums import DemonstrationStatus, JobKind, ModelKind, PromptSetKind, PromptSetStatus, Split
+from app.db.models import Annotation, Demonstration, Job, Model, Prompt, PromptSet, Response, Task, User
+from app.services import export, models
+from app.services.errors import raise_for_fields
 from app.services.jobs import enqueue_job
-from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model, queue_generation_if_needed
-from app.services.run_settings import clean_config, parse_ids, settings_of
+from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model
+from app.services.run_settings import clean_config, parse_ids, reject_unknown, settings_of
 from app.services.validation import as_id, text_problem
-from trainer.configs import PPOConfig, RewardConfig
+from trainer.configs import PPOConfig, RewardConfig, SFTConfig
 
 MAX_NAME_CHARS = 200
+MIN_DEMONSTRATIONS = 2  # SFT: one to train on and one to validate on, at least
 VALIDATION_SHARE = 0.1  # of the prompts, borrowed for validation when none is in the validation split
 SAMPLE_PROMPTS = 8  # fixed prompts an SFT run is sampled on before and after
 
-REWARD_SETTINGS = settings_of(RewardConfig)  # what a form or an API call may set
+# What a form or an API call may set; the other fields keep their defaults.
+SFT_SETTINGS = settings_of(SFTConfig)
+REWARD_SETTINGS = settings_of(RewardConfig)
 PPO_SETTINGS = settings_of(PPOConfig)
 
 
@@ -46,12 +47,18 @@ def demonstration_sets(session: Session) -> list[PromptSet]:
                                 .order_by(PromptSet.status == PromptSetStatus.archived, PromptSet.name)))
 
 
-def models_of(session: Session, kinds: Iterable[ModelKind]) -> list[Model]:
-    """Registered models of the kinds, defaults first, then newest."""
-    return list(session.scalars(
-        select(Model).where(Model.kind.in_(list(kinds)))
-        .order_by(Model.is_default.desc(), Model.kind, Model.created_at.desc(), Model.id.desc())
-    ))
+def accepted_counts(session: Session, prompt_set_ids: Iterable[int]) -> dict[int, int]:
+    """Accepted demonstrations per set."""
+    ids = list(prompt_set_ids)
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(Prompt.prompt_set_id, func.count(Demonstration.id))
+        .join(Demonstration, Demonstration.prompt_id == Prompt.id)
+        .where(Prompt.prompt_set_id.in_(ids), Demonstration.status == DemonstrationStatus.accepted)
+        .group_by(Prompt.prompt_set_id)
+    ).all()
+    return {set_id: 0 for set_id in ids} | dict(rows)
 
 
 def labelers_with_annotations(session: Session, prompt_set_ids: Sequence[int] | None = None) -> list[tuple[User, int]]:
@@ -100,20 +107,6 @@ def ppo_prompt_counts(session: Session, prompt_set_ids: Sequence[int]) -> dict[i
 
 # ---- checking what a run may use ------------------------------------------------
 
-def _model(errors: dict[str, str], session: Session, field: str, raw: Any, kinds: Sequence[ModelKind],
-           default: Model | None, what: str) -> Model | None:
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        if default is None:
-            errors[field] = f"register {what} first (none is registered)"
-        return default
-    model_id = as_id(raw)
-    model = session.get(Model, model_id) if model_id is not None else None
-    if model is None or model.kind not in kinds:
-        errors[field] = f"choose {what} from the list"
-        return None
-    return model
-
-
 def _sets(errors: dict[str, str], session: Session, field: str, raw: Any, kind: PromptSetKind,
           *, required: bool) -> list[int]:
     ids = parse_ids(errors, field, raw, "prompt set")
@@ -142,15 +135,64 @@ def _name(errors: dict[str, str], session: Session, raw: Any) -> str | None:
     return name or None
 
 
-def _raise(errors: dict[str, str]) -> None:
-    if errors:
-        raise Invalid("Please correct the highlighted fields: " + ", ".join(errors) + ".", errors=errors)
+def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: Iterable[Any],
+                     values: Mapping[str, Any], name: str | None = None,
+                     flags_from_form: bool = False) -> dict[str, Any]:
+    """Check a run's settings and data; the job's parameters. Raises Invalid with a
+    message per field (base_model_id, prompt_set_ids, epochs, learning_rate ...)."""
+    reject_unknown(values, SFTConfig)
+    errors: dict[str, str] = {}
+    # base model
+    model = None
+    if base_model_id is None or (isinstance(base_model_id, str) and not base_model_id.strip()):
+        model = default_generator_model(session)
+        if model is None:
+            errors["base_model_id"] = "register a model first (no default model is registered)"
+    else:
+        model_id = as_id(base_model_id)
+        model = session.get(Model, model_id) if model_id is not None else None
+        if model is None or model.kind not in GENERATOR_KINDS:
+            errors["base_model_id"] = "choose an SFT or policy model from the list"
+            model = None
+    # data
+    set_ids: list[int] = []
+    for raw in prompt_set_ids or []:
+        set_id = as_id(raw)
+        if set_id is None:
+            errors["prompt_set_ids"] = f"unknown prompt set {str(raw)[:20]!r}"
+        else:
+            set_ids.append(set_id)
+    set_ids = sorted(set(set_ids))
+    if not set_ids and "prompt_set_ids" not in errors:
+        errors["prompt_set_ids"] = "choose at least one demonstration set"
+    elif set_ids:
+        sets = {s.id: s for s in session.scalars(select(PromptSet).where(PromptSet.id.in_(set_ids)))}
+        wrong = [i for i in set_ids if i not in sets or sets[i].kind != PromptSetKind.demonstration]
+        if wrong:
+            errors["prompt_set_ids"] = f"prompt set {wrong[0]} is not a demonstration set"
+        else:
+            accepted = sum(accepted_counts(session, set_ids).values())
+            if accepted < MIN_DEMONSTRATIONS:
+                errors["prompt_set_ids"] = (f"the chosen sets hold {accepted} accepted demonstration"
+                                            f"{'s' if accepted != 1 else ''}; at least {MIN_DEMONSTRATIONS} are needed")
+    # settings
+    config = clean_config(values, SFTConfig, errors, flags_from_form=flags_from_form)
+    clean_name = _name(errors, session, name)
+    raise_for_fields(errors)
+    assert model is not None
+    return {"base_model_id": model.id, "prompt_set_ids": set_ids, "name": clean_name, "config": config}
 
 
-def default_reward_model(session: Session) -> Model | None:
-    """The default reward model, else the newest one."""
-    return session.scalar(select(Model).where(Model.kind == ModelKind.reward)
-                          .order_by(Model.is_default.desc(), Model.created_at.desc(), Model.id.desc()).limit(1))
+def start_sft_job(session: Session, *, user_id: int | None, base_model_id: Any, prompt_set_ids: Iterable[Any],
+                  values: Mapping[str, Any], name: str | None = None, queue_name: str = queue.GPU_QUEUE,
+                  flags_from_form: bool = False) -> Job:
+    """Queue a train_sft job on the accepted demonstrations of the sets. Raises Invalid
+    per field (nothing is queued then). Commits."""
+    params = clean_sft_params(session, base_model_id=base_model_id, prompt_set_ids=prompt_set_ids,
+                              values=values, name=name, flags_from_form=flags_from_form)
+    sets = params["prompt_set_ids"]
+    return enqueue_job(session, kind=JobKind.train_sft, params=params, created_by_id=user_id,
+                       prompt_set_id=sets[0] if len(sets) == 1 else None, queue=queue_name)
 
 
 def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_model_id: Any = None,
@@ -158,8 +200,9 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
                         flags_from_form: bool = False) -> dict[str, Any]:
     """Check a reward-model run; the job's parameters. Raises Invalid with a message per
     field (base_model_id, prompt_set_ids, labeler_ids, name and each setting)."""
+    reject_unknown(values, RewardConfig)
     errors: dict[str, str] = {}
-    base = _model(errors, session, "base_model_id", base_model_id, GENERATOR_KINDS,
+    base = models.choose_model(errors, session, "base_model_id", base_model_id, GENERATOR_KINDS,
                   default_generator_model(session), "an SFT or policy model")
     set_ids = _sets(errors, session, "prompt_set_ids", prompt_set_ids, PromptSetKind.ranking, required=True)
     user_ids = parse_ids(errors, "labeler_ids", labeler_ids, "labeler")
@@ -178,7 +221,7 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
                                         " (one to train on, one to validate on)")
     config = clean_config(values, RewardConfig, errors, flags_from_form=flags_from_form)
     clean_name = _name(errors, session, name)
-    _raise(errors)
+    raise_for_fields(errors)
     assert base is not None
     return {"base_model_id": base.id, "prompt_set_ids": set_ids, "labeler_ids": user_ids or None,
             "name": clean_name, "config": config}
@@ -189,13 +232,14 @@ def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_mode
                      sft_set_ids: Any = None, name: Any = None, flags_from_form: bool = False) -> dict[str, Any]:
     """Check a PPO run; the job's parameters. Prompts are the rl split of the chosen sets;
     the reference defaults to the policy (frozen copy). Raises Invalid per field."""
+    reject_unknown(values, PPOConfig)
     errors: dict[str, str] = {}
-    policy = _model(errors, session, "policy_model_id", policy_model_id, GENERATOR_KINDS,
+    policy = models.choose_model(errors, session, "policy_model_id", policy_model_id, GENERATOR_KINDS,
                     default_generator_model(session), "an SFT or policy model")
-    reference = _model(errors, session, "reference_model_id", reference_model_id, GENERATOR_KINDS,
+    reference = models.choose_model(errors, session, "reference_model_id", reference_model_id, GENERATOR_KINDS,
                        policy, "an SFT or policy model")
-    reward = _model(errors, session, "reward_model_id", reward_model_id, (ModelKind.reward,),
-                    default_reward_model(session), "a reward model")
+    reward = models.choose_model(errors, session, "reward_model_id", reward_model_id, (ModelKind.reward,),
+                    models.default_reward_model(session), "a reward model")
     set_ids = _sets(errors, session, "prompt_set_ids", prompt_set_ids, PromptSetKind.ranking, required=True)
     if set_ids:
         rl = session.scalar(select(func.count(Prompt.id)).where(Prompt.prompt_set_id.in_(set_ids),
@@ -203,18 +247,13 @@ def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_mode
         if rl == 0:
             errors["prompt_set_ids"] = "the chosen sets have no prompt in the rl split"
     config = clean_config(values, PPOConfig, errors, flags_from_form=flags_from_form)
-    batch, mini = config.get("batch_size"), config.get("mini_batch_size")
-    if isinstance(batch, int) and isinstance(mini, int) and (mini > batch or batch % mini):
-        errors["mini_batch_size"] = f"must divide the batch size ({batch})"
-    steps, warmup = config.get("steps"), config.get("value_warmup_steps")
-    if isinstance(steps, int) and isinstance(warmup, int) and warmup >= steps:
-        errors["value_warmup_steps"] = f"must be below the number of steps ({steps}): the policy would never train"
+    errors.update(PPOConfig.joint_problems(config))  # the trainer's own rules between settings
     sft_ids = _sets(errors, session, "sft_set_ids", sft_set_ids, PromptSetKind.demonstration, required=False)
     ptx = config.get("ptx_coef")
     if isinstance(ptx, float) and ptx > 0 and not sft_ids and "sft_set_ids" not in errors:
         errors["sft_set_ids"] = "a pretraining-loss coefficient above 0 needs demonstration sets"
     clean_name = _name(errors, session, name)
-    _raise(errors)
+    raise_for_fields(errors)
     assert policy is not None and reference is not None and reward is not None
     return {"policy_model_id": policy.id, "reference_model_id": reference.id, "reward_model_id": reward.id,
             "prompt_set_ids": set_ids, "sft_set_ids": sft_ids, "name": clean_name, "config": config}
@@ -277,131 +316,23 @@ def responses_of_model(session: Session, prompt_set_ids: Sequence[int], model_id
     return [(list(messages), text) for messages, text in rows]
 
 
-@dataclass(frozen=True)
-class PromptRow:
-    prompt_id: int
-    messages: list[dict[str, str]]
-
-
 def prompts_of(session: Session, prompt_set_ids: Sequence[int], split: Split, *,
-               limit: int | None = None) -> list[PromptRow]:
+               limit: int | None = None) -> list[models.PromptRow]:
     """Prompts of the sets in a split, in id order."""
     query = (select(Prompt.id, Prompt.messages).where(Prompt.prompt_set_id.in_(list(prompt_set_ids)),
                                                      Prompt.split == split).order_by(Prompt.id))
     if limit is not None:
         query = query.limit(limit)
-    return [PromptRow(pid, list(messages)) for pid, messages in session.execute(query)]
+    return [models.PromptRow(pid, list(messages)) for pid, messages in session.execute(query)]
 
 
-def sample_prompts(session: Session, prompt_set_ids: Sequence[int], *, limit: int = SAMPLE_PROMPTS) -> list[PromptRow]:
+def sample_prompts(session: Session, prompt_set_ids: Sequence[int], *,
+                   limit: int = SAMPLE_PROMPTS) -> list[models.PromptRow]:
     """The fixed prompts a run is sampled on before and after: the validation split,
     topped up from the rl split, then train, in id order."""
-    rows: list[PromptRow] = []
+    rows: list[models.PromptRow] = []
     for split in (Split.validation, Split.rl, Split.train):
         if len(rows) >= limit:
             break
         rows += prompts_of(session, prompt_set_ids, split, limit=limit - len(rows))
     return rows
-
-
-# ---- samples side by side -----------------------------------------------------------
-
-def save_samples(session: Session, *, model_id: int, stage: str, samples: Sequence[Mapping[str, Any]],
-                 prompts: Sequence[PromptRow]) -> None:
-    """Store a model's samples of one stage ("before": its starting point; "after":
-    the model). samples[i] answers prompts[i]: {"response", "reward" (or None), "ended"}.
-    Replaces earlier ones of the stage. Does not commit."""
-    if stage not in ("before", "after"):
-        raise ValueError(f"unknown stage {stage!r}")
-    session.execute(delete(ModelSample).where(ModelSample.model_id == model_id, ModelSample.stage == stage))
-    for position, (prompt, sample) in enumerate(zip(prompts, samples, strict=True)):
-        reward = sample.get("reward")
-        session.add(ModelSample(model_id=model_id, prompt_id=prompt.prompt_id, position=position, stage=stage,
-                                messages=prompt.messages, response=str(sample["response"]),
-                                reward=None if reward is None else float(reward),
-                                ended=bool(sample.get("ended", True))))
-
-
-@dataclass
-class SidePair:
-    position: int
-    prompt_id: int | None
-    messages: list[dict[str, str]]
-    before: ModelSample | None
-    after: ModelSample | None
-
-
-def side_by_side(session: Session, model_id: int) -> list[SidePair]:
-    """The model's samples, before and after, one row per prompt."""
-    rows: dict[int, SidePair] = {}
-    for sample in session.scalars(select(ModelSample).where(ModelSample.model_id == model_id)
-                                  .order_by(ModelSample.position, ModelSample.stage)):
-        pair = rows.setdefault(sample.position, SidePair(sample.position, sample.prompt_id, list(sample.messages),
-                                                         None, None))
-        setattr(pair, sample.stage, sample)
-    return [rows[p] for p in sorted(rows)]
-
-
-# ---- the registry: lineage and promotion ------------------------------------------
-
-def get_model(session: Session, model_id: int) -> Model:
-    model = session.get(Model, model_id)
-    if model is None:
-        raise NotFound(f"No model with id {model_id}.")
-    return model
-
-
-def lineage(session: Session, model: Model) -> list[Model]:
-    """The model's ancestors through parent_id, nearest first (cycles cut)."""
-    chain: list[Model] = []
-    seen = {model.id}
-    current = model.parent
-    while current is not None and current.id not in seen:
-        chain.append(current)
-        seen.add(current.id)
-        current = current.parent
-    return chain
-
-
-def related_models(session: Session, model: Model) -> dict[str, Model | None]:
-    """Models a run used besides its parent: the reward model and reference of a policy."""
-    out: dict[str, Model | None] = {}
-    for key in ("reward_model_id", "reference_model_id", "base_model_id"):
-        raw = (model.config or {}).get(key)
-        if isinstance(raw, int):
-            out[key.removesuffix("_model_id")] = session.get(Model, raw)
-    return out
-
-
-def children(session: Session, model: Model) -> list[Model]:
-    return list(session.scalars(select(Model).where(Model.parent_id == model.id).order_by(Model.id)))
-
-
-def generator_of(session: Session, model: Model) -> list[PromptSet]:
-    """Ranking sets this model generates for."""
-    return list(session.scalars(select(PromptSet).where(PromptSet.generator_model_id == model.id)
-                                .order_by(PromptSet.name)))
-
-
-def promote_generator(session: Session, *, model_id: Any, prompt_set_id: Any, user_id: int | None) -> tuple[PromptSet, Job | None]:
-    """Make the model the generator of a ranking set and open a new generation round:
-    every prompt gets K fresh responses from it, as new tasks. The generation job is
-    queued now when the set is active (else when it is started or resumed). Raises
-    Invalid for a model that cannot generate or a set that is not a ranking set,
-    Conflict for an archived set. Commits."""
-    errors: dict[str, str] = {}
-    model = _model(errors, session, "model_id", model_id, GENERATOR_KINDS, None, "an SFT or policy model")
-    set_ids = parse_ids(errors, "prompt_set_id", prompt_set_id, "prompt set")
-    prompt_set = session.get(PromptSet, set_ids[0]) if len(set_ids) == 1 else None
-    if "prompt_set_id" not in errors and (prompt_set is None or prompt_set.kind != PromptSetKind.ranking):
-        errors["prompt_set_id"] = "choose a ranking prompt set"
-    _raise(errors)
-    assert model is not None and prompt_set is not None
-    session.refresh(prompt_set, with_for_update=True)
-    if prompt_set.status == PromptSetStatus.archived:
-        raise Conflict(f"The prompt set '{prompt_set.name}' is archived: it takes no new round.")
-    prompt_set.generator_model_id = model.id
-    prompt_set.round += 1
-    job = queue_generation_if_needed(session, prompt_set=prompt_set, created_by_id=user_id)
-    session.commit()
-    return prompt_set, job
