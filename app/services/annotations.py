@@ -21,10 +21,12 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.db.enums import AssignmentStatus
 from app.db.models import (
     Annotation,
+    Assignment,
     Comparison,
     Prompt,
     PromptSet,
@@ -258,22 +260,21 @@ def submit_annotation(
     # The task and lease rows are the locks: a concurrent submit of the same labeler
     # waits here, then finds the annotation its twin stored; a labeler leasing the
     # task waits too, so the lease checked below cannot go to them meanwhile.
-    hold = lock_for_submit(session, user=user, task_id=task_id, now=now)
     given_key = (idempotency_key or "").strip()
-    stored = session.scalar(
-        select(Annotation).where(Annotation.idempotency_key == given_key)
-        .options(selectinload(Annotation.ratings))
-        .execution_options(populate_existing=True)
-    ) if given_key else None
-    if stored is not None:
+    hold = lock_for_submit(session, user=user, task_id=task_id, idempotency_key=given_key, now=now)
+    task = hold.task
+    if hold.stored_annotation_id is not None:
+        stored = session.scalar(
+            select(Annotation).where(Annotation.id == hold.stored_annotation_id)
+            .options(selectinload(Annotation.ratings))
+            .execution_options(populate_existing=True)
+        )
         if stored.user_id != user.id or stored.task_id != task_id:
             raise Conflict("This form was already used for another submission; reload the page.")
         session.commit()
-        task = load_task(session, task_id)
         return Submission(annotation=stored, created=False, warnings=_stored_warnings(task, stored))
-    check_lease(session, hold, user=user)
+    check_lease(hold)
     key = _check_key(idempotency_key)
-    task = load_task(session, task_id)
     now = hold.now
     clean = clean_submission(task, ratings=ratings, ranks=ranks, flags=flags,
                              prompt_flags=prompt_flags, comment=comment)
@@ -284,9 +285,15 @@ def submit_annotation(
     )
     session.add(annotation)
     _store(session, annotation, task, clean)
-    hold.assignment.status = AssignmentStatus.submitted
-    hold.assignment.finished_at = now
-    session.execute(update(Task).where(Task.id == task_id).values(num_labels=Task.num_labels + 1))
+    # The lease is marked submitted and the label counted on the task in one statement.
+    submitted = (
+        update(Assignment).where(Assignment.id == hold.assignment.id)
+        .values(status=AssignmentStatus.submitted, finished_at=now).cte("submitted")
+    )
+    session.execute(update(Task).where(Task.id == task_id).values(num_labels=Task.num_labels + 1)
+                    .add_cte(submitted))
+    set_committed_value(hold.assignment, "status", AssignmentStatus.submitted)
+    set_committed_value(hold.assignment, "finished_at", now)
     session.commit()
     return Submission(annotation=annotation, created=True,
                       warnings=contradiction_warnings(task, clean.ratings, clean.ranks))
