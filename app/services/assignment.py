@@ -37,10 +37,11 @@ Reading: a labeler sees a task only through `labeler_task` (a live lease on it,
 or their own annotation of it); every other task id is "not found" to them.
 """
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import DateTime, Float, and_, exists, func, literal, null, or_, select, text, update
+from sqlalchemy import DateTime, Float, Integer, Interval, and_, bindparam, exists, func, literal, null, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, joinedload
 
@@ -203,10 +204,12 @@ def _gold_due_sets(user_id: int):
     )
 
 
-def _pick(session: Session, *, user_id: int, now: datetime, exclude: set[int], skip_locked: bool,
-          shortlist: int | None = None) -> int | None:
-    """Lock and return the id of the best candidate task, or None. With `shortlist`,
-    only the first that many tasks in the order are looked at (see below)."""
+@functools.cache
+def _pick_statement(*, shortlist: bool, skip_locked: bool, exclude: bool):
+    """The statement of `_pick`, built once per variant (building it costs more CPU
+    than running it); parameters user_id, now and exclude."""
+    user_id = bindparam("user_id", type_=Integer)
+    now = bindparam("now", type_=DateTime(timezone=True))
     mine = select(Assignment.task_id).where(
         Assignment.user_id == user_id,
         or_(
@@ -225,9 +228,9 @@ def _pick(session: Session, *, user_id: int, now: datetime, exclude: set[int], s
         .where(_eligible_sets(user_id), Task.id.not_in(mine), or_(ordinary, gold))
     )
     if exclude:
-        candidates = candidates.where(Task.id.not_in(exclude))
+        candidates = candidates.where(Task.id.not_in(bindparam("exclude", expanding=True)))
     has_room = Task.is_gold | (_holder_count(now) < PromptSet.overlap)
-    if shortlist is None:
+    if not shortlist:
         query = candidates.where(has_room)
     else:
         # Counting each candidate's holders is what costs (a subquery per task of
@@ -235,31 +238,41 @@ def _pick(session: Session, *, user_id: int, now: datetime, exclude: set[int], s
         query = (
             select(Task.id)
             .join(PromptSet, PromptSet.id == Task.prompt_set_id)
-            .where(Task.id.in_(candidates.order_by(*order).limit(shortlist)), has_room)
+            .where(Task.id.in_(candidates.order_by(*order).limit(_SHORTLIST)), has_room)
         )
-    query = query.order_by(*order).limit(1).with_for_update(of=Task, skip_locked=skip_locked)
-    return session.scalar(query)
+    return query.order_by(*order).limit(1).with_for_update(of=Task, skip_locked=skip_locked)
 
 
-def _take(session: Session, *, task_id: int, user_id: int, lease_s: int, start: datetime,
-          now: datetime | None) -> Assignment | None:
-    """Under the task's row lock, in one new statement (so it sees every lease committed
-    meanwhile): read the clock, and if the task has room at that instant, lease it to
-    the labeler (their existing row on it is reused). None when it has no room.
-    The labeler's other leases that ran out by `start` are marked expired on the way."""
+def _pick(session: Session, *, user_id: int, now: datetime, exclude: set[int], skip_locked: bool,
+          shortlist: bool = False) -> int | None:
+    """Lock and return the id of the best candidate task, or None. With `shortlist`,
+    only the first _SHORTLIST tasks in the order are looked at (see below)."""
+    query = _pick_statement(shortlist=shortlist, skip_locked=skip_locked, exclude=bool(exclude))
+    params = {"user_id": user_id, "now": now} | ({"exclude": sorted(exclude)} if exclude else {})
+    return session.scalar(query, params)
+
+
+@functools.cache
+def _take_statement(*, clock_given: bool):
+    """The statement of `_take`, built once; parameters take_task, take_user, lease,
+    start and (with clock_given) now (no column's name: those would be read as values
+    to write)."""
+    task_id, user_id = bindparam("take_task", type_=Integer), bindparam("take_user", type_=Integer)
     clock = select(func.clock_timestamp().label("now")).cte("clock")  # read once per statement
-    at = clock.c.now if now is None else literal(now, DateTime(timezone=True))
+    at = bindparam("now", type_=DateTime(timezone=True)) if clock_given else clock.c.now
     holders = (
         select(func.count(Assignment.id))
         .where(Assignment.task_id == task_id, holders_clause(at))
         .scalar_subquery()
     )
     # Never the row taken below: one statement must not change a row twice.
+    table = Assignment.__table__
     ran_out = (
-        update(Assignment)
-        .where(Assignment.user_id == user_id, Assignment.task_id != task_id,
-               Assignment.status == AssignmentStatus.active, Assignment.expires_at <= start)
-        .values(status=AssignmentStatus.expired)
+        update(table)
+        .where(table.c.user_id == user_id, table.c.task_id != task_id,
+               table.c.status == AssignmentStatus.active.value,
+               table.c.expires_at <= bindparam("start", type_=DateTime(timezone=True)))
+        .values(status=AssignmentStatus.expired.value)
         .cte("ran_out")
     )
     room = (
@@ -268,21 +281,30 @@ def _take(session: Session, *, task_id: int, user_id: int, lease_s: int, start: 
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
         .join(clock, text("true"))
         .where(Task.id == task_id, Task.is_gold | (holders < PromptSet.overlap))
+        .subquery("room")
     )
-    room = room.subquery("room")
     values = {
-        "task_id": literal(task_id), "user_id": literal(user_id),
+        "task_id": task_id, "user_id": user_id,
         "status": literal(AssignmentStatus.active.value), "leased_at": room.c.now,
-        "expires_at": room.c.now + literal(timedelta(seconds=lease_s)),
+        "expires_at": room.c.now + bindparam("lease", type_=Interval),
         "finished_at": null(), "skip_reason": null(),
     }
-    insert_ = pg_insert(Assignment).from_select(list(values), select(*values.values()).select_from(room))
-    return session.scalar(
-        insert_.on_conflict_do_update(
-            index_elements=[Assignment.task_id, Assignment.user_id],
-            set_={name: insert_.excluded[name] for name in values if name not in ("task_id", "user_id")},
-        ).add_cte(ran_out).returning(Assignment).execution_options(populate_existing=True)
-    )
+    insert_ = pg_insert(table).from_select(list(values), select(*values.values()).select_from(room))
+    return insert_.on_conflict_do_update(
+        index_elements=[table.c.task_id, table.c.user_id],
+        set_={name: insert_.excluded[name] for name in values if name not in ("task_id", "user_id")},
+    ).add_cte(ran_out).returning(table.c.id)
+
+
+def _take(session: Session, *, task_id: int, user_id: int, lease_s: int, start: datetime,
+          now: datetime | None) -> int | None:
+    """Under the task's row lock, in one new statement (so it sees every lease committed
+    meanwhile): read the clock, and if the task has room at that instant, lease it to
+    the labeler (their existing row on it is reused); returns the assignment's id, or
+    None when the task has no room. The labeler's other leases that ran out by
+    `start` are marked expired on the way."""
+    params = {"take_task": task_id, "take_user": user_id, "lease": timedelta(seconds=lease_s), "start": start}
+    return session.scalar(_take_statement(clock_given=now is not None), params | ({"now": now} if now else {}))
 
 
 def _lock_labeler(session: Session, user_id: int) -> datetime:
@@ -310,8 +332,7 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
     for _ in range(_MAX_ATTEMPTS):
         # One of the first tasks in the order nearly always has room; only when none
         # of them has (all leased or being leased) is the whole set searched.
-        task_id = _pick(session, user_id=user_id, now=start, exclude=tried, skip_locked=True,
-                        shortlist=_SHORTLIST)
+        task_id = _pick(session, user_id=user_id, now=start, exclude=tried, skip_locked=True, shortlist=True)
         if task_id is None:
             task_id = _pick(session, user_id=user_id, now=start, exclude=tried, skip_locked=True)
         if task_id is None:
@@ -322,11 +343,15 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
             break
         # The clock is read again under the row lock (see "Clock" above). A task found
         # full stays locked until the commit: it has no room for anyone else either.
-        assignment = _take(session, task_id=task_id, user_id=user_id, lease_s=lease_s, start=start, now=now)
-        if assignment is None:
+        assignment_id = _take(session, task_id=task_id, user_id=user_id, lease_s=lease_s, start=start, now=now)
+        if assignment_id is None:
             tried.add(task_id)
             continue
-        task = load_task(session, task_id)  # before the commit: no second transaction to read it
+        # Read before the commit: no second transaction to read it.
+        task, assignment = session.execute(_with_contents(
+            select(Task, Assignment).join(Assignment, Assignment.task_id == Task.id)
+            .where(Assignment.id == assignment_id)
+        )).unique().one()
         session.commit()
         return Lease(assignment=assignment, task=task)
     # The labeler's own leases that ran out are marked as such (their rows are reused).
