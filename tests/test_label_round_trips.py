@@ -25,7 +25,7 @@ from tests.factories import make_prompt_set, make_task
 # pool's liveness check of each connection taken (pool_pre_ping).
 NEXT_NEW_LEASE = 9
 NEXT_SAME_LEASE = 6
-SUBMIT = 10
+SUBMIT = 7
 
 
 @contextmanager
