@@ -19,8 +19,9 @@ Rules:
   floor((n+1) * gold_rate) and a gold task is left for them.
 
 Concurrency: the chosen task row is locked with SELECT ... FOR UPDATE SKIP
-LOCKED, and its holders are counted again (a fresh statement, so it sees every
-lease committed meanwhile) before the lease is written. Every path that adds a
+LOCKED, and its holders are counted again by the statement that writes the lease
+(a fresh statement, so it sees every lease committed meanwhile; it writes
+nothing when the task has no room). Every path that adds a
 holder goes through here, so concurrent labelers never exceed the overlap. A
 transaction-scoped advisory lock per labeler serialises one labeler's own
 requests (a double click never gives two leases).
@@ -41,7 +42,22 @@ import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import DateTime, Float, Integer, Interval, and_, bindparam, exists, func, literal, null, or_, select, text, update
+from sqlalchemy import (
+    DateTime,
+    Float,
+    Integer,
+    Interval,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, joinedload
 
