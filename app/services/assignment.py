@@ -419,7 +419,7 @@ def skip_task(session: Session, *, user: User, task_id: int, reason: str,
 @dataclass
 class Hold:
     """A labeler's assignment on a task, both rows locked, and what was read after the
-    locks: the clock, the task with its contents and its set."""
+    locks: the clock, the task with its items and its set."""
     task: Task
     assignment: Assignment
     now: datetime
@@ -431,7 +431,7 @@ def lock_for_submit(session: Session, *, user: User, task_id: int, idempotency_k
                     now: datetime | None = None) -> Hold:
     """Lock what a submission changes, in the order leasing takes the locks (the
     labeler's advisory lock, then the task row and their assignment), then read, in
-    one new statement, the clock, the task's contents and set (a pause committed
+    one new statement, the clock, the task's items and set (a pause committed
     before is seen) and the annotation already stored under `idempotency_key` (a
     retry). Raises NotFound when the labeler was never given the task."""
     _lock_labeler(session, user.id)
@@ -449,12 +449,16 @@ def lock_for_submit(session: Session, *, user: User, task_id: int, idempotency_k
         select(Annotation.id).where(Annotation.idempotency_key == idempotency_key).scalar_subquery()
         if idempotency_key else null()
     )
-    task, read_at, open_to_labeler, stored_id = session.execute(_with_contents(
+    # The items (response ids and positions) and the set, not the texts: a submission
+    # is checked against those only.
+    task, read_at, open_to_labeler, stored_id = session.execute(
         select(Task, clock.c.now, _open_to(user.id), stored)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
         .join(clock, text("true"))
         .where(Task.id == task_id)
-    )).unique().one()
+        .options(joinedload(Task.items), joinedload(Task.prompt_set))
+        .execution_options(populate_existing=True)
+    ).unique().one()
     return Hold(task=task, assignment=locked[1], now=read_at.astimezone(UTC) if now is None else now,
                 open_to_labeler=open_to_labeler, stored_annotation_id=stored_id)
 
