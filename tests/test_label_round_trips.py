@@ -5,7 +5,7 @@ labelers wait on, many at once: every statement is a round trip to PostgreSQL
 and CPU on both sides. These tests count what each request sends on the app's
 own engine (real commits, as in production) and fail when someone adds one, so
 a new round trip on the hot path is a decision, not an accident. The figures
-are in README ("Performance").
+are in README ("Performance of the labeling loop").
 """
 
 import re

@@ -22,7 +22,8 @@ SESSION_KEY = "sid"
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` one in
 # the thread pool, and each such hop costs more than the work (see README,
-# "Performance"). Those that talk to the database stay plain functions.
+# "Performance of the labeling loop"). Those that talk to the database stay plain
+# functions.
 
 async def get_session() -> AsyncIterator[Session]:
     """The request's database session. Opening one does no I/O (a connection is

@@ -240,7 +240,8 @@ def _store(session: Session, annotation: Annotation, task: Task, clean: CleanSub
 # A new submission in one round trip: the annotation, its ratings and comparisons (rows
 # of JSON arrays), the lease marked submitted and the label counted on the task. The
 # ORM's unit of work did the same in five statements and was the largest CPU cost of
-# a submit (see README, "Performance"). Returns the annotation's id and the task's count.
+# a submit (see README, "Performance of the labeling loop"). Returns the annotation's
+# id and the task's new label count.
 _WRITE_SUBMISSION = text("""
 WITH annotation AS (
     INSERT INTO annotations (task_id, user_id, time_spent_s, prompt_flags, comment, idempotency_key,
