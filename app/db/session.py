@@ -62,6 +62,11 @@ def configure(url: str | None = None, **engine_kwargs) -> Engine:
     return _engine
 
 
+def is_configured() -> bool:
+    """Whether the process's engine exists (so a new session costs no I/O)."""
+    return _engine is not None
+
+
 def get_engine() -> Engine:
     return _engine if _engine is not None else configure()
 

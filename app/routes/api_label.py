@@ -19,9 +19,9 @@ def _flags(pairs) -> list[FlagOut]:
 def next_task(session: SessionDep, user: LabelerUser, settings: SettingsDep):
     """The labeler's leased task (the same one until it is submitted, skipped or the lease
     runs out), or a new lease; `task` is null when nothing is left."""
-    now = utcnow()
+    # Counted first, in the transaction the lease commits: no second one just to count.
+    counts = annotations.labeler_counts(session, user=user, now=utcnow())
     lease = assignment.lease_next_task(session, user=user, lease_s=settings.lease_s)
-    counts = annotations.labeler_counts(session, user=user, now=now)
     task_out = None
     if lease is not None:
         task = lease.task

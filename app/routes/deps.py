@@ -1,16 +1,17 @@
 """Dependency aliases, declared once: the session, the current user, role checks."""
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.db.enums import Role
 from app.db.models import User
-from app.db.session import new_session
+from app.db import session as db_session
 from app.services import auth, sessions
 from app.services.errors import NotAllowed, NotAuthenticated
 
@@ -19,12 +20,30 @@ SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 SESSION_KEY = "sid"
 
 
-def get_session() -> Iterator[Session]:
-    with new_session() as session:
+# Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` one in
+# the thread pool, and each such hop costs more than the work (see README,
+# "Performance of the labeling loop"). Those that talk to the database stay plain
+# functions.
+
+async def get_session() -> AsyncIterator[Session]:
+    """The request's database session. Opening one does no I/O (a connection is
+    taken on first use), and neither does closing one whose transaction ended
+    (committed): only a session still in a transaction is closed in the thread
+    pool, as giving its connection back rolls it back."""
+    if db_session.is_configured():
+        session = db_session.new_session()
+    else:  # the first request of the process may start the embedded database
+        session = await run_in_threadpool(db_session.new_session)
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     # The settings the app was created with (create_app keeps them in app.state).
     return request.app.state.settings
 
@@ -80,7 +99,7 @@ def sign_out(request: Request, session: Session) -> None:
 OptionalUser = Annotated[User | None, Depends(get_optional_user)]
 
 
-def get_current_user(user: OptionalUser) -> User:
+async def get_current_user(user: OptionalUser) -> User:
     if user is None:
         raise NotAuthenticated("Please sign in.")
     return user
@@ -95,7 +114,7 @@ class RequireRole:
     def __init__(self, *roles: Role):
         self.roles = roles
 
-    def __call__(self, user: CurrentUser) -> User:
+    async def __call__(self, user: CurrentUser) -> User:
         if not user.can(*self.roles):
             wanted = " or ".join(r.value for r in self.roles) or "admin"
             raise NotAllowed(f"This page is for {wanted} accounts.")

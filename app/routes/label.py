@@ -31,13 +31,14 @@ LabelFormDep = Annotated[LabelForm, Depends(read_label_form)]
 def _context(session, user: User, now: datetime, *, task: Task | None, lease: Assignment | None = None,
              form: LabelForm | None = None, values: dict[str, Any] | None = None, refused: bool = False,
              editing: Annotation | None = None, notice: str | None = None,
-             notice_warnings: list[str] | None = None) -> dict[str, Any]:
+             notice_warnings: list[str] | None = None,
+             counts: annotations.LabelerCounts | None = None) -> dict[str, Any]:
     """The task card's context. `refused`: the form comes back after a refusal, keeping
     its idempotency key and start time."""
     values = values or (form.values() if form else {})
     context: dict[str, Any] = {
         "task": task, "lease": lease, "editing": editing,
-        "counts": annotations.labeler_counts(session, user=user, now=now),
+        "counts": counts or annotations.labeler_counts(session, user=user, now=now),
         "values": {"ratings": {}, "ranks": {}, "flags": {}, "prompt_flags": [], "comment": "",
                    "skip_reason": "", "skip_reason_other": ""} | values,
         "errors": {}, "error": None,
@@ -69,9 +70,11 @@ def _refused(request: Request, exc: Invalid, context: dict[str, Any]):
 
 def _next_task(request: Request, session, user: User, settings, **extra: Any):
     now = utcnow()
+    # Counted first, in the transaction the lease commits: no second one just to count.
+    counts = annotations.labeler_counts(session, user=user, now=now)
     lease = assignment.lease_next_task(session, user=user, lease_s=settings.lease_s)
     context = _context(session, user, now, task=lease.task if lease else None,
-                       lease=lease.assignment if lease else None, **extra)
+                       lease=lease.assignment if lease else None, counts=counts, **extra)
     return _task_response(request, context)
 
 

@@ -13,14 +13,16 @@ same key finds the stored annotation and returns it instead of storing twice.
 """
 
 import itertools
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.db.enums import AssignmentStatus
 from app.db.models import (
@@ -218,21 +220,59 @@ def _check_key(key: str | None) -> str:
     return key
 
 
-def _store(session: Session, annotation: Annotation, task: Task, clean: CleanSubmission) -> None:
-    for rid, likert in clean.ratings.items():
-        annotation.ratings.append(Rating(task_id=task.id, response_id=rid, likert=likert,
-                                         rank=clean.ranks[rid], flags=clean.flags.get(rid, [])))
-    for pair in expand_comparisons(clean.ratings, clean.ranks):
-        annotation.comparisons.append(Comparison(
-            task_id=task.id, chosen_response_id=pair.chosen, rejected_response_id=pair.rejected,
-            rank_margin=pair.rank_margin, rating_margin=pair.rating_margin,
-        ))
+def _store(session: Session, annotation: Annotation, task: Task, clean: CleanSubmission, *,
+           add: bool = True) -> None:
+    """The annotation's ratings and comparisons, as ORM rows (added to the session unless
+    `add` is false: a new submission is written by _WRITE_SUBMISSION instead)."""
+    ratings = [Rating(task_id=task.id, response_id=rid, likert=likert, rank=clean.ranks[rid],
+                      flags=clean.flags.get(rid, [])) for rid, likert in clean.ratings.items()]
+    comparisons = [Comparison(task_id=task.id, chosen_response_id=pair.chosen, rejected_response_id=pair.rejected,
+                              rank_margin=pair.rank_margin, rating_margin=pair.rating_margin)
+                   for pair in expand_comparisons(clean.ratings, clean.ranks)]
+    if add:
+        annotation.ratings.extend(ratings)
+        annotation.comparisons.extend(comparisons)
+    else:
+        set_committed_value(annotation, "ratings", ratings)
+        set_committed_value(annotation, "comparisons", comparisons)
+
+
+# A new submission in one round trip: the annotation, its ratings and comparisons (rows
+# of JSON arrays), the lease marked submitted and the label counted on the task. The
+# ORM's unit of work did the same in five statements and was the largest CPU cost of
+# a submit (see README, "Performance of the labeling loop"). Returns the annotation's
+# id and the task's new label count.
+_WRITE_SUBMISSION = text("""
+WITH annotation AS (
+    INSERT INTO annotations (task_id, user_id, time_spent_s, prompt_flags, comment, idempotency_key,
+                             excluded, created_at, updated_at)
+    VALUES (:task_id, :user_id, :time_spent_s, CAST(:prompt_flags AS jsonb), :comment, :key, false, :now, :now)
+    RETURNING id
+), ratings AS (
+    INSERT INTO ratings (annotation_id, task_id, response_id, likert, rank, flags)
+    SELECT annotation.id, :task_id, r.response_id, r.likert, r.rank, r.flags
+    FROM annotation, jsonb_to_recordset(CAST(:ratings AS jsonb))
+        AS r(response_id integer, likert integer, rank integer, flags jsonb)
+), comparisons AS (
+    INSERT INTO comparisons (annotation_id, task_id, chosen_response_id, rejected_response_id,
+                             rank_margin, rating_margin, created_at)
+    SELECT annotation.id, :task_id, c.chosen, c.rejected, c.rank_margin, c.rating_margin, :now
+    FROM annotation, jsonb_to_recordset(CAST(:comparisons AS jsonb))
+        AS c(chosen integer, rejected integer, rank_margin integer, rating_margin integer)
+), submitted AS (
+    UPDATE assignments SET status = 'submitted', finished_at = :now WHERE id = :assignment_id
+)
+UPDATE tasks SET num_labels = num_labels + 1 FROM annotation WHERE tasks.id = :task_id
+RETURNING annotation.id, tasks.num_labels
+""")
 
 
 # ---- use cases ------------------------------------------------------------------------
 
 @dataclass
 class Submission:
+    # The stored annotation with its ratings and comparisons; a new one is written in
+    # one statement, so it is a copy outside the session (its id is the stored row's).
     annotation: Annotation
     created: bool  # False when a retry found the stored annotation
     warnings: list[str] = field(default_factory=list)
@@ -258,35 +298,43 @@ def submit_annotation(
     # The task and lease rows are the locks: a concurrent submit of the same labeler
     # waits here, then finds the annotation its twin stored; a labeler leasing the
     # task waits too, so the lease checked below cannot go to them meanwhile.
-    hold = lock_for_submit(session, user=user, task_id=task_id, now=now)
     given_key = (idempotency_key or "").strip()
-    stored = session.scalar(
-        select(Annotation).where(Annotation.idempotency_key == given_key)
-        .options(selectinload(Annotation.ratings))
-        .execution_options(populate_existing=True)
-    ) if given_key else None
-    if stored is not None:
+    hold = lock_for_submit(session, user=user, task_id=task_id, idempotency_key=given_key, now=now)
+    task = hold.task
+    if hold.stored_annotation_id is not None:
+        stored = session.scalar(
+            select(Annotation).where(Annotation.id == hold.stored_annotation_id)
+            .options(selectinload(Annotation.ratings))
+            .execution_options(populate_existing=True)
+        )
         if stored.user_id != user.id or stored.task_id != task_id:
             raise Conflict("This form was already used for another submission; reload the page.")
         session.commit()
-        task = load_task(session, task_id)
         return Submission(annotation=stored, created=False, warnings=_stored_warnings(task, stored))
-    check_lease(session, hold, user=user)
+    check_lease(hold)
     key = _check_key(idempotency_key)
-    task = load_task(session, task_id)
     now = hold.now
     clean = clean_submission(task, ratings=ratings, ranks=ranks, flags=flags,
                              prompt_flags=prompt_flags, comment=comment)
     annotation = Annotation(
         task_id=task_id, user_id=user.id, time_spent_s=clamp_time_spent(time_spent_s),
         prompt_flags=clean.prompt_flags, comment=clean.comment, idempotency_key=key,
-        created_at=now, updated_at=now,
+        excluded=False, created_at=now, updated_at=now,
     )
-    session.add(annotation)
-    _store(session, annotation, task, clean)
-    hold.assignment.status = AssignmentStatus.submitted
-    hold.assignment.finished_at = now
-    session.execute(update(Task).where(Task.id == task_id).values(num_labels=Task.num_labels + 1))
+    _store(session, annotation, task, clean, add=False)
+    annotation.id, num_labels = session.execute(_WRITE_SUBMISSION, {
+        "task_id": task_id, "user_id": user.id, "time_spent_s": annotation.time_spent_s,
+        "prompt_flags": json.dumps(annotation.prompt_flags), "comment": annotation.comment, "key": key,
+        "now": now, "assignment_id": hold.assignment.id,
+        "ratings": json.dumps([{"response_id": r.response_id, "likert": r.likert, "rank": r.rank, "flags": r.flags}
+                               for r in annotation.ratings]),
+        "comparisons": json.dumps([{"chosen": c.chosen_response_id, "rejected": c.rejected_response_id,
+                                    "rank_margin": c.rank_margin, "rating_margin": c.rating_margin}
+                                   for c in annotation.comparisons]),
+    }).one()
+    set_committed_value(task, "num_labels", num_labels)
+    set_committed_value(hold.assignment, "status", AssignmentStatus.submitted)
+    set_committed_value(hold.assignment, "finished_at", now)
     session.commit()
     return Submission(annotation=annotation, created=True,
                       warnings=contradiction_warnings(task, clean.ratings, clean.ranks))

@@ -19,8 +19,9 @@ Rules:
   floor((n+1) * gold_rate) and a gold task is left for them.
 
 Concurrency: the chosen task row is locked with SELECT ... FOR UPDATE SKIP
-LOCKED, and its holders are counted again (a fresh statement, so it sees every
-lease committed meanwhile) before the lease is written. Every path that adds a
+LOCKED, and its holders are counted again by the statement that writes the lease
+(a fresh statement, so it sees every lease committed meanwhile; it writes
+nothing when the task has no room). Every path that adds a
 holder goes through here, so concurrent labelers never exceed the overlap. A
 transaction-scoped advisory lock per labeler serialises one labeler's own
 requests (a double click never gives two leases).
@@ -37,12 +38,28 @@ Reading: a labeler sees a task only through `labeler_task` (a live lease on it,
 or their own annotation of it); every other task id is "not found" to them.
 """
 
-import math
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, exists, func, or_, select, text, update
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy import (
+    DateTime,
+    Float,
+    Integer,
+    Interval,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session, aliased, joinedload
 
 from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus
 from app.db.models import (
@@ -125,20 +142,21 @@ def _eligible_sets(user_id: int):
     )
 
 
+def _with_contents(query):
+    """The query's Task loaded with its prompt, set and responses in display order, in
+    the same statement (joins, not a query per relationship)."""
+    return query.options(
+        joinedload(Task.items).joinedload(TaskResponse.response),
+        joinedload(Task.prompt),
+        joinedload(Task.prompt_set),
+    ).execution_options(populate_existing=True)
+
+
 def load_task(session: Session, task_id: int) -> Task:
     """The task with its prompt, set and responses in display order, unchecked (for
     services; a labeler reads through `labeler_task`). Raises NotFound."""
     # One statement (joins, not a query per relationship): this runs on every "next".
-    task = session.scalars(
-        select(Task)
-        .where(Task.id == task_id)
-        .options(
-            joinedload(Task.items).joinedload(TaskResponse.response),
-            joinedload(Task.prompt),
-            joinedload(Task.prompt_set),
-        )
-        .execution_options(populate_existing=True)
-    ).unique().first()
+    task = session.scalars(_with_contents(select(Task).where(Task.id == task_id))).unique().first()
     if task is None:
         raise NotFound(f"There is no task {task_id}.")
     return task
@@ -164,9 +182,10 @@ def labeler_task(session: Session, *, user: User, task_id: int, now: datetime | 
 
 
 def current_lease(session: Session, *, user: User, now: datetime) -> Lease | None:
-    """The labeler's active, unexpired lease on a task they may still label, if any."""
-    assignment = session.scalar(
-        select(Assignment)
+    """The labeler's active, unexpired lease on a task they may still label, if any,
+    with the task's contents: one statement."""
+    row = session.execute(_with_contents(
+        select(Assignment, Task)
         .join(Task, Task.id == Assignment.task_id)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
         .where(
@@ -177,43 +196,36 @@ def current_lease(session: Session, *, user: User, now: datetime) -> Lease | Non
         )
         .order_by(Assignment.leased_at, Assignment.id)
         .limit(1)
+    )).unique().first()
+    return None if row is None else Lease(assignment=row[0], task=row[1])
+
+
+def _gold_due_sets(user_id: int):
+    """SQL: the ids of the active sets where the labeler's next task should be gold (see
+    the module docstring); a subquery evaluated once per statement."""
+    gold_set, labeled = aliased(PromptSet), aliased(Task)
+
+    def done(*where):
+        return (
+            select(func.count()).select_from(Annotation)
+            .join(labeled, labeled.id == Annotation.task_id)
+            .where(Annotation.user_id == user_id, labeled.prompt_set_id == gold_set.id, *where)
+            .scalar_subquery()
+        )
+
+    # 1e-9: (n+1)*rate computed in floats may land just under a whole number.
+    return select(gold_set.id).where(
+        gold_set.status == PromptSetStatus.active, gold_set.gold_rate > 0,
+        done(labeled.is_gold) < func.floor((done() + 1) * gold_set.gold_rate + literal(1e-9, Float)),
     )
-    if assignment is None:
-        return None
-    return Lease(assignment=assignment, task=load_task(session, assignment.task_id))
 
 
-def _gold_due_sets(session: Session, user_id: int) -> list[int]:
-    """Sets where the labeler's next task should be gold (see the module docstring)."""
-    rates = dict(session.execute(
-        select(PromptSet.id, PromptSet.gold_rate).where(
-            PromptSet.status == PromptSetStatus.active, PromptSet.gold_rate > 0
-        )
-    ).all())
-    if not rates:
-        return []
-    done = {
-        set_id: (n, gold)
-        for set_id, n, gold in session.execute(
-            select(Task.prompt_set_id, func.count(), func.count().filter(Task.is_gold))
-            .join(Annotation, Annotation.task_id == Task.id)
-            .where(Annotation.user_id == user_id, Task.prompt_set_id.in_(list(rates)))
-            .group_by(Task.prompt_set_id)
-        )
-    }
-    due = []
-    for set_id, rate in rates.items():
-        n, gold = done.get(set_id, (0, 0))
-        # 1e-9: (n+1)*rate computed in floats may land just under a whole number.
-        if gold < math.floor((n + 1) * rate + 1e-9):
-            due.append(set_id)
-    return due
-
-
-def _pick(session: Session, *, user_id: int, now: datetime, gold_sets: list[int],
-          exclude: set[int], skip_locked: bool, shortlist: int | None = None) -> int | None:
-    """Lock and return the id of the best candidate task, or None. With `shortlist`,
-    only the first that many tasks in the order are looked at (see below)."""
+@functools.cache
+def _pick_statement(*, shortlist: bool, skip_locked: bool, exclude: bool):
+    """The statement of `_pick`, built once per variant (building it costs more CPU
+    than running it); parameters user_id, now and exclude."""
+    user_id = bindparam("user_id", type_=Integer)
+    now = bindparam("now", type_=DateTime(timezone=True))
     mine = select(Assignment.task_id).where(
         Assignment.user_id == user_id,
         or_(
@@ -225,16 +237,16 @@ def _pick(session: Session, *, user_id: int, now: datetime, gold_sets: list[int]
     # num_labels (kept on the task) counts the submitted holders: a cheap first cut
     # before the leases are counted.
     ordinary = and_(~Task.is_gold, Task.num_labels < PromptSet.overlap)
-    gold = and_(Task.is_gold, Task.prompt_set_id.in_(gold_sets)) if gold_sets else None
+    gold = and_(Task.is_gold, Task.prompt_set_id.in_(_gold_due_sets(user_id)))
     candidates = (
         select(Task.id)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
-        .where(_eligible_sets(user_id), Task.id.not_in(mine), or_(ordinary, gold) if gold is not None else ordinary)
+        .where(_eligible_sets(user_id), Task.id.not_in(mine), or_(ordinary, gold))
     )
     if exclude:
-        candidates = candidates.where(Task.id.not_in(exclude))
+        candidates = candidates.where(Task.id.not_in(bindparam("exclude", expanding=True)))
     has_room = Task.is_gold | (_holder_count(now) < PromptSet.overlap)
-    if shortlist is None:
+    if not shortlist:
         query = candidates.where(has_room)
     else:
         # Counting each candidate's holders is what costs (a subquery per task of
@@ -242,44 +254,73 @@ def _pick(session: Session, *, user_id: int, now: datetime, gold_sets: list[int]
         query = (
             select(Task.id)
             .join(PromptSet, PromptSet.id == Task.prompt_set_id)
-            .where(Task.id.in_(candidates.order_by(*order).limit(shortlist)), has_room)
+            .where(Task.id.in_(candidates.order_by(*order).limit(_SHORTLIST)), has_room)
         )
-    query = query.order_by(*order).limit(1).with_for_update(of=Task, skip_locked=skip_locked)
-    return session.scalar(query)
+    return query.order_by(*order).limit(1).with_for_update(of=Task, skip_locked=skip_locked)
 
 
-@dataclass
-class _Room:
-    now: datetime  # the clock read under the row lock (see "Clock" above)
-    has_room: bool
-    assignment_id: int | None  # the labeler's row on the task, reused if there is one
+def _pick(session: Session, *, user_id: int, now: datetime, exclude: set[int], skip_locked: bool,
+          shortlist: bool = False) -> int | None:
+    """Lock and return the id of the best candidate task, or None. With `shortlist`,
+    only the first _SHORTLIST tasks in the order are looked at (see below)."""
+    query = _pick_statement(shortlist=shortlist, skip_locked=skip_locked, exclude=bool(exclude))
+    params = {"user_id": user_id, "now": now} | ({"exclude": sorted(exclude)} if exclude else {})
+    return session.scalar(query, params)
 
 
-def _room(session: Session, *, task_id: int, user_id: int, now: datetime | None) -> _Room:
-    """Under the task's row lock, in one new statement (so it sees every lease committed
-    meanwhile): the clock, whether the task has room at that instant, and the
-    labeler's existing assignment row on it."""
+@functools.cache
+def _take_statement(*, clock_given: bool):
+    """The statement of `_take`, built once; parameters take_task, take_user, lease,
+    start and (with clock_given) now (no column's name: those would be read as values
+    to write)."""
+    task_id, user_id = bindparam("take_task", type_=Integer), bindparam("take_user", type_=Integer)
     clock = select(func.clock_timestamp().label("now")).cte("clock")  # read once per statement
-    at = clock.c.now if now is None else now
+    at = bindparam("now", type_=DateTime(timezone=True)) if clock_given else clock.c.now
     holders = (
         select(func.count(Assignment.id))
         .where(Assignment.task_id == task_id, holders_clause(at))
         .scalar_subquery()
     )
-    mine = (
-        select(Assignment.id)
-        .where(Assignment.task_id == task_id, Assignment.user_id == user_id)
-        .scalar_subquery()
+    # Never the row taken below: one statement must not change a row twice.
+    table = Assignment.__table__
+    ran_out = (
+        update(table)
+        .where(table.c.user_id == user_id, table.c.task_id != task_id,
+               table.c.status == AssignmentStatus.active.value,
+               table.c.expires_at <= bindparam("start", type_=DateTime(timezone=True)))
+        .values(status=AssignmentStatus.expired.value)
+        .cte("ran_out")
     )
-    read_at, is_gold, count, overlap, assignment_id = session.execute(
-        select(clock.c.now, Task.is_gold, holders, PromptSet.overlap, mine)
+    room = (
+        select(at.label("now"))
         .select_from(Task)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
         .join(clock, text("true"))
-        .where(Task.id == task_id)
-    ).one()
-    return _Room(now=read_at.astimezone(UTC) if now is None else now,
-                 has_room=is_gold or count < overlap, assignment_id=assignment_id)
+        .where(Task.id == task_id, Task.is_gold | (holders < PromptSet.overlap))
+        .subquery("room")
+    )
+    values = {
+        "task_id": task_id, "user_id": user_id,
+        "status": literal(AssignmentStatus.active.value), "leased_at": room.c.now,
+        "expires_at": room.c.now + bindparam("lease", type_=Interval),
+        "finished_at": null(), "skip_reason": null(),
+    }
+    insert_ = pg_insert(table).from_select(list(values), select(*values.values()).select_from(room))
+    return insert_.on_conflict_do_update(
+        index_elements=[table.c.task_id, table.c.user_id],
+        set_={name: insert_.excluded[name] for name in values if name not in ("task_id", "user_id")},
+    ).add_cte(ran_out).returning(table.c.id)
+
+
+def _take(session: Session, *, task_id: int, user_id: int, lease_s: int, start: datetime,
+          now: datetime | None) -> int | None:
+    """Under the task's row lock, in one new statement (so it sees every lease committed
+    meanwhile): read the clock, and if the task has room at that instant, lease it to
+    the labeler (their existing row on it is reused); returns the assignment's id, or
+    None when the task has no room. The labeler's other leases that ran out by
+    `start` are marked expired on the way."""
+    params = {"take_task": task_id, "take_user": user_id, "lease": timedelta(seconds=lease_s), "start": start}
+    return session.scalar(_take_statement(clock_given=now is not None), params | ({"now": now} if now else {}))
 
 
 def _lock_labeler(session: Session, user_id: int) -> datetime:
@@ -303,6 +344,32 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
     if lease is not None:
         session.commit()
         return lease
+    tried: set[int] = set()
+    for _ in range(_MAX_ATTEMPTS):
+        # One of the first tasks in the order nearly always has room; only when none
+        # of them has (all leased or being leased) is the whole set searched.
+        task_id = _pick(session, user_id=user_id, now=start, exclude=tried, skip_locked=True, shortlist=True)
+        if task_id is None:
+            task_id = _pick(session, user_id=user_id, now=start, exclude=tried, skip_locked=True)
+        if task_id is None:
+            # Every candidate is locked by someone leasing it right now: wait for
+            # one, it may still have room once that lease is written.
+            task_id = _pick(session, user_id=user_id, now=start, exclude=tried, skip_locked=False)
+        if task_id is None:
+            break
+        # The clock is read again under the row lock (see "Clock" above). A task found
+        # full stays locked until the commit: it has no room for anyone else either.
+        assignment_id = _take(session, task_id=task_id, user_id=user_id, lease_s=lease_s, start=start, now=now)
+        if assignment_id is None:
+            tried.add(task_id)
+            continue
+        # Read before the commit: no second transaction to read it.
+        task, assignment = session.execute(_with_contents(
+            select(Task, Assignment).join(Assignment, Assignment.task_id == Task.id)
+            .where(Assignment.id == assignment_id)
+        )).unique().one()
+        session.commit()
+        return Lease(assignment=assignment, task=task)
     # The labeler's own leases that ran out are marked as such (their rows are reused).
     session.execute(
         update(Assignment)
@@ -310,46 +377,6 @@ def lease_next_task(session: Session, *, user: User, lease_s: int, now: datetime
                Assignment.expires_at <= start)
         .values(status=AssignmentStatus.expired)
     )
-    gold_sets = _gold_due_sets(session, user_id)
-    tried: set[int] = set()
-    for _ in range(_MAX_ATTEMPTS):
-        # A savepoint per attempt: rolling it back releases the lock on a task found full.
-        attempt = session.begin_nested()
-        # One of the first tasks in the order nearly always has room; only when none
-        # of them has (all leased or being leased) is the whole set searched.
-        task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
-                        skip_locked=True, shortlist=_SHORTLIST)
-        if task_id is None:
-            task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
-                            skip_locked=True)
-        if task_id is None:
-            # Every candidate is locked by someone leasing it right now: wait for
-            # one, it may still have room once that lease is written.
-            task_id = _pick(session, user_id=user_id, now=start, gold_sets=gold_sets, exclude=tried,
-                            skip_locked=False)
-        if task_id is None:
-            attempt.rollback()
-            break
-        # The clock is read again under the row lock (see "Clock" above).
-        room = _room(session, task_id=task_id, user_id=user_id, now=now)
-        if not room.has_room:
-            attempt.rollback()
-            tried.add(task_id)
-            continue
-        if room.assignment_id is None:
-            assignment = Assignment(task_id=task_id, user_id=user_id)
-            session.add(assignment)
-        else:
-            assignment = session.get(Assignment, room.assignment_id)
-        assignment.status = AssignmentStatus.active
-        assignment.leased_at = room.now
-        assignment.expires_at = room.now + timedelta(seconds=lease_s)
-        assignment.finished_at = None
-        assignment.skip_reason = None
-        attempt.commit()
-        task = load_task(session, task_id)  # before the commit: no second transaction to read it
-        session.commit()
-        return Lease(assignment=assignment, task=task)
     session.commit()
     return None
 
@@ -391,50 +418,67 @@ def skip_task(session: Session, *, user: User, task_id: int, reason: str,
 
 @dataclass
 class Hold:
-    """A labeler's assignment on a task, both rows locked, and the clock read after the locks."""
+    """A labeler's assignment on a task, both rows locked, and what was read after the
+    locks: the clock, the task with its items and its set."""
     task: Task
     assignment: Assignment
     now: datetime
+    open_to_labeler: bool  # the set is still open to the labeler
+    stored_annotation_id: int | None  # the annotation stored under the given idempotency key
 
 
-def lock_for_submit(session: Session, *, user: User, task_id: int, now: datetime | None = None) -> Hold:
+def lock_for_submit(session: Session, *, user: User, task_id: int, idempotency_key: str = "",
+                    now: datetime | None = None) -> Hold:
     """Lock what a submission changes, in the order leasing takes the locks (the
-    labeler's advisory lock, the task row, then their assignment), and read the
-    clock after them. Raises NotFound when the labeler was never given the task."""
+    labeler's advisory lock, then the task row and their assignment), then read, in
+    one new statement, the clock, the task's items and set (a pause committed
+    before is seen) and the annotation already stored under `idempotency_key` (a
+    retry). Raises NotFound when the labeler was never given the task."""
     _lock_labeler(session, user.id)
-    task = session.scalar(select(Task).where(Task.id == task_id).with_for_update()
-                          .execution_options(populate_existing=True))
-    assignment = session.scalar(
-        select(Assignment)
-        .where(Assignment.task_id == task_id, Assignment.user_id == user.id)
-        .with_for_update()
+    locked = session.execute(
+        select(Task.id, Assignment)
+        .join(Assignment, and_(Assignment.task_id == Task.id, Assignment.user_id == user.id))
+        .where(Task.id == task_id)
+        .with_for_update(of=[Task, Assignment])
         .execution_options(populate_existing=True)
-    ) if task is not None else None
-    if task is None or assignment is None:
+    ).first()
+    if locked is None:
         raise NotFound(_NOT_GIVEN.format(task_id=task_id))
-    return Hold(task=task, assignment=assignment, now=lease_clock(session, now))
+    clock = select(func.clock_timestamp().label("now")).cte("clock")  # read once, after the locks
+    stored = (
+        select(Annotation.id).where(Annotation.idempotency_key == idempotency_key).scalar_subquery()
+        if idempotency_key else null()
+    )
+    # The items (response ids and positions) and the set, not the texts: a submission
+    # is checked against those only.
+    task, read_at, open_to_labeler, stored_id = session.execute(
+        select(Task, clock.c.now, _open_to(user.id), stored)
+        .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+        .join(clock, text("true"))
+        .where(Task.id == task_id)
+        .options(joinedload(Task.items), joinedload(Task.prompt_set))
+        .execution_options(populate_existing=True)
+    ).unique().one()
+    return Hold(task=task, assignment=locked[1], now=read_at.astimezone(UTC) if now is None else now,
+                open_to_labeler=open_to_labeler, stored_annotation_id=stored_id)
 
 
-def check_lease(session: Session, hold: Hold, *, user: User) -> None:
+def check_lease(hold: Hold) -> None:
     """Raise unless the labeler may submit the held task now: Conflict when they
     submitted it already, their lease ran out (it may be another labeler's now) or
     the task is of an earlier round; NotAllowed when its set is not active or no
-    longer open to them. The set is re-read: a pause committed before is seen."""
-    task, assignment = hold.task, hold.assignment
+    longer open to them."""
+    task, assignment, prompt_set = hold.task, hold.assignment, hold.task.prompt_set
     if assignment.status == AssignmentStatus.submitted:
         raise Conflict(f"You already submitted task {task.id}; change it from your history instead.")
     if assignment.status != AssignmentStatus.active or assignment.expires_at <= hold.now:
         raise Conflict(f"Your lease on task {task.id} ran out, so it may have gone to another labeler. "
                        "Open Label to get a task.")
-    prompt_set, allowed = session.execute(
-        select(PromptSet, _open_to(user.id)).where(PromptSet.id == task.prompt_set_id)
-        .execution_options(populate_existing=True)
-    ).one()
     if prompt_set.status != PromptSetStatus.active or prompt_set.kind != PromptSetKind.ranking:
         # The set's name is left out: a labeler never listed on it must not learn it here.
         raise NotAllowed(f"Task {task.id} cannot be labeled now: its prompt set is {prompt_set.status.value}."
                          " Open Label to get another task.")
-    if not allowed:
+    if not hold.open_to_labeler:
         raise NotAllowed(f"You are no longer among the labelers of task {task.id}'s prompt set."
                          " Open Label to get another task.")
     if task.round != prompt_set.round:
