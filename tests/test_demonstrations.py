@@ -436,7 +436,7 @@ def test_a_submit_held_up_while_the_draft_lease_runs_out_and_goes_to_another_is_
 
     with new_session() as blocker:
         blocker.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"),
-                        {"ns": demos._LEASE_LOCK_NS, "uid": a_id})
+                        {"ns": demos.leases._LEASE_LOCK_NS, "uid": a_id})
         thread = threading.Thread(target=late_submit)
         thread.start()
         while blocker.scalar(select(func.clock_timestamp())) <= expires_at:

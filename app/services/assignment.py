@@ -49,12 +49,12 @@ from app.db.models import (
     Annotation,
     Assignment,
     PromptSet,
-    PromptSetLabeler,
     Task,
     TaskResponse,
     User,
 )
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+from app.services.labelers import labelable_sets, open_to
 from app.services.validation import check_text
 
 # Namespace of the per-labeler advisory lock (any constant int4 of our own).
@@ -106,23 +106,9 @@ def _holder_count(now: datetime):
     )
 
 
-def _open_to(user_id: int):
-    """SQL: the set lists no labelers (open to all) or lists this one."""
-    listed_any = exists().where(PromptSetLabeler.prompt_set_id == PromptSet.id)
-    listed_me = exists().where(
-        PromptSetLabeler.prompt_set_id == PromptSet.id, PromptSetLabeler.user_id == user_id
-    )
-    return or_(~listed_any, listed_me)
-
-
 def _eligible_sets(user_id: int):
     """SQL: the task's set is an active ranking set, in its current round, open to the labeler."""
-    return and_(
-        PromptSet.status == PromptSetStatus.active,
-        PromptSet.kind == PromptSetKind.ranking,
-        Task.round == PromptSet.round,
-        _open_to(user_id),
-    )
+    return and_(labelable_sets(user_id, PromptSetKind.ranking), Task.round == PromptSet.round)
 
 
 def load_task(session: Session, task_id: int) -> Task:
@@ -427,7 +413,7 @@ def check_lease(session: Session, hold: Hold, *, user: User) -> None:
         raise Conflict(f"Your lease on task {task.id} ran out, so it may have gone to another labeler. "
                        "Open Label to get a task.")
     prompt_set, allowed = session.execute(
-        select(PromptSet, _open_to(user.id)).where(PromptSet.id == task.prompt_set_id)
+        select(PromptSet, open_to(user.id)).where(PromptSet.id == task.prompt_set_id)
         .execution_options(populate_existing=True)
     ).one()
     if prompt_set.status != PromptSetStatus.active or prompt_set.kind != PromptSetKind.ranking:
