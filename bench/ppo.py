@@ -53,7 +53,7 @@ def main() -> None:
 
     from app.config import Settings
     from bench.reward import tiny_model
-    from tests import synthetic
+    from tests.factories import synthetic
     from trainer.models import DEFAULT_MODEL_DIR
     from trainer.ppo import PPOConfig, train_ppo
     from trainer.reward import RewardConfig, train_reward_model

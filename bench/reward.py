@@ -54,7 +54,7 @@ def tiny_model(directory: Path, tokenizer_dir: Path) -> Path:
 
 
 def data(groups: int):
-    from tests import synthetic
+    from tests.factories import synthetic
 
     return synthetic.ranked_groups(range(groups), k=4, seed=0)
 

@@ -8,7 +8,8 @@ from app.db.base import utcnow
 from app.db.enums import JobKind, JobStatus, Role
 from app.db.models import Job
 from app.services import jobs
-from tests.conftest import login, make_user
+from tests.conftest import login
+from tests.factories import make_user
 
 
 def make_job(session, **values) -> Job:

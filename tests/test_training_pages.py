@@ -6,9 +6,8 @@ from sqlalchemy import func, select
 from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetStatus, Role
 from app.db.models import Job, Model
 from app.services import training
-from tests.conftest import login, make_user
-from tests.factories_jobs import make_model
-from tests.training_data import ranked_set
+from tests.conftest import login
+from tests.factories import make_model, make_user, ranked_set
 
 
 def engineer(client, session):
