@@ -37,7 +37,7 @@ from app.db import session as db_session  # noqa: E402
 from app.db.enums import Role  # noqa: E402
 from app.db.models import Annotation, PromptSet, Task, User  # noqa: E402
 from app.services.agreement import compute_set_agreement  # noqa: E402
-from tests.quality_data import bulk_seed  # noqa: E402
+from tests.factories import bulk_seed  # noqa: E402
 
 K, OVERLAP, LABELERS, RANDOM_LABELERS = 4, 3, 20, 3
 NAIVE_MAX = 10_000  # the naive loop runs on sets up to this size; larger ones are extrapolated

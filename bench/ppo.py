@@ -7,7 +7,7 @@ Usage (from the repository root):
     .venv/bin/python -m bench.ppo --model default --batch-size 16 --max-new-tokens 64 --device cuda
 
 The reward model is trained first (one short epoch on synthetic rankings,
-tests/synthetic.py) from the same model, then PPO runs --steps steps. The
+tests/factories/synthetic.py) from the same model, then PPO runs --steps steps. The
 first step is a warm-up (weights paged in, allocator) and is left out of the
 figures. Per step: generation = sampling from the policy; scoring = the
 forward passes of policy (old log-probs), reference, value and reward models;
@@ -53,7 +53,7 @@ def main() -> None:
 
     from app.config import Settings
     from bench.reward import tiny_model
-    from tests import synthetic
+    from tests.factories import synthetic
     from trainer.models import DEFAULT_MODEL_DIR
     from trainer.ppo import PPOConfig, train_ppo
     from trainer.reward import RewardConfig, train_reward_model

@@ -7,7 +7,7 @@ Usage (from the repository root):
     .venv/bin/python -m bench.reward --model default --groups 64 --device cuda
 
 Both train one epoch on the same rankings of K = 4 responses (synthetic word
-soup, tests/synthetic.py), tokenised identically (chat-templated prompt +
+soup, tests/factories/synthetic.py), tokenised identically (chat-templated prompt +
 response + EOS), with the same model, learning rate, optimizer step size in
 comparisons and max length. Ours sends the K responses of a ranking through
 the model once and averages its K(K-1)/2 pairwise losses (InstructGPT); TRL
@@ -54,7 +54,7 @@ def tiny_model(directory: Path, tokenizer_dir: Path) -> Path:
 
 
 def data(groups: int):
-    from tests import synthetic
+    from tests.factories import synthetic
 
     return synthetic.ranked_groups(range(groups), k=4, seed=0)
 

@@ -29,11 +29,10 @@ from app.db import session as db_session
 from app.db.base import Base
 from app.db.enums import Role
 from app.db.models import User
-from app.services.users import hash_password
+from tests.factories.users import TEST_PASSWORD, make_user
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-TEST_PASSWORD = "correct-horse-9"
 
 
 def _admin_url(url: str) -> str:
@@ -123,23 +122,6 @@ def committed(engine) -> Iterator[None]:
     truncate_all(engine)
 
 
-_counter = iter(range(1, 10**9))
-
-
-def make_user(session: Session, *, role: Role | str = Role.labeler, username: str | None = None,
-              password: str = TEST_PASSWORD, is_active: bool = True) -> User:
-    role = Role(role)
-    user = User(
-        username=username or f"{role.value}{next(_counter)}",
-        role=role,
-        password_hash=hash_password(password),
-        is_active=is_active,
-    )
-    session.add(user)
-    session.flush()
-    return user
-
-
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     return Settings(data_dir=tmp_path, secret_key="test-secret-key-for-sessions")
@@ -165,13 +147,8 @@ def client(app):
 
 
 def csrf_of(client) -> str:
-    """The session's CSRF token, as the browser reads it from a page."""
-    import re
-
-    page = client.get("/login").text
-    match = re.search(r'name="csrf-token" content="([^"]+)"', page)
-    assert match, "login page lacks the csrf meta tag"
-    return match.group(1)
+    """The session's CSRF token, as the browser reads it from the login page."""
+    return csrf_of_page(client, "/login")
 
 
 def login(client, user: User, password: str = TEST_PASSWORD) -> str:
@@ -182,12 +159,29 @@ def login(client, user: User, password: str = TEST_PASSWORD) -> str:
     return csrf_of_page(client)
 
 
+@pytest.fixture
+def client_as(client, session):
+    """client_as(role) signs `client` in as a fresh user of that role (Role or its
+    name) and returns it, its X-CSRF-Token header set to the new session's token
+    as the pages send it."""
+    def sign_in(role: Role | str = Role.labeler):
+        client.headers["X-CSRF-Token"] = login(client, make_user(session, role=role))
+        return client
+    return sign_in
+
+
+@pytest.fixture
+def admin_client(client_as):
+    return client_as(Role.admin)
+
+
 def csrf_of_page(client, path: str = "/") -> str:
+    """The session's CSRF token, read from the page's meta tag."""
     import re
 
     page = client.get(path).text
     match = re.search(r'name="csrf-token" content="([^"]+)"', page)
-    assert match
+    assert match, f"{path} lacks the csrf meta tag"
     return match.group(1)
 
 

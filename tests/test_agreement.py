@@ -8,7 +8,7 @@ from app.db.enums import AssignmentStatus, Role, Split
 from app.db.models import Annotation, Assignment, Prompt, PromptSet, Rating, Response, Task, TaskResponse
 from app.db.base import utcnow
 from app.services.agreement import compute_set_agreement, krippendorff_alpha_ordinal
-from tests.conftest import make_user
+from tests.factories import make_user
 
 
 def _set(session, k=3) -> PromptSet:

@@ -17,8 +17,7 @@ from app.services.annotations import (
 )
 from app.services.assignment import lease_next_task
 from app.services.errors import Conflict, Invalid, NotFound
-from tests.conftest import make_user
-from tests.factories import make_prompt_set, make_task
+from tests.factories import make_prompt_set, make_task, make_user
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 

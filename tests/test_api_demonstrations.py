@@ -8,8 +8,8 @@ from sqlalchemy import func, select
 from app.db.enums import Role
 from app.db.models import Demonstration
 from app.services import auth
-from tests.conftest import login, make_user
-from tests.test_demonstrations import add_prompt, demo_set
+from tests.conftest import login
+from tests.factories import add_prompt, demo_set, make_user
 
 
 def as_labeler(client, session, username: str) -> dict[str, str]:

@@ -35,9 +35,8 @@ from app.main import create_app
 from app.routes.deps import get_session
 from app.services import assignment, auth, jobs
 from app.services import demonstrations as demos
-from tests.conftest import TEST_PASSWORD, login
-from tests.factories import make_prompt_set, make_task
-from tests.factories_jobs import add_prompt, make_model
+from tests.conftest import login
+from tests.factories import TEST_PASSWORD, add_prompt, make_model, make_prompt_set, make_task
 from tests.test_roles import ROUTES
 
 # Examples per operation for each role it serves, and for each role it refuses (the

@@ -8,7 +8,8 @@ from sqlalchemy import func, select
 from app.db.enums import JobStatus, Role
 from app.db.models import Prompt, PromptSet
 from app.services import auth
-from tests.conftest import login, make_user
+from tests.conftest import login
+from tests.factories import make_user
 
 
 @pytest.fixture

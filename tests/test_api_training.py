@@ -8,11 +8,7 @@ from app.db.models import Job
 from app.services import auth, models
 from app.services import demonstrations as demos
 from app.db.base import utcnow
-from tests.conftest import login, make_user
-from tests.factories_jobs import make_model
-from tests.factories import make_prompt_set
-from tests.test_demonstrations import add_prompt
-from tests.training_data import ranked_set
+from tests.factories import add_prompt, make_model, make_prompt_set, make_user, ranked_set
 
 
 def bearer(client, session):
@@ -100,8 +96,8 @@ def test_bad_runs_are_422_naming_fields_and_queue_nothing(client, session, data)
     assert job_count(session) == 0
 
 
-def test_labelers_cannot_start_runs(client, session, data):
-    token = login(client, make_user(session))  # labelers have no API tokens: a signed-in session
+def test_labelers_cannot_start_runs(client, client_as, session, data):
+    token = client_as("labeler").headers["X-CSRF-Token"]  # labelers have no API tokens: a signed-in session
     response = client.post("/api/v1/training/reward", json={"prompt_set_ids": [data["ranked"]]},
                            headers={"X-CSRF-Token": token})
     assert response.status_code == 403

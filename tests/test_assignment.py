@@ -17,8 +17,7 @@ from app.services.assignment import expire_leases, lease_next_task, skip_task
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.labelers import allow_labeler
 from app.services.prompt_sets import archive_prompt_set, pause_prompt_set
-from tests.conftest import make_user
-from tests.factories import make_prompt_set, make_task
+from tests.factories import make_prompt_set, make_task, make_user
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 LEASE_S = 1800

@@ -10,7 +10,8 @@ from app.db.base import utcnow
 from app.db.enums import Role
 from app.services import auth
 from app.services.errors import Invalid, RateLimited
-from tests.conftest import TEST_PASSWORD, csrf_of, login, make_user
+from tests.conftest import csrf_of, login
+from tests.factories import TEST_PASSWORD, make_user
 
 
 def test_login_with_right_password_opens_home(client, session):

@@ -4,7 +4,8 @@ import pytest
 
 from app.db.enums import Role
 from app.db.session import session_scope
-from tests.conftest import TEST_PASSWORD, make_user, screenshot
+from tests.conftest import screenshot
+from tests.factories import TEST_PASSWORD, make_user
 
 pytestmark = pytest.mark.browser
 

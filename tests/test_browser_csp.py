@@ -9,10 +9,7 @@ from app.db.enums import JobKind, JobStatus, PromptSetKind, PromptSetStatus, Rol
 from app.db.models import Job, JobMetric
 from app.db.session import session_scope
 from app.services import jobs
-from tests.conftest import TEST_PASSWORD, make_user
-from tests.factories import make_prompt_set, make_task
-from tests.factories_jobs import add_prompt, make_model
-from tests.quality_data import bulk_seed, make_set
+from tests.factories import TEST_PASSWORD, add_prompt, bulk_seed, make_model, make_prompt_set, make_task, make_user
 
 pytestmark = pytest.mark.browser
 
@@ -21,7 +18,7 @@ def test_main_pages_break_no_rule_of_the_content_security_policy(live_server, pa
     with session_scope() as s:
         make_user(s, role=Role.admin, username="chief")
         ann, bob = make_user(s, username="ann"), make_user(s, username="bob")
-        rated = make_set(s, k=3, overlap=2, name="Rated set")
+        rated = make_prompt_set(s, k=3, overlap=2, name="Rated set")
         s.flush()
         bulk_seed(s.connection().connection.driver_connection, prompt_set_id=rated.id, tasks=10, k=3, overlap=2,
                   labelers={ann.id: "consistent", bob.id: "random"}, seed=1, span_h=10)

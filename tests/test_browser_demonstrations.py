@@ -10,9 +10,8 @@ from app.db.enums import DemonstrationStatus, ModelKind, PromptSetKind, Role
 from app.db.models import Demonstration, Model
 from app.db.session import session_scope
 from app.services import demonstrations as demos
-from tests.conftest import TEST_PASSWORD, make_user, screenshot
-from tests.factories import make_prompt_set
-from tests.test_demonstrations import add_prompt
+from tests.conftest import screenshot
+from tests.factories import TEST_PASSWORD, add_prompt, make_prompt_set, make_user
 from tests.workers import workers  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.browser

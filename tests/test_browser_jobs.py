@@ -6,8 +6,8 @@ from app.config import Settings
 from app.db.enums import JobKind, Role
 from app.db.session import session_scope
 from app.services import jobs
-from tests.conftest import TEST_PASSWORD, make_user, screenshot
-from tests.factories_jobs import make_model, make_prompt_set
+from tests.conftest import screenshot
+from tests.factories import TEST_PASSWORD, make_model, make_prompt_set, make_user
 
 pytestmark = pytest.mark.browser
 
@@ -18,7 +18,8 @@ def test_job_pages_update_live_while_a_worker_runs_the_job(live_server, page, ti
     with session_scope() as s:
         make_user(s, role=Role.engineer, username="eng")
         model = make_model(s, tiny_model_dir)
-        prompt_set = make_prompt_set(s, model=model, prompts=[f"Question {i}?" for i in range(6)], k=2)
+        prompt_set = make_prompt_set(s, model=model, prompts=[f"Question {i}?" for i in range(6)], k=2,
+                                     max_new_tokens=12)
         s.flush()
         job = jobs.enqueue_job(s, kind=JobKind.generate, params={"prompt_set_id": prompt_set.id, "batch_size": 2},
                                commit=False)

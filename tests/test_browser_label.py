@@ -7,8 +7,8 @@ from sqlalchemy import select
 from app.db.enums import Role
 from app.db.models import Annotation, Comparison, Rating, User
 from app.db.session import session_scope
-from tests.conftest import TEST_PASSWORD, make_user, screenshot
-from tests.factories import make_prompt_set, make_task
+from tests.conftest import screenshot
+from tests.factories import TEST_PASSWORD, make_prompt_set, make_task, make_user
 
 pytestmark = pytest.mark.browser
 

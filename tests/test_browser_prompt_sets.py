@@ -10,7 +10,8 @@ from app.config import Settings
 from app.db.enums import ModelKind, Role
 from app.db.models import Model
 from app.db.session import session_scope
-from tests.conftest import TEST_PASSWORD, make_user, screenshot
+from tests.conftest import screenshot
+from tests.factories import TEST_PASSWORD, make_user
 
 pytestmark = pytest.mark.browser
 

@@ -5,8 +5,8 @@ import pytest
 
 from app.db.enums import Role
 from app.db.session import session_scope
-from tests.conftest import TEST_PASSWORD, make_user, screenshot
-from tests.quality_data import bulk_seed, make_set, make_task
+from tests.conftest import screenshot
+from tests.factories import TEST_PASSWORD, bulk_seed, make_prompt_set, make_task, make_user
 
 pytestmark = pytest.mark.browser
 
@@ -15,7 +15,7 @@ def test_admin_finds_the_random_labeler_on_the_quality_page(live_server, page):
     with session_scope() as s:
         admin = make_user(s, role=Role.admin, username="chief")
         ann, bob, rex = (make_user(s, username=n) for n in ("ann", "bob", "rex"))
-        ps = make_set(s, k=4, overlap=3, name="Helpfulness round 1")
+        ps = make_prompt_set(s, k=4, overlap=3, name="Helpfulness round 1")
         s.flush()
         bulk_seed(s.connection().connection.driver_connection, prompt_set_id=ps.id, tasks=40, k=4, overlap=3,
                   labelers={ann.id: "consistent", bob.id: "consistent", rex.id: "random"}, seed=3, span_h=30)

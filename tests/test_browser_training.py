@@ -10,9 +10,8 @@ from sqlalchemy import func, select
 from app.db.enums import JobKind, JobStatus, Role, Split
 from app.db.models import Job, Prompt, PromptSet
 from app.db.session import session_scope
-from tests.conftest import TEST_PASSWORD, make_user, screenshot
-from tests.factories_jobs import make_model
-from tests.training_data import ranked_set
+from tests.conftest import screenshot
+from tests.factories import TEST_PASSWORD, make_model, make_user, ranked_set
 from tests.workers import workers  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.browser

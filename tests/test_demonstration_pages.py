@@ -9,8 +9,9 @@ from app.db.base import utcnow
 from app.db.enums import DemonstrationStatus, JobKind, JobStatus, ModelKind, Role, Split
 from app.db.models import Demonstration, Job, Model, Response
 from app.services import demonstrations as demos
-from tests.conftest import login, make_user
-from tests.test_demonstrations import add_prompt, demo_set, lease, submit
+from tests.conftest import login
+from tests.factories import add_prompt, demo_set, make_user
+from tests.test_demonstrations import lease, submit
 
 HX = {"HX-Request": "true"}
 
@@ -31,13 +32,12 @@ def demo_id(html: str) -> int:
     return int(re.search(r'data-demonstration-id="(\d+)"', html).group(1))
 
 
-def test_writing_page_shows_the_prompt_instructions_and_an_autosaving_editor(client, session):
+def test_writing_page_shows_the_prompt_instructions_and_an_autosaving_editor(client, client_as, session):
     s = demo_set(session)
     add_prompt(session, s, "Explain **tides**.", messages=[
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Explain **tides**."}])
-    alice = make_user(session)
-    client.headers["X-CSRF-Token"] = login(client, alice)
+    client_as("labeler")
     html = client.get("/demonstrate").text
     assert "Explain <strong>tides</strong>." in html and "Answer <strong>kindly</strong>." in html
     assert "Earlier turns (2)" in html
@@ -46,11 +46,10 @@ def test_writing_page_shows_the_prompt_instructions_and_an_autosaving_editor(cli
     assert "Start from the model" not in html  # no model answer for this prompt
 
 
-def test_draft_survives_a_reload_and_the_preview_escapes_html(client, session):
+def test_draft_survives_a_reload_and_the_preview_escapes_html(client, client_as, session):
     s = demo_set(session)
     add_prompt(session, s, "Write a poem.")
-    alice = make_user(session)
-    client.headers["X-CSRF-Token"] = login(client, alice)
+    client_as("labeler")
     html = client.get("/demonstrate").text
     did = demo_id(html)
     saved = client.post(f"/demonstrate/{did}/draft", headers=HX, data={
@@ -65,12 +64,11 @@ def test_draft_survives_a_reload_and_the_preview_escapes_html(client, session):
     assert "<script>" not in preview.text and "&lt;script&gt;" in preview.text and "<strong>bold</strong>" in preview.text
 
 
-def test_submit_swaps_in_the_next_prompt_and_a_second_submit_stores_nothing(client, session):
+def test_submit_swaps_in_the_next_prompt_and_a_second_submit_stores_nothing(client, client_as, session):
     s = demo_set(session)
     add_prompt(session, s, "First prompt")
     add_prompt(session, s, "Second prompt")
-    alice = make_user(session)
-    client.headers["X-CSRF-Token"] = login(client, alice)
+    client_as("labeler")
     html = client.get("/demonstrate").text
     did = demo_id(html)
     empty = client.post(f"/demonstrate/{did}/submit", headers=HX, data={"text": "  "})
@@ -88,10 +86,10 @@ def test_submit_swaps_in_the_next_prompt_and_a_second_submit_stores_nothing(clie
     assert "All done" in client.get("/demonstrate").text
 
 
-def test_skip_needs_a_reason(client, session):
+def test_skip_needs_a_reason(client, client_as, session):
     s = demo_set(session)
     add_prompt(session, s, "Unclear prompt")
-    client.headers["X-CSRF-Token"] = login(client, make_user(session))
+    client_as("labeler")
     did = demo_id(client.get("/demonstrate").text)
     refused = client.post(f"/demonstrate/{did}/skip", headers=HX, data={"skip_reason": ""})
     assert refused.status_code == 422 and "choose or write a reason" in refused.text
@@ -100,12 +98,12 @@ def test_skip_needs_a_reason(client, session):
     assert session.get(Demonstration, did).status == DemonstrationStatus.skipped
 
 
-def test_start_from_the_model_answer_records_edit_mode(client, session):
+def test_start_from_the_model_answer_records_edit_mode(client, client_as, session):
     s = demo_set(session)
     prompt = add_prompt(session, s, "Summarise the news.")
     session.add(Response(prompt_id=prompt.id, sample_index=0, text="The model's *summary*."))
     session.flush()
-    client.headers["X-CSRF-Token"] = login(client, make_user(session))
+    client_as("labeler")
     html = client.get("/demonstrate").text
     assert "Start from the model" in html
     edited = client.post(f"/demonstrate/{demo_id(html)}/from-model", headers=HX)
@@ -151,9 +149,9 @@ def test_admin_reviews_from_the_queue(client, session):
     assert "attachment" in export.headers["content-disposition"]
 
 
-def test_import_errors_come_back_with_line_numbers_and_store_nothing(client, session):
+def test_import_errors_come_back_with_line_numbers_and_store_nothing(client, client_as, session):
     s = demo_set(session)
-    client.headers["X-CSRF-Token"] = login(client, make_user(session, role=Role.admin))
+    client_as("admin")
     bad = '{"prompt": "ok", "response": "fine"}\n{"prompt": "no answer"}\n'
     response = client.post("/admin/demonstrations/import", headers=HX,
                            data={"prompt_set_id": str(s.id), "content": bad, "status": "accepted"})
@@ -196,13 +194,13 @@ def test_engineer_starts_an_sft_job_from_the_form(client, session, tiny_model_di
     assert job.queue == "gpu"
 
 
-def test_a_refused_skip_or_submit_never_shows_another_labelers_prompt(client, session):
+def test_a_refused_skip_or_submit_never_shows_another_labelers_prompt(client, client_as, session):
     s = demo_set(session, name="secret-demo-set")
     add_prompt(session, s, "SECRET-DEMO-PROMPT")
     owner = make_user(session)
     demo = lease(session, owner)
     demos.save_draft(session, user=owner, demonstration_id=demo.id, text="SECRET-DRAFT", now=utcnow(), lease_s=1800)
-    client.headers["X-CSRF-Token"] = login(client, make_user(session))
+    client_as("labeler")
     attempts = {
         "skip without a reason": ("skip", {"skip_reason": ""}),
         "submit without text": ("submit", {"text": ""}),

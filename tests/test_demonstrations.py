@@ -10,32 +10,17 @@ from sqlalchemy import func, select, text
 from sqlalchemy import text as sql_text
 
 from app.db.base import utcnow
-from app.db.enums import DemonstrationStatus, PromptSetKind, PromptSetStatus, Role, Split
-from app.db.models import Demonstration, Prompt, PromptSet, User
+from app.db.enums import DemonstrationStatus, PromptSetStatus, Role, Split
+from app.db.models import Demonstration, Prompt, User
 from app.db.session import new_session
 from app.services import demonstrations as demos
 from app.services import export
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.labelers import allow_labeler
-from app.services.prompt_sets import archive_prompt_set, pause_prompt_set, prompt_hash
-from tests.conftest import make_user
-from tests.factories import make_prompt_set, make_task
+from app.services.prompt_sets import archive_prompt_set, pause_prompt_set
+from tests.factories import add_prompt, demo_set, make_prompt_set, make_task, make_user
 
 LEASE_S = 1800
-
-
-def demo_set(session, *, overlap=1, status=PromptSetStatus.active, allowed=None, name=None) -> PromptSet:
-    return make_prompt_set(session, kind=PromptSetKind.demonstration, overlap=overlap, status=status,
-                           allowed=allowed, name=name, instructions="Answer **kindly**.")
-
-
-def add_prompt(session, prompt_set, text: str, split: Split = Split.train, messages=None) -> Prompt:
-    messages = messages or [{"role": "user", "content": text}]
-    prompt = Prompt(prompt_set_id=prompt_set.id, messages=messages, text=messages[-1]["content"],
-                    text_hash=prompt_hash(messages), split=split)
-    session.add(prompt)
-    session.flush()
-    return prompt
 
 
 def lease(session, user, now=None):
@@ -436,7 +421,7 @@ def test_a_submit_held_up_while_the_draft_lease_runs_out_and_goes_to_another_is_
 
     with new_session() as blocker:
         blocker.execute(text("SELECT pg_advisory_xact_lock(CAST(:ns AS integer), CAST(:uid AS integer))"),
-                        {"ns": demos._LEASE_LOCK_NS, "uid": a_id})
+                        {"ns": demos.leases._LEASE_LOCK_NS, "uid": a_id})
         thread = threading.Thread(target=late_submit)
         thread.start()
         while blocker.scalar(select(func.clock_timestamp())) <= expires_at:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import synthetic
+from tests.factories import synthetic
 from trainer import cli_train
 from trainer.common import CONFIG_FILE
 

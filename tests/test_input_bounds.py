@@ -8,9 +8,8 @@ import pytest
 from app.config import Settings
 from app.db.enums import PromptSetKind, Role
 from app.services import auth
-from tests.conftest import csrf_of, login, make_user
-from tests.factories import make_prompt_set, make_task
-from tests.test_demonstrations import add_prompt
+from tests.conftest import csrf_of, login
+from tests.factories import add_prompt, make_model, make_prompt_set, make_task, make_user
 
 HUGE_ID = 357933402691  # past PostgreSQL's integer (2**31 - 1)
 
@@ -62,13 +61,13 @@ def test_api_id_or_offset_past_the_integer_range_is_a_422(client, session, metho
     (Role.labeler, "/label/history?page=99999999999999999999"),
     (Role.labeler, "/label/history?page=0"),
 ])
-def test_page_with_an_id_or_page_past_the_range_is_a_422(client, session, role, path):
-    login(client, make_user(session, role=role))
+def test_page_with_an_id_or_page_past_the_range_is_a_422(client, client_as, session, role, path):
+    client_as(role)
     assert client.get(path).status_code == 422
 
 
-def test_demonstration_labeler_sent_to_a_huge_id_gets_a_422(client, session):
-    token = login(client, make_user(session))
+def test_demonstration_labeler_sent_to_a_huge_id_gets_a_422(client, client_as, session):
+    token = client_as("labeler").headers["X-CSRF-Token"]
     response = client.put(f"/api/v1/demonstrations/{HUGE_ID}/draft", json={"text": "x"},
                           headers={"X-CSRF-Token": token})
     assert problem(response)["errors"]
@@ -266,8 +265,8 @@ class TestBodyLimits:
         assert client.post(url, json={"content": content}, headers=headers).status_code == 200
         assert problem(client.post(url, json={"content": content * 2}, headers=headers), 413)
 
-    def test_html_form_over_the_limit_gets_an_error_page(self, client, session):
-        token = login(client, make_user(session, role=Role.admin))
+    def test_html_form_over_the_limit_gets_an_error_page(self, client, client_as, session):
+        token = client_as("admin").headers["X-CSRF-Token"]
         response = client.post("/admin/prompt-sets", data={"name": "x" * 3000, "csrf_token": token})
         assert response.status_code == 413 and "text/html" in response.headers["content-type"]
         assert "larger than the limit" in response.text
@@ -290,7 +289,7 @@ def test_signed_out_multipart_post_is_refused_without_parsing_the_body(client, m
 def test_form_ids_past_the_integer_range_are_invalid_not_database_errors(session, tmp_path):
     from app.services import models, training
     from app.services.errors import Invalid
-    from tests.factories_jobs import make_model
+    from tests.factories import make_model
 
     model = make_model(session, tmp_path, is_default=True)
     ranking = make_prompt_set(session)
@@ -324,8 +323,8 @@ def test_export_filtered_by_an_odd_labeler_id_is_a_422(client, session, labelers
 
 
 @pytest.mark.parametrize("value", ["²", str(HUGE_ID)])
-def test_review_page_for_an_odd_set_id_shows_every_set(client, session, value):
-    login(client, make_user(session, role=Role.admin))
+def test_review_page_for_an_odd_set_id_shows_every_set(client, client_as, session, value):
+    client_as("admin")
     assert client.get(f"/admin/demonstrations?prompt_set_id={value}").status_code == 200
 
 

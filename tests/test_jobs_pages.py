@@ -8,7 +8,8 @@ from app.db.base import utcnow
 from app.db.enums import JobKind, JobStatus, Role
 from app.db.models import Job
 from app.services import jobs
-from tests.conftest import login, make_user
+from tests.conftest import login
+from tests.factories import make_user
 
 
 def make_job(session, **values) -> Job:
@@ -20,13 +21,8 @@ def make_job(session, **values) -> Job:
     return job
 
 
-def engineer_client(client, session):
-    user = make_user(session, role=Role.engineer)
-    return user, login(client, user)
-
-
-def test_job_list_shows_status_progress_and_eta_and_polls_while_running(client, session):
-    engineer_client(client, session)
+def test_job_list_shows_status_progress_and_eta_and_polls_while_running(client, client_as, session):
+    client_as("engineer")
     running = make_job(session, status=JobStatus.running, progress_done=25, progress_total=100,
                        started_at=utcnow())
     page = client.get("/jobs")
@@ -45,16 +41,16 @@ def test_job_list_shows_status_progress_and_eta_and_polls_while_running(client, 
     assert 'data-polling="off"' in finished.text and "hx-trigger" not in finished.text
 
 
-def test_job_list_filters_by_status(client, session):
-    engineer_client(client, session)
+def test_job_list_filters_by_status(client, client_as, session):
+    client_as("engineer")
     queued = make_job(session)
     failed = make_job(session, status=JobStatus.failed)
     page = client.get("/jobs?status=failed")
     assert f'id="job-{failed.id}"' in page.text and f'id="job-{queued.id}"' not in page.text
 
 
-def test_job_page_shows_error_traceback_metrics_and_result(client, session):
-    engineer_client(client, session)
+def test_job_page_shows_error_traceback_metrics_and_result(client, client_as, session):
+    client_as("engineer")
     job = make_job(session, status=JobStatus.failed, error="RuntimeError: out of memory",
                    traceback="Traceback (most recent call last):\n  boom", result={"responses": 12},
                    finished_at=utcnow(), started_at=utcnow())
@@ -68,8 +64,8 @@ def test_job_page_shows_error_traceback_metrics_and_result(client, session):
     assert "hx-trigger" not in page.text  # finished: no polling
 
 
-def test_cancel_from_the_page_swaps_the_status_fragment(client, session):
-    _, token = engineer_client(client, session)
+def test_cancel_from_the_page_swaps_the_status_fragment(client, client_as, session):
+    token = client_as("engineer").headers["X-CSRF-Token"]
     job = make_job(session)
     response = client.post(f"/jobs/{job.id}/cancel", headers={"HX-Request": "true", "X-CSRF-Token": token})
     assert response.status_code == 200
@@ -81,7 +77,8 @@ def test_cancel_from_the_page_swaps_the_status_fragment(client, session):
 
 
 def test_retry_from_the_page_opens_the_new_job(client, session):
-    user, token = engineer_client(client, session)
+    user = make_user(session, role=Role.engineer)
+    token = login(client, user)
     job = make_job(session, status=JobStatus.failed)
     response = client.post(f"/jobs/{job.id}/retry", data={"csrf_token": token})
     assert response.status_code == 303
@@ -91,8 +88,8 @@ def test_retry_from_the_page_opens_the_new_job(client, session):
     assert f'href="/jobs/{job.id}"' in client.get(f"/jobs/{new_id}").text
 
 
-def test_jobs_api_lists_gets_cancels_and_returns_metrics(client, session):
-    _, token = engineer_client(client, session)
+def test_jobs_api_lists_gets_cancels_and_returns_metrics(client, client_as, session):
+    token = client_as("engineer").headers["X-CSRF-Token"]
     job = make_job(session, status=JobStatus.running, progress_done=1, progress_total=4, started_at=utcnow())
     jobs.record_metrics(session, job_id=job.id, step=3, values={"loss": 1.5})
 

@@ -11,8 +11,8 @@ from app.db.models import Annotation, Assignment, Comparison, Rating
 from app.services import annotations
 from app.services.annotations import RESPONSE_FLAGS
 from app.services.assignment import lease_next_task
-from tests.conftest import login, make_user
-from tests.factories import make_prompt_set, make_task
+from tests.conftest import login
+from tests.factories import make_prompt_set, make_task, make_user
 
 HX = {"HX-Request": "true"}
 
@@ -67,8 +67,7 @@ def test_label_page_shows_the_leased_task_in_its_stored_order(client, session):
     assert hidden(again, "idempotency_key") != hidden(html, "idempotency_key")
 
 
-def test_earlier_turns_of_a_multi_turn_prompt_are_shown(client, session):
-    labeler = make_user(session)
+def test_earlier_turns_of_a_multi_turn_prompt_are_shown(client, client_as, session):
     prompt_set = make_prompt_set(session, k=2)
     make_task(session, prompt_set, messages=[
         {"role": "user", "content": "What is a haiku?"},
@@ -76,15 +75,14 @@ def test_earlier_turns_of_a_multi_turn_prompt_are_shown(client, session):
         {"role": "user", "content": "Write one about rain."},
     ])
     session.commit()
-    login(client, labeler)
+    client_as("labeler")
     html = client.get("/label").text
     assert "Earlier turns (2)" in html
     assert html.index("What is a haiku?") < html.index("A short Japanese poem.") < html.index("Write one about rain.")
 
 
-def test_all_done_when_nothing_is_left(client, session):
-    labeler = make_user(session)
-    login(client, labeler)
+def test_all_done_when_nothing_is_left(client, client_as, session):
+    client_as("labeler")
     html = client.get("/label").text
     assert 'id="all-done"' in html and "All done" in html
     fragment = client.get("/label", headers=HX).text
@@ -235,39 +233,38 @@ def test_history_lists_submissions_and_edit_replaces_comparisons(client, session
     assert client.get(f"/label/annotations/{annotation.id}/edit").status_code == 409
 
 
-def test_another_labelers_annotation_cannot_be_edited(client, session):
+def test_another_labelers_annotation_cannot_be_edited(client, client_as, session):
     owner, _, tasks = setup(session, k=2)
     lease_next_task(session, user=owner, now=utcnow(), lease_s=1800)
     a, b = [item.response_id for item in tasks[0].items]
     stored = annotations.submit_annotation(session, user=owner, task_id=tasks[0].id, ratings={a: 5, b: 4},
                                            ranks={a: 1, b: 2}, idempotency_key="owner-key-123", now=utcnow())
-    token = login(client, make_user(session))
+    token = client_as("labeler").headers["X-CSRF-Token"]
     assert client.get(f"/label/annotations/{stored.annotation.id}/edit").status_code == 404
     response = client.post(f"/label/annotations/{stored.annotation.id}", headers={"X-CSRF-Token": token},
                            data={f"rating-{a}": "1", f"rating-{b}": "1", f"rank-{a}": "1", f"rank-{b}": "1"})
     assert response.status_code == 404
 
 
-def test_model_text_is_escaped(client, session):
-    labeler = make_user(session)
+def test_model_text_is_escaped(client, client_as, session):
     prompt_set = make_prompt_set(session, k=2, instructions="<img src=x onerror=alert(1)>")
     make_task(session, prompt_set, texts=["<script>window.__xss=1</script>", "**bold** <b>raw</b>"],
               messages=[{"role": "user", "content": "<script>alert(2)</script>"}])
     session.commit()
-    login(client, labeler)
+    client_as("labeler")
     html = client.get("/label").text
     assert "<script>window.__xss" not in html and "<script>alert(2)" not in html and "<img src=x" not in html
     assert "&lt;script&gt;window.__xss=1&lt;/script&gt;" in html
     assert "<strong>bold</strong> &lt;b&gt;raw&lt;/b&gt;" in html
 
 
-def test_admins_may_label_engineers_may_not(client, session):
+def test_admins_may_label_engineers_may_not(client, client_as, session):
     setup(session, tasks=1)
     engineer = make_user(session, role=Role.engineer)
     login(client, engineer)
     assert client.get("/label").status_code == 403
     client.cookies.clear()
-    login(client, make_user(session, role=Role.admin))
+    client_as("admin")
     assert 'id="label-form"' in client.get("/label").text
 
 
@@ -319,9 +316,9 @@ def _secret_task(session):
 SECRETS = ("SECRET-PROMPT", "SECRET-RESPONSE", "SECRET-INSTRUCTIONS", "secret-set-name")
 
 
-def test_an_invalid_submit_or_skip_never_shows_a_task_the_labeler_does_not_hold(client, session):
+def test_an_invalid_submit_or_skip_never_shows_a_task_the_labeler_does_not_hold(client, client_as, session):
     _, task = _secret_task(session)
-    token = login(client, make_user(session))
+    token = client_as("labeler").headers["X-CSRF-Token"]
     a, b = [item.response_id for item in task.items]
     attempts = {
         "submit without a form key": (f"/label/{task.id}/submit", {f"rating-{a}": "5", f"rank-{a}": "1"}),

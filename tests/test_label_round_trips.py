@@ -18,8 +18,8 @@ from sqlalchemy import event
 
 from app.config import Settings
 from app.db import session as db_session
-from tests.conftest import login, make_user
-from tests.factories import make_prompt_set, make_task
+from tests.conftest import login
+from tests.factories import make_prompt_set, make_task, make_user
 
 # Most round trips each request may make: statements, COMMIT and ROLLBACK, and the
 # pool's liveness check of each connection taken (pool_pre_ping).

@@ -11,8 +11,8 @@ from app.db.models import Annotation, Assignment, User
 from app.services import export, labelers, users
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid, NotAllowed, NotFound
-from tests.conftest import TEST_PASSWORD, login, make_user
-from tests.quality_data import annotate, make_set, make_task
+from tests.conftest import login
+from tests.factories import TEST_PASSWORD, annotate, make_prompt_set, make_user, task_with_ids
 
 
 def _lease(session, task, user, *, minutes=30):
@@ -24,7 +24,7 @@ def _lease(session, task, user, *, minutes=30):
 
 
 def test_a_set_without_allowed_labelers_is_open_to_all(session):
-    ps = make_set(session)
+    ps = make_prompt_set(session, k=3, overlap=2)
     ann, bob = make_user(session), make_user(session)
     assert labelers.is_allowed(session, prompt_set_id=ps.id, user_id=ann.id)
     labelers.allow_labeler(session, prompt_set_id=ps.id, username=ann.username)
@@ -37,7 +37,7 @@ def test_a_set_without_allowed_labelers_is_open_to_all(session):
 
 
 def test_allowing_refuses_unknown_names_and_engineers(session):
-    ps = make_set(session)
+    ps = make_prompt_set(session, k=3, overlap=2)
     engineer = make_user(session, role=Role.engineer)
     with pytest.raises(Invalid, match="No user named 'nobody'"):
         labelers.allow_labeler(session, prompt_set_id=ps.id, username="nobody")
@@ -49,12 +49,12 @@ def test_allowing_refuses_unknown_names_and_engineers(session):
 
 
 def test_disallowing_releases_the_labelers_leases_on_that_set_only(session):
-    ps, other = make_set(session), make_set(session)
+    ps, other = make_prompt_set(session, k=3, overlap=2), make_prompt_set(session, k=3, overlap=2)
     ann, bob = make_user(session), make_user(session)
     for u in (ann, bob):
         labelers.allow_labeler(session, prompt_set_id=ps.id, user_id=u.id)
-    task, _ = make_task(session, ps)
-    other_task, _ = make_task(session, other)
+    task, _ = task_with_ids(session, ps)
+    other_task, _ = task_with_ids(session, other)
     here, there = _lease(session, task, ann), _lease(session, other_task, ann)
     labelers.disallow_labeler(session, prompt_set_id=ps.id, user_id=ann.id)
     assert [u.id for u in labelers.allowed_labelers(session, prompt_set_id=ps.id)] == [bob.id]
@@ -70,10 +70,10 @@ def test_disallowing_releases_the_labelers_leases_on_that_set_only(session):
 
 
 def test_deactivating_a_labeler_releases_every_open_lease_at_once(session):
-    ps, other = make_set(session), make_set(session)
+    ps, other = make_prompt_set(session, k=3, overlap=2), make_prompt_set(session, k=3, overlap=2)
     ann, bob = make_user(session), make_user(session)
-    t1, _ = make_task(session, ps)
-    t2, _ = make_task(session, other)
+    t1, _ = task_with_ids(session, ps)
+    t2, _ = task_with_ids(session, other)
     leases = [_lease(session, t1, ann), _lease(session, t2, ann)]
     bobs = _lease(session, t1, bob)
     done = Assignment(task_id=t2.id, user_id=bob.id, status=AssignmentStatus.submitted,
@@ -94,10 +94,10 @@ def test_deactivating_a_labeler_releases_every_open_lease_at_once(session):
 
 
 def _two_labeler_set(session):
-    ps = make_set(session)
+    ps = make_prompt_set(session, k=3, overlap=2)
     good, odd = make_user(session), make_user(session)
     for _ in range(3):
-        task, ids = make_task(session, ps)
+        task, ids = task_with_ids(session, ps)
         annotate(session, task, ids, good, [1, 2, 3])
         annotate(session, task, ids, odd, [3, 2, 1])
     return ps, good, odd
@@ -135,8 +135,8 @@ def test_excluded_annotations_leave_export_training_and_figures_and_come_back(se
 
 def test_exclusion_per_set_or_everywhere(session):
     ps, good, odd = _two_labeler_set(session)
-    other = make_set(session)
-    task, ids = make_task(session, other)
+    other = make_prompt_set(session, k=3, overlap=2)
+    task, ids = task_with_ids(session, other)
     annotate(session, task, ids, odd, [1, 2, 3])
     labelers.set_excluded(session, user_id=odd.id, prompt_set_id=ps.id, excluded=True)
     assert {r.labeler_id for r in _training_comparisons(session, other)} == {odd.id}

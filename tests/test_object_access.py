@@ -45,10 +45,8 @@ from app.db.models import (
 )
 from app.services import annotations, auth, demonstrations
 from app.services.assignment import lease_next_task
-from tests.conftest import csrf_of, login, make_user
-from tests.factories import make_prompt_set, make_task
-from tests.factories_jobs import make_model
-from tests.test_demonstrations import add_prompt
+from tests.conftest import csrf_of, login
+from tests.factories import add_prompt, make_model, make_prompt_set, make_task, make_user
 from tests.test_roles import ALLOWED, ROUTES, registered_routes
 
 SECRET = "SECRET"

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from tests import synthetic
+from tests.factories import synthetic
 from trainer.common import (
     CONFIG_FILE,
     Cancelled,

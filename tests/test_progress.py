@@ -8,8 +8,7 @@ from app.db.enums import AssignmentStatus
 from app.db.models import Assignment
 from app.services import gold
 from app.services.progress import set_progress
-from tests.conftest import make_user
-from tests.quality_data import annotate, make_set, make_task
+from tests.factories import annotate, make_prompt_set, make_task, make_user, task_with_ids
 
 NOW = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
 
@@ -19,14 +18,14 @@ def at(hh: int, mm: int) -> datetime:
 
 
 def test_tasks_by_state_labels_per_hour_and_eta(session):
-    ps = make_set(session, k=3, overlap=2)
+    ps = make_prompt_set(session, k=3, overlap=2)
     ann, bob = make_user(session), make_user(session)
-    done, d_ids = make_task(session, ps)
-    partly, p_ids = make_task(session, ps)
-    leased, _ = make_task(session, ps)
-    lapsed, _ = make_task(session, ps)
+    done, d_ids = task_with_ids(session, ps)
+    partly, p_ids = task_with_ids(session, ps)
+    leased, _ = task_with_ids(session, ps)
+    lapsed, _ = task_with_ids(session, ps)
     make_task(session, ps)  # untouched: waiting
-    gold_task, g_ids = make_task(session, ps)
+    gold_task, g_ids = task_with_ids(session, ps)
     gold.mark_gold(session, prompt_set_id=ps.id, task_id=gold_task.id, best_response_id=g_ids[0])
     annotate(session, done, d_ids, ann, [1, 2, 3], created_at=at(10, 10))
     annotate(session, done, d_ids, bob, [1, 2, 3], created_at=at(11, 20))
@@ -53,10 +52,10 @@ def test_tasks_by_state_labels_per_hour_and_eta(session):
 
 
 def test_rate_over_the_last_day_once_the_set_is_older(session):
-    ps = make_set(session, k=2, overlap=1)
+    ps = make_prompt_set(session, k=2, overlap=1)
     ann = make_user(session)
     for hours_ago in (50, 30, 20, 10, 2, 1):  # 4 labels inside the last 24 h
-        task, ids = make_task(session, ps)
+        task, ids = task_with_ids(session, ps)
         annotate(session, task, ids, ann, [1, 2], created_at=NOW - timedelta(hours=hours_ago))
     for _ in range(6):
         make_task(session, ps)
@@ -68,9 +67,9 @@ def test_rate_over_the_last_day_once_the_set_is_older(session):
 
 
 def test_eta_when_finished_and_when_nobody_labels(session):
-    ps = make_set(session, k=2, overlap=1)
+    ps = make_prompt_set(session, k=2, overlap=1)
     ann = make_user(session)
-    task, ids = make_task(session, ps)
+    task, ids = task_with_ids(session, ps)
     annotate(session, task, ids, ann, [1, 2], created_at=NOW - timedelta(days=3))
     finished = set_progress(session, prompt_set_id=ps.id, now=NOW)
     assert finished.finished and finished.eta_hours == 0.0
@@ -80,7 +79,7 @@ def test_eta_when_finished_and_when_nobody_labels(session):
 
 
 def test_an_empty_set(session):
-    ps = make_set(session)
+    ps = make_prompt_set(session, k=3, overlap=2)
     p = set_progress(session, prompt_set_id=ps.id, now=NOW, hours=3)
     assert (p.tasks, p.done, p.in_progress, p.waiting, p.labels_needed) == (0, 0, 0, 0, 0)
     assert [h.labels for h in p.per_hour] == [0, 0, 0]

@@ -11,12 +11,7 @@ from app.db.models import Prompt
 from app.services import prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import ImportLimits, import_prompts, parse_prompts
-
-_names = iter(range(1, 10**9))
-
-
-def make_set(session, **settings):
-    return prompt_sets.create_prompt_set(session, name=f"set-{next(_names)}", **settings)
+from tests.factories import create_set
 
 
 def stored(session, prompt_set) -> list[Prompt]:
@@ -34,7 +29,7 @@ def jsonl(*records) -> bytes:
 # ---- what goes in ------------------------------------------------------------------
 
 def test_jsonl_single_turn_prompts_are_stored_with_id_and_metadata(session):
-    ps = make_set(session)
+    ps = create_set(session)
     data = jsonl(
         {"prompt": "Write a haiku about rain."},
         {"id": "q2", "prompt": "Why is the sky blue?", "metadata": {"source": "faq", "level": 2}},
@@ -55,7 +50,7 @@ def test_jsonl_single_turn_prompts_are_stored_with_id_and_metadata(session):
 
 
 def test_jsonl_multi_turn_keeps_the_conversation_and_shows_the_last_user_turn(session):
-    ps = make_set(session)
+    ps = create_set(session)
     conversation = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "What is 2+2?"},
@@ -70,7 +65,7 @@ def test_jsonl_multi_turn_keeps_the_conversation_and_shows_the_last_user_turn(se
 
 
 def test_json_array_file_is_accepted(session):
-    ps = make_set(session)
+    ps = create_set(session)
     data = b'[\n  {"prompt": "one"},\n  {"prompt": "two", "metadata": {"a": 1}}\n]\n'
     result = import_prompts(session, prompt_set=ps, data=data, filename="prompts.json")
     assert result.added == 2
@@ -78,7 +73,7 @@ def test_json_array_file_is_accepted(session):
 
 
 def test_csv_keeps_other_columns_as_metadata_and_reads_quoted_multiline_prompts(session):
-    ps = make_set(session)
+    ps = create_set(session)
     data = (
         'id,prompt,category,difficulty\r\n'
         'a1,"Write a poem\r\nwith two lines, please",poetry,easy\r\n'
@@ -97,7 +92,7 @@ def test_csv_keeps_other_columns_as_metadata_and_reads_quoted_multiline_prompts(
 
 
 def test_pasted_text_and_format_field_work_without_a_filename(session):
-    ps = make_set(session)
+    ps = create_set(session)
     pasted = "prompt,tag\nFirst,x\nSecond,y\n"
     result = import_prompts(session, prompt_set=ps, data=pasted, format="csv")
     assert result.added == 2
@@ -108,7 +103,7 @@ def test_pasted_text_and_format_field_work_without_a_filename(session):
 
 
 def test_utf8_bom_and_non_ascii_text_are_read(session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data='\ufeffprompt\n"Ça va? 日本語 🙂"\n'.encode())
     assert stored(session, ps)[0].text == "Ça va? 日本語 🙂"
 
@@ -175,7 +170,7 @@ BAD_FILES = [
 
 @pytest.mark.parametrize(("data", "message"), BAD_FILES)
 def test_bad_file_is_refused_with_its_line_and_nothing_is_stored(session, data, message):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl({"prompt": "already here"}))
     before = count(session, ps)
 
@@ -188,7 +183,7 @@ def test_bad_file_is_refused_with_its_line_and_nothing_is_stored(session, data, 
 
 
 def test_good_lines_are_not_stored_when_one_line_is_bad(session):
-    ps = make_set(session)
+    ps = create_set(session)
     data = jsonl(*({"prompt": f"fine {i}"} for i in range(50))) + b'{"prompt": ""}\n'
     with pytest.raises(Invalid, match="line 51: 'prompt' is empty"):
         import_prompts(session, prompt_set=ps, data=data)
@@ -196,7 +191,7 @@ def test_good_lines_are_not_stored_when_one_line_is_bad(session):
 
 
 def test_at_most_twenty_problems_are_listed_and_the_rest_counted(session):
-    ps = make_set(session)
+    ps = create_set(session)
     data = "".join(f'{{"prompt": {i}}}\n' for i in range(25))
     with pytest.raises(Invalid) as caught:
         import_prompts(session, prompt_set=ps, data=data)
@@ -208,7 +203,7 @@ def test_at_most_twenty_problems_are_listed_and_the_rest_counted(session):
 
 
 def test_prompt_count_limit_is_named_in_the_message(session):
-    ps = make_set(session)
+    ps = create_set(session)
     data = "".join(f'{{"prompt": "p{i}"}}\n' for i in range(6))
     with pytest.raises(Invalid, match="more than 5 prompts; the limit is 5 per import"):
         import_prompts(session, prompt_set=ps, data=data, limits=ImportLimits(max_prompts=5))
@@ -216,13 +211,13 @@ def test_prompt_count_limit_is_named_in_the_message(session):
 
 
 def test_unknown_format_is_refused(session):
-    ps = make_set(session)
+    ps = create_set(session)
     with pytest.raises(Invalid, match="Unknown format 'xml'"):
         import_prompts(session, prompt_set=ps, data=GOOD, format="xml")
 
 
 def test_archived_set_takes_no_prompts(session):
-    ps = make_set(session)
+    ps = create_set(session)
     prompt_sets.archive_prompt_set(session, prompt_set=ps)
     with pytest.raises(Conflict, match="archived"):
         import_prompts(session, prompt_set=ps, data=GOOD)
@@ -232,7 +227,7 @@ def test_archived_set_takes_no_prompts(session):
 # ---- duplicates and splits -------------------------------------------------------------
 
 def test_duplicates_inside_the_file_and_against_stored_prompts_are_skipped_and_counted(session):
-    ps = make_set(session)
+    ps = create_set(session)
     first = import_prompts(session, prompt_set=ps, data=jsonl({"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}))
     assert (first.added, first.duplicates_in_file, first.duplicates_existing) == (2, 1, 0)
 
@@ -246,20 +241,20 @@ def test_duplicates_inside_the_file_and_against_stored_prompts_are_skipped_and_c
 
 
 def test_same_prompt_in_another_set_is_not_a_duplicate(session):
-    one, two = make_set(session), make_set(session)
+    one, two = create_set(session), create_set(session)
     import_prompts(session, prompt_set=one, data=GOOD)
     assert import_prompts(session, prompt_set=two, data=GOOD).added == 1
 
 
 def test_windows_line_ends_make_no_different_prompt(session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl({"prompt": "two\nlines"}))
     result = import_prompts(session, prompt_set=ps, data=jsonl({"prompt": "two\r\nlines"}))
     assert result.added == 0 and result.duplicates_existing == 1
 
 
 def test_text_that_differs_is_not_a_duplicate(session):
-    ps = make_set(session)
+    ps = create_set(session)
     result = import_prompts(session, prompt_set=ps, data=jsonl(
         {"prompt": "hello"}, {"prompt": "Hello"}, {"prompt": "hello "},
         {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hello"}]}))
@@ -268,7 +263,7 @@ def test_text_that_differs_is_not_a_duplicate(session):
 
 def test_split_is_fixed_by_the_text_and_roughly_follows_the_ratios(session):
     texts = [f"Question number {i}: what is {i} squared?" for i in range(1000)]
-    first = make_set(session, train_ratio=0.8, validation_ratio=0.1, rl_ratio=0.1)
+    first = create_set(session, train_ratio=0.8, validation_ratio=0.1, rl_ratio=0.1)
     result = import_prompts(session, prompt_set=first, data=jsonl(*({"prompt": t} for t in texts)))
     assert 740 <= result.per_split["train"] <= 860
     assert 60 <= result.per_split["validation"] <= 140
@@ -278,7 +273,7 @@ def test_split_is_fixed_by_the_text_and_roughly_follows_the_ratios(session):
     # Another set with the same ratios, the prompts in another order: the same splits.
     shuffled = texts[:]
     random.Random(1).shuffle(shuffled)
-    second = make_set(session, train_ratio=0.8, validation_ratio=0.1, rl_ratio=0.1)
+    second = create_set(session, train_ratio=0.8, validation_ratio=0.1, rl_ratio=0.1)
     import_prompts(session, prompt_set=second, data=jsonl(*({"prompt": t} for t in shuffled[:500])))
     import_prompts(session, prompt_set=second, data=jsonl(*({"prompt": t} for t in shuffled)))
     assert {p.text: p.split for p in stored(session, second)} == split_of
@@ -289,7 +284,7 @@ def test_split_is_fixed_by_the_text_and_roughly_follows_the_ratios(session):
 
 
 def test_a_split_with_ratio_zero_gets_no_prompts(session):
-    ps = make_set(session, train_ratio=0.7, validation_ratio=0.3, rl_ratio=0.0)
+    ps = create_set(session, train_ratio=0.7, validation_ratio=0.3, rl_ratio=0.0)
     result = import_prompts(session, prompt_set=ps, data=jsonl(*({"prompt": f"p{i}"} for i in range(300))))
     assert result.per_split["rl"] == 0
     assert result.per_split["train"] > result.per_split["validation"] > 0
@@ -302,7 +297,7 @@ def test_parse_reports_problems_of_several_lines_at_once():
 
 
 def test_a_json_file_holding_jsonl_is_read_as_jsonl(session):
-    ps = make_set(session)
+    ps = create_set(session)
     result = import_prompts(session, prompt_set=ps, data=jsonl({"prompt": "a"}, {"prompt": "b"}),
                             filename="export.json", format="json")
     assert result.added == 2

@@ -8,26 +8,11 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetStatus, Role
-from app.db.models import Job, Model, Prompt, PromptSet, Response, Task
+from app.db.models import Job, Prompt, PromptSet, Response, Task
 from app.services import prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import import_prompts
-from tests.conftest import login, make_user
-
-_names = iter(range(1, 10**9))
-
-
-def make_set(session, **settings):
-    return prompt_sets.create_prompt_set(session, name=f"set-{next(_names)}", **settings)
-
-
-def make_model(session, *, kind=ModelKind.sft, is_default=False, name=None) -> Model:
-    model = Model(name=name or f"model-{next(_names)}", kind=kind, path="models/x", source="test",
-                  is_default=is_default)
-    session.add(model)
-    session.flush()
-    return model
-
+from tests.factories import create_set, make_model, make_user
 
 def jsonl(*texts: str) -> str:
     return "".join(json.dumps({"prompt": t}) + "\n" for t in texts)
@@ -93,7 +78,7 @@ def test_all_bad_fields_are_reported_together(session):
 
 
 def test_names_are_unique_ignoring_case(session):
-    make_set(session, instructions="x")
+    create_set(session, instructions="x")
     prompt_sets.create_prompt_set(session, name="Safety")
     with pytest.raises(Conflict) as caught:
         prompt_sets.create_prompt_set(session, name="safety")
@@ -104,14 +89,14 @@ def test_generator_defaults_to_the_default_sft_model_and_must_be_a_generator(ses
     make_model(session, kind=ModelKind.policy, is_default=True)
     sft = make_model(session, kind=ModelKind.sft, is_default=True)
     reward = make_model(session, kind=ModelKind.reward)
-    assert make_set(session).generator_model_id == sft.id
+    assert create_set(session).generator_model_id == sft.id
     with pytest.raises(Invalid) as caught:
-        make_set(session, generator_model_id=reward.id)
+        create_set(session, generator_model_id=reward.id)
     assert "generator_model_id" in caught.value.errors
 
 
 def test_ratios_are_fixed_once_the_set_has_prompts(session):
-    ps = make_set(session)
+    ps = create_set(session)
     prompt_sets.update_prompt_set(session, prompt_set=ps, train_ratio="0.5", validation_ratio="0.25",
                                   rl_ratio="0.25", k="6", name="renamed")
     assert (ps.train_ratio, ps.k, ps.name) == (0.5, 6, "renamed")
@@ -127,7 +112,7 @@ def test_ratios_are_fixed_once_the_set_has_prompts(session):
 # ---- counts ------------------------------------------------------------------------
 
 def test_counts_follow_prompts_responses_and_labeled_tasks(session):
-    ps = make_set(session, k=2, overlap=2)
+    ps = create_set(session, k=2, overlap=2)
     import_prompts(session, prompt_set=ps, data=jsonl("a", "b", "c"))
     prompts = session.scalars(select(Prompt).where(Prompt.prompt_set_id == ps.id).order_by(Prompt.id)).all()
     for labels, prompt in zip((0, 1, 2), prompts):
@@ -147,7 +132,7 @@ def test_counts_follow_prompts_responses_and_labeled_tasks(session):
 # ---- life cycle ----------------------------------------------------------------------
 
 def test_a_draft_without_prompts_cannot_start(session):
-    ps = make_set(session)
+    ps = create_set(session)
     with pytest.raises(Conflict, match="Import prompts before starting"):
         prompt_sets.start_prompt_set(session, prompt_set=ps, user_id=None)
     assert ps.status == PromptSetStatus.draft
@@ -155,7 +140,7 @@ def test_a_draft_without_prompts_cannot_start(session):
 
 def test_starting_a_set_queues_one_generate_job(session):
     admin = make_user(session, role=Role.admin)
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a", "b"))
     assert generate_jobs(session, ps) == []  # a draft generates nothing yet
 
@@ -168,7 +153,7 @@ def test_starting_a_set_queues_one_generate_job(session):
 
 
 def test_status_transitions_are_checked(session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a"))
     with pytest.raises(Conflict, match="it is draft"):
         prompt_sets.pause_prompt_set(session, prompt_set=ps)
@@ -192,7 +177,7 @@ def test_status_transitions_are_checked(session):
 
 
 def test_imports_into_an_active_set_queue_generation_once(session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a"))
     first = prompt_sets.start_prompt_set(session, prompt_set=ps, user_id=None)
     # A job is queued already: new prompts wait for it rather than queueing a second one.
@@ -215,7 +200,7 @@ def test_imports_into_an_active_set_queue_generation_once(session):
 
 
 def test_prompts_imported_while_paused_are_generated_on_resume(session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a"))
     job = prompt_sets.start_prompt_set(session, prompt_set=ps, user_id=None)
     prompt = session.scalar(select(Prompt).where(Prompt.prompt_set_id == ps.id))
@@ -229,7 +214,7 @@ def test_prompts_imported_while_paused_are_generated_on_resume(session):
 
 
 def test_resuming_with_every_prompt_generated_queues_nothing(session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a"))
     job = prompt_sets.start_prompt_set(session, prompt_set=ps, user_id=None)
     prompt = session.scalar(select(Prompt).where(Prompt.prompt_set_id == ps.id))
@@ -241,7 +226,7 @@ def test_resuming_with_every_prompt_generated_queues_nothing(session):
 
 
 def test_demonstration_sets_start_without_generation(session):
-    ps = make_set(session, kind="demonstration")
+    ps = create_set(session, kind="demonstration")
     import_prompts(session, prompt_set=ps, data=jsonl("write your own answer"))
     assert prompt_sets.start_prompt_set(session, prompt_set=ps, user_id=None) is None
     assert ps.status == PromptSetStatus.active and generate_jobs(session, ps) == []
@@ -249,16 +234,8 @@ def test_demonstration_sets_start_without_generation(session):
 
 # ---- pages -------------------------------------------------------------------------
 
-@pytest.fixture
-def admin_client(client, session):
-    admin = make_user(session, role=Role.admin)
-    token = login(client, admin)
-    client.headers["X-CSRF-Token"] = token
-    return client
-
-
 def test_list_page_shows_sets_with_status_and_counts(admin_client, session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a", "b", "c"))
     page = admin_client.get("/admin/prompt-sets")
     assert page.status_code == 200
@@ -310,7 +287,7 @@ def test_create_form_makes_a_draft_and_opens_its_page(admin_client, session):
 
 
 def test_upload_of_a_bad_file_lists_its_lines_and_stores_nothing(admin_client, session):
-    ps = make_set(session)
+    ps = create_set(session)
     bad = jsonl("fine") + '{"prompt": 3}\n{oops\n'
     response = admin_client.post(
         f"/admin/prompt-sets/{ps.id}/prompts", files={"file": ("prompts.jsonl", bad.encode(), "application/jsonl")},
@@ -323,7 +300,7 @@ def test_upload_of_a_bad_file_lists_its_lines_and_stores_nothing(admin_client, s
 
 
 def test_paste_and_upload_import_prompts_and_flash_the_result(admin_client, session):
-    ps = make_set(session)
+    ps = create_set(session)
     response = admin_client.post(f"/admin/prompt-sets/{ps.id}/prompts",
                                  data={"content": "prompt,topic\nhello,greeting\nbye,farewell\n", "format": "auto"})
     assert response.status_code == 303
@@ -336,7 +313,7 @@ def test_paste_and_upload_import_prompts_and_flash_the_result(admin_client, sess
 
 
 def test_bad_paste_is_kept_in_the_form(admin_client, session):
-    ps = make_set(session)
+    ps = create_set(session)
     response = admin_client.post(f"/admin/prompt-sets/{ps.id}/prompts",
                                  data={"content": '{"prompt": "ok"}\n{"messages": []}\n'})
     assert response.status_code == 422
@@ -346,7 +323,7 @@ def test_bad_paste_is_kept_in_the_form(admin_client, session):
 
 
 def test_import_needs_a_file_or_pasted_text(admin_client, session):
-    ps = make_set(session)
+    ps = create_set(session)
     response = admin_client.post(f"/admin/prompt-sets/{ps.id}/prompts", data={"content": "  ", "format": "auto"},
                                  files={"file": ("", b"", "application/octet-stream")})
     assert response.status_code == 422
@@ -354,7 +331,7 @@ def test_import_needs_a_file_or_pasted_text(admin_client, session):
 
 
 def test_start_button_activates_the_set_and_the_status_polls_while_generation_waits(admin_client, session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a", "b"))
     status = admin_client.get(f"/admin/prompt-sets/{ps.id}/status")
     assert 'hx-trigger="every 2s"' not in status.text
@@ -380,7 +357,7 @@ def test_start_button_activates_the_set_and_the_status_polls_while_generation_wa
 
 
 def test_pause_resume_archive_buttons(admin_client, session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a"))
     # Pausing a draft is refused with the reason.
     response = admin_client.post(f"/admin/prompt-sets/{ps.id}/pause")
@@ -394,7 +371,7 @@ def test_pause_resume_archive_buttons(admin_client, session):
 
 
 def test_settings_form_saves_and_refuses_bad_values(admin_client, session):
-    ps = make_set(session)
+    ps = create_set(session)
     fields = {"name": ps.name, "instructions": "Be kind.", "k": "5", "temperature": "0.8", "top_p": "1",
               "max_new_tokens": "32", "seed": "3", "overlap": "2", "train_ratio": "0.8",
               "validation_ratio": "0.1", "rl_ratio": "0.1"}
@@ -411,7 +388,7 @@ def test_unknown_set_is_404(admin_client):
 
 
 def test_archiving_cancels_queued_generation(session):
-    ps = make_set(session)
+    ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a"))
     job = prompt_sets.start_prompt_set(session, prompt_set=ps, user_id=None)
     prompt_sets.archive_prompt_set(session, prompt_set=ps)

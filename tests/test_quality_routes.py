@@ -8,30 +8,20 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from app.db.enums import Role
 from app.db.models import Annotation, Task
 from app.db.session import session_scope
-from tests.conftest import login, make_user
-from tests.quality_data import annotate, bulk_seed_session, make_set, make_task
+from tests.factories import annotate, bulk_seed_session, make_prompt_set, make_user, task_with_ids
 
 HX = {"HX-Request": "true"}
 
 
 @pytest.fixture
-def admin_client(client, session):
-    admin = make_user(session, role=Role.admin)
-    token = login(client, admin)
-    client.headers["X-CSRF-Token"] = token
-    return client
-
-
-@pytest.fixture
 def three(session):
     """Two labelers who agree and one who reverses them, on four tasks."""
-    ps = make_set(session, k=3, overlap=3)
+    ps = make_prompt_set(session, k=3, overlap=3)
     ann, bob, rex = (make_user(session, username=n) for n in ("q-ann", "q-bob", "q-rex"))
     for _ in range(4):
-        task, ids = make_task(session, ps)
+        task, ids = task_with_ids(session, ps)
         annotate(session, task, ids, ann, [1, 2, 3])
         annotate(session, task, ids, bob, [1, 2, 3])
         annotate(session, task, ids, rex, [3, 2, 1], [1, 4, 7])
@@ -154,7 +144,7 @@ def test_export_page_download_and_sidecar(admin_client, three):
 
 
 def test_download_streams_in_chunks(admin_client, session):
-    ps = make_set(session, k=4, overlap=2)
+    ps = make_prompt_set(session, k=4, overlap=2)
     users = {make_user(session).id: "consistent", make_user(session).id: "random"}
     counts = bulk_seed_session(session, prompt_set_id=ps.id, labelers=users, tasks=300, k=4, overlap=2)
     with admin_client.stream("GET", f"/api/v1/prompt-sets/{ps.id}/export?format=conversational") as response:
@@ -191,9 +181,9 @@ def test_cli_writes_the_file_and_its_sidecar(committed, tmp_path):
     from app.cli import cli
 
     with session_scope() as s:
-        ps = make_set(s, k=3, overlap=2)
+        ps = make_prompt_set(s, k=3, overlap=2)
         ann, bob = make_user(s), make_user(s)
-        task, ids = make_task(s, ps)
+        task, ids = task_with_ids(s, ps)
         annotate(s, task, ids, ann, [1, 2, 3])
         annotate(s, task, ids, bob, [2, 1, 3])
         set_id = ps.id

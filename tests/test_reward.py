@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import synthetic
+from tests.factories import synthetic
 from trainer.common import CONFIG_FILE, Cancelled, pad_left, pad_right, prepare_tokenizer
 from trainer.models import load_tokenizer, pick_device, pick_dtype
 from trainer.reward import (

@@ -14,7 +14,8 @@ import pytest
 from fastapi.routing import APIRoute
 
 from app.db.enums import Role
-from tests.conftest import csrf_of, login, make_user
+from tests.conftest import csrf_of, login
+from tests.factories import make_user
 
 ROUTES: dict[str, str] = {
     "GET /api/v1/training/settings": "engineer",

@@ -8,9 +8,8 @@ import re
 
 from app.db.enums import PromptSetKind, Role
 from app.web import ROOT, render_markdown, templates
-from tests.conftest import login, make_user
-from tests.factories import make_prompt_set, make_task
-from tests.quality_data import annotate
+from tests.conftest import login
+from tests.factories import annotate, make_prompt_set, make_task, make_user
 
 
 def _assert_security_headers(response, where: str) -> None:
@@ -21,7 +20,7 @@ def _assert_security_headers(response, where: str) -> None:
     assert response.headers.get("referrer-policy"), where
 
 
-def test_every_kind_of_response_carries_the_security_headers(app, client, session):
+def test_every_kind_of_response_carries_the_security_headers(app, client, client_as, session):
     def boom():
         raise RuntimeError("a bug")
 
@@ -29,7 +28,7 @@ def test_every_kind_of_response_carries_the_security_headers(app, client, sessio
     for path in ("/login", "/static/css/app.css", "/api/v1/openapi.json", "/api/v1/me", "/nowhere",
                  "/api/v1/nowhere", "/api/v1/docs"):
         _assert_security_headers(client.get(path), path)
-    login(client, make_user(session, role=Role.admin))
+    client_as("admin")
     for path in ("/", "/admin/prompt-sets", "/admin/users", "/jobs", "/models"):
         response = client.get(path)
         assert response.status_code == 200, path
@@ -42,8 +41,8 @@ def test_every_kind_of_response_carries_the_security_headers(app, client, sessio
     _assert_security_headers(response, "a server error")
 
 
-def test_api_token_page_and_every_export_are_never_cached(client, session):
-    token = login(client, make_user(session, role=Role.admin))
+def test_api_token_page_and_every_export_are_never_cached(client, client_as, session):
+    token = client_as("admin").headers["X-CSRF-Token"]
     assert client.get("/account/tokens").headers.get("cache-control") == "no-store"
     created = client.post("/account/tokens", data={"name": "ci", "csrf_token": token})
     assert created.status_code == 200 and created.headers.get("cache-control") == "no-store"

@@ -13,7 +13,8 @@ from app.db.base import utcnow
 from app.db.enums import Role
 from app.db.models import UserSession
 from app.services import auth, sessions, users
-from tests.conftest import TEST_PASSWORD, csrf_of, login, make_user
+from tests.conftest import csrf_of, login
+from tests.factories import TEST_PASSWORD, make_user
 
 
 def _second_client(app) -> TestClient:

@@ -11,9 +11,7 @@ from app.db.session import new_session
 from app.services import demonstrations as demos
 from app.services import models, training
 from app.services.prompt_sets import GENERATOR_KINDS
-from tests.conftest import make_user
-from tests.factories import make_prompt_set
-from tests.test_demonstrations import add_prompt
+from tests.factories import add_prompt, make_prompt_set, make_user
 from trainer.sft_job import split_examples
 from trainer.worker import execute_job
 

@@ -11,9 +11,7 @@ from app.db.models import Annotation, Job, JobMetric, Model, Prompt, Response, T
 from app.db.session import new_session
 from app.services import models, training
 from app.services.prompt_sets import GENERATOR_KINDS
-from tests.conftest import make_user
-from tests.factories_jobs import make_model
-from tests.training_data import ranked_set
+from tests.factories import make_model, make_user, ranked_set
 from trainer.jobs import JobFailed
 from trainer.worker import execute_job
 

@@ -3,25 +3,18 @@ with lineage and samples side by side, and promoting a model to generate the nex
 
 from sqlalchemy import func, select
 
-from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetStatus, Role
+from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetStatus
 from app.db.models import Job, Model
 from app.services import models
-from tests.conftest import login, make_user
-from tests.factories_jobs import make_model
-from tests.training_data import ranked_set
-
-
-def engineer(client, session):
-    user = make_user(session, role=Role.engineer)
-    return user, login(client, user)
+from tests.factories import make_model, make_user, ranked_set
 
 
 def jobs_of(session, kind: JobKind) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.kind == kind).order_by(Job.id)))
 
 
-def test_reward_form_shows_defaults_and_queues_a_run(client, session, tmp_path):
-    _, token = engineer(client, session)
+def test_reward_form_shows_defaults_and_queues_a_run(client, client_as, session, tmp_path):
+    token = client_as("engineer").headers["X-CSRF-Token"]
     alice = make_user(session, username="alice")
     base = make_model(session, tmp_path, name="sft-base", is_default=True)
     prompt_set = ranked_set(session, alice, prompts=6, name="ranked")
@@ -47,8 +40,8 @@ def test_reward_form_shows_defaults_and_queues_a_run(client, session, tmp_path):
     assert config["mixed_precision"] is False  # an unticked checkbox is off
 
 
-def test_reward_form_names_each_bad_field_and_queues_nothing(client, session, tmp_path):
-    _, token = engineer(client, session)
+def test_reward_form_names_each_bad_field_and_queues_nothing(client, client_as, session, tmp_path):
+    token = client_as("engineer").headers["X-CSRF-Token"]
     make_model(session, tmp_path, is_default=True)
     session.commit()
     response = client.post("/training/reward", data={"csrf_token": token, "epochs": "0", "learning_rate": "fast",
@@ -67,8 +60,8 @@ def test_reward_form_names_each_bad_field_and_queues_nothing(client, session, tm
     assert jobs_of(session, JobKind.train_reward) == [] and jobs_of(session, JobKind.train_ppo) == []
 
 
-def test_ppo_form_checks_batch_division_ptx_data_and_queues_a_run(client, session, tmp_path):
-    _, token = engineer(client, session)
+def test_ppo_form_checks_batch_division_ptx_data_and_queues_a_run(client, client_as, session, tmp_path):
+    token = client_as("engineer").headers["X-CSRF-Token"]
     alice = make_user(session)
     policy = make_model(session, tmp_path, name="sft", is_default=True)
     reward = make_model(session, tmp_path, name="rm", kind=ModelKind.reward)
@@ -100,8 +93,8 @@ def test_ppo_form_checks_batch_division_ptx_data_and_queues_a_run(client, sessio
     assert config["whiten_advantages"] is True and config["mixed_precision"] is False and config["steps"] == 3
 
 
-def test_registry_shows_lineage_metrics_and_samples_escaped(client, session, tmp_path):
-    engineer(client, session)
+def test_registry_shows_lineage_metrics_and_samples_escaped(client, client_as, session, tmp_path):
+    client_as("engineer")
     sft = make_model(session, tmp_path, name="sft-0")
     rm = Model(name="rm-0", kind=ModelKind.reward, path=str(tmp_path), source="train_reward", parent_id=sft.id,
                metrics={"val_accuracy": 0.875})
@@ -134,8 +127,8 @@ def test_registry_shows_lineage_metrics_and_samples_escaped(client, session, tmp
     assert client.get("/models/999999").status_code == 404
 
 
-def test_promoting_a_policy_opens_a_new_round_generated_by_it(client, session, tmp_path):
-    _, token = engineer(client, session)
+def test_promoting_a_policy_opens_a_new_round_generated_by_it(client, client_as, session, tmp_path):
+    token = client_as("engineer").headers["X-CSRF-Token"]
     alice = make_user(session)
     sft = make_model(session, tmp_path, name="sft", is_default=True)
     policy = make_model(session, tmp_path, name="policy", kind=ModelKind.policy)
@@ -181,10 +174,10 @@ def test_promoting_a_policy_opens_a_new_round_generated_by_it(client, session, t
     assert session.scalar(select(func.count(Job.id)).where(Job.kind == JobKind.generate)) == 1
 
 
-def test_ppo_job_page_leads_with_the_held_out_reward_and_warns_of_cut_responses(client, session):
+def test_ppo_job_page_leads_with_the_held_out_reward_and_warns_of_cut_responses(client, client_as, session):
     from app.services import jobs
 
-    engineer(client, session)
+    client_as("engineer")
     result = {"reward": 0.4, "kl": 1.25, "cut_fraction": 0.6, "validation_prompts": 5,
               "validation_note": "the chosen sets have 5 validation-split prompt(s) of the 64 asked for",
               "validation_reward_before": -0.1, "validation_reward_before_ci": 0.3,

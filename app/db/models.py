@@ -452,7 +452,7 @@ class Demonstration(Base):
     edit_mode: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
     reject_reason: Mapped[str | None] = mapped_column(Text)
     time_spent_s: Mapped[float] = mapped_column(default=0.0)
-    # A draft is the labeler's lease on the prompt until then (see app/services/demonstrations).
+    # A draft is the labeler's lease on the prompt until then (see app/services/demonstrations/leases).
     expires_at: Mapped[datetime | None]
     skip_reason: Mapped[str | None] = mapped_column(Text)
     prompt_flags: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))

@@ -15,6 +15,7 @@ from app.schemas.common import Id
 from app.services import demonstrations as demos
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import LIMITS
+from app.services.progress import demonstration_progress
 from app.services.prompt_sets import get_prompt_set
 from app.services.validation import as_id
 from app.web import download_headers, flash, fragment_or_redirect, redirect, render, render_form_errors
@@ -26,7 +27,7 @@ def _context(session, prompt_set_id: int | None, **extra: Any) -> dict[str, Any]
     sets = demos.demonstration_sets(session)
     return {
         "sets": sets, "selected": prompt_set_id,
-        "progress": {s.id: demos.set_progress(session, s) for s in sets},
+        "progress": {s.id: demonstration_progress(session, s) for s in sets},
         "queue": demos.review_queue(session, prompt_set_id=prompt_set_id),
         "waiting": demos.count_waiting(session, prompt_set_id=prompt_set_id),
         "rates": demos.acceptance_rates(session, prompt_set_id=prompt_set_id),

@@ -66,12 +66,12 @@ from app.db.models import (
     Annotation,
     Assignment,
     PromptSet,
-    PromptSetLabeler,
     Task,
     TaskResponse,
     User,
 )
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
+from app.services.labelers import labelable_sets, open_to
 from app.services.validation import check_text
 
 # Namespace of the per-labeler advisory lock (any constant int4 of our own).
@@ -123,23 +123,9 @@ def _holder_count(now: datetime):
     )
 
 
-def _open_to(user_id: int):
-    """SQL: the set lists no labelers (open to all) or lists this one."""
-    listed_any = exists().where(PromptSetLabeler.prompt_set_id == PromptSet.id)
-    listed_me = exists().where(
-        PromptSetLabeler.prompt_set_id == PromptSet.id, PromptSetLabeler.user_id == user_id
-    )
-    return or_(~listed_any, listed_me)
-
-
 def _eligible_sets(user_id: int):
     """SQL: the task's set is an active ranking set, in its current round, open to the labeler."""
-    return and_(
-        PromptSet.status == PromptSetStatus.active,
-        PromptSet.kind == PromptSetKind.ranking,
-        Task.round == PromptSet.round,
-        _open_to(user_id),
-    )
+    return and_(labelable_sets(user_id, PromptSetKind.ranking), Task.round == PromptSet.round)
 
 
 def _with_contents(query):
@@ -452,7 +438,7 @@ def lock_for_submit(session: Session, *, user: User, task_id: int, idempotency_k
     # The items (response ids and positions) and the set, not the texts: a submission
     # is checked against those only.
     task, read_at, open_to_labeler, stored_id = session.execute(
-        select(Task, clock.c.now, _open_to(user.id), stored)
+        select(Task, clock.c.now, open_to(user.id), stored)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
         .join(clock, text("true"))
         .where(Task.id == task_id)

@@ -8,13 +8,14 @@ clears the flag, so everything comes back exactly as it was.
 """
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.enums import AssignmentStatus, Role
-from app.db.models import Annotation, Assignment, PromptSetLabeler, Task, User
+from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus, Role
+from app.db.models import Annotation, Assignment, PromptSet, PromptSetLabeler, Task, User
 from app.services.agreement import LabelerFigures, SetAgreement, compute_set_agreement
 from app.services.errors import Invalid, NotFound
 from app.services.prompt_sets import get_prompt_set
@@ -34,12 +35,23 @@ def allowed_labelers(session: Session, *, prompt_set_id: int) -> list[User]:
     ))
 
 
+def open_to(user_id: int, prompt_set_id: Any = PromptSet.id):
+    """SQL: the set lists no labelers (open to every labeler) or lists this one: the one
+    rule of who may label a set. `prompt_set_id` is a set's id, or by default the
+    PromptSet row of the enclosing query."""
+    listed_any = exists().where(PromptSetLabeler.prompt_set_id == prompt_set_id)
+    listed_me = exists().where(PromptSetLabeler.prompt_set_id == prompt_set_id, PromptSetLabeler.user_id == user_id)
+    return or_(~listed_any, listed_me)
+
+
+def labelable_sets(user_id: int, kind: PromptSetKind):
+    """SQL: the set is an active set of this kind, open to the labeler."""
+    return and_(PromptSet.status == PromptSetStatus.active, PromptSet.kind == kind, open_to(user_id))
+
+
 def is_allowed(session: Session, *, prompt_set_id: int, user_id: int) -> bool:
     """True when the set is open to all labelers or lists this one."""
-    listed = session.scalars(
-        select(PromptSetLabeler.user_id).where(PromptSetLabeler.prompt_set_id == prompt_set_id)
-    ).all()
-    return not listed or user_id in listed
+    return bool(session.scalar(select(open_to(user_id, prompt_set_id))))
 
 
 def _labeler(session: Session, *, user_id: int | None = None, username: str | None = None) -> User:

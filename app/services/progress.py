@@ -11,16 +11,23 @@ The current rate is the number of (non-gold) labels in the last
 `rate_window_h` hours divided by that window; when the first label of the set
 is younger than the window, by the hours since that label (at least one).
 The estimate divides the labels still needed by that rate.
+
+A demonstration set's progress (`demonstration_progress`) counts its prompts,
+those done (as many submitted or accepted demonstrations as the overlap asks)
+and its demonstrations by status.
 """
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.services.prompt_sets import get_prompt_set
+from app.db.enums import DemonstrationStatus
+from app.db.models import Demonstration, Prompt, PromptSet
+from app.services.demonstrations.leases import HOLDING
+from app.services.prompt_sets import count_prompts, get_prompt_set
 
 
 @dataclass
@@ -113,3 +120,31 @@ def set_progress(session: Session, *, prompt_set_id: int, now: datetime | None =
         eta_hours=eta,
         per_hour=per_hour,
     )
+
+
+@dataclass
+class DemonstrationProgress:
+    prompts: int = 0
+    # Prompts with as many submitted or accepted demonstrations as the overlap asks.
+    prompts_done: int = 0
+    by_status: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in DemonstrationStatus})
+
+
+def demonstration_progress(session: Session, prompt_set: PromptSet) -> DemonstrationProgress:
+    """Progress figures of one demonstration set."""
+    progress = DemonstrationProgress()
+    progress.prompts = count_prompts(session, prompt_set.id)
+    for status, n in session.execute(
+        select(Demonstration.status, func.count()).join(Prompt, Prompt.id == Demonstration.prompt_id)
+        .where(Prompt.prompt_set_id == prompt_set.id).group_by(Demonstration.status)
+    ):
+        progress.by_status[DemonstrationStatus(status).value] = n
+    per_prompt = (
+        select(func.count(Demonstration.id).label("n")).join(Prompt, Prompt.id == Demonstration.prompt_id)
+        .where(Prompt.prompt_set_id == prompt_set.id, Demonstration.status.in_(HOLDING))
+        .group_by(Demonstration.prompt_id).subquery()
+    )
+    progress.prompts_done = session.scalar(
+        select(func.count()).select_from(per_prompt).where(per_prompt.c.n >= prompt_set.overlap)
+    ) or 0
+    return progress

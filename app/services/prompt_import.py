@@ -274,6 +274,13 @@ def _messages(problems: _Problems, where: str, raw: Any) -> list[dict[str, str]]
     return canonical_messages(raw) if ok else None
 
 
+def _text_prompt(problems: _Problems, where: str, prompt: str) -> list[dict[str, str]] | None:
+    """A prompt given as text: one user message, or None with its problem recorded."""
+    if not _check_text(problems, where, "'prompt'", prompt):
+        return None
+    return canonical_messages([{"role": "user", "content": prompt}])
+
+
 def _check_length(problems: _Problems, where: str, name: str, messages: list[dict[str, str]],
                   limits: ImportLimits) -> bool:
     chars = sum(len(m["content"]) for m in messages)
@@ -281,6 +288,23 @@ def _check_length(problems: _Problems, where: str, name: str, messages: list[dic
         problems.add(f"{where}: {name} is {chars:,} characters long; the limit is {limits.max_prompt_chars:,}")
         return False
     return True
+
+
+def _provenance(problems: _Problems, where: str, obj: dict[str, Any], *, fields: tuple[str, ...], ok: bool,
+                limits: ImportLimits) -> tuple[str | None, dict[str, Any]] | None:
+    """A JSON record's 'id' and metadata: its 'metadata' object, with every field other
+    than `fields`, 'id' and 'metadata' merged in. None, with the problems recorded,
+    when either is bad or `ok` (the rest of the record checked out) is false; the
+    metadata is only measured when the rest is fine."""
+    id_ok, external_id = _external_id(problems, where, obj.get("id"))
+    meta = obj.get("metadata", {})
+    if not isinstance(meta, dict):
+        problems.add(f"{where}: 'metadata' must be an object, not {_json_type(meta)}")
+        return None
+    meta = {k: v for k, v in obj.items() if k not in (*fields, "id", "metadata")} | meta
+    if not (ok and id_ok and _metadata(problems, where, meta, limits)):
+        return None
+    return external_id, meta
 
 
 def _record(problems: _Problems, where: str, line: int, obj: Any, limits: ImportLimits) -> ParsedPrompt | None:
@@ -302,22 +326,17 @@ def _record(problems: _Problems, where: str, line: int, obj: Any, limits: Import
         if not isinstance(prompt, str):
             problems.add(f"{where}: 'prompt' must be a string, not {_json_type(prompt)}")
             ok = False
-        elif _check_text(problems, where, "'prompt'", prompt):
-            messages = canonical_messages([{"role": "user", "content": prompt}])
+        else:
+            messages = _text_prompt(problems, where, prompt)
     else:
         name = "'messages'"
         messages = _messages(problems, where, obj["messages"])
     ok = messages is not None and ok and _check_length(problems, where, name, messages, limits)
-    id_ok, external_id = _external_id(problems, where, obj.get("id"))
-    meta = obj.get("metadata", {})
-    if not isinstance(meta, dict):
-        problems.add(f"{where}: 'metadata' must be an object, not {_json_type(meta)}")
-        return None
-    extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "id", "metadata")}
-    meta = extra | meta
-    if not (ok and id_ok and _metadata(problems, where, meta, limits)):
+    provenance = _provenance(problems, where, obj, fields=("prompt", "messages"), ok=ok, limits=limits)
+    if provenance is None:
         return None
     assert messages is not None
+    external_id, meta = provenance
     return ParsedPrompt(line=line, messages=messages, external_id=external_id, meta=meta)
 
 
@@ -432,12 +451,8 @@ def _csv(text: str, problems: _Problems, limits: ImportLimits) -> Iterator[Parse
             problems.add(f"{where}: {values} but the header has {len(header)} columns.{hint}")
             yield None
             continue
-        prompt = row[prompt_col]
-        if not _check_text(problems, where, "'prompt'", prompt):
-            yield None
-            continue
-        messages = canonical_messages([{"role": "user", "content": prompt}])
-        if not _check_length(problems, where, "'prompt'", messages, limits):
+        messages = _text_prompt(problems, where, row[prompt_col])
+        if messages is None or not _check_length(problems, where, "'prompt'", messages, limits):
             yield None
             continue
         id_ok, external_id = _external_id(problems, where, row[id_col] if id_col >= 0 else None)
@@ -489,6 +504,24 @@ def parse_prompts(
 
 # ---- the use case ----------------------------------------------------------------
 
+def prompt_row(prompt_set: PromptSet, *, messages: list[dict[str, str]], text_hash: str,
+               external_id: str | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """The row of an imported prompt, its split drawn from its hash."""
+    return {
+        "prompt_set_id": prompt_set.id, "external_id": external_id, "messages": messages,
+        "text": messages[-1]["content"], "text_hash": text_hash, "meta": meta,
+        "split": split_for(text_hash, train_ratio=prompt_set.train_ratio,
+                           validation_ratio=prompt_set.validation_ratio, rl_ratio=prompt_set.rl_ratio),
+    }
+
+
+def insert_new_prompts():
+    """INSERT of prompt rows that skips those already in their set: ON CONFLICT DO
+    NOTHING (even against an import running at the same moment), so RETURNING
+    tells which rows went in."""
+    return pg_insert(Prompt).on_conflict_do_nothing(index_elements=["prompt_set_id", "text_hash"])
+
+
 def import_prompts(
     session: Session,
     *,
@@ -512,20 +545,9 @@ def import_prompts(
         if text_hash in rows:
             result.duplicates_in_file += 1
             continue
-        split = split_for(text_hash, train_ratio=prompt_set.train_ratio,
-                          validation_ratio=prompt_set.validation_ratio, rl_ratio=prompt_set.rl_ratio)
-        rows[text_hash] = {
-            "prompt_set_id": prompt_set.id, "external_id": p.external_id, "messages": p.messages,
-            "text": p.text, "text_hash": text_hash, "split": split, "meta": p.meta,
-        }
-    # ON CONFLICT DO NOTHING: prompts already stored (even by an import running
-    # at the same moment) are skipped, and RETURNING tells which rows went in.
-    statement = (
-        pg_insert(Prompt)
-        .on_conflict_do_nothing(index_elements=["prompt_set_id", "text_hash"])
-        .returning(Prompt.split)
-    )
-    added = session.scalars(statement, list(rows.values())).all() if rows else []
+        rows[text_hash] = prompt_row(prompt_set, messages=p.messages, text_hash=text_hash,
+                                     external_id=p.external_id, meta=p.meta)
+    added = session.scalars(insert_new_prompts().returning(Prompt.split), list(rows.values())).all() if rows else []
     result.added = len(added)
     result.duplicates_existing = len(rows) - len(added)
     for split in added:

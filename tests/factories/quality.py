@@ -1,14 +1,13 @@
 """Labeled prompt sets for the quality, export and progress tests, and the benchmark.
 
 Two ways in:
-- `make_set` / `make_task` / `annotate`: a handful of rows through the ORM
-  (on top of tests/factories.py), for hand-made data whose right answers are known;
+- `annotate`, on sets and tasks of tests/factories/prompt_sets.py (`task_with_ids`):
+  a handful of rows through the ORM, for hand-made data whose right answers are known;
 - `bulk_seed`: thousands of tasks, annotations, ratings and comparisons with
   COPY, for streaming tests and bench/agreement.py. Each labeler either follows
   a hidden true order (with a little noise) or ranks at random.
 """
 
-import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -18,28 +17,8 @@ from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
 from app.db.enums import Split
-from app.db.models import Annotation, Comparison, PromptSet, Rating, Task
+from app.db.models import Annotation, Comparison, Rating, Task
 from app.services.annotations import expand_comparisons
-from tests.factories import make_prompt_set
-from tests.factories import make_task as factory_task
-
-_counter = itertools.count(1)
-
-
-def make_set(session: Session, *, k: int = 3, overlap: int = 2, name: str | None = None) -> PromptSet:
-    return make_prompt_set(session, name=name or f"quality-set-{next(_counter)}", k=k, overlap=overlap)
-
-
-def make_task(session: Session, prompt_set: PromptSet, *, k: int | None = None, split: Split = Split.train,
-              messages: list[dict[str, str]] | None = None) -> tuple[Task, list[int]]:
-    """A prompt 'question n' with k responses 'answer i to n' and its task (tests.factories);
-    returns (task, response ids in sample order: answer 0, answer 1...)."""
-    k = k or prompt_set.k
-    n = next(_counter)
-    messages = messages or [{"role": "user", "content": f"question {n}"}]
-    task = factory_task(session, prompt_set, texts=[f"answer {i} to {n}" for i in range(k)], messages=messages,
-                        split=split)
-    return task, sorted(item.response_id for item in task.items)
 
 
 def comparisons_of(ids: list[int], ranks: list[int], likerts: list[int]) -> list[tuple[int, int, int, int]]:

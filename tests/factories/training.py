@@ -1,13 +1,13 @@
-"""A ranking set labeled by the synthetic rule of tests/synthetic.py (more GOOD is
+"""A ranking set labeled by the synthetic rule of tests/factories/synthetic.py (more GOOD is
 better), in the database: what the reward-model and PPO jobs read."""
 
 from sqlalchemy.orm import Session
 
 from app.db.enums import Split
 from app.db.models import PromptSet, User
-from tests import synthetic
-from tests.factories import make_prompt_set, make_task
-from tests.quality_data import annotate
+from tests.factories import synthetic
+from tests.factories.prompt_sets import make_prompt_set, make_task, response_ids
+from tests.factories.quality import annotate
 
 
 def ranked_set(session: Session, labeler: User, *, prompts: int = 24, k: int = 4, seed: int = 0,
@@ -18,7 +18,6 @@ def ranked_set(session: Session, labeler: User, *, prompts: int = 24, k: int = 4
     for index, group in enumerate(synthetic.ranked_groups(range(prompts), k=k, seed=seed)):
         split = Split.validation if index % 5 == 0 else Split.rl if index % 5 == 1 else Split.train
         task = make_task(session, prompt_set, texts=group.responses, messages=group.messages, split=split)
-        ids = sorted(item.response_id for item in task.items)  # sample order: ids were inserted in order
-        annotate(session, task, ids, labeler, group.ranks)
+        annotate(session, task, response_ids(task), labeler, group.ranks)
     session.flush()
     return prompt_set
