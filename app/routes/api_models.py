@@ -17,7 +17,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 @router.get("", response_model=list[ModelOut])
 def list_models(session: SessionDep, user: EngineerUser, kind: ModelKind | None = None):
     """Defaults first, then newest."""
-    return models.models_of(session, [kind] if kind else list(ModelKind))
+    return models.models_of(session, [kind] if kind else ModelKind)
 
 
 @router.get("/{model_id}", response_model=ModelDetailOut)

@@ -42,11 +42,6 @@ def ranking_sets(session: Session) -> list[PromptSet]:
                                 .order_by(PromptSet.status == PromptSetStatus.archived, PromptSet.name)))
 
 
-def demonstration_sets(session: Session) -> list[PromptSet]:
-    return list(session.scalars(select(PromptSet).where(PromptSet.kind == PromptSetKind.demonstration)
-                                .order_by(PromptSet.status == PromptSetStatus.archived, PromptSet.name)))
-
-
 def accepted_counts(session: Session, prompt_set_ids: Iterable[int]) -> dict[int, int]:
     """Accepted demonstrations per set."""
     ids = list(prompt_set_ids)
