@@ -127,7 +127,8 @@ def _ppo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, An
         "sft_set_ids": [], "name": ""}
     return {
         "form": default_form | (form or {}), "form_errors": {},
-        "policies": policies, "rewards": rewards, "sets": sets, "sft_sets": demos.demonstration_sets(session, include_archived=True),
+        "policies": policies, "rewards": rewards, "sets": sets,
+        "sft_sets": demos.demonstration_sets(session, include_archived=True),
         "rl_counts": training.ppo_prompt_counts(session, [s.id for s in sets]), "settings": training.PPO_SETTINGS,
         "runs": jobs.list_jobs(session, kind=JobKind.train_ppo, limit=20),
     }
