@@ -326,7 +326,7 @@ def models_list() -> None:
 
     _setup()
     with new_session() as session:
-        for m in models.list_models(session):
+        for m in models.models_of(session):
             mark = "*" if m.is_default else " "
             typer.echo(f"{m.id:>5} {mark} {m.kind.value:<7} {m.name:<40} {m.source:<12} {m.path}")
 

@@ -37,6 +37,7 @@ from app.db import session as db_session  # noqa: E402
 from app.db.enums import Role  # noqa: E402
 from app.db.models import Annotation, PromptSet, Task, User  # noqa: E402
 from app.services.agreement import compute_set_agreement  # noqa: E402
+from bench.timing import timed  # noqa: E402
 from tests.factories import bulk_seed  # noqa: E402
 
 K, OVERLAP, LABELERS, RANDOM_LABELERS = 4, 3, 20, 3
@@ -125,15 +126,6 @@ def krippendorff_package(session: Session, prompt_set_id: int) -> float:
     started = time.perf_counter()
     krippendorff.alpha(reliability_data=data, level_of_measurement="ordinal", value_domain=list(range(1, 8)))
     return time.perf_counter() - started
-
-
-def timed(fn, repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - started)
-    return best, result
 
 
 def main() -> None:

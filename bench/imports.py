@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.services.prompt_import import parse_prompts  # noqa: E402
+from bench.timing import timed  # noqa: E402
 
 QUADRATIC_MAX = 10_000  # the old line counting runs on files up to this size
 
@@ -53,15 +54,6 @@ def quadratic_line_counting(text: str) -> float:
         text.count("\n", 0, i)
         text.count("\n", 0, i)
     return time.perf_counter() - started
-
-
-def timed(fn, repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - started)
-    return best, result
 
 
 def main() -> None:

@@ -255,6 +255,15 @@ README_IMAGES = {
 }
 
 
+def sign_in_page(page, live_server: str, username: str, password: str = TEST_PASSWORD) -> None:
+    """Sign in through the browser's login form and wait for the home page."""
+    page.goto(f"{live_server}/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server}/")
+
+
 def screenshot(page, name: str) -> Path:
     """Save a full-page screenshot under test-artifacts/screenshots for a person to look at."""
     folder = ARTIFACTS / "screenshots"

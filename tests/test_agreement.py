@@ -4,50 +4,20 @@ import krippendorff
 import numpy as np
 import pytest
 
-from app.db.enums import AssignmentStatus, Role, Split
-from app.db.models import Annotation, Assignment, Prompt, PromptSet, Rating, Response, Task, TaskResponse
 from app.db.base import utcnow
+from app.db.enums import AssignmentStatus, PromptSetStatus
+from app.db.models import Assignment, PromptSet, Task
 from app.services.agreement import compute_set_agreement, krippendorff_alpha_ordinal
-from tests.factories import make_user
+from tests.factories import annotate, make_prompt_set, make_user, task_with_ids
 
 
 def _set(session, k=3) -> PromptSet:
-    ps = PromptSet(name=f"set-{utcnow().timestamp()}", k=k)
-    session.add(ps)
-    session.flush()
-    return ps
+    return make_prompt_set(session, k=k, status=PromptSetStatus.draft)
 
 
-def _task(session, ps: PromptSet, k: int, *, gold: dict | None = None) -> tuple[Task, list[int]]:
-    n = session.query(Prompt).count()
-    prompt = Prompt(prompt_set_id=ps.id, messages=[{"role": "user", "content": f"q{n}"}], text=f"q{n}",
-                    text_hash=f"{n:064d}", split=Split.train)
-    session.add(prompt)
-    session.flush()
-    responses = [Response(prompt_id=prompt.id, sample_index=i, text=f"r{i}") for i in range(k)]
-    session.add_all(responses)
-    session.flush()
-    task = Task(prompt_set_id=ps.id, prompt_id=prompt.id, k=k, is_gold=gold is not None)
-    session.add(task)
-    session.flush()
-    session.add_all(TaskResponse(task_id=task.id, response_id=r.id, position=i) for i, r in enumerate(responses))
-    session.flush()
-    ids = [r.id for r in responses]
-    if gold is not None:
-        task.gold_ranking = {str(ids[i]): rank for i, rank in gold.items()}
-    return task, ids
-
-
-def _annotate(session, task, ids, user, ranks, likerts=None, *, time_s=10.0, flags=None, excluded=False):
-    likerts = likerts or [8 - r for r in ranks]
-    a = Annotation(task_id=task.id, user_id=user.id, time_spent_s=time_s, excluded=excluded,
-                   prompt_flags=flags or [])
-    session.add(a)
-    session.flush()
-    session.add_all(Rating(annotation_id=a.id, task_id=task.id, response_id=rid, likert=lk, rank=rk)
-                    for rid, rk, lk in zip(ids, ranks, likerts))
-    session.flush()
-    return a
+def _task(session, ps: PromptSet, k: int, *, is_gold: bool = False) -> tuple[Task, list[int]]:
+    """A task whose responses are shown in sample order; a gold one ranks them in that order."""
+    return task_with_ids(session, ps, k=k, is_gold=is_gold, shuffle=False)
 
 
 def test_two_labelers_who_agree_fully(session):
@@ -55,8 +25,8 @@ def test_two_labelers_who_agree_fully(session):
     u, v = make_user(session), make_user(session)
     for _ in range(3):
         task, ids = _task(session, ps, 3)
-        _annotate(session, task, ids, u, [1, 2, 3])
-        _annotate(session, task, ids, v, [1, 2, 3])
+        annotate(session, task, ids, u, [1, 2, 3])
+        annotate(session, task, ids, v, [1, 2, 3])
     result = compute_set_agreement(session, prompt_set_id=ps.id)
     assert result.pairwise_agreement == 1.0
     assert result.pairwise_pairs == 9
@@ -70,16 +40,16 @@ def test_hand_computed_agreement_with_a_reversal_and_a_tie(session):
     u, v = make_user(session), make_user(session)
     # Task 1: identical rankings: 3 strict pairs agree.
     t1, ids1 = _task(session, ps, 3)
-    _annotate(session, t1, ids1, u, [1, 2, 3])
-    _annotate(session, t1, ids1, v, [1, 2, 3])
+    annotate(session, t1, ids1, u, [1, 2, 3])
+    annotate(session, t1, ids1, v, [1, 2, 3])
     # Task 2: v reverses: 3 strict pairs disagree; tau-b = -1.
     t2, ids2 = _task(session, ps, 3)
-    _annotate(session, t2, ids2, u, [1, 2, 3])
-    _annotate(session, t2, ids2, v, [3, 2, 1])
+    annotate(session, t2, ids2, u, [1, 2, 3])
+    annotate(session, t2, ids2, v, [3, 2, 1])
     # Task 3: v ties the first two: pair (0,1) is a tie (left out), (0,2) and (1,2) agree.
     t3, ids3 = _task(session, ps, 3)
-    _annotate(session, t3, ids3, u, [1, 2, 3])
-    _annotate(session, t3, ids3, v, [1, 1, 2])
+    annotate(session, t3, ids3, u, [1, 2, 3])
+    annotate(session, t3, ids3, v, [1, 1, 2])
     result = compute_set_agreement(session, prompt_set_id=ps.id)
     assert result.pairwise_pairs == 8
     assert result.pairwise_agreement == pytest.approx(5 / 8)
@@ -94,9 +64,9 @@ def test_leave_one_out_consensus_finds_the_odd_labeler(session):
     a, b, odd = make_user(session), make_user(session), make_user(session)
     for _ in range(4):
         task, ids = _task(session, ps, 3)
-        _annotate(session, task, ids, a, [1, 2, 3])
-        _annotate(session, task, ids, b, [1, 2, 3])
-        _annotate(session, task, ids, odd, [3, 2, 1])
+        annotate(session, task, ids, a, [1, 2, 3])
+        annotate(session, task, ids, b, [1, 2, 3])
+        annotate(session, task, ids, odd, [3, 2, 1])
     figures = {f.user_id: f for f in compute_set_agreement(session, prompt_set_id=ps.id).labelers}
     # odd's others (a and b) agree with each other and against odd on every pair.
     # For a, the others are b (+1) and odd (-1): they cancel, so no pair counts.
@@ -109,10 +79,10 @@ def test_labeler_figures_time_skips_flags_contradictions(session):
     ps = _set(session)
     u = make_user(session)
     t1, ids1 = _task(session, ps, 3)
-    _annotate(session, t1, ids1, u, [1, 2, 3], time_s=10, flags=["unclear"])
+    annotate(session, t1, ids1, u, [1, 2, 3], time_s=10, flags=["unclear"])
     t2, ids2 = _task(session, ps, 3)
     # Rated A higher than B but ranked A lower: a contradiction.
-    _annotate(session, t2, ids2, u, [2, 1, 3], likerts=[7, 3, 1], time_s=30)
+    annotate(session, t2, ids2, u, [2, 1, 3], likerts=[7, 3, 1], time_s=30)
     t3, _ = _task(session, ps, 3)
     session.add(Assignment(task_id=t3.id, user_id=u.id, status=AssignmentStatus.skipped, expires_at=utcnow()))
     session.flush()
@@ -129,8 +99,8 @@ def test_excluded_annotations_leave_the_figures(session):
     ps = _set(session)
     u, v = make_user(session), make_user(session)
     task, ids = _task(session, ps, 3)
-    _annotate(session, task, ids, u, [1, 2, 3])
-    _annotate(session, task, ids, v, [3, 2, 1], excluded=True)
+    annotate(session, task, ids, u, [1, 2, 3])
+    annotate(session, task, ids, v, [3, 2, 1], excluded=True)
     result = compute_set_agreement(session, prompt_set_id=ps.id)
     assert result.pairwise_pairs == 0 and result.pairwise_agreement is None
     assert [f.user_id for f in result.labelers] == [u.id]
@@ -139,9 +109,9 @@ def test_excluded_annotations_leave_the_figures(session):
 def test_gold_accuracy(session):
     ps = _set(session)
     good, bad = make_user(session), make_user(session)
-    task, ids = _task(session, ps, 3, gold={0: 1, 1: 2, 2: 3})
-    _annotate(session, task, ids, good, [1, 2, 3])
-    _annotate(session, task, ids, bad, [1, 3, 2])  # (1,2) wrong
+    task, ids = _task(session, ps, 3, is_gold=True)
+    annotate(session, task, ids, good, [1, 2, 3])
+    annotate(session, task, ids, bad, [1, 3, 2])  # (1,2) wrong
     figures = {f.user_id: f for f in compute_set_agreement(session, prompt_set_id=ps.id).labelers}
     assert figures[good.id].gold_accuracy == 1.0
     assert figures[bad.id].gold_accuracy == pytest.approx(2 / 3)
@@ -200,7 +170,7 @@ def test_alpha_of_set_ratings_matches_the_package(session):
         for u in users:
             ranks = list(rng.permutation(4) + 1)
             likerts = [int(x) for x in rng.integers(1, 8, size=4)]
-            _annotate(session, task, ids, u, [int(r) for r in ranks], likerts)
+            annotate(session, task, ids, u, [int(r) for r in ranks], likerts)
             for rid, lk in zip(ids, likerts):
                 units.append(rid), coders.append(u.id), values.append(lk)
     result = compute_set_agreement(session, prompt_set_id=ps.id)

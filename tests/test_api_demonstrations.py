@@ -82,7 +82,8 @@ def test_reject_needs_a_reason_and_skip_needs_one_too(client, session):
     assert rejected.json()["status"] == "rejected" and rejected.json()["reject_reason"] == "Too short."
 
 
-def test_a_labeler_cannot_touch_another_labelers_demonstration(client, session):
+def wendys_draft_and_mallory(client, session) -> tuple[int, dict[str, str]]:
+    """Wendy leases a demonstration; then mallory signs in: (its id, mallory's headers)."""
     s = demo_set(session)
     add_prompt(session, s, "Mine?")
     session.commit()
@@ -90,6 +91,11 @@ def test_a_labeler_cannot_touch_another_labelers_demonstration(client, session):
     demo_id = client.get("/api/v1/demonstrations/next").json()["demonstration"]["id"]
     client.cookies.clear()
     headers = as_labeler(client, session, "mallory")
+    return demo_id, headers
+
+
+def test_a_labeler_cannot_touch_another_labelers_demonstration(client, session):
+    demo_id, headers = wendys_draft_and_mallory(client, session)
     response = client.post(f"/api/v1/demonstrations/{demo_id}/submit", headers=headers, json={"text": "Stolen."})
     assert response.status_code == 403
     assert client.put(f"/api/v1/demonstrations/{demo_id}/draft", headers=headers, json={"text": "x"}).status_code == 403
@@ -139,13 +145,7 @@ def test_admin_edit_accepts_the_new_text_and_lists_by_status(client, session):
 
 
 def test_a_labeler_cannot_skip_another_labelers_demonstration(client, session):
-    s = demo_set(session)
-    add_prompt(session, s, "Mine?")
-    session.commit()
-    as_labeler(client, session, "wendy")
-    demo_id = client.get("/api/v1/demonstrations/next").json()["demonstration"]["id"]
-    client.cookies.clear()
-    headers = as_labeler(client, session, "mallory")
+    demo_id, headers = wendys_draft_and_mallory(client, session)
     response = client.post(f"/api/v1/demonstrations/{demo_id}/skip", headers=headers, json={"reason": "Mine now"})
     assert response.status_code == 403
     assert session.get(Demonstration, demo_id).status == "draft"

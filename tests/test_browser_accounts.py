@@ -4,7 +4,7 @@ import pytest
 
 from app.db.enums import Role
 from app.db.session import session_scope
-from tests.conftest import screenshot
+from tests.conftest import screenshot, sign_in_page
 from tests.factories import TEST_PASSWORD, make_user
 
 pytestmark = pytest.mark.browser
@@ -58,11 +58,7 @@ def test_labeler_changes_password_and_the_old_one_stops_working(live_server, pag
         labeler = make_user(s, role=Role.labeler, username="lea")
         name = labeler.username
 
-    page.goto(f"{live_server}/login")
-    page.fill("input[name=username]", name)
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{live_server}/")
+    sign_in_page(page, live_server, name)
 
     page.click("header >> text=lea · labeler")
     page.wait_for_url(f"{live_server}/account/password")

@@ -9,7 +9,8 @@ from app.db.enums import JobKind, JobStatus, PromptSetKind, PromptSetStatus, Rol
 from app.db.models import Job, JobMetric
 from app.db.session import session_scope
 from app.services import jobs
-from tests.factories import TEST_PASSWORD, add_prompt, bulk_seed, make_model, make_prompt_set, make_task, make_user
+from tests.conftest import sign_in_page
+from tests.factories import add_prompt, bulk_seed, make_model, make_prompt_set, make_task, make_user
 
 pytestmark = pytest.mark.browser
 
@@ -39,11 +40,7 @@ def test_main_pages_break_no_rule_of_the_content_security_policy(live_server, pa
     elsewhere: list[str] = []
     page.on("request", lambda r: elsewhere.append(r.url) if not r.url.startswith((live_server, "data:")) else None)
 
-    page.goto(f"{live_server}/login")
-    page.fill("input[name=username]", "chief")
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{live_server}/")
+    sign_in_page(page, live_server, "chief")
 
     def visit(path: str, ready: str) -> None:
         page.goto(f"{live_server}{path}")

@@ -10,8 +10,8 @@ from app.db.enums import DemonstrationStatus, ModelKind, PromptSetKind, Role
 from app.db.models import Demonstration, Model
 from app.db.session import session_scope
 from app.services import demonstrations as demos
-from tests.conftest import screenshot
-from tests.factories import TEST_PASSWORD, add_prompt, make_prompt_set, make_user
+from tests.conftest import screenshot, sign_in_page
+from tests.factories import add_prompt, make_prompt_set, make_user
 from tests.workers import workers  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.browser
@@ -23,11 +23,7 @@ def signed_in(browser, live_server, username):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(15_000)
-    page.goto(f"{live_server}/login")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{live_server}/")
+    sign_in_page(page, live_server, username)
     return page
 
 

@@ -6,8 +6,8 @@ from app.config import Settings
 from app.db.enums import JobKind, Role
 from app.db.session import session_scope
 from app.services import jobs
-from tests.conftest import screenshot
-from tests.factories import TEST_PASSWORD, make_model, make_prompt_set, make_user
+from tests.conftest import screenshot, sign_in_page
+from tests.factories import make_model, make_prompt_set, make_user
 
 pytestmark = pytest.mark.browser
 
@@ -27,10 +27,7 @@ def test_job_pages_update_live_while_a_worker_runs_the_job(live_server, page, ti
                                    queue="elsewhere", commit=False)
         job_id, waiting_id = job.id, waiting.id
 
-    page.goto(f"{live_server}/login")
-    page.fill("input[name=username]", "eng")
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("button[type=submit]")
+    sign_in_page(page, live_server, "eng")
     page.click("nav >> text=Jobs")
     page.wait_for_selector(f"#job-{job_id}[data-status=queued]")
     assert page.get_attribute("#job-table", "data-polling") == "on"

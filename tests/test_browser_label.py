@@ -7,8 +7,8 @@ from sqlalchemy import select
 from app.db.enums import Role
 from app.db.models import Annotation, Comparison, Rating, User
 from app.db.session import session_scope
-from tests.conftest import screenshot
-from tests.factories import TEST_PASSWORD, make_prompt_set, make_task, make_user
+from tests.conftest import screenshot, sign_in_page
+from tests.factories import make_prompt_set, make_task, make_user
 
 pytestmark = pytest.mark.browser
 
@@ -17,14 +17,6 @@ INSTRUCTIONS = """Rate each response **on its own**, then rank them all.
 
 - helpful beats fancy
 - flag anything harmful"""
-
-
-def sign_in(page, live_server, username):
-    page.goto(f"{live_server}/login")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{live_server}/")
 
 
 def keys(page, sequence: str):
@@ -58,7 +50,7 @@ def test_labeler_labels_three_tasks_with_the_keyboard_only(live_server, page):
         task_ids = [t.id for t in tasks]
         user_id = labeler.id
 
-    sign_in(page, live_server, "lena")
+    sign_in_page(page, live_server, "lena")
     page.goto(f"{live_server}/label")
     page.wait_for_selector(f'#label-task[data-task-id="{task_ids[0]}"]')
     page.evaluate("window.__marker = 'same page'")
@@ -140,7 +132,7 @@ def test_ranking_by_drag_and_drop_with_a_tie(live_server, page):
         task = make_task(s, prompt_set)
         letters = letters_of(task)
         task_id = task.id
-    sign_in(page, live_server, "dora")
+    sign_in_page(page, live_server, "dora")
     page.goto(f"{live_server}/label")
     page.wait_for_selector("#label-form")
     page.evaluate("window.__marker = 1")

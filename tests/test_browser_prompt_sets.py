@@ -10,8 +10,8 @@ from app.config import Settings
 from app.db.enums import ModelKind, Role
 from app.db.models import Model
 from app.db.session import session_scope
-from tests.conftest import screenshot
-from tests.factories import TEST_PASSWORD, make_user
+from tests.conftest import screenshot, sign_in_page
+from tests.factories import make_user
 
 pytestmark = pytest.mark.browser
 
@@ -37,11 +37,7 @@ def test_admin_uploads_prompts_and_watches_generation_until_tasks_are_ready(
         make_user(s, role=Role.admin, username="boss")
         s.add(Model(name="tiny-sft", kind=ModelKind.sft, path=str(tiny_model_dir), source="test", is_default=True))
 
-    page.goto(f"{live_server}/login")
-    page.fill("input[name=username]", "boss")
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{live_server}/")
+    sign_in_page(page, live_server, "boss")
 
     # Create the set; a bad K comes back next to its field with the other values kept.
     page.click("nav >> text=Prompt sets")

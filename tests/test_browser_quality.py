@@ -5,8 +5,8 @@ import pytest
 
 from app.db.enums import Role
 from app.db.session import session_scope
-from tests.conftest import screenshot
-from tests.factories import TEST_PASSWORD, bulk_seed, make_prompt_set, make_task, make_user
+from tests.conftest import screenshot, sign_in_page
+from tests.factories import bulk_seed, make_prompt_set, make_task, make_user
 
 pytestmark = pytest.mark.browser
 
@@ -23,11 +23,7 @@ def test_admin_finds_the_random_labeler_on_the_quality_page(live_server, page):
             make_task(s, ps)
         set_id, admin_name, rex_id = ps.id, admin.username, rex.id
 
-    page.goto(f"{live_server}/login")
-    page.fill("input[name=username]", admin_name)
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{live_server}/")
+    sign_in_page(page, live_server, admin_name)
 
     page.goto(f"{live_server}/admin/prompt-sets/{set_id}/quality")
     highlighted = page.locator("#labelers tr.below-threshold")

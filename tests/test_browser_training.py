@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 from app.db.enums import JobKind, JobStatus, Role, Split
 from app.db.models import Job, Prompt, PromptSet
 from app.db.session import session_scope
-from tests.conftest import screenshot
-from tests.factories import TEST_PASSWORD, make_model, make_user, ranked_set
+from tests.conftest import screenshot, sign_in_page
+from tests.factories import make_model, make_user, ranked_set
 from tests.workers import workers  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.browser
@@ -32,10 +32,7 @@ def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_
     workers.start(cli=True)
 
     page.set_default_timeout(15_000)
-    page.goto(f"{live_server}/login")
-    page.fill("input[name=username]", "eng")
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("button[type=submit]")
+    sign_in_page(page, live_server, "eng")
 
     # 1. A reward model from the dashboard; a bad value first comes back beside its field.
     page.click("nav >> text=Reward model")

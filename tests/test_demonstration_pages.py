@@ -10,8 +10,7 @@ from app.db.enums import DemonstrationStatus, JobKind, JobStatus, ModelKind, Rol
 from app.db.models import Demonstration, Job, Model, Response
 from app.services import demonstrations as demos
 from tests.conftest import login
-from tests.factories import add_prompt, demo_set, make_user
-from tests.test_demonstrations import lease, submit
+from tests.factories import LEASE_S, add_prompt, demo_set, lease_demo, make_user, submit_demo
 
 HX = {"HX-Request": "true"}
 
@@ -115,14 +114,14 @@ def test_admin_reviews_from_the_queue(client, session):
     s = demo_set(session)
     admin, alice = make_user(session, role=Role.admin), make_user(session)
     add_prompt(session, s, "P1")
-    d1 = lease(session, alice)
-    submit(session, alice, d1, text="Answer **one**")
+    d1 = lease_demo(session, alice)
+    submit_demo(session, alice, d1, text="Answer **one**")
     add_prompt(session, s, "P2")
-    d2 = lease(session, alice)
-    submit(session, alice, d2, text="Answer two")
+    d2 = lease_demo(session, alice)
+    submit_demo(session, alice, d2, text="Answer two")
     add_prompt(session, s, "P3")
-    d3 = lease(session, alice)
-    submit(session, alice, d3, text="Answr three")
+    d3 = lease_demo(session, alice)
+    submit_demo(session, alice, d3, text="Answr three")
     client.headers["X-CSRF-Token"] = login(client, admin)
     page = client.get("/admin/demonstrations").text
     assert "3 waiting" in page and "Answer <strong>one</strong>" in page and alice.username in page
@@ -198,8 +197,8 @@ def test_a_refused_skip_or_submit_never_shows_another_labelers_prompt(client, cl
     s = demo_set(session, name="secret-demo-set")
     add_prompt(session, s, "SECRET-DEMO-PROMPT")
     owner = make_user(session)
-    demo = lease(session, owner)
-    demos.save_draft(session, user=owner, demonstration_id=demo.id, text="SECRET-DRAFT", now=utcnow(), lease_s=1800)
+    demo = lease_demo(session, owner)
+    demos.save_draft(session, user=owner, demonstration_id=demo.id, text="SECRET-DRAFT", now=utcnow(), lease_s=LEASE_S)
     client_as("labeler")
     attempts = {
         "skip without a reason": ("skip", {"skip_reason": ""}),

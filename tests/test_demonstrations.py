@@ -18,19 +18,8 @@ from app.services import export
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.labelers import allow_labeler
 from app.services.prompt_sets import archive_prompt_set, pause_prompt_set
-from tests.factories import add_prompt, demo_set, make_prompt_set, make_task, make_user
-
-LEASE_S = 1800
-
-
-def lease(session, user, now=None):
-    return demos.lease_next_demonstration(session, user=user, now=now or utcnow(), lease_s=LEASE_S)
-
-
-def submit(session, user, demo, text="A fine answer.", now=None):
-    return demos.submit_demonstration(session, user=user, demonstration_id=demo.id, text=text,
-                                      now=now or utcnow(), lease_s=LEASE_S)
-
+from tests.factories import (LEASE_S, add_prompt, demo_set, lease_demo, make_prompt_set, make_task, make_user,
+                             submit_demo)
 
 def count_demos(session) -> int:
     return session.scalar(select(func.count(Demonstration.id)))
@@ -43,11 +32,11 @@ def test_a_reload_gives_the_same_prompt_until_the_lease_ends(session):
     first, second = add_prompt(session, s, "Explain rain."), add_prompt(session, s, "Explain snow.")
     alice = make_user(session)
     now = utcnow()
-    demo = lease(session, alice, now)
+    demo = lease_demo(session, alice, now)
     assert demo.prompt_id == first.id and demo.status == DemonstrationStatus.draft
-    assert lease(session, alice, now + timedelta(seconds=60)).id == demo.id
+    assert lease_demo(session, alice, now + timedelta(seconds=60)).id == demo.id
     # After the lease ran out the prompt is free again, and the labeler's own draft comes first.
-    later = lease(session, alice, now + timedelta(seconds=LEASE_S + 1))
+    later = lease_demo(session, alice, now + timedelta(seconds=LEASE_S + 1))
     assert later.id == demo.id
 
 
@@ -55,15 +44,15 @@ def test_overlap_limits_the_writers_of_a_prompt_and_nobody_writes_twice(session)
     s = demo_set(session, overlap=2)
     p1, p2 = add_prompt(session, s, "One"), add_prompt(session, s, "Two")
     a, b, c = (make_user(session) for _ in range(3))
-    da, db = lease(session, a), lease(session, b)
+    da, db = lease_demo(session, a), lease_demo(session, b)
     assert da.prompt_id == db.prompt_id == p1.id  # finish the overlap before starting new prompts
-    dc = lease(session, c)
+    dc = lease_demo(session, c)
     assert dc.prompt_id == p2.id
-    submit(session, a, da)
-    nxt = lease(session, a)
+    submit_demo(session, a, da)
+    nxt = lease_demo(session, a)
     assert nxt.prompt_id == p2.id  # never p1 again
-    submit(session, a, nxt)
-    assert lease(session, a) is None  # p1 and p2 both written by a
+    submit_demo(session, a, nxt)
+    assert lease_demo(session, a) is None  # p1 and p2 both written by a
 
 
 def test_an_expired_draft_no_longer_holds_the_prompt(session):
@@ -71,13 +60,13 @@ def test_an_expired_draft_no_longer_holds_the_prompt(session):
     add_prompt(session, s, "Only prompt")
     a, b = make_user(session), make_user(session)
     now = utcnow()
-    da = lease(session, a, now)
-    assert lease(session, b, now) is None
-    db = lease(session, b, now + timedelta(seconds=LEASE_S + 5))
+    da = lease_demo(session, a, now)
+    assert lease_demo(session, b, now) is None
+    db = lease_demo(session, b, now + timedelta(seconds=LEASE_S + 5))
     assert db is not None and db.prompt_id == da.prompt_id
     # a's lease is gone and the prompt is full: a's submit is refused, the text kept as a draft.
     with pytest.raises(Conflict, match="ran out"):
-        submit(session, a, da, text="Late answer", now=now + timedelta(seconds=LEASE_S + 10))
+        submit_demo(session, a, da, text="Late answer", now=now + timedelta(seconds=LEASE_S + 10))
     session.refresh(da)
     assert da.status == DemonstrationStatus.draft and da.text == "Late answer"
 
@@ -88,8 +77,8 @@ def test_only_active_demonstration_sets_open_to_the_labeler_give_prompts(session
     make_task(session, ranking)
     add_prompt(session, demo_set(session, status=PromptSetStatus.paused), "Paused")
     add_prompt(session, demo_set(session, allowed=[bob]), "For Bob only")
-    assert lease(session, alice) is None
-    assert lease(session, bob).prompt.text == "For Bob only"
+    assert lease_demo(session, alice) is None
+    assert lease_demo(session, bob).prompt.text == "For Bob only"
 
 
 
@@ -98,7 +87,7 @@ def test_submit_is_refused_once_the_set_is_closed_to_the_writer(session, change)
     s = demo_set(session)
     add_prompt(session, s, "A prompt")
     alice, bob = make_user(session), make_user(session)
-    demo = lease(session, alice)
+    demo = lease_demo(session, alice)
     if change == "paused":
         pause_prompt_set(session, prompt_set=s)
     elif change == "archived":
@@ -106,7 +95,7 @@ def test_submit_is_refused_once_the_set_is_closed_to_the_writer(session, change)
     else:
         allow_labeler(session, prompt_set_id=s.id, user_id=bob.id)
     with pytest.raises(NotAllowed) as err:
-        submit(session, alice, demo)
+        submit_demo(session, alice, demo)
     assert s.name not in err.value.message
     assert session.get(Demonstration, demo.id).status == DemonstrationStatus.draft
 
@@ -117,12 +106,12 @@ def test_draft_autosave_survives_a_reload(session):
     s = demo_set(session)
     add_prompt(session, s, "Write a limerick.")
     alice = make_user(session)
-    demo = lease(session, alice)
+    demo = lease_demo(session, alice)
     for text in ("There once", "There once was a", "There once was a"):  # saving the same text again is harmless
         result = demos.save_draft(session, user=alice, demonstration_id=demo.id, text=text, now=utcnow(),
                                   lease_s=LEASE_S, time_spent_s=12.5, edit_mode=False)
         assert result.saved and result.holds_lease
-    again = lease(session, alice)
+    again = lease_demo(session, alice)
     assert again.id == demo.id and again.text == "There once was a" and again.time_spent_s == 12.5
     assert count_demos(session) == 1
 
@@ -132,20 +121,20 @@ def test_autosave_renews_the_lease(session):
     add_prompt(session, s, "Prompt")
     a, b = make_user(session), make_user(session)
     now = utcnow()
-    demo = lease(session, a, now)
+    demo = lease_demo(session, a, now)
     demos.save_draft(session, user=a, demonstration_id=demo.id, text="writing...", now=now + timedelta(seconds=LEASE_S - 1),
                      lease_s=LEASE_S)
-    assert lease(session, b, now + timedelta(seconds=LEASE_S + 1)) is None  # still a's
+    assert lease_demo(session, b, now + timedelta(seconds=LEASE_S + 1)) is None  # still a's
 
 
 def test_submit_twice_stores_one_demonstration(session):
     s = demo_set(session)
     add_prompt(session, s, "Say hi.")
     alice = make_user(session)
-    demo = lease(session, alice)
-    first = submit(session, alice, demo, text="Hi there!")
+    demo = lease_demo(session, alice)
+    first = submit_demo(session, alice, demo, text="Hi there!")
     assert not first.already and first.demonstration.status == DemonstrationStatus.submitted
-    second = submit(session, alice, demo, text="A different retry")
+    second = submit_demo(session, alice, demo, text="A different retry")
     assert second.already and second.demonstration.text == "Hi there!"
     assert count_demos(session) == 1
     # A late autosave of the submitted one changes nothing.
@@ -159,17 +148,17 @@ def test_submit_checks_text_flags_and_ownership(session):
     s = demo_set(session)
     add_prompt(session, s, "Prompt")
     alice, mallory = make_user(session), make_user(session)
-    demo = lease(session, alice)
+    demo = lease_demo(session, alice)
     with pytest.raises(Invalid) as exc:
-        submit(session, alice, demo, text="   \n")
+        submit_demo(session, alice, demo, text="   \n")
     assert exc.value.errors == {"text": "write your response"}
     with pytest.raises(Invalid, match="limit is 20,000"):
-        submit(session, alice, demo, text="x" * 20_001)
+        submit_demo(session, alice, demo, text="x" * 20_001)
     with pytest.raises(Invalid, match="Unknown prompt flag"):
         demos.submit_demonstration(session, user=alice, demonstration_id=demo.id, text="ok", now=utcnow(),
                                    lease_s=LEASE_S, prompt_flags=["nonsense"])
     with pytest.raises(NotAllowed):
-        submit(session, mallory, demo)
+        submit_demo(session, mallory, demo)
     result = demos.submit_demonstration(session, user=alice, demonstration_id=demo.id, text="ok", now=utcnow(),
                                         lease_s=LEASE_S, prompt_flags=["unclear"], time_spent_s=99999, edit_mode=True)
     d = result.demonstration
@@ -180,26 +169,26 @@ def test_skip_needs_a_reason_and_the_prompt_is_never_offered_again(session):
     s = demo_set(session)
     p1, p2 = add_prompt(session, s, "Hard one"), add_prompt(session, s, "Easy one")
     alice = make_user(session)
-    demo = lease(session, alice)
+    demo = lease_demo(session, alice)
     assert demo.prompt_id == p1.id
     with pytest.raises(Invalid):
         demos.skip_demonstration(session, user=alice, demonstration_id=demo.id, reason=" ", now=utcnow())
     skipped = demos.skip_demonstration(session, user=alice, demonstration_id=demo.id,
                                        reason="The prompt is unclear", now=utcnow())
     assert skipped.status == DemonstrationStatus.skipped and skipped.skip_reason == "The prompt is unclear"
-    assert lease(session, alice).prompt_id == p2.id
+    assert lease_demo(session, alice).prompt_id == p2.id
     with pytest.raises(Conflict):
-        submit(session, alice, skipped)
+        submit_demo(session, alice, skipped)
     # Another labeler still gets the skipped prompt.
-    assert lease(session, make_user(session)).prompt_id == p1.id
+    assert lease_demo(session, make_user(session)).prompt_id == p1.id
 
 
 # ---- review and training data ----------------------------------------------------------------
 
 def written(session, s, labeler, text, answer, split=Split.train):
     add_prompt(session, s, text, split=split)
-    demo = lease(session, labeler)
-    submit(session, labeler, demo, text=answer)
+    demo = lease_demo(session, labeler)
+    submit_demo(session, labeler, demo, text=answer)
     return demo
 
 
@@ -211,7 +200,7 @@ def test_review_accept_reject_edit_and_only_accepted_reach_training(session):
     fixable = written(session, s, bob, "Q3", "Answr with typo", split=Split.validation)
     pending = written(session, s, bob, "Q4", "Not reviewed yet")
     draft_prompt = add_prompt(session, s, "Q5")
-    draft = lease(session, bob)
+    draft = lease_demo(session, bob)
     assert draft.prompt_id == draft_prompt.id
 
     assert [d.id for d in demos.review_queue(session)] == [good.id, bad.id, fixable.id, pending.id]
@@ -244,10 +233,10 @@ def test_a_rejected_demonstration_frees_its_prompt_for_another_labeler(session):
     s = demo_set(session, overlap=1)
     admin, alice, bob = make_user(session, role=Role.admin), make_user(session), make_user(session)
     demo = written(session, s, alice, "Only", "Meh")
-    assert lease(session, bob) is None
+    assert lease_demo(session, bob) is None
     demos.reject_demonstration(session, reviewer=admin, demonstration_id=demo.id, reason="Off topic", now=utcnow())
-    assert lease(session, bob).prompt_id == demo.prompt_id
-    assert lease(session, alice) is None
+    assert lease_demo(session, bob).prompt_id == demo.prompt_id
+    assert lease_demo(session, alice) is None
 
 
 def test_export_in_trl_formats_round_trips_through_import(session):
@@ -256,8 +245,8 @@ def test_export_in_trl_formats_round_trips_through_import(session):
     multi = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"}]
     add_prompt(session, s, "", messages=multi)
-    demo = lease(session, alice)
-    submit(session, alice, demo, text="And so on.")
+    demo = lease_demo(session, alice)
+    submit_demo(session, alice, demo, text="And so on.")
     written(session, s, alice, "Not accepted", "Waiting")
     demos.accept_demonstration(session, reviewer=admin, demonstration_id=demo.id, now=utcnow())
 

@@ -11,13 +11,6 @@ from app.services.errors import Conflict, Invalid
 from tests.conftest import default_model_dir
 
 
-def test_constants_agree_with_the_trainer():
-    import trainer.models
-
-    assert models.DEFAULT_MODEL_DIR == trainer.models.DEFAULT_MODEL_DIR
-    assert models.DEFAULT_MODEL_NAME == trainer.models.DEFAULT_MODEL_NAME
-
-
 def test_register_checkpoint_directory_stores_hash_config_and_relative_path(session, tiny_model_dir):
     settings = Settings(artifacts_dir=tiny_model_dir.parent)
     model = models.register_checkpoint(session, settings=settings, path_or_hub_id=str(tiny_model_dir),
@@ -63,7 +56,7 @@ def test_one_default_per_kind(session):
     session.refresh(a)
     assert not a.is_default and b.is_default and rm.is_default
     assert models.default_model(session, ModelKind.sft).id == b.id
-    assert [m.name for m in models.list_models(session)][:2] in (["b", "rm"], ["rm", "b"])
+    assert [m.name for m in models.models_of(session)][:2] in (["b", "rm"], ["rm", "b"])
 
 
 def test_ensure_default_model_registers_the_provisioned_checkpoint_once(session, tmp_path):
@@ -74,12 +67,12 @@ def test_ensure_default_model_registers_the_provisioned_checkpoint_once(session,
     assert model.name == "SmolLM2-135M-Instruct" and model.kind == ModelKind.sft and model.is_default
     assert model.path == models.DEFAULT_MODEL_DIR and model.source == "provisioned"
     assert models.ensure_default_model(session, settings).id == model.id
-    assert len(models.list_models(session)) == 1
+    assert len(models.models_of(session)) == 1
 
 
 def test_ensure_default_model_without_a_provisioned_checkpoint_registers_nothing(session, tmp_path):
     assert models.ensure_default_model(session, Settings(artifacts_dir=tmp_path)) is None
-    assert models.list_models(session) == []
+    assert models.models_of(session) == []
 
 
 def test_cli_models_add_and_list(committed, tiny_model_dir, tmp_path):
@@ -94,4 +87,4 @@ def test_cli_models_add_and_list(committed, tiny_model_dir, tmp_path):
     bad = runner.invoke(cli, ["models", "add", str(tmp_path)])
     assert bad.exit_code == 1 and "no config.json" in bad.output
     with new_session() as session:
-        assert [m.name for m in models.list_models(session)] == ["tiny-cli"]
+        assert [m.name for m in models.models_of(session)] == ["tiny-cli"]

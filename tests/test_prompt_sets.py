@@ -50,6 +50,9 @@ def test_form_strings_are_accepted(session):
     ({"k": "four"}, "k", "must be a whole number"),
     ({"k": "4.5"}, "k", "must be a whole number"),
     ({"k": ""}, "k", "required"),
+    ({"k": True}, "k", "must be a whole number"),
+    ({"temperature": True}, "temperature", "must be a number"),
+    ({"temperature": " "}, "temperature", "required"),
     ({"temperature": 0}, "temperature", "must be greater than 0"),
     ({"temperature": "nan"}, "temperature", "must be a finite number"),
     ({"top_p": 1.5}, "top_p", "must be greater than 0 and at most 1"),
@@ -199,7 +202,8 @@ def test_imports_into_an_active_set_queue_generation_once(session):
     assert len(generate_jobs(session, ps)) == 2
 
 
-def test_prompts_imported_while_paused_are_generated_on_resume(session):
+def generated_then_paused(session) -> PromptSet:
+    """A set whose one prompt was generated (its generation job succeeded), then paused."""
     ps = create_set(session)
     import_prompts(session, prompt_set=ps, data=jsonl("a"))
     job = prompt_sets.start_prompt_set(session, prompt_set=ps, user_id=None)
@@ -207,6 +211,11 @@ def test_prompts_imported_while_paused_are_generated_on_resume(session):
     session.add(Task(prompt_set_id=ps.id, prompt_id=prompt.id, round=1, k=4))
     job.status = JobStatus.succeeded
     prompt_sets.pause_prompt_set(session, prompt_set=ps)
+    return ps
+
+
+def test_prompts_imported_while_paused_are_generated_on_resume(session):
+    ps = generated_then_paused(session)
 
     assert import_prompts(session, prompt_set=ps, data=jsonl("b")).generation_job_id is None
     assert prompt_sets.resume_prompt_set(session, prompt_set=ps, user_id=None) is not None
@@ -214,13 +223,7 @@ def test_prompts_imported_while_paused_are_generated_on_resume(session):
 
 
 def test_resuming_with_every_prompt_generated_queues_nothing(session):
-    ps = create_set(session)
-    import_prompts(session, prompt_set=ps, data=jsonl("a"))
-    job = prompt_sets.start_prompt_set(session, prompt_set=ps, user_id=None)
-    prompt = session.scalar(select(Prompt).where(Prompt.prompt_set_id == ps.id))
-    session.add(Task(prompt_set_id=ps.id, prompt_id=prompt.id, round=1, k=4))
-    job.status = JobStatus.succeeded
-    prompt_sets.pause_prompt_set(session, prompt_set=ps)
+    ps = generated_then_paused(session)
     assert prompt_sets.resume_prompt_set(session, prompt_set=ps, user_id=None) is None
     assert len(generate_jobs(session, ps)) == 1
 

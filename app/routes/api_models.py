@@ -7,7 +7,8 @@ from app.db.enums import ModelKind
 from app.routes.deps import EngineerUser, SessionDep
 from app.schemas.common import Id
 from app.schemas.jobs import job_out
-from app.schemas.models import ModelDetailOut, ModelOut, PromoteIn, PromoteOut, SampleOut, SamplePairOut
+from app.schemas.models import (ModelDetailOut, ModelOut, PromoteIn, PromoteOut, SamplePairOut, model_detail_out,
+                                sample_pair_out)
 from app.services import models
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -16,34 +17,23 @@ router = APIRouter(prefix="/models", tags=["models"])
 @router.get("", response_model=list[ModelOut])
 def list_models(session: SessionDep, user: EngineerUser, kind: ModelKind | None = None):
     """Defaults first, then newest."""
-    return models.models_of(session, [kind] if kind else list(ModelKind))
+    return models.models_of(session, [kind] if kind else ModelKind)
 
 
 @router.get("/{model_id}", response_model=ModelDetailOut)
 def get_model(model_id: Id, session: SessionDep, user: EngineerUser):
     model = models.get_model(session, model_id)
-    related = models.related_models(session, model)
-    return ModelDetailOut(
-        **ModelOut.model_validate(model).model_dump(),
-        lineage_ids=[m.id for m in models.lineage(session, model)],
-        reward_model_id=related["reward"].id if related.get("reward") else None,
-        reference_model_id=related["reference"].id if related.get("reference") else None,
-        children_ids=[m.id for m in models.children(session, model)],
-        generator_of=[s.id for s in models.generator_of(session, model)],
-    )
+    return model_detail_out(model, lineage=models.lineage(session, model),
+                            related=models.related_models(session, model),
+                            children=models.children(session, model),
+                            generator_of=models.generator_of(session, model))
 
 
 @router.get("/{model_id}/samples", response_model=list[SamplePairOut])
 def get_samples(model_id: Id, session: SessionDep, user: EngineerUser):
     """The validation prompts answered by the model's starting point (before) and by it (after)."""
     models.get_model(session, model_id)
-
-    def out(sample):
-        return None if sample is None else SampleOut(response=sample.response, reward=sample.reward,
-                                                     ended=sample.ended)
-
-    return [SamplePairOut(position=p.position, prompt_id=p.prompt_id, messages=p.messages,
-                          before=out(p.before), after=out(p.after)) for p in models.side_by_side(session, model_id)]
+    return [sample_pair_out(pair) for pair in models.side_by_side(session, model_id)]
 
 
 @router.post("/{model_id}/promote", response_model=PromoteOut)

@@ -12,7 +12,7 @@ from app.schemas.common import Id
 from app.services import models, training
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_sets import GENERATOR_KINDS, active_generation_job, latest_generation_jobs
-from app.web import flash, redirect, render
+from app.web import flash, redirect, render, render_form_errors
 
 router = APIRouter(prefix="/models", include_in_schema=False)
 
@@ -27,7 +27,7 @@ def registry_page(request: Request, session: SessionDep, user: EngineerUser, kin
     })
 
 
-def _detail_context(session, model: Model, *, error: str | None = None, errors: dict | None = None) -> dict:
+def _detail_context(session, model: Model) -> dict:
     pairs = models.side_by_side(session, model.id)
     rewards = {stage: [getattr(p, stage).reward for p in pairs
                        if getattr(p, stage) is not None and getattr(p, stage).reward is not None]
@@ -40,7 +40,7 @@ def _detail_context(session, model: Model, *, error: str | None = None, errors: 
         "pairs": pairs, "mean_reward": {k: sum(v) / len(v) for k, v in rewards.items() if v},
         "can_generate": model.kind in GENERATOR_KINDS,
         "sets": [s for s in training.ranking_sets(session) if s.status != PromptSetStatus.archived],
-        "promote_error": error, "promote_errors": errors or {},
+        "promote_errors": {},
     }
 
 
@@ -60,9 +60,8 @@ def promote(request: Request, session: SessionDep, user: EngineerUser, model_id:
     except (Invalid, Conflict) as exc:
         session.rollback()
         # The form comes back with the reason: swapped in place for a 422; for a 409 htmx shows the alert on top.
-        context = _detail_context(session, model, error=exc.message, errors=getattr(exc, "errors", None))
-        return render(request, "pages/models_detail.html", context, block="promote",
-                      status_code=409 if isinstance(exc, Conflict) else 422)
+        return render_form_errors(request, exc, "pages/models_detail.html", _detail_context(session, model),
+                                  prefix="promote_", block="promote")
     flash(request, _promoted_message(session, model, prompt_set, job), "success")
     return redirect(request, f"/models/{model.id}")
 

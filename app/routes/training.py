@@ -15,7 +15,7 @@ from app.services import jobs, models, training
 from app.services.errors import Invalid
 from app.services.prompt_sets import GENERATOR_KINDS
 from app.services.run_settings import form_values, submitted_settings
-from app.web import flash, redirect, render
+from app.web import flash, redirect, render, render_form_errors
 
 router = APIRouter(prefix="/training", include_in_schema=False)
 sft_router = APIRouter(prefix="/sft", include_in_schema=False)
@@ -44,8 +44,8 @@ def _start(request: Request, session, user, data: FormData, *, settings, choice_
     try:
         job = start(session, user_id=user.id, values=values, flags_from_form=True, **choices)
     except Invalid as exc:
-        shown = context(session, form=values | choices, errors=exc.errors, error=exc.message)
-        return render(request, template, shown, block=block, status_code=422)
+        return render_form_errors(request, exc, template, context(session, form=values | choices), block=block,
+                                  status_code=422)
     flash(request, f"Queued {what} job #{job.id}.", "success")
     return redirect(request, f"/jobs/{job.id}")
 
@@ -55,15 +55,14 @@ def _start(request: Request, session, user, data: FormData, *, settings, choice_
 SFT_CHOICES = ("base_model_id", "prompt_set_ids", "name")
 
 
-def _sft_context(session, *, form: dict[str, Any] | None = None, errors: dict | None = None,
-                 error: str | None = None) -> dict[str, Any]:
+def _sft_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
     sets = demos.demonstration_sets(session, include_archived=True)
     bases = models.models_of(session, GENERATOR_KINDS)
     default_form = form_values(training.SFT_SETTINGS) | {
         "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "name": "",
     }
     return {
-        "form": default_form | (form or {}), "form_errors": errors or {}, "form_error": error,
+        "form": default_form | (form or {}), "form_errors": {},
         "models": bases, "sets": sets, "accepted": training.accepted_counts(session, [s.id for s in sets]),
         "settings": training.SFT_SETTINGS, "runs": jobs.list_jobs(session, kind=JobKind.train_sft, limit=20),
         "sft_models": models.sft_models(session),
@@ -87,14 +86,13 @@ def start_sft(request: Request, session: SessionDep, user: EngineerUser, data: F
 REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "name")
 
 
-def _reward_context(session, *, form: dict[str, Any] | None = None, errors: dict | None = None,
-                    error: str | None = None) -> dict[str, Any]:
+def _reward_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
     bases = models.models_of(session, GENERATOR_KINDS)
     sets = training.ranking_sets(session)
     default_form = form_values(training.REWARD_SETTINGS) | {
         "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "labeler_ids": [], "name": ""}
     return {
-        "form": default_form | (form or {}), "form_errors": errors or {}, "form_error": error,
+        "form": default_form | (form or {}), "form_errors": {},
         "bases": bases, "sets": sets, "counts": training.annotation_counts(session, [s.id for s in sets]),
         "labelers": training.labelers_with_annotations(session), "settings": training.REWARD_SETTINGS,
         "runs": jobs.list_jobs(session, kind=JobKind.train_reward, limit=20),
@@ -118,8 +116,7 @@ def start_reward(request: Request, session: SessionDep, user: EngineerUser, data
 PPO_CHOICES = ("policy_model_id", "reference_model_id", "reward_model_id", "prompt_set_ids", "sft_set_ids", "name")
 
 
-def _ppo_context(session, *, form: dict[str, Any] | None = None, errors: dict | None = None,
-                 error: str | None = None) -> dict[str, Any]:
+def _ppo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
     policies = models.models_of(session, GENERATOR_KINDS)
     rewards = models.models_of(session, (ModelKind.reward,))
     default_reward = models.default_reward_model(session)
@@ -129,8 +126,9 @@ def _ppo_context(session, *, form: dict[str, Any] | None = None, errors: dict | 
         "reward_model_id": str(default_reward.id) if default_reward else "", "prompt_set_ids": [],
         "sft_set_ids": [], "name": ""}
     return {
-        "form": default_form | (form or {}), "form_errors": errors or {}, "form_error": error,
-        "policies": policies, "rewards": rewards, "sets": sets, "sft_sets": training.demonstration_sets(session),
+        "form": default_form | (form or {}), "form_errors": {},
+        "policies": policies, "rewards": rewards, "sets": sets,
+        "sft_sets": demos.demonstration_sets(session, include_archived=True),
         "rl_counts": training.ppo_prompt_counts(session, [s.id for s in sets]), "settings": training.PPO_SETTINGS,
         "runs": jobs.list_jobs(session, kind=JobKind.train_ppo, limit=20),
     }

@@ -6,8 +6,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from app.db.enums import ModelKind
+from app.db.models import Model, ModelSample, PromptSet
 from app.schemas.common import Id
 from app.schemas.jobs import JobOut
+from app.services.models import SidePair
 
 
 class ModelOut(BaseModel):
@@ -35,6 +37,21 @@ class ModelDetailOut(ModelOut):
     generator_of: list[int]  # ranking sets it generates for
 
 
+def model_detail_out(model: Model, *, lineage: list[Model], related: dict[str, Model | None],
+                     children: list[Model], generator_of: list[PromptSet]) -> ModelDetailOut:
+    """The model with its lineage, the reward and reference models its run used, the models
+    trained from it and the ranking sets it generates for."""
+    reward, reference = related.get("reward"), related.get("reference")
+    return ModelDetailOut(
+        **ModelOut.model_validate(model).model_dump(),
+        lineage_ids=[m.id for m in lineage],
+        reward_model_id=reward.id if reward else None,
+        reference_model_id=reference.id if reference else None,
+        children_ids=[m.id for m in children],
+        generator_of=[s.id for s in generator_of],
+    )
+
+
 class SampleOut(BaseModel):
     response: str
     reward: float | None
@@ -47,6 +64,16 @@ class SamplePairOut(BaseModel):
     messages: list[dict[str, Any]]
     before: SampleOut | None
     after: SampleOut | None
+
+
+def sample_out(sample: ModelSample | None) -> SampleOut | None:
+    return None if sample is None else SampleOut(response=sample.response, reward=sample.reward, ended=sample.ended)
+
+
+def sample_pair_out(pair: SidePair) -> SamplePairOut:
+    """One validation prompt answered before and after training."""
+    return SamplePairOut(position=pair.position, prompt_id=pair.prompt_id, messages=pair.messages,
+                         before=sample_out(pair.before), after=sample_out(pair.after))
 
 
 class PromoteIn(BaseModel):

@@ -151,16 +151,8 @@ def get_model_by_name(session: Session, name: str) -> Model | None:
     return session.scalar(select(Model).where(Model.name == name))
 
 
-def list_models(session: Session, *, kind: ModelKind | str | None = None) -> Sequence[Model]:
-    """Defaults first, then newest."""
-    query = select(Model).order_by(Model.is_default.desc(), Model.created_at.desc(), Model.id.desc())
-    if kind is not None:
-        query = query.where(Model.kind == ModelKind(kind))
-    return session.scalars(query).all()
-
-
-def models_of(session: Session, kinds: Iterable[ModelKind]) -> list[Model]:
-    """Registered models of the kinds, defaults first, then newest."""
+def models_of(session: Session, kinds: Iterable[ModelKind] = tuple(ModelKind)) -> list[Model]:
+    """Registered models of the kinds (all by default), defaults first, then by kind, newest first."""
     return list(session.scalars(
         select(Model).where(Model.kind.in_(list(kinds)))
         .order_by(Model.is_default.desc(), Model.kind, Model.created_at.desc(), Model.id.desc())

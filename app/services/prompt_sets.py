@@ -88,15 +88,27 @@ def split_for(text_hash: str, *, train_ratio: float, validation_ratio: float, rl
 
 # ---- settings validation ------------------------------------------------------
 
-def _as_int(errors: dict[str, str], name: str, raw: Any, lo: int, hi: int) -> int | None:
+_REFUSED = object()
+
+
+def _number_input(errors: dict[str, str], name: str, raw: Any, wrong: str) -> Any:
+    """The raw value (stripped when text), or _REFUSED with the error noted: a JSON
+    true/false is no number (`wrong`), a blank is missing."""
     if isinstance(raw, bool):
-        errors[name] = "must be a whole number"
-        return None
+        errors[name] = wrong
+        return _REFUSED
     if isinstance(raw, str):
         raw = raw.strip()
         if not raw:
             errors[name] = "required"
-            return None
+            return _REFUSED
+    return raw
+
+
+def _as_int(errors: dict[str, str], name: str, raw: Any, lo: int, hi: int) -> int | None:
+    raw = _number_input(errors, name, raw, "must be a whole number")
+    if raw is _REFUSED:
+        return None
     try:
         value = int(raw) if not isinstance(raw, float) or raw.is_integer() else None
     except (TypeError, ValueError):
@@ -111,14 +123,9 @@ def _as_int(errors: dict[str, str], name: str, raw: Any, lo: int, hi: int) -> in
 
 
 def _as_float(errors: dict[str, str], name: str, raw: Any) -> float | None:
-    if isinstance(raw, bool):
-        errors[name] = "must be a number"
+    raw = _number_input(errors, name, raw, "must be a number")
+    if raw is _REFUSED:
         return None
-    if isinstance(raw, str):
-        raw = raw.strip()
-        if not raw:
-            errors[name] = "required"
-            return None
     try:
         value = float(raw)
     except (TypeError, ValueError):

@@ -42,11 +42,6 @@ def ranking_sets(session: Session) -> list[PromptSet]:
                                 .order_by(PromptSet.status == PromptSetStatus.archived, PromptSet.name)))
 
 
-def demonstration_sets(session: Session) -> list[PromptSet]:
-    return list(session.scalars(select(PromptSet).where(PromptSet.kind == PromptSetKind.demonstration)
-                                .order_by(PromptSet.status == PromptSetStatus.archived, PromptSet.name)))
-
-
 def accepted_counts(session: Session, prompt_set_ids: Iterable[int]) -> dict[int, int]:
     """Accepted demonstrations per set."""
     ids = list(prompt_set_ids)
@@ -190,8 +185,14 @@ def start_sft_job(session: Session, *, user_id: int | None, base_model_id: Any, 
     per field (nothing is queued then). Commits."""
     params = clean_sft_params(session, base_model_id=base_model_id, prompt_set_ids=prompt_set_ids,
                               values=values, name=name, flags_from_form=flags_from_form)
+    return _enqueue_run(session, JobKind.train_sft, params, user_id=user_id, queue_name=queue_name)
+
+
+def _enqueue_run(session: Session, kind: JobKind, params: dict[str, Any], *, user_id: int | None,
+                 queue_name: str) -> Job:
+    """Queue a training run on the checked params; a run on one set is filed under that set."""
     sets = params["prompt_set_ids"]
-    return enqueue_job(session, kind=JobKind.train_sft, params=params, created_by_id=user_id,
+    return enqueue_job(session, kind=kind, params=params, created_by_id=user_id,
                        prompt_set_id=sets[0] if len(sets) == 1 else None, queue=queue_name)
 
 
@@ -263,18 +264,14 @@ def start_reward_job(session: Session, *, user_id: int | None, values: Mapping[s
                      queue_name: str = queue.GPU_QUEUE, **choices: Any) -> Job:
     """Queue a train_reward job (see clean_reward_params). Commits; nothing is queued on Invalid."""
     params = clean_reward_params(session, values=values, **choices)
-    sets = params["prompt_set_ids"]
-    return enqueue_job(session, kind=JobKind.train_reward, params=params, created_by_id=user_id,
-                       prompt_set_id=sets[0] if len(sets) == 1 else None, queue=queue_name)
+    return _enqueue_run(session, JobKind.train_reward, params, user_id=user_id, queue_name=queue_name)
 
 
 def start_ppo_job(session: Session, *, user_id: int | None, values: Mapping[str, Any],
                   queue_name: str = queue.GPU_QUEUE, **choices: Any) -> Job:
     """Queue a train_ppo job (see clean_ppo_params). Commits; nothing is queued on Invalid."""
     params = clean_ppo_params(session, values=values, **choices)
-    sets = params["prompt_set_ids"]
-    return enqueue_job(session, kind=JobKind.train_ppo, params=params, created_by_id=user_id,
-                       prompt_set_id=sets[0] if len(sets) == 1 else None, queue=queue_name)
+    return _enqueue_run(session, JobKind.train_ppo, params, user_id=user_id, queue_name=queue_name)
 
 
 # ---- the data a job reads (in the worker) ---------------------------------------------

@@ -2,6 +2,7 @@
 - users: accounts (`make_user`, `TEST_PASSWORD`);
 - prompt_sets: prompt sets, prompts and ranking tasks (`make_prompt_set`,
   `demo_set`, `create_set`, `add_prompt`, `make_task`, `task_with_ids`);
+- demonstrations: a writer's lease and submit (`lease_demo`, `submit_demo`, `LEASE_S`);
 - models: registered models (`make_model`);
 - quality: annotations (`annotate`) and bulk-seeded labeled sets (`bulk_seed`);
 - training: a set ranked by the synthetic rule (`ranked_set`);
@@ -9,6 +10,7 @@
 Tests import them from here: `from tests.factories import make_prompt_set, make_task`.
 """
 
+from tests.factories.demonstrations import LEASE_S, lease_demo, submit_demo
 from tests.factories.models import make_model
 from tests.factories.prompt_sets import (
     add_prompt,
@@ -24,6 +26,7 @@ from tests.factories.training import ranked_set
 from tests.factories.users import TEST_PASSWORD, make_user
 
 __all__ = [
-    "TEST_PASSWORD", "add_prompt", "annotate", "bulk_seed", "bulk_seed_session", "create_set", "demo_set", "make_model", "make_prompt_set", "make_task", "make_user", "ranked_set",
-    "response_ids", "task_with_ids",
+    "LEASE_S", "TEST_PASSWORD", "add_prompt", "annotate", "bulk_seed", "bulk_seed_session", "create_set", "demo_set",
+    "lease_demo", "make_model", "make_prompt_set", "make_task", "make_user", "ranked_set", "response_ids",
+    "submit_demo", "task_with_ids",
 ]

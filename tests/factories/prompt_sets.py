@@ -66,10 +66,11 @@ def add_prompt(session: Session, prompt_set: PromptSet, text: str, split: Split 
 
 def make_task(session: Session, prompt_set: PromptSet, *, k: int | None = None,
               texts: list[str] | None = None, messages: list[dict[str, str]] | None = None,
-              is_gold: bool = False, shuffle_seed: int | None = None, num_labels: int = 0,
+              is_gold: bool = False, shuffle: bool = True, shuffle_seed: int | None = None, num_labels: int = 0,
               created_at: datetime | None = None, split: Split = Split.train) -> Task:
     """A prompt ('question n' unless `messages`) with K responses (`texts`, or 'answer i
-    to n') and its task, the responses shown in a shuffled order. Returns the task;
+    to n') and its task, the responses shown in a shuffled order (in sample order when
+    not `shuffle`). A gold task's gold ranking is the sample order. Returns the task;
     task.items are in display order (A, B, C...)."""
     n = next(_counter)
     k = len(texts) if texts is not None else (k or prompt_set.k)
@@ -94,7 +95,8 @@ def make_task(session: Session, prompt_set: PromptSet, *, k: int | None = None,
     session.add(task)
     session.flush()
     positions = list(range(k))
-    random.Random(n if shuffle_seed is None else shuffle_seed).shuffle(positions)
+    if shuffle:
+        random.Random(n if shuffle_seed is None else shuffle_seed).shuffle(positions)
     session.add_all(
         TaskResponse(task_id=task.id, response_id=r.id, position=p) for r, p in zip(responses, positions)
     )
