@@ -265,7 +265,9 @@ def test_values_are_in_reward_units_whatever_offset_the_reward_model_has(word_mo
     assert offset["reward_unnormalised"] == pytest.approx(plain["reward_unnormalised"] + 50.0,
                                                           abs=0.5 if bf16 else 1e-3)
     for name in ("reward", "value_loss", "policy_loss", "value_clip_frac", "clip_frac", "total_reward"):
-        assert offset[name] == pytest.approx(plain[name], rel=5e-2 if bf16 else 1e-3, abs=1e-4), name
+        # A clipped fraction counts tokens: in bf16 one token on the clip's edge may fall either side.
+        slack = (0.1 if name.endswith("_frac") else 1e-4) if bf16 else 1e-4
+        assert offset[name] == pytest.approx(plain[name], rel=5e-2 if bf16 else 1e-3, abs=slack), name
 
 
 def test_value_warmup_steps_leave_the_policy_unchanged(word_models, tmp_path):
