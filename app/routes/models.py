@@ -13,6 +13,7 @@ from app.services import training
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_sets import GENERATOR_KINDS, active_generation_job, latest_generation_jobs
 from app.web import flash, redirect, render
+from trainer.learning_curve import interval_is_wide
 
 router = APIRouter(prefix="/models", include_in_schema=False)
 
@@ -41,6 +42,7 @@ def _detail_context(session, model: Model, *, error: str | None = None, errors: 
         "can_generate": model.kind in GENERATOR_KINDS,
         "sets": [s for s in training.ranking_sets(session) if s.status != PromptSetStatus.archived],
         "promote_error": error, "promote_errors": errors or {},
+        "wide_interval": interval_is_wide(model.metrics),
     }
 
 
