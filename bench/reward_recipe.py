@@ -84,14 +84,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    import torch
-
     from trainer.configs import RewardConfig
-    from trainer.learning_curve import wilson_interval
-    from trainer.models import load_tokenizer  # noqa: F401  (warm the import before timing)
     from trainer.reward import evaluate_reward_model, load_reward_model, train_reward_model
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="rm-recipe-"))
     default_dir = ROOT / "var/artifacts/models/smollm2-135m-instruct"
     if args.model == "tiny":
@@ -113,10 +108,10 @@ def main() -> None:
         m = result.metrics
         model, tokenizer = load_reward_model(result.output_dir)
         truth = evaluate_reward_model(model, tokenizer, clean)
-        low, high = wilson_interval(m["val_pairs"] and round(m["val_accuracy"] * m["val_pairs"]), m["val_pairs"])
+        low, high = m["val_accuracy_low"], m["val_accuracy_high"]
         curve = " ".join(f"{p['rankings']}:{p['val_accuracy']:.3f}" for p in m.get("learning_curve", []))
         print(f"{name:20s} val acc {m['val_accuracy']:.3f} [{low:.3f}, {high:.3f}] n={m['val_pairs']}"
-              f"  vs rule {truth['accuracy']:.3f}  train acc {m['train_accuracy'] or float('nan'):.3f}"
+              f"  vs rule {truth['accuracy']:.3f}  train acc {m['train_accuracy'] if m['train_accuracy'] is not None else float('nan'):.3f}"
               f"  best epoch {m['best_epoch']}/{m['epochs_run']}  {seconds:.0f} s"
               + (f"  curve {curve}" if curve else ""), flush=True)
 
