@@ -52,6 +52,10 @@ def test_verdict_needs_enough_points():
     assert verdict([], ceiling=0.8).startswith("Too few points")
     same = [CurvePoint(10, 60, 0.5), CurvePoint(10, 60, 0.6), CurvePoint(10, 60, 0.7)]
     assert verdict(same, ceiling=0.8).startswith("Too few points")
+    # A curve measured on 42 validation pairs (an interval of +-14 points) says nothing either way.
+    rising = curve(0.52, 0.38, 0.64)
+    assert verdict(rising, ceiling=0.7, val_pairs=42).startswith("Too few validation pairs (42)")
+    assert verdict(rising, ceiling=0.7, val_pairs=400).startswith("Accuracy still rising")
 
 
 def annotation(prompt_id: int, ranks: list[int], responses=("a", "b", "c")):

@@ -41,18 +41,25 @@ class CurvePoint:
     val_accuracy: float
 
 
-def verdict(points: Sequence[CurvePoint], ceiling: float | None, final_accuracy: float | None = None) -> str:
+def verdict(points: Sequence[CurvePoint], ceiling: float | None, final_accuracy: float | None = None,
+            val_pairs: int | None = None) -> str:
     """One sentence on what would improve the reward model most.
 
     points: the learning curve, fewest rankings first; ceiling: the labelers' pairwise
     agreement on the same data (None when no prompt was ranked by two labelers);
     final_accuracy: the trained model's validation accuracy, when it beats the curve's
-    last point (the curve is fitted with cheap settings).
+    last point (the curve is fitted with cheap settings); val_pairs: the validation
+    pairs every point is measured on (with too few, the curve's steps are noise).
     """
     points = sorted(points, key=lambda p: p.rankings)
     if len(points) < MIN_POINTS or points[0].rankings == points[-1].rankings:
         return ("Too few points for a learning curve: label more prompts before reading anything into the"
                 " accuracy.")
+    if val_pairs is not None:
+        low, high = wilson_interval(round(points[-1].val_accuracy * val_pairs), val_pairs)
+        if (high - low) / 2 > WIDE_INTERVAL:
+            return (f"Too few validation pairs ({val_pairs}) to read the learning curve: its steps are within"
+                    " the noise. Label more prompts, some of them in the validation split.")
     best = max(points[-1].val_accuracy, final_accuracy if final_accuracy is not None else 0.0)
     gain = points[-1].val_accuracy - points[-2].val_accuracy  # over the last doubling of the data
     rising = gain >= RISING

@@ -39,7 +39,7 @@ def data_figures(train_items: list, metrics: dict[str, Any]) -> dict[str, Any]:
     beside the learning curve (trainer/learning_curve.py)."""
     ceiling, pairs = agreement.ranking_agreement(train_items)
     points = [CurvePoint(p["rankings"], p["pairs"], p["val_accuracy"]) for p in metrics.get("learning_curve", [])]
-    text = (verdict(points, ceiling, metrics["val_accuracy"]) if points else
+    text = (verdict(points, ceiling, metrics["val_accuracy"], metrics["val_pairs"]) if points else
             "No learning curve was asked for: switch it on to learn whether more data would help.")
     return {"labeler_agreement": ceiling, "labeler_agreement_pairs": pairs, "verdict": text}
 
