@@ -204,7 +204,8 @@ def test_gradient_accumulation_matches_the_bigger_batch_on_the_last_partial_wind
     # 28 rankings: windows of 8, 8, 8 and a last one of 4, which accumulation reaches in one micro-batch of 2.
     train = synthetic.ranked_groups(range(0, 28), seed=7)
     validation = synthetic.ranked_groups(range(1000, 1010), seed=8)
-    common = dict(epochs=1, learning_rate=1e-3, lr_schedule="constant", warmup_ratio=0.0)
+    common = dict(epochs=1, learning_rate=1e-3, lr_schedule="constant", warmup_ratio=0.0, probe_init=False,
+                  learning_curve=False)
     big = train_reward_model(RewardConfig(batch_size=8, **common), train, validation,
                              model_path=tiny_model_dir, output_dir=tmp_path / "big")
     accumulated = train_reward_model(RewardConfig(batch_size=4, gradient_accumulation_steps=2, **common), train,
@@ -244,3 +245,66 @@ def test_lora_reward_model_saves_a_plain_checkpoint(tiny_model_dir, tmp_path):
     assert not any("lora" in name for name, _ in model.named_parameters())
     rewards = score(model, tokenizer, synthetic.prompt(0), ["good", "river"])
     assert rewards.shape == (2,) and torch.isfinite(rewards).all()
+
+
+# ---- the small-data recipe -------------------------------------------------------------
+
+def test_label_smoothing_loss_by_hand():
+    rewards, ranks, valid = torch.tensor([[1.0, -0.5]]), torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool)
+    loss, _, _ = ranking_loss(rewards, ranks, valid, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.9 * nll(1.5) + 0.1 * nll(-1.5), rel=1e-6)
+
+
+def test_early_stopping_saves_the_best_epoch_not_the_last(tiny_model_dir, tmp_path):
+    """Validation ranks by the opposite rule: every epoch of learning the training rule makes the
+    validation loss worse, so the first epoch is the best and the run stops after `patience` more."""
+    train = synthetic.ranked_groups(range(0, 64), seed=11)
+    opposite = [RankedGroup(m, r, [max(k) + 1 - x for x in k])
+                for m, r, k in synthetic.ranked_groups(range(1000, 1016), seed=12)]
+    config = RewardConfig(epochs=6, batch_size=8, learning_rate=1e-3, probe_init=False, learning_curve=False,
+                          early_stopping_patience=2, lr_schedule="constant", warmup_ratio=0.0)
+    result = train_reward_model(config, train, opposite, model_path=tiny_model_dir, output_dir=tmp_path / "rm")
+
+    per_epoch = [h for h in result.history if "val_loss" in h]
+    losses = [h["val_loss"] for h in per_epoch]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert result.metrics["best_epoch"] == per_epoch[best]["epoch"] < result.metrics["epochs_run"]
+    assert result.metrics["epochs_run"] == per_epoch[best]["epoch"] + 2 < 6  # stopped early
+    model, tokenizer = load_reward_model(result.output_dir)
+    saved = evaluate_reward_model(model, tokenizer, opposite)
+    assert saved["loss"] == pytest.approx(losses[best], rel=1e-4)
+    assert saved["loss"] < losses[-1] - 1e-3  # not the last epoch's weights
+    assert result.metrics["val_loss"] == pytest.approx(losses[best])
+
+
+def test_a_faster_head_learns_where_the_pilot_settings_did_not(tiny_model_dir, tmp_path):
+    """The pilot's failure in miniature: a learning rate fit for a pretrained trunk (3e-5) leaves a fresh
+    head near where it started after one epoch; the head's own, higher rate gets much further."""
+    train = synthetic.ranked_groups(range(0, 96), seed=13)
+    validation = synthetic.ranked_groups(range(1000, 1030), seed=14)
+    common = dict(epochs=1, batch_size=8, learning_rate=3e-5, probe_init=False, learning_curve=False)
+    slow = train_reward_model(RewardConfig(head_lr_multiplier=1.0, **common), train, validation,
+                              model_path=tiny_model_dir, output_dir=tmp_path / "slow")
+    fast = train_reward_model(RewardConfig(head_lr_multiplier=300.0, **common), train, validation,
+                              model_path=tiny_model_dir, output_dir=tmp_path / "fast")
+    assert fast.metrics["val_loss"] < slow.metrics["val_loss"] - 0.1, (slow.metrics, fast.metrics)
+    assert fast.metrics["val_accuracy"] > slow.metrics["val_accuracy"]
+
+
+def test_probe_starts_the_head_near_its_optimum_and_draws_the_learning_curve(tiny_model_dir, tmp_path):
+    train = synthetic.ranked_groups(range(0, 120), seed=15)
+    validation = synthetic.ranked_groups(range(1000, 1030), seed=16)
+    config = RewardConfig(epochs=1, batch_size=8, learning_rate=1e-3)
+    result = train_reward_model(config, train, validation, model_path=tiny_model_dir, output_dir=tmp_path / "rm")
+    [before] = [h for h in result.history if h.get("epoch") == 0]  # the probe-initialised head, untrained trunk
+    assert before["val_accuracy"] > 0.8
+
+    curve = result.metrics["learning_curve"]
+    assert [p["rankings"] for p in curve] == [30, 60, 120] and [p["fraction"] for p in curve] == [0.25, 0.5, 1.0]
+    assert curve[0]["pairs"] < curve[1]["pairs"] < curve[2]["pairs"] == result.metrics["train_pairs"]
+    assert all(0 <= p["val_accuracy"] <= 1 for p in curve) and curve[-1]["val_accuracy"] > 0.8
+    m = result.metrics
+    assert m["val_accuracy_low"] < m["val_accuracy"] < m["val_accuracy_high"]
+    off = train_reward_model(RewardConfig(epochs=1, learning_rate=1e-3, learning_curve=False, probe_init=False),
+                             train[:16], validation, model_path=tiny_model_dir, output_dir=tmp_path / "off")
+    assert "learning_curve" not in off.metrics and not [h for h in off.history if h.get("epoch") == 0]

@@ -65,6 +65,13 @@ def test_reward_job_registers_a_reward_model_with_its_data_snapshot(trained_rewa
         assert data["comparisons"] == job.result["comparisons"] > 0
         assert 0 <= model.metrics["val_accuracy"] <= 1 and "reward_mean" in model.metrics
         assert model.config["normalised_on"] == "base model responses"
+        m = model.metrics
+        assert m["val_accuracy_low"] <= m["val_accuracy"] <= m["val_accuracy_high"] and m["val_pairs"] > 0
+        assert [p["fraction"] for p in m["learning_curve"]] == [0.25, 0.5, 1.0]
+        # One labeler ranked each prompt: no agreement to compare with, and the verdict says what it can.
+        assert m["labeler_agreement"] is None and m["labeler_agreement_pairs"] == 0
+        assert m["verdict"] and job.result["verdict"] == m["verdict"]
+        assert job.result["val_accuracy_low"] == round(m["val_accuracy_low"], 4)
         assert model.metrics["normalisation_samples"] == 24 * 4
         names = {m.name for m in session.scalars(select(JobMetric).where(JobMetric.job_id == ids["job"]))}
         assert {"loss", "accuracy", "val_accuracy", "val_loss"} <= names and "total_steps" not in names

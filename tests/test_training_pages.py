@@ -195,3 +195,38 @@ def test_ppo_job_page_leads_with_the_held_out_reward_and_warns_of_cut_responses(
     job.result = result | {"cut_fraction": 0.1}
     session.commit()
     assert 'id="ppo-cut-warning"' not in client.get(f"/jobs/{job.id}").text
+
+
+def test_reward_model_page_shows_interval_learning_curve_agreement_and_verdict(client, session, tmp_path):
+    engineer(client, session)
+    sft = make_model(session, tmp_path, name="sft-0")
+    curve = [{"fraction": 0.25, "rankings": 80, "pairs": 480, "val_accuracy": 0.61},
+             {"fraction": 0.5, "rankings": 160, "pairs": 960, "val_accuracy": 0.655},
+             {"fraction": 1.0, "rankings": 321, "pairs": 1926, "val_accuracy": 0.702}]
+    common = {"val_accuracy": 0.71, "train_groups": 321, "train_pairs": 1926, "val_groups": 40,
+              "labeler_agreement": 0.78, "labeler_agreement_pairs": 900, "learning_curve": curve,
+              "verdict": "Accuracy still rising (+5 points on the last doubling of the data): label more prompts."}
+    narrow = Model(name="rm-narrow", kind=ModelKind.reward, path=str(tmp_path), source="train_reward",
+                   parent_id=sft.id, metrics=common | {"val_pairs": 240, "val_accuracy_low": 0.65,
+                                                       "val_accuracy_high": 0.765})
+    wide = Model(name="rm-wide", kind=ModelKind.reward, path=str(tmp_path), source="train_reward",
+                 parent_id=sft.id, metrics=common | {"val_pairs": 24, "val_accuracy_low": 0.51,
+                                                     "val_accuracy_high": 0.85})
+    session.add_all([narrow, wide])
+    session.commit()
+
+    page = client.get(f"/models/{narrow.id}").text
+    assert 'id="reward-quality"' in page
+    assert "Validation accuracy <strong>71.0%</strong>" in page and "(95% interval 65.0–76.5%)" in page
+    assert '<span id="rm-val-pairs">240</span> validation pairs' in page and "78.0%" in page
+    assert "label more prompts" in page and 'id="learning-curve"' in page and "learning_curve.js" in page
+    points = page.split('id="learning-curve-points"')[1].split("</table>")[0]
+    assert all(f"<td>{n}</td>" in points for n in (80, 160, 321)) and "70.2%" in points
+    assert "71.0% (fine-tuned model)" in points
+    assert 'id="rm-wide-interval"' not in page
+    assert "[{" not in page.split('id="model-metrics"')[1].split("</section>")[0]  # the curve is not dumped raw
+
+    page = client.get(f"/models/{wide.id}").text
+    assert 'id="rm-wide-interval"' in page and "only 24 pairs" in page
+    # A policy's page has no such section.
+    assert 'id="reward-quality"' not in client.get(f"/models/{sft.id}").text

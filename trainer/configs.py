@@ -76,12 +76,31 @@ class SFTConfig:
 
 @dataclass
 class RewardConfig:
-    epochs: int = setting(1, ge=1, le=100)  # passes over the training annotations
+    # at most this many passes; early stopping ends sooner and keeps the best epoch (docs/reward-models.md)
+    epochs: int = setting(4, help="at most; early stopping keeps the best epoch", ge=1, le=100)
     # annotations per forward pass; each brings its K responses
     batch_size: int = setting(8, help="annotations, K responses each", ge=1, le=1024)
     gradient_accumulation_steps: int = setting(1, label="Gradient accumulation", ge=1, le=1024)  # passes per step
-    # InstructGPT's 6B RM used 9e-6; tiny test models want ~1e-3
-    learning_rate: float = setting(1e-5, ge=1e-8, le=1.0)
+    # of the trunk; InstructGPT's 6B RM used 9e-6; tiny test models want ~1e-3
+    learning_rate: float = setting(1e-5, help="of the trunk", ge=1e-8, le=1.0)
+    # the fresh scalar head starts far from its optimum; the pretrained trunk must move little
+    head_lr_multiplier: float = setting(
+        10.0, label="Head learning-rate multiplier", ge=1.0, le=10_000.0,
+        help="the scalar head learns this many times faster than the trunk")
+    # evaluations without a lower validation loss before stopping; the best evaluation's weights are saved
+    early_stopping_patience: int = setting(
+        1, label="Early-stopping patience", ge=0, le=100,
+        help="epochs without a lower validation loss before stopping (0: run every epoch); the weights of"
+             " the best epoch are kept either way")
+    # fit the head on the base model's frozen last-token features before fine-tuning (LP-FT)
+    probe_init: bool = setting(True, label="Start the head from a linear probe",
+                               help="fitted on the base model's frozen features first")
+    # the loss treats each label as right with probability 1 - label_smoothing (for noisy labels)
+    label_smoothing: float = setting(0.0, ge=0.0, le=0.49, help="for noisy labels; 0.1 = labels 90% right")
+    # accuracy of linear probes fitted on 25/50/100% of the training rankings, beside the labelers' agreement
+    learning_curve: bool = setting(
+        True, label="Learning curve",
+        help="validation accuracy on 25, 50 and 100% of the data (linear probes, seconds): is data short?")
     lr_schedule: str = setting("cosine", label="Schedule", help="after warmup, to 0", choices=SCHEDULES)
     warmup_ratio: float = setting(0.05, help="share of steps", ge=0.0, le=0.99)  # of the optimizer steps
     weight_decay: float = 0.0
@@ -99,7 +118,11 @@ class RewardConfig:
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        check_settings(self, epoch_training_checks(self), "reward")
+        check_settings(self, epoch_training_checks(self) | {
+            "head_lr_multiplier": self.head_lr_multiplier > 0,
+            "early_stopping_patience": self.early_stopping_patience >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 0.5,
+        }, "reward")
 
 
 @dataclass

@@ -26,11 +26,12 @@ normalisation"); PPO reads that normalisation from the checkpoint's config.
 """
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ from trainer.common import (
 )
 from trainer.configs import RewardConfig
 from trainer.distributed import Runtime, runtime
+from trainer.learning_curve import wilson_interval
 from trainer.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -137,18 +139,24 @@ def score(model, tokenizer, messages: Messages, responses: list[str], *, normali
 
 # ---- the loss ---------------------------------------------------------------------
 
-def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """InstructGPT's K-wise loss.
 
     rewards, ranks, valid: (B, K), K the largest group of the batch; valid
     marks real responses. Returns (loss, correct, pairs): the mean over groups
     of each group's mean pairwise loss, and the counts of correctly ordered and
-    of all pairs (ties are no pair).
+    of all pairs (ties are no pair). With label_smoothing = e each pair's label
+    is taken as right with probability 1 - e: its loss is
+    -(1 - e) log sigmoid(margin) - e log sigmoid(-margin).
     """
     better = ranks.unsqueeze(2) < ranks.unsqueeze(1)  # (B, K, K): response i is ranked above response j
     better = better & valid.unsqueeze(2) & valid.unsqueeze(1)
     margin = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_i - r_j
-    pair_loss = torch.where(better, -F.logsigmoid(margin), torch.zeros_like(margin))  # (B, K, K)
+    losses = -F.logsigmoid(margin)
+    if label_smoothing > 0:
+        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-margin)
+    pair_loss = torch.where(better, losses, torch.zeros_like(margin))  # (B, K, K)
     pairs_per_group = better.sum((1, 2))  # (B,)
     assert bool((pairs_per_group > 0).all()), "a group without any strict preference reached the loss"
     group_loss = pair_loss.sum((1, 2)) / pairs_per_group  # (B,)
@@ -226,7 +234,8 @@ def _evaluate(model, groups: list[_Encoded], pad_id: int, device: torch.device, 
     if rt is not None:
         loss_sum, correct, pairs = rt.sum([loss_sum, correct, pairs])
         correct, pairs = int(correct), int(pairs)
-    return {"loss": loss_sum / max(1, len(groups)), "accuracy": correct / max(1, pairs), "pairs": pairs}
+    return {"loss": loss_sum / max(1, len(groups)), "accuracy": correct / max(1, pairs), "correct": correct,
+            "pairs": pairs}
 
 
 def evaluate_reward_model(model, tokenizer, groups: list[RankedGroup], *, max_length: int = 512,
@@ -246,6 +255,102 @@ def _raw_scores(model, seqs: list[list[int]], pad_id: int, device: torch.device,
         with autocast(device, config.mixed_precision):
             out.append(sequence_scores(model, ids.to(device), mask.to(device)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+# ---- linear probes on the base model's frozen features -------------------------------
+#
+# The head is linear on the trunk's last-token hidden state, so with the trunk frozen
+# the reward model is a linear Bradley-Terry model on fixed features: fitted in seconds
+# once the features are computed (one forward pass over the data). It starts the head
+# near its optimum before fine-tuning (LP-FT, Kumar et al. 2022) and makes the learning
+# curve cheap: one probe per fraction of the training data.
+
+PROBE_L2 = 1e-2  # ridge penalty on the weights of standardised features
+CURVE_FRACTIONS = (0.25, 0.5, 1.0)
+
+
+class _Features(NamedTuple):
+    values: torch.Tensor  # (B, K, D): last-token hidden state of each response
+    ranks: torch.Tensor  # (B, K)
+    valid: torch.Tensor  # (B, K)
+
+
+@torch.no_grad()
+def _features(model, groups: list[_Encoded], pad_id: int, device: torch.device, config: RewardConfig) -> _Features:
+    backbone, head = _backbone_and_head(model)
+    D = head.weight.shape[1]
+    B, K = len(groups), max(len(g.seqs) for g in groups)
+    values = torch.zeros((B, K, D))
+    ranks = torch.zeros((B, K), dtype=torch.long)
+    valid = torch.zeros((B, K), dtype=torch.bool)
+    for start in range(0, B, config.eval_batch_size):
+        batch = groups[start:start + config.eval_batch_size]
+        ids, mask = pad_right([s for g in batch for s in g.seqs], pad_id)  # (N, T)
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(device, config.mixed_precision):
+            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask),
+                              use_cache=False).last_hidden_state  # (N, T, D)
+        last = hidden[torch.arange(len(ids), device=device), last_token_index(mask)].float().cpu()  # (N, D)
+        row = 0
+        for offset, group in enumerate(batch):
+            k = len(group.seqs)
+            values[start + offset, :k] = last[row:row + k]
+            ranks[start + offset, :k] = torch.tensor(group.ranks)
+            valid[start + offset, :k] = True
+            row += k
+    return _Features(values, ranks, valid)
+
+
+def fit_probe(features: _Features, label_smoothing: float = 0.0, l2: float = PROBE_L2) -> torch.Tensor:
+    """Head weights (D,) minimising the K-wise loss of a linear reward on the features, with a ridge penalty."""
+    values = features.values[features.valid]  # (N, D)
+    mean, scale = values.mean(0), values.std(0).clamp(min=1e-6)  # (D,) each
+    x = (features.values - mean) / scale  # (B, K, D); a shift changes no margin, so the head needs no bias
+    w = torch.zeros(x.shape[-1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss, _, _ = ranking_loss(x @ w, features.ranks, features.valid, label_smoothing)
+        loss = loss + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return (w.detach() / scale).float()  # on the raw features: x . w = (h - mean) / scale . w
+
+
+def probe_accuracy(weights: torch.Tensor, features: _Features) -> tuple[int, int]:
+    """(correctly ordered pairs, pairs) of a linear reward on the features."""
+    _, correct, pairs = ranking_loss(features.values @ weights, features.ranks, features.valid)
+    return int(correct), int(pairs)
+
+
+def _subset(features: _Features, rows: list[int]) -> _Features:
+    return _Features(features.values[rows], features.ranks[rows], features.valid[rows])
+
+
+def probe_learning_curve(train: _Features, validation: _Features, seed: int,
+                         label_smoothing: float = 0.0) -> list[dict[str, float]]:
+    """Validation accuracy of probes fitted on growing shares of the training rankings (nested
+    random subsets), one point per share in CURVE_FRACTIONS."""
+    order = torch.randperm(len(train.values), generator=torch.Generator().manual_seed(seed)).tolist()
+    points, seen = [], set()
+    for fraction in CURVE_FRACTIONS:
+        n = max(1, round(fraction * len(order)))
+        if n in seen:
+            continue
+        seen.add(n)
+        part = _subset(train, order[:n])
+        correct, pairs = probe_accuracy(fit_probe(part, label_smoothing), validation)
+        points.append({"fraction": fraction, "rankings": n, "pairs": int(_pair_mask(part).sum()),
+                       "val_accuracy": correct / max(1, pairs)})
+    return points
+
+
+def _pair_mask(features: _Features) -> torch.Tensor:
+    better = features.ranks.unsqueeze(2) < features.ranks.unsqueeze(1)
+    return better & features.valid.unsqueeze(2) & features.valid.unsqueeze(1)
 
 
 # ---- training ---------------------------------------------------------------------
@@ -310,6 +415,23 @@ def train_reward_model(
     # std 1/sqrt(d+1), as OpenAI's lm-human-preferences and TRL initialise the reward head.
     torch.nn.init.normal_(model.score.weight, std=1 / (hidden + 1) ** 0.5)
     model.to(device)
+    model.eval()
+
+    # 2b. linear probes on the frozen base model: the head's start and the learning curve (every process
+    # computes the same, so no communication)
+    curve: list[dict[str, float]] = []
+    if config.probe_init or config.learning_curve:
+        train_features = _features(model, train_groups, pad_id, device, config)
+        val_features = _features(model, val_groups, pad_id, device, config)
+        if config.learning_curve:
+            curve = probe_learning_curve(train_features, val_features, config.seed, config.label_smoothing)
+            log.info("learning curve (probes): %s", ", ".join(f"{p['rankings']}: {p['val_accuracy']:.3f}"
+                                                            for p in curve))
+        if config.probe_init:
+            weights = fit_probe(train_features, config.label_smoothing)
+            with torch.no_grad():
+                model.score.weight.copy_(weights.to(device).unsqueeze(0))
+        del train_features, val_features
     if config.lora_r > 0:
         model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, task_type="SEQ_CLS")
     # eval(): dropout off for the whole run (TRL's disable_dropout); gradients flow all the same.
@@ -320,8 +442,15 @@ def train_reward_model(
     micro_batches = -(-len(train_groups) // config.batch_size)
     steps_per_epoch = -(-micro_batches // config.gradient_accumulation_steps)
     total_steps = steps_per_epoch * config.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    head = [p for n, p in named if _is_head(n)]
+    trunk = [p for n, p in named if not _is_head(n)]
+    assert head, "the scalar head is not trainable"
+    optimizer = torch.optim.AdamW(
+        [{"params": trunk, "lr": config.learning_rate},
+         {"params": head, "lr": config.learning_rate * config.head_lr_multiplier}],
+        weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -330,10 +459,31 @@ def train_reward_model(
     # Each micro-batch's mean loss is weighed by its share of the rankings in its accumulation window (and,
     # with several processes, each process's by its shard's share), so every optimizer step's gradient is
     # that of the mean loss over the window's rankings, the last, partial window too.
+    # Early stopping: the weights of the evaluation with the lowest validation loss are kept (in memory)
+    # and restored at the end; with a probe-initialised head the untrained model is the first candidate.
     window_size = config.batch_size * config.gradient_accumulation_steps  # rankings per optimizer step
     step = 0
-    val: dict[str, float] = {}
+    best: dict[str, Any] = {"val_loss": math.inf}
+    stale = 0
+
+    def consider(epoch: int, val: dict[str, float], train_figures: dict[str, float]) -> bool:
+        """Keep the weights if this evaluation is the best so far; True when training should stop."""
+        nonlocal stale
+        if val["loss"] < best["val_loss"]:
+            best.update(val_loss=val["loss"], val=val, epoch=epoch, train=train_figures,
+                        weights={n: p.detach().to("cpu", copy=True) for n, p in named})
+            stale = 0
+            return False
+        stale += 1
+        return 0 < config.early_stopping_patience <= stale
+
+    if config.probe_init:
+        val = _evaluate(model, val_groups, pad_id, device, config, rt)
+        report(0, {"epoch": 0, "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+        consider(0, val, {"train_loss": None, "train_accuracy": None})  # the probe: nothing fine-tuned yet
+    epochs_run = 0
     for epoch in range(1, config.epochs + 1):
+        epochs_run = epoch
         order = torch.randperm(len(train_groups), generator=shuffle).tolist()
         epoch_loss, epoch_correct, epoch_pairs = 0.0, 0, 0
         window_loss, window_correct, window_pairs = 0.0, 0, 0
@@ -344,7 +494,7 @@ def train_reward_model(
             batch = [train_groups[i] for i in rt.shard(full)]
             if batch:  # a process gets nothing when a last micro-batch is smaller than the number of processes
                 rewards, ranks, valid = _forward_groups(model, batch, pad_id, device, config.mixed_precision)  # (B, K)
-                loss, correct, pairs = ranking_loss(rewards, ranks, valid)
+                loss, correct, pairs = ranking_loss(rewards, ranks, valid, config.label_smoothing)
                 share = len(batch) / in_window
                 (loss * share).backward()
                 window_loss += loss.item() * share
@@ -370,10 +520,19 @@ def train_reward_model(
             window_loss, window_correct, window_pairs = 0.0, 0, 0
             rt.agree_to_stop(should_stop, f"reward training stopped at step {step}")
         val = _evaluate(model, val_groups, pad_id, device, config, rt)
-        report(step, {"epoch": epoch, "train_loss": epoch_loss / len(train_groups),
-                      "train_accuracy": epoch_correct / max(1, epoch_pairs),
-                      "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+        train_figures = {"train_loss": epoch_loss / len(train_groups),
+                         "train_accuracy": epoch_correct / max(1, epoch_pairs)}
+        report(step, {"epoch": epoch, **train_figures, "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
         log.info("epoch %d: val accuracy %.3f, val loss %.4f", epoch, val["accuracy"], val["loss"])
+        if consider(epoch, val, train_figures):
+            log.info("validation loss has not improved for %d epoch(s): stopping", stale)
+            break
+
+    # 4b. back to the best evaluation's weights
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(best["weights"][name].to(p.device))
+    val = best["val"]
 
     # 5. normalise: SFT samples get mean 0, std 1 (PPO reads this from the config)
     if sft_samples:
@@ -394,15 +553,20 @@ def train_reward_model(
     model.config.reward_std = std
 
     # 6. save: weights, config (with the normalisation), tokenizer, our settings and metrics
+    low, high = wilson_interval(val["correct"], val["pairs"])
     metrics = {
         "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-        "train_loss": history[-1]["train_loss"], "train_accuracy": history[-1]["train_accuracy"],
+        "val_accuracy_low": low, "val_accuracy_high": high,  # Wilson 95% interval over the validation pairs
+        "train_loss": best["train"]["train_loss"], "train_accuracy": best["train"]["train_accuracy"],
+        "best_epoch": best["epoch"], "epochs_run": epochs_run,
         "reward_mean": mean, "reward_std": std, "steps": step, "epochs": config.epochs,
         "train_groups": len(train_groups), "train_pairs": sum(_pair_count(g.ranks) for g in train_groups),
         "val_groups": len(val_groups), "val_pairs": val["pairs"],
         "groups_without_preference": dropped + val_dropped, "truncated_sequences": truncated + val_truncated,
         "normalisation_samples": len(sft_seqs), "processes": rt.world, "seconds": time.perf_counter() - started,
     }
+    if curve:
+        metrics["learning_curve"] = curve
     if rt.main:
         save_checkpoint(model, tokenizer, output_dir, {
             "kind": "reward", "base_model": str(model_path), "config": asdict(config),
@@ -410,6 +574,11 @@ def train_reward_model(
         })
     rt.barrier()  # the checkpoint is in place when any process returns
     return RewardResult(output_dir=Path(output_dir), metrics=metrics, history=history)
+
+
+def _is_head(name: str) -> bool:
+    """The scalar head's parameters ("score.weight", or under a LoRA wrapper "...score.modules_to_save...")."""
+    return ".score." in f".{name}"
 
 
 def _pair_count(ranks: list[int]) -> int:

@@ -14,8 +14,9 @@ import logging
 from typing import Any
 
 from app.db.enums import ModelKind
-from app.services import models, training
+from app.services import agreement, models, training
 from trainer.jobs import JobContext, JobFailed
+from trainer.learning_curve import CurvePoint, verdict
 from trainer.reward import RankedGroup, RewardConfig, train_reward_model
 from trainer.runs import device_setting, fresh_output_dir, register, step_callbacks
 
@@ -31,6 +32,16 @@ def total_steps(groups: list[RankedGroup], config: RewardConfig) -> int:
     usable = sum(1 for g in groups if len(set(g.ranks)) > 1)
     micro_batches = -(-usable // config.batch_size)
     return -(-micro_batches // config.gradient_accumulation_steps) * config.epochs
+
+
+def data_figures(train_items: list, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The labelers' pairwise agreement on the training rankings and the verdict that reads it
+    beside the learning curve (trainer/learning_curve.py)."""
+    ceiling, pairs = agreement.ranking_agreement(train_items)
+    points = [CurvePoint(p["rankings"], p["pairs"], p["val_accuracy"]) for p in metrics.get("learning_curve", [])]
+    text = (verdict(points, ceiling, metrics["val_accuracy"], metrics["val_pairs"]) if points else
+            "No learning curve was asked for: switch it on to learn whether more data would help.")
+    return {"labeler_agreement": ceiling, "labeler_agreement_pairs": pairs, "verdict": text}
 
 
 def train_reward_job(ctx: JobContext) -> dict[str, Any]:
@@ -70,7 +81,10 @@ def train_reward_job(ctx: JobContext) -> dict[str, Any]:
     except ValueError as error:
         raise JobFailed(f"The reward model cannot be trained on this data: {error}.") from error
 
-    # 3. register: a reward model whose parent is the base model, with the data it saw
+    # 3. read the figures together: validation interval, learning curve, the labelers' own agreement
+    metrics = result.metrics | data_figures(train_items, result.metrics)
+
+    # 4. register: a reward model whose parent is the base model, with the data it saw
     snapshot = {
         "annotation_ids": [a.annotation_id for a in train_items],
         "validation_annotation_ids": [a.annotation_id for a in val_items],
@@ -79,15 +93,17 @@ def train_reward_job(ctx: JobContext) -> dict[str, Any]:
     }
     registered = register(
         ctx, name=params.get("name") or f"{base_name} RM (job {ctx.job_id})", kind=ModelKind.reward,
-        output_dir=output_dir, source="train_reward", parent_id=base_id, metrics=result.metrics,
+        output_dir=output_dir, source="train_reward", parent_id=base_id, metrics=metrics,
         config={"reward": params["config"], "base_model_id": base_id, "prompt_set_ids": params["prompt_set_ids"],
                 "labeler_ids": params.get("labeler_ids"), "data": snapshot,
                 "normalised_on": "base model responses" if sft_samples else "training responses"},
     )
-    metrics = result.metrics
     return {
         "model_id": registered.model_id, "model_name": registered.name,
         "val_accuracy": round(metrics["val_accuracy"], 4), "val_loss": round(metrics["val_loss"], 4),
+        "val_accuracy_low": round(metrics["val_accuracy_low"], 4),
+        "val_accuracy_high": round(metrics["val_accuracy_high"], 4), "val_pairs": metrics["val_pairs"],
+        "verdict": metrics["verdict"],
         "train_rankings": len(train), "val_rankings": len(validation),
         "comparisons": snapshot["comparisons"], "steps": metrics["steps"],
     }

@@ -238,3 +238,27 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
             figures[row.user_id].gold_accuracy = row.right_pairs / row.pairs if row.pairs else None
             figures[row.user_id].gold_tasks = row.tasks
     return list(figures.values())
+
+
+def ranking_agreement(items) -> tuple[float | None, int]:
+    """(pairwise agreement, strict pairs compared) among given ranked annotations
+    (export.RankedAnnotation: prompt_id, responses, ranks), with the conventions above:
+    two annotations of the same prompt are compared on every pair of responses both
+    ranked with a strict preference. The reward-model job measures its training data
+    with it: the labelers' agreement is the ceiling its accuracy is read against."""
+    by_prompt: dict[int, list[dict[str, int]]] = {}
+    for item in items:
+        by_prompt.setdefault(item.prompt_id, []).append(dict(zip(item.responses, item.ranks, strict=True)))
+    agree = strict = 0
+    for rankings in by_prompt.values():
+        for a in range(len(rankings)):
+            for b in range(a + 1, len(rankings)):
+                x, y = rankings[a], rankings[b]
+                shared = sorted(set(x) & set(y))
+                for i in range(len(shared)):
+                    for j in range(i + 1, len(shared)):
+                        p, q = x[shared[i]] - x[shared[j]], y[shared[i]] - y[shared[j]]
+                        if p and q:
+                            strict += 1
+                            agree += (p > 0) == (q > 0)
+    return (agree / strict if strict else None), strict

@@ -29,6 +29,7 @@ from app.services.prompt_sets import GENERATOR_KINDS, queue_generation_if_needed
 from app.services.run_settings import parse_ids
 from app.services.validation import as_id
 from trainer.models import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, PROVISIONED_MARKER, checkpoint_sha256
+from trainer.learning_curve import interval_is_wide  # noqa: F401  (the reward-model page warns with it)
 
 log = logging.getLogger(__name__)
 
