@@ -6,7 +6,7 @@ Usage (from the repository root):
     .venv/bin/python -m bench.reward_recipe --model default --recipes old,new
 
 The data imitates a pilot: --prompts prompts (default 120), K = 4 word-soup responses
-each (tests/synthetic.py: the more "good", the better), each prompt ranked by
+each (tests/factories/synthetic.py: the more "good", the better), each prompt ranked by
 --overlap labelers (default 3) who rank by the count of "good" plus Gaussian noise
 (--noise sets its size; 1.0 gives labelers agreeing on ~80% of pairs). 10% of the
 prompts validate. Each recipe prints its validation accuracy against the noisy
@@ -30,7 +30,7 @@ from bench.reward import tiny_model  # noqa: E402
 
 def noisy_pilot(prompts: int, overlap: int, noise: float, seed: int):
     """(train, validation, noiseless validation, labeler agreement on train) as RankedGroups."""
-    from tests import synthetic
+    from tests.factories import synthetic
     from trainer.reward import RankedGroup
 
     rng = random.Random(seed)

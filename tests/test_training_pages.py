@@ -197,8 +197,8 @@ def test_ppo_job_page_leads_with_the_held_out_reward_and_warns_of_cut_responses(
     assert 'id="ppo-cut-warning"' not in client.get(f"/jobs/{job.id}").text
 
 
-def test_reward_model_page_shows_interval_learning_curve_agreement_and_verdict(client, session, tmp_path):
-    engineer(client, session)
+def test_reward_model_page_shows_interval_learning_curve_agreement_and_verdict(client, client_as, session, tmp_path):
+    client_as("engineer")
     sft = make_model(session, tmp_path, name="sft-0")
     curve = [{"fraction": 0.25, "rankings": 80, "pairs": 480, "val_accuracy": 0.61},
              {"fraction": 0.5, "rankings": 160, "pairs": 960, "val_accuracy": 0.655},

@@ -41,7 +41,7 @@ def _detail_context(session, model: Model) -> dict:
         "can_generate": model.kind in GENERATOR_KINDS,
         "sets": [s for s in training.ranking_sets(session) if s.status != PromptSetStatus.archived],
         "promote_errors": {},
-        "wide_interval": models.interval_is_wide(model.metrics),
+        "wide_interval": models.reward_interval_is_wide(model),
     }
 
 

@@ -29,7 +29,7 @@ from app.services.prompt_sets import GENERATOR_KINDS, queue_generation_if_needed
 from app.services.run_settings import parse_ids
 from app.services.validation import as_id
 from trainer.models import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, PROVISIONED_MARKER, checkpoint_sha256
-from trainer.learning_curve import interval_is_wide  # noqa: F401  (the reward-model page warns with it)
+from trainer.learning_curve import interval_is_wide
 
 log = logging.getLogger(__name__)
 
@@ -340,3 +340,8 @@ def promote_generator(session: Session, *, model_id: Any, prompt_set_id: Any, us
     job = queue_generation_if_needed(session, prompt_set=prompt_set, created_by_id=user_id)
     session.commit()
     return prompt_set, job
+
+
+def reward_interval_is_wide(model: Model) -> bool:
+    """Whether a reward model's validation-accuracy interval is too wide for runs to be compared."""
+    return interval_is_wide(model.metrics or {})
