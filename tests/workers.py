@@ -44,7 +44,9 @@ class Workers:
         full_env = {**os.environ, **FAST_WORKER_ENV, **env,
                     "DATABASE_URL": self.database_url, "RLHF_DATA_DIR": str(self.tmp_path / "data")}
         if cli:
-            cmd = [str(ROOT / ".venv" / "bin" / "rlhf"), "worker", "--queues", queues]
+            script = ROOT / ".venv" / "bin" / "rlhf"  # the installed console script, where setup made one
+            entry = [str(script)] if script.exists() else [sys.executable, "-c", "from app.cli import main; main()"]
+            cmd = [*entry, "worker", "--queues", queues]
         else:
             cmd = [sys.executable, "-m", "tests.job_worker", "--queues", queues]
         log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "w")
