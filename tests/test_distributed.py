@@ -59,7 +59,7 @@ def test_reward_model_on_two_processes_matches_one_process(tiny_model_dir, tmp_p
     data = write_jsonl(tmp_path / "rankings.jsonl", ranking_rows(synthetic.ranked_groups(range(0, 200), k=4, seed=1)))
     validation = write_jsonl(tmp_path / "val.jsonl",
                              ranking_rows(synthetic.ranked_groups(range(1000, 1040), k=4, seed=2)))
-    settings = ["--learning-rate", "1e-3", "--eval-batch-size", "32", "--batch-size", "8"]
+    settings = ["--learning-rate", "1e-3", "--eval-batch-size", "32", "--batch-size", "8", "--epochs", "1"]
     common = ["reward", "--model", str(tiny_model_dir), "--data", str(data), "--validation", str(validation), *settings]
 
     runs = tmp_path / "runs"
