@@ -47,6 +47,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from app.db import migrate  # noqa: E402
 from app.db.session import sqlalchemy_url  # noqa: E402
 from app.services.users import hash_password  # noqa: E402
+from bench.timing import wait_until_ready  # noqa: E402
 
 K, OVERLAP = 4, 3
 PASSWORD = "bench-password-1"
@@ -166,18 +167,8 @@ def start_server(db_url: str, data_dir: Path, workers: int, log_path: Path) -> t
     log = log_path.open("ab")
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}); see {log_path}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.terminate()
-    raise SystemExit(f"the server did not get ready; see {log_path}")
+    wait_until_ready(proc, base, log_path, timeout_s=120)
+    return proc, base
 
 
 def stop_server(proc: subprocess.Popen) -> None:

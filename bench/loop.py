@@ -49,6 +49,8 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from bench.timing import wait_until_ready  # noqa: E402
+
 PASSWORD = "bench-password-1"
 CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
 FLAG_THRESHOLD = 0.6  # the quality page's default agreement threshold (app/routes/quality.py)
@@ -114,18 +116,8 @@ def start_server(db_url: str, data_dir: Path, artifacts: Path, device: str, log_
                "--workers", "1"]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}); see {log_path}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit(f"the server did not get ready; see {log_path}")
+    wait_until_ready(proc, base, log_path, timeout_s=180)
+    return proc, base
 
 
 class Api:
