@@ -5,9 +5,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import func, select
 
 from app.db.base import utcnow
 from app.db.enums import Role
+from app.db.models import LoginAttempt
 from app.services import auth
 from app.services.errors import Invalid, RateLimited
 from tests.conftest import csrf_of, login
@@ -84,6 +86,23 @@ def test_failures_throttle_the_account_from_that_address_only(session):
     # After the window the right password works from the guessing address too.
     later = utcnow() + timedelta(seconds=901)
     assert _sign_in(session, user.username, TEST_PASSWORD, "10.0.0.1", now=later).id == user.id
+
+
+def test_attempts_older_than_the_window_are_pruned_at_the_next_sign_in(session):
+    """The table holds about one window of attempts, not every sign-in ever made."""
+    user = make_user(session)
+    for address in ("10.0.1.1", "10.0.1.2"):
+        with pytest.raises(Invalid):
+            _sign_in(session, user.username, "nope", address)
+    assert _sign_in(session, user.username, TEST_PASSWORD, "10.0.1.3").id == user.id
+    recent = utcnow() + timedelta(seconds=600)  # within the 900 s window of all three
+    _sign_in(session, user.username, TEST_PASSWORD, "10.0.1.4", now=recent)
+    assert session.scalar(select(func.count()).select_from(LoginAttempt)) == 4
+    # From any address, a sign-in after the window deletes every older attempt (of all addresses).
+    later = utcnow() + timedelta(seconds=1000)
+    _sign_in(session, user.username, TEST_PASSWORD, "10.0.1.5", now=later)
+    left = session.execute(select(LoginAttempt.address).order_by(LoginAttempt.at)).scalars().all()
+    assert left == ["10.0.1.4", "10.0.1.5"]
 
 
 def test_failures_across_accounts_throttle_the_address(session):

@@ -101,8 +101,9 @@ class LoginAttempt(Base):
     succeeded: Mapped[bool]
     at: Mapped[datetime] = created_at_column()
 
-    # Throttling counts an address's attempts (of one account, or of all) in a window.
-    __table_args__ = (Index("ix_login_attempts_address_at", "address", "at"),)
+    # Throttling counts an address's attempts (of one account, or of all) in a window;
+    # attempts older than the window are pruned by time.
+    __table_args__ = (Index("ix_login_attempts_address_at", "address", "at"), Index("ix_login_attempts_at", "at"))
 
 
 class Model(Base):

@@ -5,7 +5,7 @@ import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -49,6 +49,9 @@ def authenticate(
     since = now - timedelta(seconds=window_s)
     # Held until the commit below; both counts are of this address's attempts.
     session.execute(select(func.pg_advisory_xact_lock(_LOGIN_LOCK, func.hashtext(address))))
+    # Attempts older than the window count for nothing: pruned here, so the table holds
+    # about one window of attempts (a range scan of ix_login_attempts_at).
+    session.execute(delete(LoginAttempt).where(LoginAttempt.at < since))
     failed = LoginAttempt.succeeded.is_(False)
     by_pair, by_address = session.execute(
         select(
