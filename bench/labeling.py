@@ -47,7 +47,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from app.db import migrate  # noqa: E402
 from app.db.session import sqlalchemy_url  # noqa: E402
 from app.services.users import hash_password  # noqa: E402
-from bench.timing import wait_until_ready  # noqa: E402
+from bench.timing import stop_server, wait_until_ready  # noqa: E402
 
 K, OVERLAP = 4, 3
 PASSWORD = "bench-password-1"
@@ -169,15 +169,6 @@ def start_server(db_url: str, data_dir: Path, workers: int, log_path: Path) -> t
     base = f"http://127.0.0.1:{port}"
     wait_until_ready(proc, base, log_path, timeout_s=120)
     return proc, base
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def cpu_s(*roots: int) -> float:

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from bench.timing import wait_until_ready  # noqa: E402
+from bench.timing import stop_server, wait_until_ready  # noqa: E402
 
 PASSWORD = "bench-password-1"
 CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
@@ -213,11 +213,7 @@ def main() -> None:
     try:
         figures = run(args, base, engine, artifacts, rng, clock)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         engine.dispose()
         if not args.keep:
             shutil.rmtree(artifacts, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The timing the benchmarks share, and waiting for a server they started."""
+"""The timing the benchmarks share, and waiting for and stopping the server they measure."""
 
 import subprocess
 import time
@@ -34,3 +34,13 @@ def wait_until_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout_
         time.sleep(0.3)
     proc.terminate()
     raise SystemExit(f"the server did not get ready; see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Ask the server to stop; kill it if it has not within timeout_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
