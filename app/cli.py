@@ -49,7 +49,7 @@ def serve(
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Run the web app only.")] = False,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Web processes (default: the number of cores).")] = 0,
+    workers: Annotated[int | None, typer.Option(min=1, help="Web processes (default: the number of cores).")] = None,
 ) -> None:
     """Migrate the database, create the first admin if needed, and serve the web app
     from N web processes (uvicorn's process manager), with the job worker as a

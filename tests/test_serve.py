@@ -8,7 +8,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+import typer
 
+from app.cli import cli
 from tests.conftest import _free_port
 
 
@@ -47,3 +50,17 @@ def test_serve_with_workers_runs_that_many_processes_without_a_nagle_delay(datab
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.parametrize(("args", "workers"), [([], None), (["--workers", "3"], 3)])
+def test_serve_takes_the_number_of_cores_unless_told(args, workers):
+    """`scripts/run.sh` runs `rlhf serve` with no --workers: the default must parse (None: one
+    web process per core, decided at start), and a number given is kept."""
+    serve = typer.main.get_command(cli).commands["serve"]
+    assert serve.make_context("serve", args).params["workers"] == workers
+
+
+def test_serve_refuses_zero_workers():
+    serve = typer.main.get_command(cli).commands["serve"]
+    with pytest.raises(typer.BadParameter):
+        serve.make_context("serve", ["--workers", "0"])
