@@ -19,6 +19,12 @@ INSTRUCTIONS = """Rate each response **on its own**, then rank them all.
 - flag anything harmful"""
 
 
+def wait_for_task(page, task_id: int):
+    """The task's card is swapped in and label.js has bound it (data-ready): keys pressed
+    before that would be lost."""
+    page.wait_for_selector(f'#label-task[data-task-id="{task_id}"][data-ready]')
+
+
 def keys(page, sequence: str):
     for key in sequence.split():
         page.keyboard.press(key)
@@ -52,7 +58,7 @@ def test_labeler_labels_three_tasks_with_the_keyboard_only(live_server, page):
 
     sign_in_page(page, live_server, "lena")
     page.goto(f"{live_server}/label")
-    page.wait_for_selector(f'#label-task[data-task-id="{task_ids[0]}"]')
+    wait_for_task(page, task_ids[0])
     page.evaluate("window.__marker = 'same page'")
     assert "Mode: rank" in page.inner_text("#label-mode")
     screenshot(page, "label_page")
@@ -70,7 +76,7 @@ def test_labeler_labels_three_tasks_with_the_keyboard_only(live_server, page):
     keys(page, "r 1 2 3")
     assert page.input_value(f'input[name="rank-{letters[0]["B"]}"]') == "2"
     keys(page, "Control+Enter")
-    page.wait_for_selector(f'#label-task[data-task-id="{task_ids[1]}"]')
+    wait_for_task(page, task_ids[1])
     assert page.evaluate("window.__marker") == "same page"
     assert f"Saved task {task_ids[0]}." in page.inner_text("#label-notice")
     assert page.inner_text("#count-today") == "1"
@@ -79,7 +85,7 @@ def test_labeler_labels_three_tasks_with_the_keyboard_only(live_server, page):
     keys(page, "r 5 5 2 r 1 1 2")
     assert page.locator('.rank-slot[data-rank="1"] .rank-chip').all_inner_texts() == ["A", "B"]
     keys(page, "Control+Enter")
-    page.wait_for_selector(f'#label-task[data-task-id="{task_ids[2]}"]')
+    wait_for_task(page, task_ids[2])
     assert page.evaluate("window.__marker") == "same page"
 
     # Task 3: pick responses by letter; the ranking contradicts the ratings (soft warning).
