@@ -86,8 +86,11 @@ def train_reward_job(ctx: JobContext) -> dict[str, Any]:
 
     # 4. register: a reward model whose parent is the base model, with the data it saw
     snapshot = {
-        "annotation_ids": [a.annotation_id for a in train_items],
-        "validation_annotation_ids": [a.annotation_id for a in val_items],
+        "annotation_ids": [a.annotation_id for a in train_items if a.review_id is None],
+        "validation_annotation_ids": [a.annotation_id for a in val_items if a.review_id is None],
+        # Reviewers' corrections that stood in for their tasks' annotations (app/services/review).
+        "review_ids": [a.review_id for a in train_items if a.review_id is not None],
+        "validation_review_ids": [a.review_id for a in val_items if a.review_id is not None],
         "comparisons": sum(_pairs(a.ranks) for a in train_items),
         "validation_comparisons": sum(_pairs(a.ranks) for a in val_items),
     }

@@ -66,3 +66,13 @@ class DemonstrationStatus(StrEnum):
     accepted = "accepted"
     rejected = "rejected"
     skipped = "skipped"
+
+
+class ReviewDecision(StrEnum):
+    accepted = "accepted"  # the labelers' annotations stand as they are
+    corrected = "corrected"  # a reviewer's ranking takes their place (see CorrectionUse)
+
+
+class CorrectionUse(StrEnum):
+    training = "training"  # the correction replaces the task's annotations in training data and exports
+    gold = "gold"  # the task becomes a gold task with the correction as its expected answer

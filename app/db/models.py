@@ -19,12 +19,14 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from app.db.base import Base, str_enum, utcnow
 from app.db.enums import (
     AssignmentStatus,
+    CorrectionUse,
     DemonstrationStatus,
     JobKind,
     JobStatus,
     ModelKind,
     PromptSetKind,
     PromptSetStatus,
+    ReviewDecision,
     Role,
     Split,
 )
@@ -187,6 +189,8 @@ class PromptSet(Base):
     round: Mapped[int] = mapped_column(default=1)
     # Share of gold tasks mixed into a labeler's queue (0 = none).
     gold_rate: Mapped[float] = mapped_column(default=0.0)
+    # Labeler trust rules that differ from the defaults (app/services/trust.TrustRules).
+    trust_rules: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=sql("'{}'"))
     status: Mapped[PromptSetStatus] = mapped_column(
         str_enum(PromptSetStatus, "prompt_set_status"), default=PromptSetStatus.draft
     )
@@ -367,6 +371,9 @@ class Annotation(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(64), unique=True)
     # Excluded annotations stay stored but leave exports and training data.
     excluded: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    # Excluded because its labeler was quarantined on the set when it was submitted
+    # (app/services/trust); lifting the quarantine includes it again.
+    quarantined: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = created_at_column()
 
@@ -381,6 +388,7 @@ class Annotation(Base):
         UniqueConstraint("task_id", "user_id"),
         Index("ix_annotations_user_id_created_at", "user_id", "created_at"),
         CheckConstraint("time_spent_s >= 0", name="time_spent_nonneg"),
+        CheckConstraint("excluded OR NOT quarantined", name="quarantined_is_excluded"),
     )
 
 
@@ -434,6 +442,63 @@ class Comparison(Base):
         UniqueConstraint("annotation_id", "chosen_response_id", "rejected_response_id"),
         CheckConstraint("chosen_response_id <> rejected_response_id", name="distinct_pair"),
         CheckConstraint("rank_margin > 0", name="rank_margin_positive"),
+    )
+
+
+class TaskReview(Base):
+    """A reviewer's verdict on a labeled task, kept beside the labelers' annotations
+    (never instead of them). A task's latest review is its current state; earlier
+    ones stay as its history. A correction is a ranking of the task's responses
+    ({response_id (str): rank}, 1 = best, ties allowed) used as training data in
+    place of the task's annotations, or as the task's gold answer."""
+
+    __tablename__ = "task_reviews"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    decision: Mapped[ReviewDecision] = mapped_column(str_enum(ReviewDecision, "review_decision"))
+    ranking: Mapped[dict[str, Any] | None]
+    use: Mapped[CorrectionUse | None] = mapped_column(str_enum(CorrectionUse, "correction_use"))
+    note: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at: Mapped[datetime] = created_at_column()
+
+    reviewer: Mapped[User] = relationship()
+
+    __table_args__ = (
+        Index("ix_task_reviews_task_id_id", "task_id", "id"),
+        CheckConstraint(
+            "(decision = 'accepted' AND ranking IS NULL AND use IS NULL)"
+            " OR (decision = 'corrected' AND ranking IS NOT NULL AND use IS NOT NULL)",
+            name="correction_has_ranking",
+        ),
+    )
+
+
+class LabelerTrust(Base):
+    """A labeler's standing on a prompt set: submissions counted (the trust rules are
+    checked every few of them) and the quarantine, if any. While quarantined, the
+    labeler's new annotations on the set are stored excluded and marked quarantined."""
+
+    __tablename__ = "labeler_trust"
+
+    prompt_set_id: Mapped[int] = mapped_column(
+        ForeignKey("prompt_sets.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    submitted: Mapped[int] = mapped_column(default=0, server_default=sql("0"))
+    quarantined: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    quarantined_at: Mapped[datetime | None]
+    # None while quarantined: the rules did it (quarantine_reasons says which).
+    quarantined_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    quarantine_reasons: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
+    # Set when an admin lifts a quarantine: the rules do not quarantine this labeler on this set again.
+    released_at: Mapped[datetime | None]
+    released_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+
+    __table_args__ = (
+        CheckConstraint("submitted >= 0", name="submitted_nonneg"),
+        CheckConstraint("NOT quarantined OR quarantined_at IS NOT NULL", name="quarantine_has_time"),
     )
 
 

@@ -157,6 +157,11 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
     )
 
 
+def labeler_figures(session: Session, *, prompt_set_id: int) -> list[LabelerFigures]:
+    """The per-labeler figures alone (no set-wide figures), by username."""
+    return _labeler_figures(session, prompt_set_id)
+
+
 def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigures]:
     params = {"set_id": prompt_set_id}
     base = session.execute(text("""

@@ -35,6 +35,7 @@ from app.db.models import (
     TaskResponse,
     User,
 )
+from app.services import trust
 from app.services.assignment import check_lease, load_task, lock_for_submit
 from app.services.errors import Conflict, Invalid, NotFound
 from app.services.validation import small_int, text_problem
@@ -242,12 +243,22 @@ def _store(session: Session, annotation: Annotation, task: Task, clean: CleanSub
 # ORM's unit of work did the same in five statements and was the largest CPU cost of
 # a submit (see README, "Performance of the labeling loop"). Returns the annotation's
 # id and the task's new label count.
+# The same statement counts the submission on the labeler's trust row of the set and
+# reads their quarantine: a quarantined labeler's annotation is stored excluded and
+# marked quarantined (app/services/trust), at no extra round trip.
 _WRITE_SUBMISSION = text("""
-WITH annotation AS (
+WITH trust AS (
+    INSERT INTO labeler_trust (prompt_set_id, user_id, submitted)
+    SELECT t.prompt_set_id, :user_id, 1 FROM tasks t WHERE t.id = :task_id
+    ON CONFLICT (prompt_set_id, user_id) DO UPDATE SET submitted = labeler_trust.submitted + 1
+    RETURNING submitted, quarantined
+), annotation AS (
     INSERT INTO annotations (task_id, user_id, time_spent_s, prompt_flags, comment, idempotency_key,
-                             excluded, created_at, updated_at)
-    VALUES (:task_id, :user_id, :time_spent_s, CAST(:prompt_flags AS jsonb), :comment, :key, false, :now, :now)
-    RETURNING id
+                             excluded, quarantined, created_at, updated_at)
+    SELECT :task_id, :user_id, :time_spent_s, CAST(:prompt_flags AS jsonb), :comment, :key,
+           trust.quarantined, trust.quarantined, :now, :now
+    FROM trust
+    RETURNING id, quarantined
 ), ratings AS (
     INSERT INTO ratings (annotation_id, task_id, response_id, likert, rank, flags)
     SELECT annotation.id, :task_id, r.response_id, r.likert, r.rank, r.flags
@@ -262,8 +273,8 @@ WITH annotation AS (
 ), submitted AS (
     UPDATE assignments SET status = 'submitted', finished_at = :now WHERE id = :assignment_id
 )
-UPDATE tasks SET num_labels = num_labels + 1 FROM annotation WHERE tasks.id = :task_id
-RETURNING annotation.id, tasks.num_labels
+UPDATE tasks SET num_labels = num_labels + 1 FROM annotation, trust WHERE tasks.id = :task_id
+RETURNING annotation.id, tasks.num_labels, annotation.quarantined, trust.submitted
 """)
 
 
@@ -322,7 +333,7 @@ def submit_annotation(
         excluded=False, created_at=now, updated_at=now,
     )
     _store(session, annotation, task, clean, add=False)
-    annotation.id, num_labels = session.execute(_WRITE_SUBMISSION, {
+    annotation.id, num_labels, quarantined, submitted = session.execute(_WRITE_SUBMISSION, {
         "task_id": task_id, "user_id": user.id, "time_spent_s": annotation.time_spent_s,
         "prompt_flags": json.dumps(annotation.prompt_flags), "comment": annotation.comment, "key": key,
         "now": now, "assignment_id": hold.assignment.id,
@@ -335,7 +346,12 @@ def submit_annotation(
     set_committed_value(task, "num_labels", num_labels)
     set_committed_value(hold.assignment, "status", AssignmentStatus.submitted)
     set_committed_value(hold.assignment, "finished_at", now)
+    annotation.excluded = annotation.quarantined = quarantined
     session.commit()
+    # Every few submissions on a set, the set's trust rules look at the labeler again
+    # (a few statements, off the common path; see app/services/trust).
+    if trust.check_due(submitted):
+        trust.check_labeler(session, prompt_set_id=task.prompt_set_id, user_id=user.id)
     return Submission(annotation=annotation, created=True,
                       warnings=contradiction_warnings(task, clean.ratings, clean.ranks))
 

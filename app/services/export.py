@@ -26,6 +26,14 @@ Formats:
   -, @, a tab or a carriage return) gets a leading ' (OWASP's CSV-injection
   rule): comments and responses are written by labelers and models.
 
+Reviewed tasks (app/services/review) are marked in every export: `review` is the
+task's current review ("accepted", "corrected:training", "corrected:gold" or
+null) and `review_id` its id. A task corrected for training contributes the
+correction instead of its labelers' annotations to the comparisons export and
+to the reward model's data: its pairs come with comparison_id and annotation_id
+null, labeler_id the reviewer's id and rating_margin null (a correction has no
+ratings). The annotations export keeps every labeler's annotation, marked.
+
 What was filtered is stated in a sidecar document (`export_meta`): the
 filters, what is always left out, labelers dropped by the agreement filter,
 the row count, the time and the format.
@@ -41,13 +49,25 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, false, func, or_, select
+from sqlalchemy import Integer, Select, String, and_, case, cast, false, func, literal, null, or_, select, true, union_all
 from sqlalchemy.orm import Session, aliased
 
 from app.db.base import utcnow
 from app.db.enums import Split
-from app.db.models import Annotation, Comparison, Prompt, PromptSet, Rating, Response, Task, TaskResponse, User
+from app.db.models import (
+    Annotation,
+    Comparison,
+    Prompt,
+    PromptSet,
+    Rating,
+    Response,
+    Task,
+    TaskResponse,
+    TaskReview,
+    User,
+)
 from app.services.agreement import compute_set_agreement
+from app.services.review import current_reviews, training_corrections
 from app.services.errors import Invalid, NotFound
 from app.services.validation import as_id
 
@@ -61,24 +81,28 @@ FORMAT_KIND = {fmt: kind for kind, fmts in FORMATS.items() for fmt in fmts}
 YIELD_PER = 1000  # rows fetched from the server-side cursor at a time
 CHUNK_BYTES = 64 * 1024  # bytes handed to the response at a time
 ALWAYS_LEFT_OUT = [
-    "excluded annotations (kept in the database, left out of every export and of training data)",
+    "excluded annotations (kept in the database, left out of every export and of training data);"
+    " this includes those of quarantined labelers",
 ]
+CORRECTED_RULE = ("annotations of tasks corrected for training by a reviewer: the correction's pairs stand in"
+                  " for them (review = corrected:training)")
 # A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV Injection").
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 GOLD_RULE = "annotations of gold tasks (labeler tests; see the annotations export)"
 
 COMPARISON_COLUMNS = [
     "prompt", "chosen", "rejected", "comparison_id", "annotation_id", "task_id", "prompt_id",
-    "prompt_set_id", "split", "labeler_id", "rank_margin", "rating_margin", "created_at",
+    "prompt_set_id", "split", "labeler_id", "rank_margin", "rating_margin", "created_at", "review", "review_id",
 ]
 ANNOTATION_JSONL_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "prompt", "ratings",
+    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "review", "review_id",
+    "prompt", "ratings",
 ]
 ANNOTATION_CSV_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "prompt",
-    "response_id", "position", "likert", "rank", "response_flags", "response_text",
+    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "review", "review_id",
+    "prompt", "response_id", "position", "likert", "rank", "response_flags", "response_text",
 ]
 
 
@@ -185,10 +209,12 @@ def included_annotations_query(
     created_from: datetime | None = None,
     created_before: datetime | None = None,
     include_gold: bool = False,
+    without_corrected: bool = False,
 ) -> Select:
     """SELECT annotations.id of the data that counts: never excluded, never gold
     (unless include_gold), of the given sets, narrowed by split, labelers,
-    (set, labeler) pairs and creation time."""
+    (set, labeler) pairs and creation time; without those of tasks corrected for
+    training when without_corrected (training data: the corrections stand in)."""
     query = (
         select(Annotation.id)
         .join(Task, Task.id == Annotation.task_id)
@@ -209,7 +235,53 @@ def included_annotations_query(
         query = query.where(Annotation.created_at >= created_from)
     if created_before is not None:
         query = query.where(Annotation.created_at < created_before)
+    if without_corrected:
+        query = query.where(Task.id.not_in(select(training_corrections().c.task_id)))
     return query
+
+
+def included_corrections_query(
+    prompt_set_ids: Sequence[int],
+    *,
+    split: Split | str | None = None,
+    user_ids: Sequence[int] | None = None,
+    set_user_pairs: Sequence[tuple[int, int]] | None = None,
+    created_from: datetime | None = None,
+    created_before: datetime | None = None,
+) -> Select:
+    """SELECT task_reviews.id of the corrections that stand in for their task's annotations
+    in training data: the current review of a non-gold task of the given sets, of the
+    split, made in the time range. When the caller narrows by labelers, a correction
+    counts only on a task one of those labelers annotated (excluded or not: a
+    correction of a quarantined labeler's task is the reviewer's work)."""
+    corrections = training_corrections()
+    query = (
+        select(corrections.c.id)
+        .join(Task, Task.id == corrections.c.task_id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .where(Task.prompt_set_id.in_(list(prompt_set_ids)), Task.is_gold.is_(False))
+    )
+    if split is not None:
+        query = query.where(Prompt.split == Split(split))
+    labeler = select(Annotation.id).where(Annotation.task_id == Task.id)
+    if user_ids is not None:
+        query = query.where(labeler.where(Annotation.user_id.in_(list(user_ids))).exists())
+    if set_user_pairs is not None:
+        query = query.where(labeler.where(or_(false(), *(
+            and_(Task.prompt_set_id == s, Annotation.user_id == u) for s, u in set_user_pairs
+        ))).exists())
+    if created_from is not None:
+        query = query.where(corrections.c.created_at >= created_from)
+    if created_before is not None:
+        query = query.where(corrections.c.created_at < created_before)
+    return query
+
+
+def _review_label():
+    """SQL: a task's current review as the exports mark it ("accepted", "corrected:training"...)."""
+    current = current_reviews().subquery("review")
+    decision, use = cast(current.c.decision, String), cast(current.c.use, String)
+    return current, case((current.c.use.is_(None), decision), else_=decision + literal(":") + use)
 
 
 def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str | None = None,
@@ -218,27 +290,58 @@ def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str
     prompt messages and both texts, in a stable order. Stream it with
     session.execute(query, execution_options={"yield_per": N})."""
     chosen, rejected = aliased(Response), aliased(Response)
-    included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
-    return (
+    included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, without_corrected=True,
+                                          **filters)
+    current, review = _review_label()
+    labelers = (
         select(
             Comparison.id.label("comparison_id"), Comparison.annotation_id, Comparison.task_id,
             Task.prompt_id, Task.prompt_set_id, Prompt.split, Annotation.user_id.label("labeler_id"),
             Prompt.messages, Comparison.chosen_response_id, chosen.text.label("chosen"),
             Comparison.rejected_response_id, rejected.text.label("rejected"),
             Comparison.rank_margin, Comparison.rating_margin, Annotation.created_at,
+            review.label("review"), current.c.id.label("review_id"),
         )
         .join(Annotation, Annotation.id == Comparison.annotation_id)
         .join(Task, Task.id == Comparison.task_id)
         .join(Prompt, Prompt.id == Task.prompt_id)
         .join(chosen, chosen.id == Comparison.chosen_response_id)
         .join(rejected, rejected.id == Comparison.rejected_response_id)
+        .outerjoin(current, current.c.task_id == Task.id)
         .where(Comparison.annotation_id.in_(included))
-        .order_by(Comparison.id)
     )
+    # A correction's pairs: every two responses it ranks apart, the better one chosen.
+    better = func.jsonb_each_text(TaskReview.ranking).table_valued("key", "value").lateral("better")
+    worse = func.jsonb_each_text(TaskReview.ranking).table_valued("key", "value").lateral("worse")
+    corrections = included_corrections_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
+    corrected = (
+        select(
+            cast(null(), Integer).label("comparison_id"), cast(null(), Integer).label("annotation_id"),
+            TaskReview.task_id, Task.prompt_id, Task.prompt_set_id, Prompt.split,
+            TaskReview.reviewer_id.label("labeler_id"), Prompt.messages,
+            cast(better.c.key, Integer).label("chosen_response_id"), chosen.text.label("chosen"),
+            cast(worse.c.key, Integer).label("rejected_response_id"), rejected.text.label("rejected"),
+            (cast(worse.c.value, Integer) - cast(better.c.value, Integer)).label("rank_margin"),
+            cast(null(), Integer).label("rating_margin"), TaskReview.created_at,
+            literal("corrected:training").label("review"), TaskReview.id.label("review_id"),
+        )
+        .select_from(TaskReview)
+        .join(Task, Task.id == TaskReview.task_id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .join(better, true())
+        .join(worse, cast(better.c.value, Integer) < cast(worse.c.value, Integer))
+        .join(chosen, chosen.id == cast(better.c.key, Integer))
+        .join(rejected, rejected.id == cast(worse.c.key, Integer))
+        .where(TaskReview.id.in_(corrections))
+    )
+    rows = union_all(labelers, corrected).subquery("rows")
+    return select(rows).order_by(rows.c.comparison_id.nulls_last(), rows.c.review_id, rows.c.chosen_response_id,
+                                 rows.c.rejected_response_id)
 
 
 def _ratings_query(included: Select) -> Select:
     """Rating-level rows of the given annotations, grouped by annotation, in display order."""
+    current, review = _review_label()
     return (
         select(
             Annotation.id.label("annotation_id"), Annotation.task_id, Task.prompt_set_id, Task.prompt_id,
@@ -246,7 +349,7 @@ def _ratings_query(included: Select) -> Select:
             User.username.label("labeler"), Annotation.time_spent_s, Annotation.prompt_flags, Annotation.comment,
             Annotation.created_at, Annotation.updated_at, Prompt.messages, Prompt.text.label("prompt_text"),
             Rating.response_id, TaskResponse.position, Rating.likert, Rating.rank, Rating.flags,
-            Response.text.label("response_text"),
+            Response.text.label("response_text"), review.label("review"), current.c.id.label("review_id"),
         )
         .select_from(Rating)
         .join(Annotation, Annotation.id == Rating.annotation_id)
@@ -256,6 +359,7 @@ def _ratings_query(included: Select) -> Select:
         .join(TaskResponse, and_(TaskResponse.task_id == Rating.task_id,
                                  TaskResponse.response_id == Rating.response_id))
         .join(Response, Response.id == Rating.response_id)
+        .outerjoin(current, current.c.task_id == Task.id)
         .where(Annotation.id.in_(included))
         .order_by(Annotation.id, TaskResponse.position)
     )
@@ -263,24 +367,50 @@ def _ratings_query(included: Select) -> Select:
 
 @dataclass(frozen=True)
 class RankedAnnotation:
-    """One included annotation as the reward model trains on it: all K responses together."""
+    """One included annotation as the reward model trains on it: all K responses together.
+    A reviewer's correction standing in for a task's annotations has review_id set and
+    annotation_id None."""
 
-    annotation_id: int
+    annotation_id: int | None
     prompt_id: int
     split: Split
     messages: list[dict[str, str]]
     responses: list[str]
     ranks: list[int]
+    review_id: int | None = None
+
+
+def _corrections_ranked_query(corrections: Select) -> Select:
+    """Response-level rows of the given corrections, grouped by correction, in display order."""
+    return (
+        select(TaskReview.id.label("annotation_id"), Task.prompt_id, Prompt.split, Prompt.messages,
+               TaskReview.ranking, TaskResponse.response_id, Response.text.label("response_text"))
+        .select_from(TaskReview)
+        .join(Task, Task.id == TaskReview.task_id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .join(TaskResponse, TaskResponse.task_id == Task.id)
+        .join(Response, Response.id == TaskResponse.response_id)
+        .where(TaskReview.id.in_(corrections))
+        .order_by(TaskReview.id, TaskResponse.position)
+    )
 
 
 def iter_ranked_annotations(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
                             user_ids: Sequence[int] | None = None, **filters: Any) -> Iterator[RankedAnnotation]:
-    """The included annotations (see included_annotations_query), streamed in id order."""
-    included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
+    """The training data: the included annotations (see included_annotations_query) in id
+    order, except those of tasks corrected for training, then those corrections."""
+    included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, without_corrected=True,
+                                          **filters)
     for rows in _grouped(session, _ratings_query(included)):
         head = rows[0]
         yield RankedAnnotation(head.annotation_id, head.prompt_id, Split(head.split), list(head.messages),
                                [r.response_text for r in rows], [r.rank for r in rows])
+    corrections = included_corrections_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
+    for rows in _grouped(session, _corrections_ranked_query(corrections)):
+        head = rows[0]
+        yield RankedAnnotation(None, head.prompt_id, Split(head.split), list(head.messages),
+                               [r.response_text for r in rows], [int(head.ranking[str(r.response_id)]) for r in rows],
+                               review_id=head.annotation_id)
 
 
 def iter_ranked_groups(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
@@ -420,7 +550,7 @@ def _comparison_row(row: Any, fmt: str) -> dict[str, Any]:
         "comparison_id": row.comparison_id, "annotation_id": row.annotation_id, "task_id": row.task_id,
         "prompt_id": row.prompt_id, "prompt_set_id": row.prompt_set_id, "split": Split(row.split).value,
         "labeler_id": row.labeler_id, "rank_margin": row.rank_margin, "rating_margin": row.rating_margin,
-        "created_at": _iso(row.created_at),
+        "created_at": _iso(row.created_at), "review": row.review, "review_id": row.review_id,
     }
 
 
@@ -431,6 +561,7 @@ def _annotation_head(row: Any) -> dict[str, Any]:
         "is_gold": row.is_gold, "labeler_id": row.labeler_id, "labeler": row.labeler,
         "time_spent_s": row.time_spent_s, "prompt_flags": row.prompt_flags, "comment": row.comment,
         "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
+        "review": row.review, "review_id": row.review_id,
     }
 
 
@@ -506,7 +637,7 @@ def export_meta(session: Session, plan: ExportPlan, *, rows: int | None = None,
     f = plan.filters
     left_out = list(ALWAYS_LEFT_OUT)
     if plan.kind == "comparisons":
-        left_out.append(GOLD_RULE)
+        left_out += [GOLD_RULE, CORRECTED_RULE]
     return {
         "kind": plan.kind,
         "format": plan.fmt,
@@ -530,6 +661,9 @@ def export_meta(session: Session, plan: ExportPlan, *, rows: int | None = None,
             "min_agreement": "leave-one-out consensus agreement per labeler and set (see the quality page); "
                              "labelers with no agreement figure are dropped when a minimum is set",
             "dates": "annotation creation time, UTC; created_from inclusive, created_before exclusive",
+            "review": "the task's current review: accepted, corrected:training (its comparisons are the"
+                      " reviewer's correction: comparison_id and annotation_id null, labeler_id the reviewer),"
+                      " corrected:gold, or null when not reviewed",
         },
     }
 

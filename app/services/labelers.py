@@ -4,7 +4,9 @@ per-labeler table of the quality page.
 Exclusion is a flag on each annotation (annotations.excluded): the data stays
 stored, but agreement figures, exports and training data leave it out
 (app/services/export.included_annotations is the one rule). Re-including
-clears the flag, so everything comes back exactly as it was.
+clears the flag, so everything comes back exactly as it was. Quarantine
+(app/services/trust) is exclusion too: annotations stored while their labeler was
+quarantined are excluded and marked quarantined.
 """
 
 from dataclasses import dataclass
@@ -125,11 +127,14 @@ def set_excluded(session: Session, *, user_id: int, excluded: bool, prompt_set_i
     changed. Raises NotFound for an unknown user or set."""
     if session.get(User, user_id) is None:
         raise NotFound(f"No user with id {user_id}.")
-    query = update(Annotation).where(Annotation.user_id == user_id, Annotation.excluded != excluded)
+    # A quarantined annotation (app/services/trust) excluded or included by hand is the
+    # admin's decision from then on: lifting the quarantine no longer touches it.
+    query = update(Annotation).where(Annotation.user_id == user_id,
+                                     or_(Annotation.excluded != excluded, Annotation.quarantined))
     if prompt_set_id is not None:
         get_prompt_set(session, prompt_set_id)
         query = query.where(Annotation.task_id.in_(select(Task.id).where(Task.prompt_set_id == prompt_set_id)))
-    changed = session.execute(query.values(excluded=excluded)).rowcount
+    changed = session.execute(query.values(excluded=excluded, quarantined=False)).rowcount
     session.commit()
     return changed
 
