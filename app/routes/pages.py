@@ -14,10 +14,11 @@ from app.routes import (
     models,
     prompt_sets,
     quality,
+    review,
     training,
 )
 
 routers = [module.router for module in (
-    health, auth, home, admin_users, account, prompt_sets, label, quality, jobs, demonstrations,
+    health, auth, home, admin_users, account, prompt_sets, label, quality, review, jobs, demonstrations,
     demonstrations_admin,
 )] + [training.sft_router, training.router, models.router]

@@ -11,7 +11,7 @@ from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
 from app.routes.exports import ExportPlan, meta_response, stream
 from app.schemas.common import Id
-from app.services import export, gold, labelers
+from app.services import export, gold, labelers, review, trust
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid
 from app.services.progress import set_progress
@@ -29,6 +29,7 @@ CHANGED = {"HX-Trigger": "quality-changed"}  # the figures and labeler rows relo
 QUICK_PICKS = 10  # non-gold tasks offered as quick picks in the gold form
 ALLOWED = "partials/_quality_allowed.html"
 GOLD = "partials/_quality_gold.html"
+TRUST = "partials/_quality_trust.html"
 
 
 def _agreement_rows(session, prompt_set_id: int) -> dict[str, Any]:
@@ -37,6 +38,13 @@ def _agreement_rows(session, prompt_set_id: int) -> dict[str, Any]:
     # Worst agreement first, unknown agreement last; the table re-sorts in the browser.
     rows.sort(key=lambda r: (r.agreement is None, r.agreement or 0.0, r.username))
     return {"agreement": agreement, "rows": rows}
+
+
+def _trust_context(session, prompt_set: PromptSet, figures=None, **extra: Any) -> dict[str, Any]:
+    return {
+        "prompt_set": prompt_set, "rule_fields": trust.RULE_FIELDS, "defaults": trust.DEFAULT_RULES,
+        "trust": trust.set_trust(session, prompt_set_id=prompt_set.id, figures=figures),
+    } | extra
 
 
 def _allowed_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, Any]:
@@ -55,6 +63,10 @@ def _gold_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, Any
     } | extra
 
 
+async def _form_fields(request: Request) -> dict[str, str]:
+    return {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
+
+
 def _done(request: Request, prompt_set_id: int, fragment: Callable[[], Response], error: str | None = None):
     """An htmx request gets the fragment; a plain form post goes back to the page (with the error, if any)."""
     return fragment_or_redirect(request, f"/admin/prompt-sets/{prompt_set_id}/quality", fragment,
@@ -62,10 +74,13 @@ def _done(request: Request, prompt_set_id: int, fragment: Callable[[], Response]
 
 
 def _page_context(session, prompt_set: PromptSet, threshold: float) -> dict[str, Any]:
+    rows = _agreement_rows(session, prompt_set.id)
     return (
         {"prompt_set": prompt_set, "threshold": threshold, "reference": INSTRUCTGPT_AGREEMENT,
-         "progress": set_progress(session, prompt_set_id=prompt_set.id)}
-        | _agreement_rows(session, prompt_set.id)
+         "progress": set_progress(session, prompt_set_id=prompt_set.id),
+         "review_counts": review.review_counts(session, prompt_set_id=prompt_set.id)}
+        | rows
+        | _trust_context(session, prompt_set, figures=rows["agreement"].labelers)
         | _allowed_context(session, prompt_set)
         | _gold_context(session, prompt_set)
     )
@@ -124,6 +139,46 @@ def include_labeler(request: Request, session: SessionDep, admin: AdminUser, pro
                          threshold=threshold)
 
 
+# ---- labeler trust ----------------------------------------------------------------------
+
+@router.get("/quality/trust")
+def trust_fragment(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
+    """The trust section; the page reloads it after an exclusion changes the figures."""
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    return render(request, TRUST, _trust_context(session, prompt_set))
+
+
+@router.post("/quality/trust-rules")
+def trust_rules(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
+                form: Annotated[dict[str, str], Depends(_form_fields)]):
+    """Every rule of trust.TrustRules as a field (auto_quarantine a checkbox)."""
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    try:
+        trust.save_rules(session, prompt_set_id=prompt_set_id, values=form)
+    except Invalid as exc:
+        context = _trust_context(session, prompt_set, rules_values=form)
+        return _done(request, prompt_set_id, lambda: render_form_errors(request, exc, TRUST, context,
+                                                                         prefix="rules_"), error=exc.message)
+    return _done(request, prompt_set_id, lambda: render(request, TRUST, _trust_context(session, prompt_set,
+                                                                                         rules_saved=True)))
+
+
+@router.post("/quality/labelers/{user_id}/quarantine")
+def quarantine_labeler(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id, user_id: Id):
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    trust.quarantine(session, prompt_set_id=prompt_set_id, user_id=user_id, by=admin)
+    return _done(request, prompt_set_id, lambda: render(request, TRUST, _trust_context(session, prompt_set)))
+
+
+@router.post("/quality/labelers/{user_id}/release")
+def release_labeler(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id, user_id: Id):
+    """Lift the quarantine: the held-back annotations count again, so the figures reload."""
+    prompt_set = get_prompt_set(session, prompt_set_id)
+    trust.release(session, prompt_set_id=prompt_set_id, user_id=user_id, by=admin)
+    return _done(request, prompt_set_id,
+                 lambda: render(request, TRUST, _trust_context(session, prompt_set), headers=CHANGED))
+
+
 # ---- allowed labelers ---------------------------------------------------------------
 
 @router.post("/quality/allowed")
@@ -160,10 +215,6 @@ def _gold_changed(request: Request, session, prompt_set: PromptSet):
     # Gold tasks leave the agreement figures and score the labelers: the table reloads.
     return _done(request, prompt_set.id,
                  lambda: render(request, GOLD, _gold_context(session, prompt_set), headers=CHANGED))
-
-
-async def _form_fields(request: Request) -> dict[str, str]:
-    return {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
 
 
 @router.post("/quality/gold/{task_id}")

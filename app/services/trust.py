@@ -240,7 +240,7 @@ _TIMES = text("""
            count(*) FILTER (WHERE NOT a.excluded AND a.time_spent_s < :min_s) AS fast,
            count(*) FILTER (WHERE a.quarantined) AS quarantined
     FROM annotations a JOIN tasks t ON t.id = a.task_id
-    WHERE t.prompt_set_id = :set_id AND (:user_id IS NULL OR a.user_id = :user_id)
+    WHERE t.prompt_set_id = :set_id AND (CAST(:user_id AS integer) IS NULL OR a.user_id = CAST(:user_id AS integer))
     GROUP BY a.user_id
 """)
 _SET_MEDIAN = text("""
