@@ -215,3 +215,27 @@ def test_admin_reviews_and_corrects_through_the_pages(client, session, labeled):
     assert session.scalar(select(func.count(TaskReview.id))) == 1
     row = session.scalar(select(TaskReview))
     assert json.loads(json.dumps(row.ranking)) == {str(ids[0]): 2, str(ids[1]): 1, str(ids[2]): 3}
+
+
+def test_the_json_api_reviews_and_lists_the_queue(client, session, labeled):
+    ps = labeled["set"]
+    task, ids = labeled["split"]
+    api = signed_in(client, labeled["admin"])
+    queue = api.get(f"/api/v1/prompt-sets/{ps.id}/review-queue")
+    assert queue.status_code == 200 and queue.json()[0]["task_id"] == task.id
+    assert queue.json()[0]["disagreement"] == 1.0
+    url = f"/api/v1/prompt-sets/{ps.id}/tasks/{task.id}/reviews"
+    bad = api.post(url, json={"decision": "corrected", "ranking": {str(ids[0]): 1}, "use": "training"})
+    assert bad.status_code == 422 and f"rank_{ids[1]}" in bad.text
+    assert api.post(url, json={"decision": "accepted", "use": "gold"}).status_code == 422
+    assert api.post(url, json={"decision": "maybe"}).status_code == 422
+    made = api.post(url, json={"decision": "corrected", "ranking": {str(i): r for i, r in zip(ids, (2, 1, 3))},
+                               "use": "training", "note": "via the API"})
+    assert made.status_code == 201, made.text
+    assert made.json()["reviewer_id"] == labeled["admin"].id and made.json()["ranking"][str(ids[1])] == 1
+    reviewed = api.get(f"/api/v1/prompt-sets/{ps.id}/review-queue?show=reviewed").json()
+    assert [(r["task_id"], r["review"]["id"]) for r in reviewed] == [(task.id, made.json()["id"])]
+    other = make_prompt_set(session)
+    session.commit()
+    assert api.post(f"/api/v1/prompt-sets/{other.id}/tasks/{task.id}/reviews",
+                    json={"decision": "accepted"}).status_code == 404

@@ -130,7 +130,13 @@ ROUTES: dict[str, str] = {
     "POST /admin/prompt-sets/{prompt_set_id}/quality/trust-rules": "admin",
     "POST /admin/prompt-sets/{prompt_set_id}/quality/labelers/{user_id}/quarantine": "admin",
     "POST /admin/prompt-sets/{prompt_set_id}/quality/labelers/{user_id}/release": "admin",
-    # review and correction (app/routes/review.py)
+    # review and correction, labeler trust (app/routes/review.py, app/routes/api_review.py)
+    "GET /api/v1/prompt-sets/{prompt_set_id}/review-queue": "admin",
+    "POST /api/v1/prompt-sets/{prompt_set_id}/tasks/{task_id}/reviews": "admin",
+    "GET /api/v1/prompt-sets/{prompt_set_id}/trust": "admin",
+    "PUT /api/v1/prompt-sets/{prompt_set_id}/trust-rules": "admin",
+    "POST /api/v1/prompt-sets/{prompt_set_id}/labelers/{user_id}/quarantine": "admin",
+    "POST /api/v1/prompt-sets/{prompt_set_id}/labelers/{user_id}/release": "admin",
     "GET /admin/prompt-sets/{prompt_set_id}/review": "admin",
     "GET /admin/prompt-sets/{prompt_set_id}/review/{task_id}": "admin",
     "POST /admin/prompt-sets/{prompt_set_id}/review/{task_id}/accept": "admin",

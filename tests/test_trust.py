@@ -232,3 +232,28 @@ def test_quality_page_shows_trust_and_the_admin_quarantines_and_lifts(client, se
     assert client.post(f"{base}/labelers/{fast.id}/release").status_code == 403
     assert client.get(f"{base}/trust").status_code == 403
     assert select(Annotation).where(Annotation.quarantined) is not None
+
+
+def test_the_json_api_reads_trust_sets_rules_and_quarantines(client, session):
+    ps = make_prompt_set(session, k=3, overlap=1)
+    fast, admin = make_user(session, username="t-api"), make_user(session, role=Role.admin)
+    for _ in range(10):
+        task, ids = task_with_ids(session, ps)
+        annotate(session, task, ids, fast, [1, 2, 3], time_s=1.0)
+    session.commit()
+    client.headers["X-CSRF-Token"] = login(client, admin)
+    base = f"/api/v1/prompt-sets/{ps.id}"
+    body = client.get(f"{base}/trust").json()
+    assert body["rules"] == {**vars(trust.DEFAULT_RULES)}
+    row = body["labelers"][0]
+    assert row["flagged"] and row["reasons"][0]["rule"] == "max_fast_share" and row["fast_share"] == 1.0
+    assert client.put(f"{base}/trust-rules", json={"min_tasks": 0}).status_code == 422
+    assert client.put(f"{base}/trust-rules", json={"nonsense": 1}).status_code == 422
+    rules = client.put(f"{base}/trust-rules", json={"max_fast_share": 1, "auto_quarantine": True})
+    assert rules.status_code == 200 and rules.json()["auto_quarantine"] is True
+    assert not client.get(f"{base}/trust").json()["labelers"][0]["flagged"]
+    held = client.post(f"{base}/labelers/{fast.id}/quarantine")
+    assert held.status_code == 200 and held.json()["quarantined"]
+    released = client.post(f"{base}/labelers/{fast.id}/release")
+    assert released.status_code == 200 and released.json()["released_at"] is not None
+    assert client.post(f"{base}/labelers/{admin.id}/release").status_code == 404

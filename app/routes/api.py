@@ -12,6 +12,7 @@ from app.routes import (
     api_models,
     api_prompt_sets,
     api_quality,
+    api_review,
     api_training,
     api_users,
 )
@@ -19,6 +20,6 @@ from app.routes import (
 PREFIX = "/api/v1"
 
 router = APIRouter(prefix=PREFIX)
-for area in (api_users, api_prompt_sets, api_label, api_quality, api_jobs, api_training, api_models,
+for area in (api_users, api_prompt_sets, api_label, api_quality, api_review, api_jobs, api_training, api_models,
              api_demonstrations, api_docs):
     router.include_router(area.router)
