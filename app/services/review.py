@@ -67,6 +67,7 @@ _DISAGREEMENT = text("""
         JOIN ratings x ON x.annotation_id = a.id
         JOIN ratings y ON y.annotation_id = a.id AND x.response_id < y.response_id
         WHERE t.prompt_set_id = :set_id AND NOT a.excluded
+          AND (CAST(:task_id AS integer) IS NULL OR a.task_id = CAST(:task_id AS integer))
     )
     SELECT p.task_id,
            (count(*) FILTER (WHERE p.pref * q.pref < 0)
@@ -133,7 +134,8 @@ def review_queue(session: Session, *, prompt_set_id: int, show: str = "open", li
     if show not in QUEUE_VIEWS:
         raise Invalid(f"Unknown view '{show[:20]}'; choose one of {', '.join(QUEUE_VIEWS)}.",
                       errors={"show": f"choose one of {', '.join(QUEUE_VIEWS)}"})
-    disagreement = {row.task_id: row for row in session.execute(_DISAGREEMENT, {"set_id": prompt_set_id})}
+    disagreement = {row.task_id: row for row in session.execute(_DISAGREEMENT, {"set_id": prompt_set_id,
+                                                                               "task_id": None})}
     current = current_reviews().subquery()
     labels = (select(func.count(Annotation.id)).where(Annotation.task_id == Task.id, Annotation.excluded.is_(False))
               .correlate(Task).scalar_subquery())
@@ -247,7 +249,7 @@ def task_for_review(session: Session, *, prompt_set_id: int, task_id: int) -> Ta
                       flags={r.response_id: list(r.flags or []) for r in a.ratings})
         for a, name in annotations
     ]
-    row = next((r for r in session.execute(_DISAGREEMENT, {"set_id": prompt_set_id}) if r.task_id == task.id), None)
+    row = session.execute(_DISAGREEMENT, {"set_id": prompt_set_id, "task_id": task.id}).first()
     reviews = list(session.scalars(
         select(TaskReview).where(TaskReview.task_id == task.id).order_by(TaskReview.id.desc())
         .options(selectinload(TaskReview.reviewer))

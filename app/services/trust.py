@@ -334,22 +334,28 @@ def check_labeler(session: Session, *, prompt_set_id: int, user_id: int) -> Trus
     prompt_set = session.get(PromptSet, prompt_set_id)
     if (row is not None and row.flagged and not row.quarantined and row.released_at is None
             and rules_of(prompt_set).auto_quarantine):
-        _quarantine(session, prompt_set_id=prompt_set_id, user_id=user_id, by_id=None,
-                    reasons=[asdict(r) for r in row.reasons])
-        row.quarantined = True
+        row.quarantined = _quarantine(session, prompt_set_id=prompt_set_id, user_id=user_id, by_id=None,
+                                      reasons=[asdict(r) for r in row.reasons])
     session.commit()
     return row
 
 
 def _quarantine(session: Session, *, prompt_set_id: int, user_id: int, by_id: int | None,
-                reasons: list[dict[str, Any]]) -> None:
+                reasons: list[dict[str, Any]]) -> bool:
+    """Quarantine (by an admin, or by the rules when by_id is None); True when it took.
+    The rules' quarantine is decided in the statement itself: it never overrides an
+    admin who lifted a quarantine (or quarantined by hand) since the figures were read."""
     now = utcnow()
     values = {"quarantined": True, "quarantined_at": now, "quarantined_by_id": by_id,
               "quarantine_reasons": reasons, "released_at": None, "released_by_id": None}
-    session.execute(
+    only_if = None if by_id is not None else (
+        LabelerTrust.released_at.is_(None) & LabelerTrust.quarantined.is_(False))
+    taken = session.execute(
         insert(LabelerTrust).values(prompt_set_id=prompt_set_id, user_id=user_id, submitted=0, **values)
-        .on_conflict_do_update(index_elements=["prompt_set_id", "user_id"], set_=values)
-    )
+        .on_conflict_do_update(index_elements=["prompt_set_id", "user_id"], set_=values, where=only_if)
+        .returning(LabelerTrust.user_id)
+    ).first()
+    return taken is not None
 
 
 def _labeler_of(session: Session, prompt_set_id: int, user_id: int) -> User:
