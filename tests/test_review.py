@@ -59,7 +59,8 @@ def test_queue_orders_labeled_tasks_by_disagreement(session, labeled):
 
     review.accept_task(session, prompt_set_id=labeled["set"].id, task_id=labeled["split"][0].id,
                        reviewer=labeled["admin"])
-    assert labeled["split"][0].id not in [i.task_id for i in review.review_queue(session, prompt_set_id=labeled["set"].id)]
+    open_ids = [i.task_id for i in review.review_queue(session, prompt_set_id=labeled["set"].id)]
+    assert labeled["split"][0].id not in open_ids
     reviewed = review.review_queue(session, prompt_set_id=labeled["set"].id, show="reviewed")
     assert [(i.task_id, i.status) for i in reviewed] == [(labeled["split"][0].id, "accepted")]
     assert review.review_counts(session, prompt_set_id=labeled["set"].id).accepted == 1

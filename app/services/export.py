@@ -49,7 +49,9 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Integer, Select, String, and_, case, cast, false, func, literal, null, or_, select, true, union_all
+from sqlalchemy import (
+    Integer, Select, String, and_, case, cast, false, func, literal, null, or_, select, true, union_all,
+)
 from sqlalchemy.orm import Session, aliased
 
 from app.db.base import utcnow
