@@ -50,7 +50,7 @@ from app.db.models import (
     Vote,
 )
 from app.services.agreement import compute_set_agreement
-from app.services.errors import NotFound
+from app.services.errors import Conflict, Invalid, NotFound
 from app.services.export import included_annotations_query
 from app.services.validation import small_int
 from trainer.learning_curve import wilson_interval
@@ -171,6 +171,65 @@ def list_evaluations(session: Session) -> list[PromptSet]:
         select(PromptSet).where(PromptSet.kind == PromptSetKind.evaluation)
         .order_by(PromptSet.created_at.desc(), PromptSet.id.desc())
     ))
+
+
+def count_validation_prompts(session: Session, source_set_ids: Sequence[int]) -> int:
+    if not source_set_ids:
+        return 0
+    return session.scalar(select(func.count()).where(
+        Prompt.prompt_set_id.in_(list(source_set_ids)), Prompt.split == Split.validation)) or 0
+
+
+def create_evaluation(session: Session, *, name: Any, model_ids: Any, source_set_ids: Any = None,
+                      prompts: str | None = None, prompts_format: str | None = None, instructions: Any = "",
+                      created_by_id: int | None = None, **settings: Any) -> PromptSet:
+    """Create an evaluation set, take its prompts (pasted or uploaded text through the
+    prompt import, and/or the validation prompts of ranking sets) and start it, which
+    queues the generation of every model's responses. All or nothing: a refusal
+    leaves no set behind. `settings`: temperature, top_p, max_new_tokens, seed,
+    overlap. Raises Invalid per field (name, model_ids, source_set_ids, prompts, ...),
+    Conflict for a taken name."""
+    from app.services import prompt_import, prompt_sets
+
+    errors: dict[str, str] = {}
+    sources = clean_sources(errors, session, source_set_ids)
+    text = prompts if isinstance(prompts, str) else ""
+    if text.strip():
+        try:
+            prompt_import.parse_prompts(text, format=None if prompts_format in (None, "", "auto") else prompts_format)
+        except Invalid as exc:
+            errors["prompts"] = exc.message.removeprefix("Nothing was imported: ")
+    elif not sources:
+        errors["prompts"] = "paste prompts, or choose ranking sets whose validation prompts to use"
+    if sources and not text.strip() and not count_validation_prompts(session, sources):
+        errors["source_set_ids"] = "these ranking sets have no validation prompts yet"
+    unknown = set(settings) - {"temperature", "top_p", "max_new_tokens", "seed", "overlap"}
+    if unknown:
+        errors |= {u: "unknown setting" for u in sorted(unknown)}
+    try:
+        prompt_set = prompt_sets.create_prompt_set(
+            session, name=name, instructions=instructions, kind=PromptSetKind.evaluation, model_ids=model_ids,
+            source_set_ids=sources, created_by_id=created_by_id,
+            **{k: v for k, v in settings.items() if k not in unknown})
+    except Invalid as exc:
+        errors = dict(exc.errors) | errors if isinstance(exc.errors, dict) else errors
+        raise Invalid(f"Please correct the highlighted fields: {', '.join(errors)}.", errors=errors) from None
+    if errors:
+        session.delete(prompt_set)
+        session.commit()
+        raise Invalid(f"Please correct the highlighted fields: {', '.join(errors)}.", errors=errors)
+    try:
+        if text.strip():
+            prompt_import.import_prompts(session, prompt_set=prompt_set, data=text,
+                                         format=None if prompts_format in (None, "", "auto") else prompts_format,
+                                         user_id=created_by_id)
+        prompt_sets.start_prompt_set(session, prompt_set=prompt_set, user_id=created_by_id)
+    except (Invalid, Conflict) as exc:
+        session.rollback()
+        session.delete(session.get(PromptSet, prompt_set.id))
+        session.commit()
+        raise Invalid(exc.message, errors={"prompts": exc.message}) from None
+    return prompt_set
 
 
 # ---- scheduling (pure) -----------------------------------------------------------
