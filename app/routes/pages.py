@@ -7,6 +7,7 @@ from app.routes import (
     auth,
     demonstrations,
     demonstrations_admin,
+    evaluations,
     health,
     home,
     jobs,
@@ -20,4 +21,4 @@ from app.routes import (
 routers = [module.router for module in (
     health, auth, home, admin_users, account, prompt_sets, label, quality, jobs, demonstrations,
     demonstrations_admin,
-)] + [training.sft_router, training.router, models.router]
+)] + [training.sft_router, training.router, models.router, evaluations.router]
