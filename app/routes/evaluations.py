@@ -50,7 +50,9 @@ def list_page(request: Request, session: SessionDep, user: EngineerUser):
 
 @router.get("/new")
 def new_page(request: Request, session: SessionDep, user: EngineerUser):
-    return render(request, "pages/evaluations_new.html", _new_context(session, form=_default_form()))
+    # ?model_ids=..&model_ids=.. ticks models (the model page's "evaluate against its parent" link).
+    form = _default_form() | {"model_ids": [v for v in request.query_params.getlist("model_ids") if v.isdigit()]}
+    return render(request, "pages/evaluations_new.html", _new_context(session, form=form))
 
 
 @router.post("")
