@@ -270,3 +270,44 @@ def test_votes_export_loads_with_datasets(session, tmp_path):
     assert len(data) == 4 and set(data["outcome"]) == {"a", "b", "tie", "both_bad"}
     assert set(data["model_a"]) | set(data["model_b"]) == {"m-one", "m-two"}
     assert set(data["winner"]) <= {"m-one", "m-two", ""}
+
+
+# ---- generation --------------------------------------------------------------------
+
+def test_generate_samples_one_response_per_prompt_and_model_with_the_same_seed(committed, tiny_model_dir):
+    from app.db.enums import JobStatus
+    from app.db.models import Prompt, Response, Task
+    from app.db.session import new_session
+    from tests.factories import add_prompt
+    from tests.test_generate import run_generate
+    from tests.workers import load_job
+
+    with new_session() as session:
+        # The same weights under two registry names: the same seed must give the same text.
+        one = make_model(session, tiny_model_dir, name="tiny-a")
+        two = make_model(session, tiny_model_dir, name="tiny-b", kind=ModelKind.policy)
+        three = make_model(session, tiny_model_dir, name="tiny-c", kind=ModelKind.policy)
+        prompt_set = make_evaluation(session, [one, two, three], prompts=0, max_new_tokens=8, seed=5)
+        for i in range(7):
+            add_prompt(session, prompt_set, f"Tell me about topic {i}.", split=Split.validation)
+        session.commit()
+        set_id = prompt_set.id
+    job = load_job(run_generate(set_id, batch_size=4))
+    assert job.status == JobStatus.succeeded, job.traceback
+    assert job.result["responses"] == 21 and job.result["tasks"] == 7
+    with new_session() as session:
+        responses = session.scalars(select(Response).join(Prompt).where(Prompt.prompt_set_id == set_id)).all()
+        by_prompt: dict[int, dict[int, Response]] = {}
+        for r in responses:
+            by_prompt.setdefault(r.prompt_id, {})[r.sample_index] = r
+        for per_model in by_prompt.values():
+            assert sorted(per_model) == [0, 1, 2]
+            assert {r.model_id for r in per_model.values()} == {one.id, two.id, three.id}
+            assert len({r.seed for r in per_model.values()}) == 1
+            assert len({r.text for r in per_model.values()}) == 1
+        tasks = session.scalars(select(Task).where(Task.prompt_set_id == set_id).order_by(Task.prompt_id)).all()
+        shown = [tuple(item.response.sample_index for item in t.items) for t in tasks]
+        assert shown == [evaluation.pair_for(r, 3, 5) for r in range(7)]
+    # Nothing left to do: a second run adds nothing.
+    again = load_job(run_generate(set_id))
+    assert again.status == JobStatus.succeeded and again.result["responses"] == 0

@@ -29,7 +29,8 @@ def make_evaluation(session: Session, models: Sequence[Model], *, prompts: int =
         session.add(prompt)
         session.flush()
         responses = [Response(prompt_id=prompt.id, model_id=m.id, round=prompt_set.round, sample_index=pos,
-                              text=f"answer {rank}" + " more" * pos, num_tokens=2 + pos, seed=rank)
+                              text=f"answer {rank}" + " more" * pos, num_tokens=2 + pos, seed=rank,
+                              sampling={"model": m.name})  # as the generate job stores it
                      for pos, m in enumerate(models)]
         session.add_all(responses)
         session.flush()
