@@ -7,7 +7,7 @@ import re
 import pytest
 
 from app.db.enums import ModelKind, Role
-from app.services import annotations, assignment, leaderboard
+from app.services import annotations, assignment, evaluation, leaderboard
 from tests.factories import make_evaluation, make_model, make_user
 
 LEASE_S = 600
@@ -126,3 +126,15 @@ def test_no_votes_gives_an_empty_leaderboard(client_as, session):
     client = client_as(Role.engineer)
     assert client.get("/api/v1/leaderboard").json()["ratings"] == []
     assert "No votes yet" in client.get("/leaderboard").text
+
+
+def test_evaluation_results_page_shows_its_models_on_the_leaderboard(client_as, session, evaluated):
+    sft, good, weak, unrated = evaluated
+    two_models = next(s for s in evaluation.list_evaluations(session)
+                      if len(evaluation.set_models(session, s.id)) == 2)
+    html = client_as(Role.engineer).get(f"/evaluations/{two_models.id}").text
+    card = html[html.index('id="set-leaderboard"'):html.index('id="per-labeler"')]
+    card = card[card.index("<tbody>"):]
+    board = leaderboard.model_board(session)
+    assert card.index("lb-good-policy") < card.index("lb-sft") and "lb-weak-policy" not in card
+    assert f"<strong>{board.entry(good.id).rating.rating:.0f}</strong>" in card

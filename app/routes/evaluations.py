@@ -10,7 +10,7 @@ from app.db.enums import PromptSetKind
 from app.routes.deps import EngineerUser, SessionDep
 from app.routes.exports import stream
 from app.schemas.common import Id
-from app.services import evaluation, export, prompt_sets
+from app.services import evaluation, export, leaderboard, prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.web import flash, redirect, render, render_form_errors
 
@@ -79,6 +79,7 @@ def results_page(request: Request, session: SessionDep, user: EngineerUser, prom
     return render(request, "pages/evaluations_detail.html", {
         "res": res, "counts": prompt_sets.counts(session, res.prompt_set),
         "job": prompt_sets.latest_generation_job(session, res.prompt_set),
+        "board": leaderboard.model_board(session),
     })
 
 
