@@ -45,6 +45,8 @@ ROUTES: dict[str, str] = {
     "POST /api/v1/evaluations": "engineer",
     "GET /api/v1/evaluations/{prompt_set_id}": "engineer",
     "GET /api/v1/evaluations/{prompt_set_id}/votes": "engineer",
+    "GET /leaderboard": "engineer",
+    "GET /api/v1/leaderboard": "engineer",
     "GET /training/reward": "engineer",
     "POST /training/reward": "engineer",
     "GET /training/ppo": "engineer",

@@ -8,6 +8,7 @@ from app.routes import (
     api_demonstrations,
     api_docs,
     api_evaluations,
+    api_leaderboard,
     api_jobs,
     api_label,
     api_models,
@@ -21,5 +22,5 @@ PREFIX = "/api/v1"
 
 router = APIRouter(prefix=PREFIX)
 for area in (api_users, api_prompt_sets, api_label, api_quality, api_jobs, api_training, api_models,
-             api_demonstrations, api_evaluations, api_docs):
+             api_demonstrations, api_evaluations, api_leaderboard, api_docs):
     router.include_router(area.router)

@@ -10,7 +10,7 @@ from app.db.enums import PromptSetKind
 from app.routes.deps import EngineerUser, SessionDep
 from app.routes.exports import stream
 from app.schemas.common import Id
-from app.services import evaluation, export, prompt_sets
+from app.services import evaluation, export, leaderboard, prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.web import flash, redirect, render, render_form_errors
 
@@ -50,7 +50,9 @@ def list_page(request: Request, session: SessionDep, user: EngineerUser):
 
 @router.get("/new")
 def new_page(request: Request, session: SessionDep, user: EngineerUser):
-    return render(request, "pages/evaluations_new.html", _new_context(session, form=_default_form()))
+    # ?model_ids=..&model_ids=.. ticks models (the model page's "evaluate against its parent" link).
+    form = _default_form() | {"model_ids": [v for v in request.query_params.getlist("model_ids") if v.isdigit()]}
+    return render(request, "pages/evaluations_new.html", _new_context(session, form=form))
 
 
 @router.post("")
@@ -77,6 +79,7 @@ def results_page(request: Request, session: SessionDep, user: EngineerUser, prom
     return render(request, "pages/evaluations_detail.html", {
         "res": res, "counts": prompt_sets.counts(session, res.prompt_set),
         "job": prompt_sets.latest_generation_job(session, res.prompt_set),
+        "board": leaderboard.model_board(session),
     })
 
 

@@ -12,6 +12,7 @@ from app.routes import (
     home,
     jobs,
     label,
+    leaderboard,
     models,
     prompt_sets,
     quality,
@@ -21,4 +22,4 @@ from app.routes import (
 routers = [module.router for module in (
     health, auth, home, admin_users, account, prompt_sets, label, quality, jobs, demonstrations,
     demonstrations_admin,
-)] + [training.sft_router, training.router, models.router, evaluations.router]
+)] + [training.sft_router, training.router, models.router, evaluations.router, leaderboard.router]

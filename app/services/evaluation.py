@@ -21,7 +21,7 @@ app/services/assignment.py, annotations.py, gold.py, agreement.py, labelers.py);
 a vote is stored as votes + ratings (ranks) + comparisons (see annotations.py).
 
 Results: per pair of models, wins, losses, ties (a tie or both bad, counted
-half) and the win rate with a 95% Wilson interval (trainer/learning_curve.py);
+half) and the win rate with a 95% Wilson interval (app/services/ratings.py);
 the same per labeler; the labelers' agreement on shared tasks; mean response
 length per model. Only the data that counts (export.included_annotations_query:
 not excluded, not gold) enters them.
@@ -52,8 +52,8 @@ from app.db.models import (
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Conflict, Invalid, NotFound
 from app.services.export import included_annotations_query
+from app.services.ratings import WinRate, win_rate
 from app.services.validation import small_int
-from trainer.learning_curve import wilson_interval
 
 # Causal LMs of the registry: what can answer a prompt.
 EVALUABLE_KINDS = (ModelKind.sft, ModelKind.policy)
@@ -274,16 +274,18 @@ class PairResult:
         return self.wins + self.losses + self.ties + self.both_bad
 
     @property
+    def record(self) -> WinRate:
+        """X's win rate, ties and both-bad counting half, with its 95% Wilson interval."""
+        return win_rate(self.wins, self.losses, self.ties + self.both_bad)
+
+    @property
     def win_rate(self) -> float | None:
-        """X's win rate, ties and both-bad counting half."""
-        return (self.wins + 0.5 * (self.ties + self.both_bad)) / self.votes if self.votes else None
+        return self.record.rate
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        """95% Wilson interval of the win rate."""
-        if not self.votes:
-            return None
-        return wilson_interval(self.wins + 0.5 * (self.ties + self.both_bad), self.votes)
+        """95% Wilson interval of the win rate; None without votes."""
+        return (self.record.low, self.record.high) if self.votes else None
 
     def as_dict(self, names: dict[int, str]) -> dict[str, Any]:
         low_high = self.interval
