@@ -1,5 +1,6 @@
 """In Chromium: an engineer evaluates a trained policy against the default SFT model,
-two labelers vote blind with the keyboard, and the results page shows the win rate."""
+two labelers vote blind with the keyboard, and the results page shows the win rate
+and the leaderboard."""
 
 import pytest
 from sqlalchemy import select
@@ -97,4 +98,11 @@ def test_engineer_evaluates_a_policy_against_sft_and_labelers_vote_blind(live_se
     assert win_rate.endswith("%")
     assert "–" in row.locator(".interval").inner_text()
     assert page.locator("#per-labeler h3").count() == 2
+    # Both models are on the leaderboard, the default SFT model anchored at 1000.
+    board = page.locator("#set-leaderboard")
+    assert board.locator("tbody tr").count() == 2
+    assert "1000" in board.locator(f'tr[data-model-id="{sft_id}"]').inner_text()
     screenshot(page, "evaluation_results")
+    page.goto(f"{live_server}/leaderboard")
+    assert page.locator("#leaderboard tbody tr").count() == 2
+    screenshot(page, "evaluation_leaderboard")
