@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import select
 
-from app.db.enums import ModelKind, PromptSetKind, Role, Split, VoteOutcome
+from app.db.enums import ModelKind, PromptSetKind, Split, VoteOutcome
 from app.db.models import Comparison, Rating, Vote
 from app.services import annotations, assignment, evaluation, export, prompt_sets
 from app.services.errors import Invalid
