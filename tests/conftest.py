@@ -253,6 +253,7 @@ README_IMAGES = {
     "ppo_job_curves": ("training-curves.jpg", "#job-charts"),
     "policy_side_by_side": ("model-samples.jpg", "#samples"),
     "review_task": ("review.jpg", None),
+    "evaluation_results": ("evaluation.jpg", None),
 }
 
 

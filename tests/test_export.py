@@ -254,7 +254,7 @@ def test_unknown_kind_format_or_set(session, labeled):
     f = export.parse_filters(prompt_set_ids=ps.id)
     with pytest.raises(Invalid, match="choose plain or conversational"):
         export.plan_export(session, kind="comparisons", fmt="csv", filters=f)
-    with pytest.raises(Invalid, match="comparisons or annotations"):
+    with pytest.raises(Invalid, match="comparisons, annotations or votes"):
         export.plan_export(session, kind="ratings", fmt="csv", filters=f)
     with pytest.raises(NotFound):
         export.plan_export(session, kind="annotations", fmt="csv", filters=export.parse_filters(prompt_set_ids=999_999))

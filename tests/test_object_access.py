@@ -102,6 +102,11 @@ OBJECT_RULES: dict[str, tuple[str, ...]] = {
     "GET /api/v1/jobs/{job_id}/metrics": SHARED,
     "POST /api/v1/jobs/{job_id}/cancel": SHARED,
     "POST /api/v1/jobs/{job_id}/retry": SHARED,
+    # evaluations (engineers; results name the models, so labelers are refused outright)
+    "GET /evaluations/{prompt_set_id}": SHARED,
+    "GET /evaluations/{prompt_set_id}/votes.jsonl": SHARED,
+    "GET /api/v1/evaluations/{prompt_set_id}": SHARED,
+    "GET /api/v1/evaluations/{prompt_set_id}/votes": SHARED,
     # accounts (admins)
     "PATCH /api/v1/users/{user_id}": SHARED,
     "POST /admin/users/{user_id}/active": SHARED,

@@ -323,6 +323,119 @@ def _create_task(session: Session, prompt: Prompt, prompt_set: PromptSet, prompt
     return True
 
 
+# ---- evaluation sets: one response per (prompt, model) ------------------------------
+
+def _create_pair_task(session: Session, prompt_set: PromptSet, prompt_id: int, rank: int,
+                      n_models: int) -> bool:
+    """The prompt's task comparing the pair of models scheduled for it, with the
+    scheduled sides (app/services/evaluation.pair_for), once both responses exist."""
+    from app.services.evaluation import pair_for
+
+    a, b = pair_for(rank, n_models, prompt_set.seed)
+    by_index = dict(session.execute(
+        select(Response.sample_index, Response.id)
+        .where(Response.prompt_id == prompt_id, Response.round == prompt_set.round,
+               Response.sample_index.in_([a, b]))
+    ).all())
+    if a not in by_index or b not in by_index:
+        return False
+    task_id = session.scalar(
+        insert(Task).values(prompt_set_id=prompt_set.id, prompt_id=prompt_id, round=prompt_set.round, k=2)
+        .on_conflict_do_nothing(index_elements=["prompt_id", "round"]).returning(Task.id)
+    )
+    if task_id is None:
+        return False
+    session.execute(insert(TaskResponse).values([
+        {"task_id": task_id, "response_id": by_index[a], "position": 0},
+        {"task_id": task_id, "response_id": by_index[b], "position": 1},
+    ]))
+    return True
+
+
+def generate_evaluation(ctx: JobContext, prompt_set_id: int) -> dict[str, Any]:
+    """An evaluation set: each model in turn samples one response for every prompt
+    that lacks one (sample_index = the model's position), with the set's sampling
+    settings and the same seed per prompt for every model; a prompt's task is created
+    once both models of its scheduled pair have answered."""
+    from app.services.evaluation import set_models
+
+    with ctx.new_session() as session:
+        prompt_set = session.get(PromptSet, prompt_set_id)
+        _stop_if_not_generating(prompt_set)
+        models = [(m.id, m.name, m.path) for m in set_models(session, prompt_set_id)]
+        if len(models) < 2:
+            raise JobFailed(f"The evaluation '{prompt_set.name}' names fewer than two models.")
+        round_, set_seed = prompt_set.round, prompt_set.seed
+        settings = SamplingSettings(prompt_set.temperature, prompt_set.top_p, prompt_set.max_new_tokens)
+        # A prompt's place in id order picks its pair: every prompt of the set counts.
+        ranks = {pid: r for r, pid in enumerate(session.scalars(
+            select(Prompt.id).where(Prompt.prompt_set_id == prompt_set_id).order_by(Prompt.id)))}
+        have = set(session.execute(
+            select(Response.prompt_id, Response.sample_index).join(Prompt, Prompt.id == Response.prompt_id)
+            .where(Prompt.prompt_set_id == prompt_set_id, Response.round == round_)
+        ).all())
+        session.rollback()
+    todo = {pos: [pid for pid in ranks if (pid, pos) not in have] for pos in range(len(models))}
+    total = sum(len(v) for v in todo.values())
+    ctx.progress(0, total)
+    engine = str(ctx.params.get("engine", "auto"))
+    batch_size = int(ctx.params.get("batch_size") or (256 if ctx.device.type == "cuda" else 32))
+    done = n_responses = n_tasks = n_tokens = step = 0
+    started = time.perf_counter()
+    for pos, (model_id, model_name, model_path) in enumerate(models):
+        if not todo[pos]:
+            continue
+        ctx.check_cancelled(force=True)
+        path = resolve_model_path(model_path, ctx.settings.artifacts_path)
+        log.info("evaluation %s: %d responses of %s (%s) on %s", prompt_set_id, len(todo[pos]), model_name,
+                 path, ctx.device)
+        sampler = load_sampler(path, ctx.device, ctx.dtype, engine)
+        sampling = {**settings.as_dict(), "model": model_name, "engine": sampler.engine}
+        for start in range(0, len(todo[pos]), batch_size):
+            ctx.check_cancelled()
+            chunk = todo[pos][start:start + batch_size]
+            with ctx.new_session() as session:
+                prompt_set = session.get(PromptSet, prompt_set_id)
+                _stop_if_not_generating(prompt_set)
+                prompts = session.scalars(select(Prompt).where(Prompt.id.in_(chunk)).order_by(Prompt.id)).all()
+                session.rollback()  # no transaction held open while the model runs
+                # Index 0 for every model: the same seed per prompt across models.
+                items = [(p.messages, derive_seed(set_seed, p.id), [0], []) for p in prompts]
+                t0 = time.perf_counter()
+                sampled, _, _ = sample_batch(sampler, items, settings)
+                batch_s = time.perf_counter() - t0
+                rows = [{"prompt_id": p.id, "model_id": model_id, "job_id": ctx.job_id, "round": round_,
+                         "sample_index": pos, "text": got[0].text, "num_tokens": got[0].num_tokens,
+                         "finish_reason": got[0].finish_reason, "seed": got[0].seed, "sampling": sampling}
+                        for p, got in zip(prompts, sampled, strict=True)]
+                n_responses += len(session.scalars(
+                    insert(Response).values(rows)
+                    .on_conflict_do_nothing(index_elements=["prompt_id", "round", "sample_index"])
+                    .returning(Response.id)
+                ).all())
+                batch_tokens = sum(r["num_tokens"] for r in rows)
+                n_tokens += batch_tokens
+                for p in prompts:
+                    n_tasks += _create_pair_task(session, prompt_set, p.id, ranks[p.id], len(models))
+                done += len(chunk)
+                ctx.progress(done, total, session=session)
+                ctx.metrics(step, {"responses_per_s": len(rows) / batch_s if batch_s else 0.0,
+                                   "tokens_per_s": batch_tokens / batch_s if batch_s else 0.0}, session=session)
+                step += 1
+                session.commit()
+        del sampler
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    with ctx.new_session() as session:
+        # Prompts whose responses all existed before this run (a resumed job) get their task too.
+        prompt_set = session.get(PromptSet, prompt_set_id)
+        for pid in _prompts_without_task(session, prompt_set):
+            n_tasks += _create_pair_task(session, prompt_set, pid, ranks[pid], len(models))
+        session.commit()
+    return {"prompts": len(ranks), "responses": n_responses, "tasks": n_tasks, "tokens": n_tokens,
+            "models": [name for _, name, _ in models], "seconds": round(time.perf_counter() - started, 2)}
+
+
 @handler(JobKind.generate)
 def generate_job(ctx: JobContext) -> dict[str, Any]:
     """Sample K responses for every prompt of the set's current round that has no
@@ -335,8 +448,11 @@ def generate_job(ctx: JobContext) -> dict[str, Any]:
         prompt_set = session.get(PromptSet, prompt_set_id)
         if prompt_set is None:
             raise JobFailed(f"No prompt set with id {prompt_set_id}.")
-        if prompt_set.kind != PromptSetKind.ranking:
+        if prompt_set.kind == PromptSetKind.demonstration:
             raise JobFailed(f"The prompt set '{prompt_set.name}' collects demonstrations; it needs no generated responses.")
+        if prompt_set.kind == PromptSetKind.evaluation:
+            session.rollback()
+            return generate_evaluation(ctx, prompt_set_id)
         _stop_if_not_generating(prompt_set)
         model = generator_model(session, prompt_set)
         model_id, model_name, model_path = model.id, model.name, model.path

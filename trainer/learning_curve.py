@@ -20,8 +20,9 @@ RISING = 0.02  # accuracy gained on the last doubling of the data that still cou
 MIN_POINTS = 3
 
 
-def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion correct/total: (low, high), (0, 1) without data."""
+def wilson_interval(correct: float, total: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion correct/total: (low, high), (0, 1) without data.
+    correct may be fractional (a win rate counts a tie as half a win)."""
     if total <= 0:
         return 0.0, 1.0
     p = correct / total

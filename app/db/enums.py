@@ -12,6 +12,8 @@ class Role(StrEnum):
 class PromptSetKind(StrEnum):
     ranking = "ranking"
     demonstration = "demonstration"
+    # Blind A/B comparisons of two or more models' responses (app/services/evaluation.py).
+    evaluation = "evaluation"
 
 
 class PromptSetStatus(StrEnum):
@@ -76,3 +78,20 @@ class ReviewDecision(StrEnum):
 class CorrectionUse(StrEnum):
     training = "training"  # the correction replaces the task's annotations in training data and exports
     gold = "gold"  # the task becomes a gold task with the correction as its expected answer
+
+
+class VoteOutcome(StrEnum):
+    """A labeler's verdict on a pair of responses shown as A and B."""
+
+    a = "a"
+    b = "b"
+    tie = "tie"
+    both_bad = "both_bad"
+
+
+class VoteStrength(StrEnum):
+    """How much better the winner is (optional)."""
+
+    slightly = "slightly"
+    clearly = "clearly"
+    much = "much"

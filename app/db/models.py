@@ -29,6 +29,8 @@ from app.db.enums import (
     ReviewDecision,
     Role,
     Split,
+    VoteOutcome,
+    VoteStrength,
 )
 
 
@@ -191,6 +193,9 @@ class PromptSet(Base):
     gold_rate: Mapped[float] = mapped_column(default=0.0)
     # Labeler trust rules that differ from the defaults (app/services/trust.TrustRules).
     trust_rules: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=sql("'{}'"))
+    # Labeled on the A/B page (one vote per pair) instead of ratings and ranks: every
+    # evaluation set, and ranking sets with K = 2 that choose it.
+    pairwise: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
     status: Mapped[PromptSetStatus] = mapped_column(
         str_enum(PromptSetStatus, "prompt_set_status"), default=PromptSetStatus.draft
     )
@@ -212,6 +217,28 @@ class PromptSet(Base):
             name="split_ratios",
         ),
         CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name="gold_rate_range"),
+        CheckConstraint("NOT pairwise OR k = 2", name="pairwise_k"),
+        CheckConstraint("kind <> 'evaluation' OR pairwise", name="evaluation_pairwise"),
+    )
+
+
+class PromptSetModel(Base):
+    """The models an evaluation set compares, in the order chosen (position 0, 1, ...).
+    A model's response to a prompt is stored with sample_index = its position."""
+
+    __tablename__ = "prompt_set_models"
+
+    prompt_set_id: Mapped[int] = mapped_column(
+        ForeignKey("prompt_sets.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), primary_key=True)
+    position: Mapped[int]
+
+    model: Mapped[Model] = relationship()
+
+    __table_args__ = (
+        UniqueConstraint("prompt_set_id", "position"),
+        CheckConstraint("position BETWEEN 0 AND 8", name="position_range"),
     )
 
 
@@ -383,6 +410,7 @@ class Annotation(Base):
     comparisons: Mapped[list["Comparison"]] = relationship(
         back_populates="annotation", cascade="all, delete-orphan"
     )
+    vote: Mapped["Vote | None"] = relationship(back_populates="annotation", cascade="all, delete-orphan")
 
     __table_args__ = (
         UniqueConstraint("task_id", "user_id"),
@@ -401,7 +429,8 @@ class Rating(Base):
     annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"))
     task_id: Mapped[int]
     response_id: Mapped[int]
-    likert: Mapped[int]
+    # None for a pairwise vote (app/services/votes.py), which ranks but does not rate.
+    likert: Mapped[int | None]
     rank: Mapped[int]
     flags: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
 
@@ -499,6 +528,29 @@ class LabelerTrust(Base):
     __table_args__ = (
         CheckConstraint("submitted >= 0", name="submitted_nonneg"),
         CheckConstraint("NOT quarantined OR quarantined_at IS NOT NULL", name="quarantine_has_time"),
+    )
+
+
+class Vote(Base):
+    """A pairwise annotation's verdict as the labeler gave it: A better, B better, tie or
+    both bad, with an optional strength. A and B are the task's positions 0 and 1.
+    Its ratings rows carry the ranks (1/2, or 1/1 for tie and both bad) that agreement,
+    gold and reward training read, and its comparison row the winner and loser."""
+
+    __tablename__ = "votes"
+
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"), primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"))
+    response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"))
+    outcome: Mapped[VoteOutcome] = mapped_column(str_enum(VoteOutcome, "vote_outcome"))
+    strength: Mapped[VoteStrength | None] = mapped_column(str_enum(VoteStrength, "vote_strength"))
+
+    annotation: Mapped[Annotation] = relationship(back_populates="vote")
+
+    __table_args__ = (
+        CheckConstraint("response_a_id <> response_b_id", name="distinct_pair"),
+        CheckConstraint("strength IS NULL OR outcome IN ('a', 'b')", name="strength_needs_winner"),
     )
 
 

@@ -7,6 +7,8 @@ from fastapi import APIRouter
 from app.routes import (
     api_demonstrations,
     api_docs,
+    api_evaluations,
+    api_leaderboard,
     api_jobs,
     api_label,
     api_models,
@@ -21,5 +23,5 @@ PREFIX = "/api/v1"
 
 router = APIRouter(prefix=PREFIX)
 for area in (api_users, api_prompt_sets, api_label, api_quality, api_review, api_jobs, api_training, api_models,
-             api_demonstrations, api_docs):
+             api_demonstrations, api_evaluations, api_leaderboard, api_docs):
     router.include_router(area.router)

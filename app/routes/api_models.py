@@ -1,6 +1,8 @@
 """JSON API of the model registry: models with their lineage, samples side by side,
 and promoting a model to generate a prompt set's next round."""
 
+from typing import Literal
+
 from fastapi import APIRouter
 
 from app.db.enums import ModelKind
@@ -9,15 +11,19 @@ from app.schemas.common import Id
 from app.schemas.jobs import job_out
 from app.schemas.models import (ModelDetailOut, ModelOut, PromoteIn, PromoteOut, SamplePairOut, model_detail_out,
                                 sample_pair_out)
-from app.services import models
+from app.services import leaderboard, models
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 
 @router.get("", response_model=list[ModelOut])
-def list_models(session: SessionDep, user: EngineerUser, kind: ModelKind | None = None):
-    """Defaults first, then newest."""
-    return models.models_of(session, [kind] if kind else ModelKind)
+def list_models(session: SessionDep, user: EngineerUser, kind: ModelKind | None = None,
+                sort: Literal["default", "rating"] = "default"):
+    """Defaults first, then newest; or (sort=rating) best leaderboard rating first, unrated models last."""
+    found = models.models_of(session, [kind] if kind else ModelKind)
+    if sort == "rating":
+        found = leaderboard.sort_by_rating(found, leaderboard.model_board(session, n_bootstrap=0))
+    return found
 
 
 @router.get("/{model_id}", response_model=ModelDetailOut)
@@ -26,7 +32,8 @@ def get_model(model_id: Id, session: SessionDep, user: EngineerUser):
     return model_detail_out(model, lineage=models.lineage(session, model),
                             related=models.related_models(session, model),
                             children=models.children(session, model),
-                            generator_of=models.generator_of(session, model))
+                            generator_of=models.generator_of(session, model),
+                            evidence=leaderboard.evidence(session, model))
 
 
 @router.get("/{model_id}/samples", response_model=list[SamplePairOut])

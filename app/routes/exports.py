@@ -11,7 +11,7 @@ from app.schemas.common import Id
 from app.services import export
 from app.web import download_headers
 
-FORMATS = "comparisons: plain | conversational; annotations: jsonl | csv"
+FORMATS = "comparisons: plain | conversational; annotations: jsonl | csv; votes: votes"
 Text = Annotated[str | None, Query(max_length=50)]
 Ids = Annotated[list[str] | None, Query()]
 

@@ -9,7 +9,7 @@ from app.db.enums import ModelKind, PromptSetStatus
 from app.db.models import Job, Model, PromptSet
 from app.routes.deps import EngineerUser, SessionDep
 from app.schemas.common import Id
-from app.services import models, training
+from app.services import leaderboard, models, training
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_sets import GENERATOR_KINDS, active_generation_job, latest_generation_jobs
 from app.web import flash, redirect, render, render_form_errors
@@ -18,12 +18,17 @@ router = APIRouter(prefix="/models", include_in_schema=False)
 
 
 @router.get("")
-def registry_page(request: Request, session: SessionDep, user: EngineerUser, kind: str | None = None):
+def registry_page(request: Request, session: SessionDep, user: EngineerUser, kind: str | None = None,
+                  sort: str | None = None):
     chosen = ModelKind(kind) if kind in ModelKind.__members__ else None
     found = models.models_of(session, [chosen] if chosen else list(ModelKind))
+    board = leaderboard.model_board(session)
+    if sort == "rating":
+        found = leaderboard.sort_by_rating(found, board)
     related = {m.id: models.related_models(session, m) for m in found}
     return render(request, "pages/models_list.html", {
         "models": found, "related": related, "kind": chosen.value if chosen else "", "kinds": list(ModelKind),
+        "sort": "rating" if sort == "rating" else "", "entries": {e.model.id: e for e in board.entries},
     })
 
 
@@ -42,6 +47,7 @@ def _detail_context(session, model: Model) -> dict:
         "sets": [s for s in training.ranking_sets(session) if s.status != PromptSetStatus.archived],
         "promote_errors": {},
         "wide_interval": models.reward_interval_is_wide(model),
+        "evidence": leaderboard.evidence(session, model) if model.kind in GENERATOR_KINDS else None,
     }
 
 

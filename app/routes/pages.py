@@ -7,10 +7,12 @@ from app.routes import (
     auth,
     demonstrations,
     demonstrations_admin,
+    evaluations,
     health,
     home,
     jobs,
     label,
+    leaderboard,
     models,
     prompt_sets,
     quality,
@@ -21,4 +23,4 @@ from app.routes import (
 routers = [module.router for module in (
     health, auth, home, admin_users, account, prompt_sets, label, quality, review, jobs, demonstrations,
     demonstrations_admin,
-)] + [training.sft_router, training.router, models.router]
+)] + [training.sft_router, training.router, models.router, evaluations.router, leaderboard.router]

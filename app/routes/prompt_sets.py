@@ -21,7 +21,7 @@ router = APIRouter(prefix="/admin/prompt-sets", include_in_schema=False)
 def _form_context(session, *, form: dict[str, Any], prompt_set: PromptSet | None = None) -> dict[str, Any]:
     return {
         "form": form, "form_errors": {}, "form_error": None, "prompt_set": prompt_set,
-        "models": prompt_sets.list_generator_models(session), "kinds": list(PromptSetKind),
+        "models": prompt_sets.list_generator_models(session), "kinds": [k for k in PromptSetKind if k != PromptSetKind.evaluation],  # those: /evaluations/new
         "limits": prompt_import.LIMITS,
     }
 

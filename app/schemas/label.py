@@ -8,7 +8,7 @@ per-field messages (rating-<response_id>, rank-<response_id>, ...).
 import secrets
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from starlette.datastructures import FormData
@@ -36,6 +36,8 @@ class LabelTaskOut(BaseModel):
     instructions: str = Field(description="Markdown.")
     messages: list[dict[str, Any]] = Field(description="The conversation; the last turn is the prompt.")
     k: int
+    mode: Literal["rank", "vote"] = Field(
+        description="rank: rate and rank every response; vote: compare A and B (send `vote`, optional `strength`).")
     responses: list[ResponseOut]
     lease_expires_at: datetime
 
@@ -50,8 +52,13 @@ class NextTaskOut(BaseModel):
 
 class SubmitIn(BaseModel):
     idempotency_key: str = Field(max_length=64, description="One per form: a retry with it stores nothing new.")
-    ratings: dict[str, Any] = Field(description="{response_id: Likert 1 (very bad) .. 7 (excellent)}, every response.")
-    ranks: dict[str, Any] = Field(description="{response_id: rank 1 (best) .. K}, every response; ties allowed.")
+    ratings: dict[str, Any] = Field(default_factory=dict, description=(
+        "{response_id: Likert 1 (very bad) .. 7 (excellent)}, every response (mode rank)."))
+    ranks: dict[str, Any] = Field(default_factory=dict, description=(
+        "{response_id: rank 1 (best) .. K}, every response; ties allowed (mode rank)."))
+    vote: str | None = Field(default=None, max_length=20, description="Mode vote: a | b | tie | both_bad.")
+    strength: str | None = Field(default=None, max_length=20, description=(
+        "Mode vote, optional, with a winner: slightly | clearly | much."))
     flags: dict[str, list[str]] = Field(default_factory=dict, description="{response_id: [flag key, ...]}")
     prompt_flags: list[str] = Field(default_factory=list)
     comment: Text = ""
@@ -96,6 +103,8 @@ class LabelForm:
         self.skip_reason = str(form.get("skip_reason", ""))
         self.skip_reason_other = str(form.get("skip_reason_other", "")).strip()
         self.idempotency_key = str(form.get("idempotency_key", ""))
+        self.vote = str(form.get("vote", ""))
+        self.strength = str(form.get("strength", ""))
         self.started_at = str(form.get("started_at", ""))
 
     def time_spent_s(self, now: datetime) -> float | None:
@@ -116,5 +125,6 @@ class LabelForm:
             "ratings": self.ratings, "ranks": self.ranks, "flags": self.flags,
             "prompt_flags": self.prompt_flags, "comment": self.comment,
             "skip_reason": self.skip_reason, "skip_reason_other": self.skip_reason_other,
+            "vote": self.vote, "strength": self.strength,
         }
 

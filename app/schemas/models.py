@@ -9,6 +9,8 @@ from app.db.enums import ModelKind
 from app.db.models import Model, ModelSample, PromptSet
 from app.schemas.common import Id
 from app.schemas.jobs import JobOut
+from app.schemas.leaderboard import EvaluationEvidenceOut, evidence_out
+from app.services.leaderboard import Evidence
 from app.services.models import SidePair
 
 
@@ -35,10 +37,12 @@ class ModelDetailOut(ModelOut):
     reference_model_id: int | None = None
     children_ids: list[int]
     generator_of: list[int]  # ranking sets it generates for
+    evaluation: EvaluationEvidenceOut | None = None  # human evaluation: its rating, its record against its parent
 
 
 def model_detail_out(model: Model, *, lineage: list[Model], related: dict[str, Model | None],
-                     children: list[Model], generator_of: list[PromptSet]) -> ModelDetailOut:
+                     children: list[Model], generator_of: list[PromptSet],
+                     evidence: Evidence | None = None) -> ModelDetailOut:
     """The model with its lineage, the reward and reference models its run used, the models
     trained from it and the ranking sets it generates for."""
     reward, reference = related.get("reward"), related.get("reference")
@@ -49,6 +53,7 @@ def model_detail_out(model: Model, *, lineage: list[Model], related: dict[str, M
         reference_model_id=reference.id if reference else None,
         children_ids=[m.id for m in children],
         generator_of=[s.id for s in generator_of],
+        evaluation=evidence_out(evidence) if evidence else None,
     )
 
 

@@ -30,6 +30,11 @@ class PromptSetCreate(BaseModel):
     validation_ratio: float = DEFAULTS["validation_ratio"]
     rl_ratio: float = DEFAULTS["rl_ratio"]
     kind: PromptSetKind = PromptSetKind.ranking
+    pairwise: bool = Field(default=False, description="K = 2 only: labeled on the A/B page (votes).")
+    model_ids: list[Id] = Field(default_factory=list, max_length=20,
+                                description="Kind evaluation: the models compared (two or more).")
+    source_set_ids: list[Id] = Field(default_factory=list, max_length=100, description=(
+        "Kind evaluation: ranking sets whose validation prompts the evaluation takes."))
 
 
 class PromptSetUpdate(BaseModel):
@@ -47,6 +52,7 @@ class PromptSetUpdate(BaseModel):
     train_ratio: float | None = None
     validation_ratio: float | None = None
     rl_ratio: float | None = None
+    pairwise: bool | None = None
 
 
 class PromptSetForm(BaseModel):
@@ -66,6 +72,7 @@ class PromptSetForm(BaseModel):
     validation_ratio: str = str(DEFAULTS["validation_ratio"])
     rl_ratio: str = str(DEFAULTS["rl_ratio"])
     kind: str = PromptSetKind.ranking.value
+    pairwise: str = ""
 
 
 class PromptSetCountsOut(BaseModel):
@@ -111,6 +118,7 @@ class PromptSetOut(BaseModel):
     train_ratio: float
     validation_ratio: float
     rl_ratio: float
+    pairwise: bool
     round: int
     created_by_id: int | None
     created_at: datetime

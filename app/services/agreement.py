@@ -17,6 +17,8 @@ Conventions (shown on the agreement page too):
   preference has the sign of that sum (pairs where the others cancel out
   or tied are left out).
 - Excluded annotations are left out of everything.
+- A pairwise vote (app/services/annotations) is read as its ranks: a winner is a
+  strict preference, a tie or "both bad" a tie; it has no Likert rating.
 """
 
 from dataclasses import dataclass, field
@@ -129,14 +131,15 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
 
     # Plain tuples: numpy reads a list of SQLAlchemy Rows element by element (~70x slower).
     judgements = [tuple(row) for row in session.execute(text("""
-        SELECT r.task_id, r.response_id, a.user_id, r.likert, r.rank
+        SELECT r.task_id, r.response_id, a.user_id, coalesce(r.likert, 0), r.rank
         FROM ratings r JOIN annotations a ON a.id = r.annotation_id JOIN tasks t ON t.id = a.task_id
         WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold
     """), params)]
     if judgements:
         arr = np.array(judgements, dtype=np.int64)  # (N, 5)
         unit = arr[:, 0] * 1_000_000_007 + arr[:, 1]
-        alpha_ratings = krippendorff_alpha_ordinal(unit, arr[:, 3], arr[:, 2])
+        rated = arr[:, 3] > 0  # votes rank without rating (likert NULL, read as 0)
+        alpha_ratings = krippendorff_alpha_ordinal(unit[rated], arr[rated, 3], arr[rated, 2])
         alpha_ranks = krippendorff_alpha_ordinal(unit, arr[:, 4], arr[:, 2])
     else:
         alpha_ratings = alpha_ranks = None
@@ -219,7 +222,7 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
     for row in session.execute(text("""
         SELECT a.user_id, r.likert, count(*) AS n
         FROM ratings r JOIN annotations a ON a.id = r.annotation_id JOIN tasks t ON t.id = a.task_id
-        WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold
+        WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold AND r.likert IS NOT NULL
         GROUP BY a.user_id, r.likert
     """), params):
         if row.user_id in figures:

@@ -8,6 +8,13 @@ rating row per response and one comparison per pair with different ranks
 (chosen = the better rank; tied pairs give none, so K responses fully ranked
 give K(K-1)/2), marks the lease submitted and counts the label on the task.
 
+A pairwise set (every evaluation set, and ranking sets with K = 2 that choose it)
+is labeled on the A/B page instead: the labeler votes A better, B better, tie or
+both bad, with an optional strength. The vote is stored as given (votes), as
+ranks without ratings (1/2, or 1/1 for a tie or both bad), so agreement, gold
+and reward training read it exactly as a ranking, and as one comparison
+(winner, loser, margin from the strength) when there is a winner.
+
 A form carries a one-time idempotency key: a double click or a retry with the
 same key finds the stored annotation and returns it instead of storing twice.
 """
@@ -24,10 +31,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
-from app.db.enums import AssignmentStatus
+from app.db.enums import AssignmentStatus, VoteOutcome, VoteStrength
 from app.db.models import (
     Annotation,
     Comparison,
+    Vote,
     Prompt,
     PromptSet,
     Rating,
@@ -69,6 +77,24 @@ MAX_COMMENT = 5000
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 LETTERS = "ABCDEFGHI"
 
+# The A/B page's choices, with their keyboard keys (static/js/label.js).
+VOTE_CHOICES: tuple[tuple[str, str, str], ...] = (
+    (VoteOutcome.a.value, "A is better", "1"),
+    (VoteOutcome.b.value, "B is better", "2"),
+    (VoteOutcome.tie.value, "Tie", "3"),
+    (VoteOutcome.both_bad.value, "Both bad", "4"),
+)
+STRENGTHS: tuple[tuple[str, str], ...] = (
+    (VoteStrength.slightly.value, "slightly better"),
+    (VoteStrength.clearly.value, "clearly better"),
+    (VoteStrength.much.value, "much better"),
+)
+# A vote's comparison margin (comparisons.rating_margin): a preference of unstated
+# strength counts as the smallest.
+STRENGTH_MARGIN: dict[VoteStrength | None, int] = {
+    None: 1, VoteStrength.slightly: 1, VoteStrength.clearly: 2, VoteStrength.much: 3,
+}
+
 
 def letter(position: int) -> str:
     """A, B, C... for display positions 0, 1, 2..."""
@@ -101,7 +127,8 @@ def ranking_contradictions(ratings: Mapping[int, int], ranks: Mapping[int, int])
     return [
         (x, y)
         for x, y in itertools.permutations(sorted(ranks), 2)
-        if x in ratings and y in ratings and ratings[x] > ratings[y] and ranks[x] > ranks[y]
+        if ratings.get(x) is not None and ratings.get(y) is not None
+        and ratings[x] > ratings[y] and ranks[x] > ranks[y]
     ]
 
 
@@ -142,11 +169,80 @@ def _by_response(raw: Mapping[Any, Any] | None, response_ids: set[int], name: st
 
 @dataclass
 class CleanSubmission:
-    ratings: dict[int, int]
+    ratings: dict[int, int | None]  # None: a vote, which ranks without rating
     ranks: dict[int, int]
     flags: dict[int, list[str]]
     prompt_flags: list[str]
     comment: str
+    vote: VoteOutcome | None = None
+    strength: VoteStrength | None = None
+    # (response at A, response at B) of a vote
+    sides: tuple[int, int] | None = None
+
+
+def _clean_flags(items: list[TaskResponse], raw_flags: Mapping[int, Any], clean: CleanSubmission,
+                 errors: dict[str, str]) -> None:
+    for item in items:
+        rid, name = item.response_id, letter(item.position)
+        chosen = raw_flags.get(rid) or []
+        chosen = [chosen] if isinstance(chosen, str) else list(chosen)
+        unknown = [f for f in chosen if f not in RESPONSE_FLAG_KEYS]
+        if unknown:
+            errors[f"flags-{rid}"] = f"unknown flag {unknown[0]!r} on {name}"
+        clean.flags[rid] = sorted(set(chosen) & RESPONSE_FLAG_KEYS, key=_flag_order)
+
+
+def _clean_prompt_flags_and_comment(prompt_flags: Iterable[str] | None, comment: str | None,
+                                    clean: CleanSubmission, errors: dict[str, str]) -> None:
+    given = [prompt_flags] if isinstance(prompt_flags, str) else list(prompt_flags or [])
+    unknown = [f for f in given if f not in PROMPT_FLAG_KEYS]
+    if unknown:
+        errors["prompt_flags"] = f"unknown prompt flag {unknown[0]!r}"
+    clean.prompt_flags = [key for key, _ in PROMPT_FLAGS if key in given]
+    clean.comment = (comment or "").strip()
+    if len(clean.comment) > MAX_COMMENT:
+        errors["comment"] = f"at most {MAX_COMMENT} characters ({len(clean.comment)} given)"
+    elif text_problem(clean.comment):
+        errors["comment"] = text_problem(clean.comment)
+
+
+def clean_vote(task: Task, *, vote: Any, strength: Any, flags: Mapping[Any, Iterable[str]] | None,
+               prompt_flags: Iterable[str] | None, comment: str | None) -> CleanSubmission:
+    """Check a vote on a pairwise task (A = position 0, B = position 1). Raises Invalid
+    with one message per field: vote, strength, flags-<response_id>, prompt_flags, comment."""
+    items = sorted(task.items, key=lambda item: item.position)
+    if len(items) != 2:
+        raise Conflict(f"Task {task.id} has {len(items)} responses; a vote compares two.")
+    a, b = items[0].response_id, items[1].response_id
+    errors: dict[str, str] = {}
+    raw_flags = _by_response(flags, {a, b}, "flags", errors)
+    clean = CleanSubmission(ratings={a: None, b: None}, ranks={}, flags={}, prompt_flags=[], comment="",
+                            sides=(a, b))
+    choices = ", ".join(v for v, _, _ in VOTE_CHOICES)
+    raw_vote = vote.strip() if isinstance(vote, str) else vote
+    if raw_vote in (None, ""):
+        errors["vote"] = f"choose one of {choices}"
+    elif raw_vote not in VoteOutcome.__members__.values():
+        errors["vote"] = f"unknown vote {raw_vote!r}; choose one of {choices}"
+    else:
+        clean.vote = VoteOutcome(raw_vote)
+    raw_strength = strength.strip() if isinstance(strength, str) else strength
+    if raw_strength not in (None, ""):
+        if raw_strength not in VoteStrength.__members__.values():
+            errors["strength"] = f"unknown strength {raw_strength!r}; choose one of " + \
+                ", ".join(v for v, _ in STRENGTHS)
+        elif clean.vote in (VoteOutcome.tie, VoteOutcome.both_bad):
+            errors["strength"] = "a tie or 'both bad' has no strength; leave it empty"
+        else:
+            clean.strength = VoteStrength(raw_strength)
+    if clean.vote is not None:
+        clean.ranks = {VoteOutcome.a: {a: 1, b: 2}, VoteOutcome.b: {a: 2, b: 1}}.get(clean.vote, {a: 1, b: 1})
+    _clean_flags(items, raw_flags, clean, errors)
+    _clean_prompt_flags_and_comment(prompt_flags, comment, clean, errors)
+    if errors:
+        detail = "choose A better, B better, tie or both bad" if "vote" in errors else "some fields are wrong"
+        raise Invalid(f"Please fix the marked fields ({detail}).", errors=errors)
+    return clean
 
 
 def clean_submission(task: Task, *, ratings: Mapping[Any, Any] | None, ranks: Mapping[Any, Any] | None,
@@ -180,22 +276,8 @@ def clean_submission(task: Task, *, ratings: Mapping[Any, Any] | None, ranks: Ma
             errors[f"rank-{rid}"] = f"the rank of {name} must be a whole number from 1 to {k}"
         else:
             clean.ranks[rid] = rank
-        chosen = raw_flags.get(rid) or []
-        chosen = [chosen] if isinstance(chosen, str) else list(chosen)
-        unknown = [f for f in chosen if f not in RESPONSE_FLAG_KEYS]
-        if unknown:
-            errors[f"flags-{rid}"] = f"unknown flag {unknown[0]!r} on {name}"
-        clean.flags[rid] = sorted(set(chosen) & RESPONSE_FLAG_KEYS, key=_flag_order)
-    given = [prompt_flags] if isinstance(prompt_flags, str) else list(prompt_flags or [])
-    unknown = [f for f in given if f not in PROMPT_FLAG_KEYS]
-    if unknown:
-        errors["prompt_flags"] = f"unknown prompt flag {unknown[0]!r}"
-    clean.prompt_flags = [key for key, _ in PROMPT_FLAGS if key in given]
-    clean.comment = (comment or "").strip()
-    if len(clean.comment) > MAX_COMMENT:
-        errors["comment"] = f"at most {MAX_COMMENT} characters ({len(clean.comment)} given)"
-    elif text_problem(clean.comment):
-        errors["comment"] = text_problem(clean.comment)
+    _clean_flags(items, raw_flags, clean, errors)
+    _clean_prompt_flags_and_comment(prompt_flags, comment, clean, errors)
     if errors:
         missing = sum(1 for key in errors if key.startswith(("rating-", "rank-")))
         detail = f"{missing} rating{'s' if missing != 1 else ''} or rank{'s' if missing != 1 else ''} missing or wrong" \
@@ -221,24 +303,42 @@ def _check_key(key: str | None) -> str:
     return key
 
 
+def vote_pairs(clean: CleanSubmission) -> list[Pair]:
+    """A vote's comparison: the winner over the loser, margin from the strength; none for
+    a tie or both bad."""
+    a, b = clean.sides
+    if clean.vote == VoteOutcome.a:
+        return [Pair(a, b, 1, STRENGTH_MARGIN[clean.strength])]
+    if clean.vote == VoteOutcome.b:
+        return [Pair(b, a, 1, STRENGTH_MARGIN[clean.strength])]
+    return []
+
+
 def _store(session: Session, annotation: Annotation, task: Task, clean: CleanSubmission, *,
            add: bool = True) -> None:
-    """The annotation's ratings and comparisons, as ORM rows (added to the session unless
-    `add` is false: a new submission is written by _WRITE_SUBMISSION instead)."""
+    """The annotation's ratings, comparisons and vote, as ORM rows (added to the session
+    unless `add` is false: a new submission is written by _WRITE_SUBMISSION instead)."""
     ratings = [Rating(task_id=task.id, response_id=rid, likert=likert, rank=clean.ranks[rid],
                       flags=clean.flags.get(rid, [])) for rid, likert in clean.ratings.items()]
+    pairs = vote_pairs(clean) if clean.vote else expand_comparisons(clean.ratings, clean.ranks)
     comparisons = [Comparison(task_id=task.id, chosen_response_id=pair.chosen, rejected_response_id=pair.rejected,
                               rank_margin=pair.rank_margin, rating_margin=pair.rating_margin)
-                   for pair in expand_comparisons(clean.ratings, clean.ranks)]
+                   for pair in pairs]
+    vote = None
+    if clean.vote:
+        vote = Vote(task_id=task.id, response_a_id=clean.sides[0], response_b_id=clean.sides[1],
+                    outcome=clean.vote, strength=clean.strength)
     if add:
         annotation.ratings.extend(ratings)
         annotation.comparisons.extend(comparisons)
+        annotation.vote = vote
     else:
         set_committed_value(annotation, "ratings", ratings)
         set_committed_value(annotation, "comparisons", comparisons)
+        set_committed_value(annotation, "vote", vote)
 
 
-# A new submission in one round trip: the annotation, its ratings and comparisons (rows
+# A new submission in one round trip: the annotation, its ratings, comparisons and vote (rows
 # of JSON arrays), the lease marked submitted and the label counted on the task. The
 # ORM's unit of work did the same in five statements and was the largest CPU cost of
 # a submit (see README, "Performance of the labeling loop"). Returns the annotation's
@@ -270,6 +370,10 @@ WITH trust AS (
     SELECT annotation.id, :task_id, c.chosen, c.rejected, c.rank_margin, c.rating_margin, :now
     FROM annotation, jsonb_to_recordset(CAST(:comparisons AS jsonb))
         AS c(chosen integer, rejected integer, rank_margin integer, rating_margin integer)
+), votes AS (
+    INSERT INTO votes (annotation_id, task_id, response_a_id, response_b_id, outcome, strength)
+    SELECT annotation.id, :task_id, v.a, v.b, v.outcome, v.strength
+    FROM annotation, jsonb_to_recordset(CAST(:votes AS jsonb)) AS v(a integer, b integer, outcome text, strength text)
 ), submitted AS (
     UPDATE assignments SET status = 'submitted', finished_at = :now WHERE id = :assignment_id
 )
@@ -289,6 +393,15 @@ class Submission:
     warnings: list[str] = field(default_factory=list)
 
 
+def clean_any(task: Task, *, ratings: Any, ranks: Any, vote: Any, strength: Any, flags: Any,
+              prompt_flags: Any, comment: Any) -> CleanSubmission:
+    """A vote on a pairwise set's task, ratings and ranks on any other (see the module docstring)."""
+    if task.prompt_set.pairwise:
+        return clean_vote(task, vote=vote, strength=strength, flags=flags, prompt_flags=prompt_flags, comment=comment)
+    return clean_submission(task, ratings=ratings, ranks=ranks, flags=flags, prompt_flags=prompt_flags,
+                            comment=comment)
+
+
 def _stored_warnings(task: Task, annotation: Annotation) -> list[str]:
     ratings = {r.response_id: r.likert for r in annotation.ratings}
     ranks = {r.response_id: r.rank for r in annotation.ratings}
@@ -299,13 +412,14 @@ def submit_annotation(
     session: Session, *, user: User, task_id: int, ratings: Mapping[Any, Any] | None,
     ranks: Mapping[Any, Any] | None, flags: Mapping[Any, Iterable[str]] | None = None,
     prompt_flags: Iterable[str] | None = None, comment: str | None = "", time_spent_s: Any = None,
-    idempotency_key: str | None, now: datetime | None = None,
+    idempotency_key: str | None, now: datetime | None = None, vote: Any = None, strength: Any = None,
 ) -> Submission:
     """Store the labeler's annotation of a task they hold a live lease on, with its
     ratings and comparisons, in one transaction. A retry with the same key returns
     the stored annotation. Everything is checked with the task row locked and by the
     database's clock (`now` replaces it in tests), access before the form: Raises
-    NotFound, Conflict, NotAllowed (see check_lease), then Invalid (per field)."""
+    NotFound, Conflict, NotAllowed (see check_lease), then Invalid (per field).
+    A task of a pairwise set takes `vote` and `strength` instead of ratings and ranks."""
     # The task and lease rows are the locks: a concurrent submit of the same labeler
     # waits here, then finds the annotation its twin stored; a labeler leasing the
     # task waits too, so the lease checked below cannot go to them meanwhile.
@@ -325,8 +439,8 @@ def submit_annotation(
     check_lease(hold)
     key = _check_key(idempotency_key)
     now = hold.now
-    clean = clean_submission(task, ratings=ratings, ranks=ranks, flags=flags,
-                             prompt_flags=prompt_flags, comment=comment)
+    clean = clean_any(task, ratings=ratings, ranks=ranks, vote=vote, strength=strength, flags=flags,
+                      prompt_flags=prompt_flags, comment=comment)
     annotation = Annotation(
         task_id=task_id, user_id=user.id, time_spent_s=clamp_time_spent(time_spent_s),
         prompt_flags=clean.prompt_flags, comment=clean.comment, idempotency_key=key,
@@ -342,6 +456,9 @@ def submit_annotation(
         "comparisons": json.dumps([{"chosen": c.chosen_response_id, "rejected": c.rejected_response_id,
                                     "rank_margin": c.rank_margin, "rating_margin": c.rating_margin}
                                    for c in annotation.comparisons]),
+        "votes": json.dumps([{"a": v.response_a_id, "b": v.response_b_id, "outcome": v.outcome.value,
+                              "strength": v.strength.value if v.strength else None}
+                             for v in [annotation.vote] if v is not None]),
     }).one()
     set_committed_value(task, "num_labels", num_labels)
     set_committed_value(hold.assignment, "status", AssignmentStatus.submitted)
@@ -369,7 +486,7 @@ def get_own_annotation(session: Session, *, user: User, annotation_id: int) -> A
     annotation = session.scalar(
         select(Annotation)
         .where(Annotation.id == annotation_id, Annotation.user_id == user.id)
-        .options(selectinload(Annotation.ratings))
+        .options(selectinload(Annotation.ratings), selectinload(Annotation.vote))
     )
     if annotation is None:
         raise NotFound(f"You have no annotation {annotation_id}.")
@@ -380,6 +497,7 @@ def edit_annotation(
     session: Session, *, user: User, annotation_id: int, ratings: Mapping[Any, Any] | None,
     ranks: Mapping[Any, Any] | None, flags: Mapping[Any, Iterable[str]] | None = None,
     prompt_flags: Iterable[str] | None = None, comment: str | None = "", now: datetime,
+    vote: Any = None, strength: Any = None,
 ) -> Submission:
     """Replace the ratings, flags and comparisons of the labeler's own annotation while
     the edit window (EDIT_WINDOW after submitting) is open. Raises NotFound, Conflict, Invalid."""
@@ -387,7 +505,8 @@ def edit_annotation(
         select(Annotation)
         .where(Annotation.id == annotation_id, Annotation.user_id == user.id)
         .with_for_update()
-        .options(selectinload(Annotation.ratings), selectinload(Annotation.comparisons))
+        .options(selectinload(Annotation.ratings), selectinload(Annotation.comparisons),
+                 selectinload(Annotation.vote))
         .execution_options(populate_existing=True)
     )
     if annotation is None:
@@ -398,10 +517,11 @@ def edit_annotation(
             f"{int(EDIT_WINDOW.total_seconds() // 3600)} hours after submitting."
         )
     task = load_task(session, annotation.task_id)
-    clean = clean_submission(task, ratings=ratings, ranks=ranks, flags=flags,
-                             prompt_flags=prompt_flags, comment=comment)
+    clean = clean_any(task, ratings=ratings, ranks=ranks, vote=vote, strength=strength, flags=flags,
+                      prompt_flags=prompt_flags, comment=comment)
     annotation.ratings.clear()
     annotation.comparisons.clear()
+    annotation.vote = None
     session.flush()  # the old rows go before the new ones take their unique keys
     _store(session, annotation, task, clean)
     annotation.prompt_flags = clean.prompt_flags
@@ -414,8 +534,11 @@ def edit_annotation(
 
 def submission_values(annotation: Annotation) -> dict[str, Any]:
     """A stored annotation as form values (for the edit form)."""
+    vote = annotation.vote
     return {
-        "ratings": {r.response_id: str(r.likert) for r in annotation.ratings},
+        "vote": vote.outcome.value if vote else "",
+        "strength": vote.strength.value if vote and vote.strength else "",
+        "ratings": {r.response_id: str(r.likert) for r in annotation.ratings if r.likert is not None},
         "ranks": {r.response_id: str(r.rank) for r in annotation.ratings},
         "flags": {r.response_id: list(r.flags) for r in annotation.ratings},
         "prompt_flags": list(annotation.prompt_flags),
@@ -444,7 +567,7 @@ def labeler_counts(session: Session, *, user: User, now: datetime) -> LabelerCou
 @dataclass
 class HistoryRating:
     letter: str
-    likert: int
+    likert: int | None  # None for a vote
     rank: int
     flags: list[str]
 

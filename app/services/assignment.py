@@ -10,8 +10,8 @@ Rules:
   lease it again later (their row is reused).
 - Tasks with labels already are offered first (finish the overlap before
   starting new tasks), then the oldest.
-- Only tasks of the current generation round of active ranking sets the
-  labeler is allowed on (a set listing no labelers is open to all).
+- Only tasks of the current generation round of active ranking and evaluation
+  sets (TASK_KINDS) the labeler is allowed on (a set listing no labelers is open to all).
 - Gold tasks (a known answer, see app/services/gold) measure labelers, so every
   labeler may get each of them once: they ignore the overlap. They are mixed in
   at the set's gold_rate, deterministically per labeler: the (n+1)-th task a
@@ -74,6 +74,9 @@ from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
 from app.services.labelers import labelable_sets, open_to
 from app.services.validation import check_text
 
+# Sets whose tasks (a prompt with responses to judge) are leased here; demonstration
+# sets have leases of their own (app/services/demonstrations/leases.py).
+TASK_KINDS = (PromptSetKind.ranking, PromptSetKind.evaluation)
 # Namespace of the per-labeler advisory lock (any constant int4 of our own).
 _LEASE_LOCK_NS = 7_301
 _NOT_GIVEN = "You have not been given task {task_id}; open Label to get a task."
@@ -124,8 +127,8 @@ def _holder_count(now: datetime):
 
 
 def _eligible_sets(user_id: int):
-    """SQL: the task's set is an active ranking set, in its current round, open to the labeler."""
-    return and_(labelable_sets(user_id, PromptSetKind.ranking), Task.round == PromptSet.round)
+    """SQL: the task's set is an active ranking or evaluation set, in its current round, open to the labeler."""
+    return and_(labelable_sets(user_id, *TASK_KINDS), Task.round == PromptSet.round)
 
 
 def _with_contents(query):
@@ -460,7 +463,7 @@ def check_lease(hold: Hold) -> None:
     if assignment.status != AssignmentStatus.active or assignment.expires_at <= hold.now:
         raise Conflict(f"Your lease on task {task.id} ran out, so it may have gone to another labeler. "
                        "Open Label to get a task.")
-    if prompt_set.status != PromptSetStatus.active or prompt_set.kind != PromptSetKind.ranking:
+    if prompt_set.status != PromptSetStatus.active or prompt_set.kind not in TASK_KINDS:
         # The set's name is left out: a labeler never listed on it must not learn it here.
         raise NotAllowed(f"Task {task.id} cannot be labeled now: its prompt set is {prompt_set.status.value}."
                          " Open Label to get another task.")

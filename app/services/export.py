@@ -26,6 +26,14 @@ Formats:
   -, @, a tab or a carriage return) gets a leading ' (OWASP's CSV-injection
   rule): comments and responses are written by labelers and models.
 
+- votes, `votes`: one JSON line per vote of a pairwise set (evaluation sets and
+  ranking sets on the A/B page): {"prompt": str, "response_a": str,
+  "response_b": str, "model_a": name, "model_b": name, "outcome": a | b | tie |
+  both_bad, "winner": the winning model's name or "" , "strength": slightly |
+  clearly | much | "", "margin": int, ...}; gold tasks left out, as for
+  comparisons. Empty strings rather than nulls, so `datasets` infers one type
+  per column.
+
 Reviewed tasks (app/services/review) are marked in every export: `review` is the
 task's current review ("accepted", "corrected:training", "corrected:gold" or
 null) and `review_id` its id. A task corrected for training contributes the
@@ -59,6 +67,11 @@ from app.db.enums import Split
 from app.db.models import (
     Annotation,
     Comparison,
+from app.db.enums import Split, VoteOutcome, VoteStrength
+from app.db.models import (
+    Annotation,
+    Comparison,
+    Model,
     Prompt,
     PromptSet,
     Rating,
@@ -67,16 +80,19 @@ from app.db.models import (
     TaskResponse,
     TaskReview,
     User,
+    User,
+    Vote,
 )
 from app.services.agreement import compute_set_agreement
 from app.services.review import current_reviews, training_corrections
 from app.services.errors import Invalid, NotFound
 from app.services.validation import as_id
 
-KINDS = ("comparisons", "annotations")
+KINDS = ("comparisons", "annotations", "votes")
 FORMATS: dict[str, tuple[str, ...]] = {
     "comparisons": ("plain", "conversational"),
     "annotations": ("jsonl", "csv"),
+    "votes": ("votes",),
 }
 # The kind a format belongs to, so a download link can name the format alone.
 FORMAT_KIND = {fmt: kind for kind, fmts in FORMATS.items() for fmt in fmts}
@@ -100,6 +116,11 @@ ANNOTATION_JSONL_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
     "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "review", "review_id",
     "prompt", "ratings",
+]
+VOTE_COLUMNS = [
+    "prompt", "response_a", "response_b", "model_a", "model_b", "outcome", "winner", "strength", "margin",
+    "annotation_id", "task_id", "prompt_id", "prompt_set_id", "labeler_id", "model_a_id", "model_b_id",
+    "tokens_a", "tokens_b", "created_at",
 ]
 ANNOTATION_CSV_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
@@ -462,6 +483,8 @@ class ExportPlan:
     def filename(self) -> str:
         sets = "-".join(str(s["id"]) for s in self.prompt_sets)
         ext = "csv" if self.fmt == "csv" else "jsonl"
+        if self.kind == self.fmt:
+            return f"set-{sets}-{self.kind}.{ext}"
         return f"set-{sets}-{self.kind}-{self.fmt}.{ext}"
 
     @property
@@ -470,6 +493,8 @@ class ExportPlan:
 
     @property
     def columns(self) -> list[str]:
+        if self.kind == "votes":
+            return VOTE_COLUMNS
         if self.kind == "comparisons":
             return COMPARISON_COLUMNS
         return ANNOTATION_CSV_COLUMNS if self.fmt == "csv" else ANNOTATION_JSONL_COLUMNS
@@ -483,6 +508,8 @@ class ExportPlan:
         )
 
     def query(self) -> Select:
+        if self.kind == "votes":
+            return _votes_query(self.included())
         if self.kind == "comparisons":
             f = self.filters
             return included_comparisons_query(
@@ -497,7 +524,8 @@ def plan_export(session: Session, *, kind: str, fmt: str, filters: ExportFilters
     consensus agreement on a set is unknown or under the minimum are dropped from
     that set). Raises Invalid, NotFound."""
     if kind not in KINDS:
-        raise Invalid(f"Unknown export '{kind}'; choose comparisons or annotations.", errors={"kind": "unknown"})
+        raise Invalid(f"Unknown export '{kind}'; choose comparisons, annotations or votes.",
+                      errors={"kind": "unknown"})
     if fmt not in FORMATS[kind]:
         choices = " or ".join(FORMATS[kind])
         raise Invalid(f"{kind.capitalize()} export in '{fmt}' is not offered; choose {choices}.",
@@ -556,6 +584,49 @@ def _comparison_row(row: Any, fmt: str) -> dict[str, Any]:
     }
 
 
+def _votes_query(included: Select) -> Select:
+    """The votes of the given annotations with prompt, both responses and their models."""
+    ra, rb = aliased(Response), aliased(Response)
+    ma, mb = aliased(Model), aliased(Model)
+    return (
+        select(
+            Vote.annotation_id, Vote.task_id, Task.prompt_id, Task.prompt_set_id,
+            Annotation.user_id.label("labeler_id"), Prompt.messages, Vote.outcome, Vote.strength,
+            ra.text.label("response_a"), rb.text.label("response_b"), ra.num_tokens.label("tokens_a"),
+            rb.num_tokens.label("tokens_b"), ra.model_id.label("model_a_id"), rb.model_id.label("model_b_id"),
+            ma.name.label("model_a"), mb.name.label("model_b"), Annotation.created_at,
+        )
+        .join(Annotation, Annotation.id == Vote.annotation_id)
+        .join(Task, Task.id == Vote.task_id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .join(ra, ra.id == Vote.response_a_id)
+        .join(rb, rb.id == Vote.response_b_id)
+        .outerjoin(ma, ma.id == ra.model_id)
+        .outerjoin(mb, mb.id == rb.model_id)
+        .where(Vote.annotation_id.in_(included))
+        .order_by(Vote.annotation_id)
+    )
+
+
+def _vote_row(row: Any) -> dict[str, Any]:
+    from app.services.annotations import STRENGTH_MARGIN  # annotations imports this module
+
+    outcome = VoteOutcome(row.outcome)
+    strength = VoteStrength(row.strength) if row.strength else None
+    winner = {VoteOutcome.a: row.model_a, VoteOutcome.b: row.model_b}.get(outcome)
+    return {
+        "prompt": render_prompt(row.messages), "response_a": row.response_a, "response_b": row.response_b,
+        "model_a": row.model_a or "", "model_b": row.model_b or "", "outcome": outcome.value,
+        "winner": winner or "", "strength": strength.value if strength else "",
+        "margin": STRENGTH_MARGIN[strength] if winner is not None else 0,
+        "annotation_id": row.annotation_id, "task_id": row.task_id, "prompt_id": row.prompt_id,
+        "prompt_set_id": row.prompt_set_id, "labeler_id": row.labeler_id,
+        "model_a_id": row.model_a_id if row.model_a_id is not None else -1,
+        "model_b_id": row.model_b_id if row.model_b_id is not None else -1,
+        "tokens_a": row.tokens_a, "tokens_b": row.tokens_b, "created_at": _iso(row.created_at),
+    }
+
+
 def _annotation_head(row: Any) -> dict[str, Any]:
     return {
         "annotation_id": row.annotation_id, "task_id": row.task_id, "prompt_set_id": row.prompt_set_id,
@@ -569,7 +640,10 @@ def _annotation_head(row: Any) -> dict[str, Any]:
 
 def iter_rows(session: Session, plan: ExportPlan) -> Iterator[dict[str, Any]]:
     """The export's rows as dicts, streamed from the database."""
-    if plan.kind == "comparisons":
+    if plan.kind == "votes":
+        for row in stream_rows(session, plan.query()):
+            yield _vote_row(row)
+    elif plan.kind == "comparisons":
         for row in stream_rows(session, plan.query()):
             yield _comparison_row(row, plan.fmt)
     elif plan.fmt == "jsonl":
@@ -640,13 +714,15 @@ def export_meta(session: Session, plan: ExportPlan, *, rows: int | None = None,
     left_out = list(ALWAYS_LEFT_OUT)
     if plan.kind == "comparisons":
         left_out += [GOLD_RULE, CORRECTED_RULE]
+    elif plan.kind == "votes":
+        left_out.append(GOLD_RULE)
     return {
         "kind": plan.kind,
         "format": plan.fmt,
         "file": plan.filename,
         "rows": count_rows(session, plan) if rows is None else rows,
-        "row_unit": {"comparisons": "comparison", "annotations": "annotation" if plan.fmt == "jsonl" else "rating"
-                     }[plan.kind],
+        "row_unit": {"comparisons": "comparison", "annotations": "annotation" if plan.fmt == "jsonl" else "rating",
+                     "votes": "vote"}[plan.kind],
         "columns": plan.columns,
         "generated_at": _iso(generated_at or utcnow()),
         "prompt_sets": plan.prompt_sets,

@@ -46,9 +46,10 @@ def open_to(user_id: int, prompt_set_id: Any = PromptSet.id):
     return or_(~listed_any, listed_me)
 
 
-def labelable_sets(user_id: int, kind: PromptSetKind):
-    """SQL: the set is an active set of this kind, open to the labeler."""
-    return and_(PromptSet.status == PromptSetStatus.active, PromptSet.kind == kind, open_to(user_id))
+def labelable_sets(user_id: int, *kinds: PromptSetKind):
+    """SQL: the set is an active set of one of these kinds, open to the labeler."""
+    kind = PromptSet.kind == kinds[0] if len(kinds) == 1 else PromptSet.kind.in_(kinds)
+    return and_(PromptSet.status == PromptSetStatus.active, kind, open_to(user_id))
 
 
 def is_allowed(session: Session, *, prompt_set_id: int, user_id: int) -> bool:

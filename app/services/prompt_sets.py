@@ -261,32 +261,69 @@ def create_prompt_set(
     validation_ratio: float | str = DEFAULTS["validation_ratio"],
     rl_ratio: float | str = DEFAULTS["rl_ratio"],
     kind: PromptSetKind | str = PromptSetKind.ranking,
+    pairwise: bool | str = False,
+    model_ids: Any = None,
+    source_set_ids: Any = None,
     created_by_id: int | None = None,
 ) -> PromptSet:
     """Create a draft set. Values may be strings from a form. Raises Invalid with a
     message per field ({"k": "must be 2..9"}), Conflict if the name is taken.
-    No generator given: the default SFT (else policy) model, if one is registered."""
+    No generator given: the default SFT (else policy) model, if one is registered.
+    `pairwise`: a ranking set with K = 2 labeled on the A/B page. An evaluation set
+    (app/services/evaluation.py) takes `model_ids` (two or more) and may take the
+    validation prompts of ranking sets (`source_set_ids`); it is always pairwise,
+    K = 2, and every prompt of it is in the validation split."""
     errors: dict[str, str] = {}
     name = _clean_name(errors, name)
     instructions = _clean_instructions(errors, instructions)
     kind = _clean_kind(errors, kind)
-    model_id = _clean_generator(errors, session, generator_model_id)
-    clean, setting_errors = _clean_settings({
+    settings = {
         "k": k, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
         "seed": seed, "overlap": overlap, "train_ratio": train_ratio,
         "validation_ratio": validation_ratio, "rl_ratio": rl_ratio,
-    })
+    }
+    evaluated: list[int] = []
+    sources: list[int] = []
+    if kind == PromptSetKind.evaluation:
+        from app.services import evaluation  # it reads results through export; load it only here
+
+        evaluated = evaluation.clean_models(errors, session, model_ids)
+        sources = evaluation.clean_sources(errors, session, source_set_ids)
+        settings |= {"k": 2, "train_ratio": 0.0, "validation_ratio": 1.0, "rl_ratio": 0.0}
+        pairwise = True
+        model_id = None
+    else:
+        model_id = _clean_generator(errors, session, generator_model_id)
+        pairwise = _as_flag(pairwise)
+    clean, setting_errors = _clean_settings(settings)
     errors |= setting_errors
+    if pairwise and clean.get("k") not in (None, 2):
+        errors["pairwise"] = "the A/B page compares two responses: set K to 2"
     if errors:
         raise Invalid(_summary(errors), errors=errors)
     _check_name_free(session, name)
     prompt_set = PromptSet(
-        name=name, instructions=instructions, kind=kind, generator_model_id=model_id,
+        name=name, instructions=instructions, kind=kind, generator_model_id=model_id, pairwise=pairwise,
         created_by_id=created_by_id, status=PromptSetStatus.draft, **clean,
     )
     session.add(prompt_set)
+    if kind == PromptSetKind.evaluation:
+        try:
+            session.flush()
+        except IntegrityError:
+            session.rollback()
+            raise Conflict(f"A prompt set named '{name}' already exists.", errors={"name": "already taken"}) from None
+        evaluation.add_models(session, prompt_set, evaluated)
+        evaluation.copy_validation_prompts(session, prompt_set, sources)
     _commit_name(session, name)
     return prompt_set
+
+
+def _as_flag(raw: Any) -> bool:
+    """A checkbox or JSON boolean: "on", "true", "1", True."""
+    if isinstance(raw, str):
+        return raw.strip().lower() in ("on", "true", "1", "yes")
+    return bool(raw)
 
 
 def _commit_name(session: Session, name: str) -> None:
@@ -305,7 +342,7 @@ def update_prompt_set(session: Session, *, prompt_set: PromptSet, **values: Any)
     Split ratios are fixed once the set has prompts: changing them would move
     prompts between splits. Raises Invalid per field, Conflict for a taken name
     or an archived set."""
-    allowed = {"name", "instructions", "generator_model_id", *SETTING_FIELDS}
+    allowed = {"name", "instructions", "generator_model_id", "pairwise", *SETTING_FIELDS}
     unknown = set(values) - allowed
     if unknown:
         raise Invalid(f"Unknown settings: {', '.join(sorted(unknown))}.",
@@ -327,6 +364,19 @@ def update_prompt_set(session: Session, *, prompt_set: PromptSet, **values: Any)
         settings = {n: getattr(prompt_set, n) for n in ratio_names} | settings
     clean, setting_errors = _clean_settings(settings)
     errors |= setting_errors
+    if "pairwise" in values:
+        changes["pairwise"] = _as_flag(values["pairwise"])
+        if prompt_set.kind == PromptSetKind.evaluation and not changes["pairwise"]:
+            errors["pairwise"] = "an evaluation set is always labeled on the A/B page"
+        elif prompt_set.kind == PromptSetKind.demonstration and changes["pairwise"]:
+            errors["pairwise"] = "a demonstration set has no responses to compare"
+    pairwise_after = changes.get("pairwise", prompt_set.pairwise)
+    if pairwise_after and clean.get("k", prompt_set.k) != 2 and "k" not in errors:
+        errors["k" if "k" in clean else "pairwise"] = "the A/B page compares two responses: K must be 2"
+    if prompt_set.kind == PromptSetKind.evaluation:
+        changes.pop("generator_model_id", None)  # its models are prompt_set_models
+        if any(n in clean and clean[n] != getattr(prompt_set, n) for n in ("k", *ratio_names)):
+            errors["settings"] = "an evaluation set's K and splits are fixed"
     if not errors and any(n in clean and clean[n] != getattr(prompt_set, n) for n in ratio_names):
         if count_prompts(session, prompt_set.id):
             errors["ratios"] = "fixed once prompts are imported (it would move prompts between splits)"
@@ -468,10 +518,10 @@ def prompts_awaiting_generation(session: Session, prompt_set: PromptSet) -> int:
 
 
 def queue_generation_if_needed(session: Session, *, prompt_set: PromptSet, created_by_id: int | None) -> Job | None:
-    """Queue a generate job when an active ranking set has prompts without tasks
+    """Queue a generate job when an active ranking or evaluation set has prompts without tasks
     and none is queued or running yet. Does not commit. The set's row is locked
     first, so two imports at once queue one job, not two."""
-    if prompt_set.status != PromptSetStatus.active or prompt_set.kind != PromptSetKind.ranking:
+    if prompt_set.status != PromptSetStatus.active or prompt_set.kind == PromptSetKind.demonstration:
         return None
     from app.services.jobs import enqueue_job  # jobs imports the queue; load it only when needed
 
@@ -507,7 +557,7 @@ def start_prompt_set(session: Session, *, prompt_set: PromptSet, user_id: int | 
     if prompt_set.status == PromptSetStatus.draft and not count_prompts(session, prompt_set.id):
         raise Conflict("Import prompts before starting the set: it has none yet.")
     _transition(session, prompt_set, "start")
-    if prompt_set.generator_model_id is None:
+    if prompt_set.generator_model_id is None and prompt_set.kind != PromptSetKind.evaluation:
         default = default_generator_model(session)
         prompt_set.generator_model_id = default.id if default else None
     job = queue_generation_if_needed(session, prompt_set=prompt_set, created_by_id=user_id)

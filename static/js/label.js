@@ -11,6 +11,11 @@
 //   after a number the next response is selected, so "1 2 2 3" ranks A..D
 //   Escape     clear the selection (in a text field: leave the field)
 //   Ctrl+Enter submit
+//
+// On the A/B page of a pairwise task (data-mode="vote", _label_vote.html):
+//   1 A is better, 2 B is better, 3 tie, 4 both bad
+//   S / C / M  slightly / clearly / much better (optional; pressing it again clears it)
+//   Enter or Ctrl+Enter submit
 (() => {
   "use strict";
   const LETTERS = "ABCDEFGHI";
@@ -115,6 +120,35 @@
     select(r, all[(at + 1) % all.length].dataset.responseId);
   }
 
+  const VOTES = { 1: "a", 2: "b", 3: "tie", 4: "both_bad" };
+  const STRENGTHS = { S: "slightly", C: "clearly", M: "much" };
+
+  function check(r, name, value) {
+    const input = r.querySelector(`input[name="${name}"][value="${value}"]`);
+    if (!input) return;
+    input.checked = !(name === "strength" && input.checked);
+    input.focus({ preventScroll: true });
+    if (name === "vote" && (value === "tie" || value === "both_bad")) {
+      // A tie has no strength.
+      for (const s of r.querySelectorAll('input[name="strength"]')) s.checked = false;
+    }
+  }
+
+  function onVoteKey(event, r, f) {
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    const key = event.key.length === 1 ? event.key.toUpperCase() : event.key;
+    if (key in VOTES) {
+      event.preventDefault();
+      check(r, "vote", VOTES[key]);
+    } else if (key in STRENGTHS) {
+      event.preventDefault();
+      check(r, "strength", STRENGTHS[key]);
+    } else if (key === "Enter" && !(event.target instanceof Element && event.target.closest("button, a, summary"))) {
+      event.preventDefault();
+      f.requestSubmit();
+    }
+  }
+
   function onKey(event) {
     const r = root(), f = form();
     if (!r || !f) return;
@@ -126,6 +160,10 @@
     const target = event.target;
     if (target instanceof Element && target.closest("textarea, select, input[type=text], [contenteditable]")) {
       if (event.key === "Escape") target.blur();
+      return;
+    }
+    if (r.dataset.mode === "vote") {
+      onVoteKey(event, r, f);
       return;
     }
     if (event.ctrlKey || event.metaKey || event.altKey) return;
@@ -172,8 +210,10 @@
       const picked = event.target.closest(".response, .rank-chip");
       if (picked) select(r, picked.dataset.responseId);
     });
-    setMode(r, "rank");
-    sync(r);
+    if (r.dataset.mode !== "vote") {
+      setMode(r, "rank");
+      sync(r);
+    }
     if (elt !== document.body) r.scrollIntoView({ block: "start" });
   }
 

@@ -6,11 +6,13 @@
 - models: registered models (`make_model`);
 - quality: annotations (`annotate`) and bulk-seeded labeled sets (`bulk_seed`);
 - training: a set ranked by the synthetic rule (`ranked_set`);
+- evaluation: evaluation sets with responses and scheduled A/B tasks (`make_evaluation`);
 - synthetic: data with a known rule for the trainer's learning tests (no database).
 Tests import them from here: `from tests.factories import make_prompt_set, make_task`.
 """
 
 from tests.factories.demonstrations import LEASE_S, lease_demo, submit_demo
+from tests.factories.evaluation import make_evaluation
 from tests.factories.models import make_model
 from tests.factories.prompt_sets import (
     add_prompt,
@@ -27,6 +29,6 @@ from tests.factories.users import TEST_PASSWORD, make_user
 
 __all__ = [
     "LEASE_S", "TEST_PASSWORD", "add_prompt", "annotate", "bulk_seed", "bulk_seed_session", "create_set", "demo_set",
-    "lease_demo", "make_model", "make_prompt_set", "make_task", "make_user", "ranked_set", "response_ids",
+    "lease_demo", "make_evaluation", "make_model", "make_prompt_set", "make_task", "make_user", "ranked_set", "response_ids",
     "submit_demo", "task_with_ids",
 ]
