@@ -25,7 +25,6 @@ Formats:
   A text cell that a spreadsheet would run as a formula (it starts with =, +,
   -, @, a tab or a carriage return) gets a leading ' (OWASP's CSV-injection
   rule): comments and responses are written by labelers and models.
-
 - votes, `votes`: one JSON line per vote of a pairwise set (evaluation sets and
   ranking sets on the A/B page): {"prompt": str, "response_a": str,
   "response_b": str, "model_a": name, "model_b": name, "outcome": a | b | tie |
