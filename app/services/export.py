@@ -62,10 +62,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, aliased
 
 from app.db.base import utcnow
-from app.db.enums import Split
-from app.db.models import (
-    Annotation,
-    Comparison,
 from app.db.enums import Split, VoteOutcome, VoteStrength
 from app.db.models import (
     Annotation,
@@ -79,12 +75,11 @@ from app.db.models import (
     TaskResponse,
     TaskReview,
     User,
-    User,
     Vote,
 )
 from app.services.agreement import compute_set_agreement
-from app.services.review import current_reviews, training_corrections
 from app.services.errors import Invalid, NotFound
+from app.services.review import current_reviews, training_corrections
 from app.services.validation import as_id
 
 KINDS = ("comparisons", "annotations", "votes")
