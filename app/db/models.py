@@ -187,6 +187,9 @@ class PromptSet(Base):
     round: Mapped[int] = mapped_column(default=1)
     # Share of gold tasks mixed into a labeler's queue (0 = none).
     gold_rate: Mapped[float] = mapped_column(default=0.0)
+    # Partial rankings: labelers rank only the best top_k responses, the rest are tied
+    # last (app/services/annotations). None: every response is ranked.
+    top_k: Mapped[int | None]
     status: Mapped[PromptSetStatus] = mapped_column(
         str_enum(PromptSetStatus, "prompt_set_status"), default=PromptSetStatus.draft
     )
@@ -208,6 +211,7 @@ class PromptSet(Base):
             name="split_ratios",
         ),
         CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name="gold_rate_range"),
+        CheckConstraint("top_k IS NULL OR (top_k >= 1 AND top_k < k)", name="top_k_range"),
     )
 
 
@@ -367,6 +371,13 @@ class Annotation(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(64), unique=True)
     # Excluded annotations stay stored but leave exports and training data.
     excluded: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    # A partial ranking: only the best top_k responses were ranked (ranks 1..top_k), the
+    # others are stored with rank top_k + 1, tied last. None: a full ranking (or all bad).
+    top_k: Mapped[int | None]
+    # "All responses are unacceptable": no ranking (ratings' ranks are null), no
+    # comparisons; the reason is required.
+    all_bad: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    all_bad_reason: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = created_at_column()
 
@@ -381,11 +392,15 @@ class Annotation(Base):
         UniqueConstraint("task_id", "user_id"),
         Index("ix_annotations_user_id_created_at", "user_id", "created_at"),
         CheckConstraint("time_spent_s >= 0", name="time_spent_nonneg"),
+        CheckConstraint("top_k IS NULL OR top_k >= 1", name="top_k_positive"),
+        CheckConstraint("all_bad = (all_bad_reason IS NOT NULL)", name="all_bad_has_reason"),
+        CheckConstraint("NOT (all_bad AND top_k IS NOT NULL)", name="all_bad_not_ranked"),
     )
 
 
 class Rating(Base):
-    """Likert score, rank and flags of one response in one annotation."""
+    """Likert score, rank and flags of one response in one annotation. An "all bad"
+    annotation has no rank and may leave the rating out (both null)."""
 
     __tablename__ = "ratings"
 
@@ -393,8 +408,8 @@ class Rating(Base):
     annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"))
     task_id: Mapped[int]
     response_id: Mapped[int]
-    likert: Mapped[int]
-    rank: Mapped[int]
+    likert: Mapped[int | None]
+    rank: Mapped[int | None]
     flags: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
 
     annotation: Mapped[Annotation] = relationship(back_populates="ratings")
