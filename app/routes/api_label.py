@@ -28,6 +28,7 @@ def next_task(session: SessionDep, user: LabelerUser, settings: SettingsDep):
         task_out = LabelTaskOut(
             id=task.id, prompt_set_id=task.prompt_set_id, prompt_set_name=task.prompt_set.name,
             instructions=task.prompt_set.instructions, messages=task.prompt.messages, k=task.k,
+            top_k=task.prompt_set.top_k,
             lease_expires_at=lease.assignment.expires_at,
             responses=[
                 ResponseOut(id=item.response_id, label=annotations.letter(item.position),
@@ -44,12 +45,13 @@ def next_task(session: SessionDep, user: LabelerUser, settings: SettingsDep):
              responses={200: {"model": SubmitOut,
                              "description": "A retry: this idempotency key's annotation, stored before."}})
 def submit(task_id: Id, body: SubmitIn, response: Response, session: SessionDep, user: LabelerUser):
-    """Submit ratings and a ranking of every response of a leased task. Errors name each
-    field (rating-<response_id>, rank-<response_id>, ...)."""
+    """Submit ratings and a ranking of every response of a leased task (only the best
+    top_k with the task's top_k), or mark them all bad with a reason. Errors name each
+    field (rating-<response_id>, rank-<response_id>, ranks, all_bad_reason, ...)."""
     result = annotations.submit_annotation(
         session, user=user, task_id=task_id, ratings=body.ratings, ranks=body.ranks, flags=body.flags,
         prompt_flags=body.prompt_flags, comment=body.comment, time_spent_s=body.time_spent_s,
-        idempotency_key=body.idempotency_key,
+        idempotency_key=body.idempotency_key, all_bad=body.all_bad, all_bad_reason=body.all_bad_reason,
     )
     if not result.created:
         response.status_code = status.HTTP_200_OK

@@ -36,6 +36,8 @@ class LabelTaskOut(BaseModel):
     instructions: str = Field(description="Markdown.")
     messages: list[dict[str, Any]] = Field(description="The conversation; the last turn is the prompt.")
     k: int
+    top_k: int | None = Field(description="Rank only the best top_k responses (ranks 1..top_k; leave the others "
+                                          "out: tied last); null: rank every response.")
     responses: list[ResponseOut]
     lease_expires_at: datetime
 
@@ -50,8 +52,15 @@ class NextTaskOut(BaseModel):
 
 class SubmitIn(BaseModel):
     idempotency_key: str = Field(max_length=64, description="One per form: a retry with it stores nothing new.")
-    ratings: dict[str, Any] = Field(description="{response_id: Likert 1 (very bad) .. 7 (excellent)}, every response.")
-    ranks: dict[str, Any] = Field(description="{response_id: rank 1 (best) .. K}, every response; ties allowed.")
+    ratings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="{response_id: Likert 1 (very bad) .. 7 (excellent)}, every response (optional when all_bad).")
+    ranks: dict[str, Any] = Field(
+        default_factory=dict,
+        description="{response_id: rank 1 (best) .. K}, every response; ties allowed. With the task's top_k: "
+                    "exactly top_k responses ranked 1..top_k, the others left out (tied last). None when all_bad.")
+    all_bad: bool = Field(default=False, description="Every response is unacceptable: no ranking, no comparisons.")
+    all_bad_reason: Text | None = Field(default=None, description="Why (required with all_bad; at most 500 characters).")
     flags: dict[str, list[str]] = Field(default_factory=dict, description="{response_id: [flag key, ...]}")
     prompt_flags: list[str] = Field(default_factory=list)
     comment: Text = ""
@@ -72,7 +81,8 @@ def new_form_key() -> str:
 
 class LabelForm:
     """The label form as posted: rating-<id>, rank-<id>, flags-<id> (several),
-    prompt_flags (several), comment, skip_reason(_other), idempotency_key, started_at."""
+    prompt_flags (several), comment, all_bad (checkbox), all_bad_reason, skip_reason(_other),
+    idempotency_key, started_at."""
 
     def __init__(self, form: FormData | Mapping[str, Any]):
         self.ratings: dict[int, str] = {}
@@ -93,6 +103,8 @@ class LabelForm:
                 self.flags[rid] = [str(v) for v in getlist(name)]
         self.prompt_flags = [str(v) for v in getlist("prompt_flags")] if "prompt_flags" in form else []
         self.comment = str(form.get("comment", ""))
+        self.all_bad = str(form.get("all_bad", ""))
+        self.all_bad_reason = str(form.get("all_bad_reason", ""))
         self.skip_reason = str(form.get("skip_reason", ""))
         self.skip_reason_other = str(form.get("skip_reason_other", "")).strip()
         self.idempotency_key = str(form.get("idempotency_key", ""))
@@ -115,6 +127,7 @@ class LabelForm:
         return {
             "ratings": self.ratings, "ranks": self.ranks, "flags": self.flags,
             "prompt_flags": self.prompt_flags, "comment": self.comment,
+            "all_bad": self.all_bad not in ("", "false", "off", "0"), "all_bad_reason": self.all_bad_reason,
             "skip_reason": self.skip_reason, "skip_reason_other": self.skip_reason_other,
         }
 

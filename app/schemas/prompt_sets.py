@@ -30,6 +30,8 @@ class PromptSetCreate(BaseModel):
     validation_ratio: float = DEFAULTS["validation_ratio"]
     rl_ratio: float = DEFAULTS["rl_ratio"]
     kind: PromptSetKind = PromptSetKind.ranking
+    top_k: int | None = Field(default=None, description="Partial rankings: labelers rank only the best top_k "
+                                                        "responses (1 <= top_k < K), the rest tied last; null: all.")
 
 
 class PromptSetUpdate(BaseModel):
@@ -47,6 +49,7 @@ class PromptSetUpdate(BaseModel):
     train_ratio: float | None = None
     validation_ratio: float | None = None
     rl_ratio: float | None = None
+    top_k: int | None = Field(default=None, description="null: rank every response.")
 
 
 class PromptSetForm(BaseModel):
@@ -66,6 +69,7 @@ class PromptSetForm(BaseModel):
     validation_ratio: str = str(DEFAULTS["validation_ratio"])
     rl_ratio: str = str(DEFAULTS["rl_ratio"])
     kind: str = PromptSetKind.ranking.value
+    top_k: str = ""
 
 
 class PromptSetCountsOut(BaseModel):
@@ -111,6 +115,7 @@ class PromptSetOut(BaseModel):
     train_ratio: float
     validation_ratio: float
     rl_ratio: float
+    top_k: int | None
     round: int
     created_by_id: int | None
     created_at: datetime
