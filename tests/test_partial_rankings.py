@@ -57,7 +57,8 @@ def test_top_2_of_4_expands_to_the_ranked_pair_and_ranked_vs_unranked_pairs():
     # A tie among the ranked: no A-B pair, each still beats both unranked: 4 pairs.
     tied = {(p.chosen, p.rejected) for p in expand_comparisons(ratings, {10: 1, 11: 1, 12: 3, 13: 3})}
     assert tied == {(10, 12), (10, 13), (11, 12), (11, 13)}
-    assert expand_comparisons(ratings, {}, all_bad=True) == []
+    # "All bad" gives none, whatever ranks come with it.
+    assert expand_comparisons(ratings, {10: 1, 11: 2, 12: 3, 13: 4}, all_bad=True) == []
 
 
 def test_a_top_k_submission_stores_5_comparisons_and_the_unranked_tied_last(session):
@@ -192,7 +193,8 @@ def test_ranking_agreement_on_partial_rankings_and_all_bad():
     items = [
         export.RankedAnnotation(1, 7, "train", [], responses, [1, 2, 3, 3], top_k=2),
         export.RankedAnnotation(2, 7, "train", [], responses, [1, 3, 2, 3], top_k=2),
-        export.RankedAnnotation(3, 7, "train", [], responses, [None] * 4, all_bad=True),
+        # "All bad" ranks nothing, whatever ranks it carries: it would disagree on every pair.
+        export.RankedAnnotation(3, 7, "train", [], responses, [4, 3, 2, 1], all_bad=True),
     ]
     assert ranking_agreement(items) == (0.75, 4)
 

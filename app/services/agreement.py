@@ -266,17 +266,15 @@ def ranking_agreement(items) -> tuple[float | None, int]:
     """(pairwise agreement, strict pairs compared) among given ranked annotations
     (export.RankedAnnotation: prompt_id, responses, ranks, top_k, all_bad), with the
     conventions above: two annotations of the same prompt are compared on every pair
-    of responses both ranked with a strict preference; a pair of responses both left
-    unranked by a partial ranking is no preference, and an "all bad" annotation has
-    none. The reward-model job measures its training data with it: the labelers'
+    of responses both ranked with a strict preference. A pair of responses both left
+    unranked by a partial ranking is tied (both at top_k + 1), so it is never counted;
+    an "all bad" annotation ranks nothing and is skipped. The reward-model job measures its training data with it: the labelers'
     agreement is the ceiling its accuracy is read against."""
     by_prompt: dict[int, list[dict[str, int]]] = {}
     for item in items:
         if item.all_bad:
             continue
-        # Unranked responses (tied last) become None: no preference between two of them.
-        ranks = [None if item.top_k is not None and rank > item.top_k else rank for rank in item.ranks]
-        by_prompt.setdefault(item.prompt_id, []).append(dict(zip(item.responses, ranks, strict=True)))
+        by_prompt.setdefault(item.prompt_id, []).append(dict(zip(item.responses, item.ranks, strict=True)))
     agree = strict = 0
     for rankings in by_prompt.values():
         for a in range(len(rankings)):
@@ -285,19 +283,9 @@ def ranking_agreement(items) -> tuple[float | None, int]:
                 shared = sorted(set(x) & set(y))
                 for i in range(len(shared)):
                     for j in range(i + 1, len(shared)):
-                        p, q = _preference(x, shared[i], shared[j]), _preference(y, shared[i], shared[j])
+                        p, q = x[shared[i]] - x[shared[j]], y[shared[i]] - y[shared[j]]
                         if p and q:
                             strict += 1
                             agree += (p > 0) == (q > 0)
     return (agree / strict if strict else None), strict
 
-
-def _preference(ranks: dict[str, int | None], a: str, b: str) -> int:
-    """rank(a) - rank(b): < 0 when a is better, 0 for a tie or no preference. An unranked
-    response (None) is worse than any ranked one; two unranked ones are no preference."""
-    ra, rb = ranks[a], ranks[b]
-    if ra is None and rb is None:
-        return 0
-    if ra is None or rb is None:
-        return 1 if ra is None else -1
-    return ra - rb
