@@ -208,8 +208,6 @@
     setMode(r, "rank");
     sync(r);
     if (elt !== document.body) r.scrollIntoView({ block: "start" });
-    // An "all bad" form refused for its reason comes back with the cursor in the reason.
-    if (r.querySelector("#error-all_bad_reason")) r.querySelector("#all-bad-reason").focus();
   }
 
   document.addEventListener("keydown", onKey);
