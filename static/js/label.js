@@ -112,13 +112,17 @@
   }
 
   // "All bad": no ranking goes with it, so the board is emptied; the reason is asked for.
+  // Without this script the reason field is always shown; with it, only once "all bad" is ticked.
+  function showAllBad(r, on) {
+    r.querySelector("#ranking").classList.toggle("all-bad-on", on);
+    r.querySelector("#all-bad-reason-label").hidden = !on;
+  }
+
   function setAllBad(r, on, focus) {
     const box = r.querySelector("#all-bad-check");
     if (!box) return;
     box.checked = on;
-    r.querySelector("#ranking").classList.toggle("all-bad-on", on);
-    const label = r.querySelector("#all-bad-reason-label");
-    label.hidden = !on;
+    showAllBad(r, on);
     if (!on) return;
     const pool = r.querySelector(".rank-pool .rank-list");
     for (const c of r.querySelectorAll(".rank-slot:not(.rank-pool) .rank-chip")) pool.appendChild(c);
@@ -206,6 +210,8 @@
       if (picked) select(r, picked.dataset.responseId);
     });
     setMode(r, "rank");
+    const allBad = r.querySelector("#all-bad-check");
+    if (allBad) showAllBad(r, allBad.checked);
     sync(r);
     if (elt !== document.body) r.scrollIntoView({ block: "start" });
   }
