@@ -17,8 +17,10 @@ trainer.sft.SFTConfig, trainer.ppo.PPOConfig).
 
 Input files are JSON lines:
 - rankings (reward): the annotations export (app/services/export.py, format
-  jsonl: {"prompt": [messages], "ratings": [{"rank", "text"}, ...], "is_gold"};
-  gold annotations are skipped, as in training from the dashboard), or
+  jsonl: {"prompt": [messages], "ratings": [{"rank", "text"}, ...], "is_gold",
+  "all_bad"}; gold and "all bad" annotations are skipped, as in training from the
+  dashboard; a partial ranking's unranked responses carry rank top_k + 1, tied
+  last, so they lose to every ranked one and tie among themselves), or
   {"messages" | "prompt", "responses": [...], "ranks": [...]} (1 = best,
   equal ranks tie), or TRL's preference rows {"prompt", "chosen", "rejected"}
   (plain strings or conversational message lists, as the comparisons export).
@@ -96,11 +98,12 @@ def _prompt_of(row: dict, where: str) -> Messages:
 
 
 def ranking_of(row: dict, where: str):
-    """A RankedGroup from any of the ranking formats; None for a gold annotation."""
+    """A RankedGroup from any of the ranking formats; None for a gold or "all bad" annotation
+    (it ranks nothing: no pairs)."""
     from trainer.reward import RankedGroup, pairwise
 
     if "ratings" in row:  # the annotations export
-        if row.get("is_gold"):
+        if row.get("is_gold") or row.get("all_bad"):
             return None
         ratings = sorted(row["ratings"], key=lambda r: r.get("position") or 0)
         if any(r.get("rank") is None for r in ratings):

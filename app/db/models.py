@@ -196,6 +196,9 @@ class PromptSet(Base):
     # Labeled on the A/B page (one vote per pair) instead of ratings and ranks: every
     # evaluation set, and ranking sets with K = 2 that choose it.
     pairwise: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    # Partial rankings: labelers rank only the best top_k responses, the rest are tied
+    # last (app/services/annotations). None: every response is ranked.
+    top_k: Mapped[int | None]
     status: Mapped[PromptSetStatus] = mapped_column(
         str_enum(PromptSetStatus, "prompt_set_status"), default=PromptSetStatus.draft
     )
@@ -217,6 +220,7 @@ class PromptSet(Base):
             name="split_ratios",
         ),
         CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name="gold_rate_range"),
+        CheckConstraint("top_k IS NULL OR (top_k >= 1 AND top_k < k)", name="top_k_range"),
         CheckConstraint("NOT pairwise OR k = 2", name="pairwise_k"),
         CheckConstraint("kind <> 'evaluation' OR pairwise", name="evaluation_pairwise"),
     )
@@ -401,6 +405,13 @@ class Annotation(Base):
     # Excluded because its labeler was quarantined on the set when it was submitted
     # (app/services/trust); lifting the quarantine includes it again.
     quarantined: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    # A partial ranking: only the best top_k responses were ranked (ranks 1..top_k), the
+    # others are stored with rank top_k + 1, tied last. None: a full ranking (or all bad).
+    top_k: Mapped[int | None]
+    # "All responses are unacceptable": no ranking (ratings' ranks are null), no
+    # comparisons; the reason is required.
+    all_bad: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
+    all_bad_reason: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = created_at_column()
 
@@ -417,11 +428,15 @@ class Annotation(Base):
         Index("ix_annotations_user_id_created_at", "user_id", "created_at"),
         CheckConstraint("time_spent_s >= 0", name="time_spent_nonneg"),
         CheckConstraint("excluded OR NOT quarantined", name="quarantined_is_excluded"),
+        CheckConstraint("top_k IS NULL OR top_k >= 1", name="top_k_positive"),
+        CheckConstraint("all_bad = (all_bad_reason IS NOT NULL)", name="all_bad_has_reason"),
+        CheckConstraint("NOT (all_bad AND top_k IS NOT NULL)", name="all_bad_not_ranked"),
     )
 
 
 class Rating(Base):
-    """Likert score, rank and flags of one response in one annotation."""
+    """Likert score, rank and flags of one response in one annotation. An "all bad"
+    annotation has no rank and may leave the rating out (both null)."""
 
     __tablename__ = "ratings"
 
@@ -429,9 +444,10 @@ class Rating(Base):
     annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"))
     task_id: Mapped[int]
     response_id: Mapped[int]
-    # None for a pairwise vote (app/services/votes.py), which ranks but does not rate.
+    # None for a pairwise vote (app/services/votes.py), which ranks but does not rate, and
+    # for "all bad" annotations, which need no rating and rank nothing.
     likert: Mapped[int | None]
-    rank: Mapped[int]
+    rank: Mapped[int | None]
     flags: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
 
     annotation: Mapped[Annotation] = relationship(back_populates="ratings")

@@ -29,6 +29,7 @@ def next_task(session: SessionDep, user: LabelerUser, settings: SettingsDep):
             id=task.id, prompt_set_id=task.prompt_set_id, prompt_set_name=task.prompt_set.name,
             instructions=task.prompt_set.instructions, messages=task.prompt.messages, k=task.k,
             mode="vote" if task.prompt_set.pairwise else "rank",
+            top_k=task.prompt_set.top_k,
             lease_expires_at=lease.assignment.expires_at,
             responses=[
                 ResponseOut(id=item.response_id, label=annotations.letter(item.position),
@@ -45,13 +46,15 @@ def next_task(session: SessionDep, user: LabelerUser, settings: SettingsDep):
              responses={200: {"model": SubmitOut,
                              "description": "A retry: this idempotency key's annotation, stored before."}})
 def submit(task_id: Id, body: SubmitIn, response: Response, session: SessionDep, user: LabelerUser):
-    """Submit ratings and a ranking of every response of a leased task (mode rank), or a
-    vote on A and B (mode vote). Errors name each field (rating-<response_id>,
-    rank-<response_id>, vote, strength, ...)."""
+    """Submit ratings and a ranking of every response of a leased task (mode rank; only the
+    best top_k with the task's top_k, or all bad with a reason), or a vote on A and B (mode
+    vote). Errors name each field (rating-<response_id>, rank-<response_id>, ranks,
+    all_bad_reason, vote, strength, ...)."""
     result = annotations.submit_annotation(
         session, user=user, task_id=task_id, ratings=body.ratings, ranks=body.ranks, flags=body.flags,
         prompt_flags=body.prompt_flags, comment=body.comment, time_spent_s=body.time_spent_s,
         idempotency_key=body.idempotency_key, vote=body.vote, strength=body.strength,
+        all_bad=body.all_bad, all_bad_reason=body.all_bad_reason,
     )
     if not result.created:
         response.status_code = status.HTTP_200_OK

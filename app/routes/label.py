@@ -40,12 +40,14 @@ def _context(session, user: User, now: datetime, *, task: Task | None, lease: As
         "task": task, "lease": lease, "editing": editing,
         "counts": counts or annotations.labeler_counts(session, user=user, now=now),
         "values": {"ratings": {}, "ranks": {}, "flags": {}, "prompt_flags": [], "comment": "",
-                   "skip_reason": "", "skip_reason_other": "", "vote": "", "strength": ""} | values,
+                   "all_bad": False, "all_bad_reason": "", "skip_reason": "", "skip_reason_other": "",
+                   "vote": "", "strength": ""} | values,
         "errors": {}, "error": None,
         "notice": notice, "notice_warnings": notice_warnings or [],
         "response_flags": annotations.RESPONSE_FLAGS, "prompt_flag_choices": annotations.PROMPT_FLAGS,
         "likert_labels": annotations.LIKERT_LABELS, "skip_reasons": assignment.SKIP_REASONS,
         "vote_choices": annotations.VOTE_CHOICES, "strengths": annotations.STRENGTHS,
+        "max_all_bad_reason": annotations.MAX_ALL_BAD_REASON,
         "idempotency_key": form.idempotency_key if form and refused else new_form_key(),
         "started_at": form.started_at if form and refused else f"{now.timestamp():.3f}",
     }
@@ -93,6 +95,7 @@ def submit(request: Request, session: SessionDep, user: LabelerUser, settings: S
             session, user=user, task_id=task_id, ratings=form.ratings, ranks=form.ranks, flags=form.flags,
             prompt_flags=form.prompt_flags, comment=form.comment, time_spent_s=form.time_spent_s(now),
             idempotency_key=form.idempotency_key, vote=form.vote, strength=form.strength,
+            all_bad=form.all_bad, all_bad_reason=form.all_bad_reason,
         )
     except Invalid as exc:
         task = assignment.labeler_task(session, user=user, task_id=task_id)
@@ -152,7 +155,7 @@ def edit(request: Request, session: SessionDep, user: LabelerUser, annotation_id
         result = annotations.edit_annotation(
             session, user=user, annotation_id=annotation_id, ratings=form.ratings, ranks=form.ranks,
             flags=form.flags, prompt_flags=form.prompt_flags, comment=form.comment, now=now,
-            vote=form.vote, strength=form.strength,
+            vote=form.vote, strength=form.strength, all_bad=form.all_bad, all_bad_reason=form.all_bad_reason,
         )
     except Invalid as exc:
         annotation = annotations.get_own_annotation(session, user=user, annotation_id=annotation_id)

@@ -29,6 +29,7 @@ def _form_context(session, *, form: dict[str, Any], prompt_set: PromptSet | None
 def _detail_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, Any]:
     settings_form = {n: str(getattr(prompt_set, n)) for n in PromptSetForm.model_fields if n != "kind"}
     settings_form["generator_model_id"] = str(prompt_set.generator_model_id or "")
+    settings_form["top_k"] = str(prompt_set.top_k or "")
     context = _form_context(session, form=settings_form, prompt_set=prompt_set)
     context |= {
         "counts": prompt_sets.counts(session, prompt_set),

@@ -38,6 +38,8 @@ class LabelTaskOut(BaseModel):
     k: int
     mode: Literal["rank", "vote"] = Field(
         description="rank: rate and rank every response; vote: compare A and B (send `vote`, optional `strength`).")
+    top_k: int | None = Field(description="Rank only the best top_k responses (ranks 1..top_k; leave the others "
+                                          "out: tied last); null: rank every response.")
     responses: list[ResponseOut]
     lease_expires_at: datetime
 
@@ -52,10 +54,15 @@ class NextTaskOut(BaseModel):
 
 class SubmitIn(BaseModel):
     idempotency_key: str = Field(max_length=64, description="One per form: a retry with it stores nothing new.")
-    ratings: dict[str, Any] = Field(default_factory=dict, description=(
-        "{response_id: Likert 1 (very bad) .. 7 (excellent)}, every response (mode rank)."))
-    ranks: dict[str, Any] = Field(default_factory=dict, description=(
-        "{response_id: rank 1 (best) .. K}, every response; ties allowed (mode rank)."))
+    ratings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="{response_id: Likert 1 (very bad) .. 7 (excellent)}, every response (optional when all_bad).")
+    ranks: dict[str, Any] = Field(
+        default_factory=dict,
+        description="{response_id: rank 1 (best) .. K}, every response; ties allowed. With the task's top_k: "
+                    "exactly top_k responses ranked 1..top_k, the others left out (tied last). None when all_bad.")
+    all_bad: bool = Field(default=False, description="Every response is unacceptable: no ranking, no comparisons.")
+    all_bad_reason: Text | None = Field(default=None, description="Why (required with all_bad; at most 500 characters).")
     vote: str | None = Field(default=None, max_length=20, description="Mode vote: a | b | tie | both_bad.")
     strength: str | None = Field(default=None, max_length=20, description=(
         "Mode vote, optional, with a winner: slightly | clearly | much."))
@@ -79,7 +86,8 @@ def new_form_key() -> str:
 
 class LabelForm:
     """The label form as posted: rating-<id>, rank-<id>, flags-<id> (several),
-    prompt_flags (several), comment, skip_reason(_other), idempotency_key, started_at."""
+    prompt_flags (several), comment, all_bad (checkbox), all_bad_reason, skip_reason(_other),
+    idempotency_key, started_at."""
 
     def __init__(self, form: FormData | Mapping[str, Any]):
         self.ratings: dict[int, str] = {}
@@ -100,6 +108,8 @@ class LabelForm:
                 self.flags[rid] = [str(v) for v in getlist(name)]
         self.prompt_flags = [str(v) for v in getlist("prompt_flags")] if "prompt_flags" in form else []
         self.comment = str(form.get("comment", ""))
+        self.all_bad = str(form.get("all_bad", ""))
+        self.all_bad_reason = str(form.get("all_bad_reason", ""))
         self.skip_reason = str(form.get("skip_reason", ""))
         self.skip_reason_other = str(form.get("skip_reason_other", "")).strip()
         self.idempotency_key = str(form.get("idempotency_key", ""))
@@ -124,6 +134,7 @@ class LabelForm:
         return {
             "ratings": self.ratings, "ranks": self.ranks, "flags": self.flags,
             "prompt_flags": self.prompt_flags, "comment": self.comment,
+            "all_bad": self.all_bad not in ("", "false", "off", "0"), "all_bad_reason": self.all_bad_reason,
             "skip_reason": self.skip_reason, "skip_reason_other": self.skip_reason_other,
             "vote": self.vote, "strength": self.strength,
         }

@@ -35,6 +35,8 @@ class PromptSetCreate(BaseModel):
                                 description="Kind evaluation: the models compared (two or more).")
     source_set_ids: list[Id] = Field(default_factory=list, max_length=100, description=(
         "Kind evaluation: ranking sets whose validation prompts the evaluation takes."))
+    top_k: int | None = Field(default=None, description="Partial rankings: labelers rank only the best top_k "
+                                                        "responses (1 <= top_k < K), the rest tied last; null: all.")
 
 
 class PromptSetUpdate(BaseModel):
@@ -53,6 +55,7 @@ class PromptSetUpdate(BaseModel):
     validation_ratio: float | None = None
     rl_ratio: float | None = None
     pairwise: bool | None = None
+    top_k: int | None = Field(default=None, description="null: rank every response.")
 
 
 class PromptSetForm(BaseModel):
@@ -73,6 +76,7 @@ class PromptSetForm(BaseModel):
     rl_ratio: str = str(DEFAULTS["rl_ratio"])
     kind: str = PromptSetKind.ranking.value
     pairwise: str = ""
+    top_k: str = ""
 
 
 class PromptSetCountsOut(BaseModel):
@@ -119,6 +123,7 @@ class PromptSetOut(BaseModel):
     validation_ratio: float
     rl_ratio: float
     pairwise: bool
+    top_k: int | None
     round: int
     created_by_id: int | None
     created_at: datetime

@@ -16,6 +16,13 @@ Conventions (shown on the agreement page too):
   labelers' preferences are summed; the labeler agrees when their strict
   preference has the sign of that sum (pairs where the others cancel out
   or tied are left out).
+- Partial rankings (annotations with a top_k): the unranked responses are
+  stored tied last (rank top_k + 1). A pair of two unranked responses says
+  nothing and is left out of every pair figure (not counted as a tie either);
+  a ranked response against an unranked one is a strict preference.
+- "All bad" annotations have no ranking: they give no pairs and no ranks; their
+  ratings (optional) still count in the ratings alpha and histogram. They are
+  counted per set and labeler (`all_bad`).
 - Excluded annotations are left out of everything.
 - A pairwise vote (app/services/annotations) is read as its ranks: a winner is a
   strict preference, a tie or "both bad" a tie; it has no Likert rating.
@@ -27,15 +34,22 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+# The pairs of one annotation's ratings x, y that carry a preference: both ranked
+# (not "all bad"), and not both unranked in a partial ranking (a.top_k).
+_RANKED_PAIR = """
+    x.rank IS NOT NULL AND y.rank IS NOT NULL AND NOT a.all_bad
+    AND (a.top_k IS NULL OR x.rank <= a.top_k OR y.rank <= a.top_k)
+"""
+
 # One row per (annotation, response pair), with the labeler's preference.
-_PREFS = """
+_PREFS = f"""
     SELECT a.task_id, a.user_id, x.response_id AS ri, y.response_id AS rj,
            sign(y.rank - x.rank)::int AS pref
     FROM annotations a
     JOIN tasks t ON t.id = a.task_id
     JOIN ratings x ON x.annotation_id = a.id
     JOIN ratings y ON y.annotation_id = a.id AND x.response_id < y.response_id
-    WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold
+    WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold AND {_RANKED_PAIR}
 """
 
 
@@ -52,6 +66,7 @@ class LabelerFigures:
     contradiction_rate: float = 0.0
     gold_accuracy: float | None = None
     gold_tasks: int = 0
+    all_bad: int = 0  # "all bad" annotations (gold tasks apart)
     rating_histogram: list[int] = field(default_factory=lambda: [0] * 7)  # counts of 1..7
 
 
@@ -67,6 +82,7 @@ class SetAgreement:
     alpha_ratings: float | None  # Krippendorff, ordinal, Likert 1..7
     alpha_ranks: float | None  # Krippendorff, ordinal, ranks within a task
     labelers: list[LabelerFigures]
+    all_bad: int = 0  # "all bad" annotations among `annotations`
 
 
 def krippendorff_alpha_ordinal(units: np.ndarray, values: np.ndarray, coders: np.ndarray) -> float | None:
@@ -131,16 +147,17 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
 
     # Plain tuples: numpy reads a list of SQLAlchemy Rows element by element (~70x slower).
     judgements = [tuple(row) for row in session.execute(text("""
-        SELECT r.task_id, r.response_id, a.user_id, coalesce(r.likert, 0), r.rank
+        SELECT r.task_id, r.response_id, a.user_id, coalesce(r.likert, -1), coalesce(r.rank, -1)
         FROM ratings r JOIN annotations a ON a.id = r.annotation_id JOIN tasks t ON t.id = a.task_id
         WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold
     """), params)]
     if judgements:
+        # Unrated or unranked ("all bad") judgements are -1 here and left out of their alpha.
         arr = np.array(judgements, dtype=np.int64)  # (N, 5)
         unit = arr[:, 0] * 1_000_000_007 + arr[:, 1]
-        rated = arr[:, 3] > 0  # votes rank without rating (likert NULL, read as 0)
+        rated, ranked = arr[:, 3] >= 1, arr[:, 4] >= 1
         alpha_ratings = krippendorff_alpha_ordinal(unit[rated], arr[rated, 3], arr[rated, 2])
-        alpha_ranks = krippendorff_alpha_ordinal(unit, arr[:, 4], arr[:, 2])
+        alpha_ranks = krippendorff_alpha_ordinal(unit[ranked], arr[ranked, 4], arr[ranked, 2])
     else:
         alpha_ratings = alpha_ranks = None
 
@@ -149,6 +166,7 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
     return SetAgreement(
         prompt_set_id=prompt_set_id,
         annotations=n_annotations,
+        all_bad=sum(f.all_bad for f in labelers),
         pairwise_agreement=shared.agree / shared.strict if shared.strict else None,
         pairwise_pairs=shared.strict,
         tie_rate=(shared.total - shared.strict) / shared.total if shared.total else None,
@@ -178,6 +196,7 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
                    SELECT 1 FROM ratings x JOIN ratings y ON y.annotation_id = x.annotation_id
                    WHERE x.annotation_id = a.id AND x.likert > y.likert AND x.rank > y.rank
                )) AS contradicting,
+               count(a.id) FILTER (WHERE a.all_bad AND NOT t.is_gold) AS all_bad,
                count(a.id) AS all_tasks
         FROM annotations a JOIN tasks t ON t.id = a.task_id JOIN users u ON u.id = a.user_id
         WHERE t.prompt_set_id = :set_id AND NOT a.excluded
@@ -191,6 +210,7 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
             median_time_s=float(row.median_time) if row.median_time is not None else None,
             flag_rate=row.flagged / row.all_tasks,
             contradiction_rate=row.contradicting / row.all_tasks,
+            all_bad=row.all_bad,
         )
         for row in base
     }
@@ -229,7 +249,7 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
             figures[row.user_id].rating_histogram[row.likert - 1] = row.n
     # Gold: a gold task's expected ranking is {response_id: rank}; a labeler is
     # right on a pair when their strict preference matches the expected one.
-    for row in session.execute(text("""
+    for row in session.execute(text(f"""
         SELECT a.user_id, count(DISTINCT a.id) AS tasks,
                count(*) FILTER (WHERE sign(y.rank - x.rank) = sign(
                    (t.gold_ranking ->> y.response_id::text)::int - (t.gold_ranking ->> x.response_id::text)::int
@@ -240,6 +260,7 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
         JOIN ratings y ON y.annotation_id = a.id AND x.response_id < y.response_id
         WHERE t.prompt_set_id = :set_id AND t.is_gold AND t.gold_ranking IS NOT NULL AND NOT a.excluded
           AND (t.gold_ranking ->> x.response_id::text) <> (t.gold_ranking ->> y.response_id::text)
+          AND {_RANKED_PAIR}
         GROUP BY a.user_id
     """), params):
         if row.user_id in figures:
@@ -250,12 +271,16 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
 
 def ranking_agreement(items) -> tuple[float | None, int]:
     """(pairwise agreement, strict pairs compared) among given ranked annotations
-    (export.RankedAnnotation: prompt_id, responses, ranks), with the conventions above:
-    two annotations of the same prompt are compared on every pair of responses both
-    ranked with a strict preference. The reward-model job measures its training data
-    with it: the labelers' agreement is the ceiling its accuracy is read against."""
+    (export.RankedAnnotation: prompt_id, responses, ranks, top_k, all_bad), with the
+    conventions above: two annotations of the same prompt are compared on every pair
+    of responses both ranked with a strict preference. A pair of responses both left
+    unranked by a partial ranking is tied (both at top_k + 1), so it is never counted;
+    an "all bad" annotation ranks nothing and is skipped. The reward-model job measures its training data with it: the labelers'
+    agreement is the ceiling its accuracy is read against."""
     by_prompt: dict[int, list[dict[str, int]]] = {}
     for item in items:
+        if item.all_bad:
+            continue
         by_prompt.setdefault(item.prompt_id, []).append(dict(zip(item.responses, item.ranks, strict=True)))
     agree = strict = 0
     for rankings in by_prompt.values():
@@ -270,3 +295,4 @@ def ranking_agreement(items) -> tuple[float | None, int]:
                             strict += 1
                             agree += (p > 0) == (q > 0)
     return (agree / strict if strict else None), strict
+

@@ -15,6 +15,19 @@ ranks without ratings (1/2, or 1/1 for a tie or both bad), so agreement, gold
 and reward training read it exactly as a ranking, and as one comparison
 (winner, loser, margin from the strength) when there is a winner.
 
+Partial rankings: a set with `top_k` asks for the best top_k responses only. The
+labeler ranks exactly top_k of them (ranks 1..top_k, ties allowed) and leaves the
+others unranked; those are stored with rank top_k + 1, tied last, and the
+annotation records its top_k. So the one expansion rule below gives each ranked
+response a win over every unranked one and no pair among the unranked: K = 4,
+top_k = 2 gives 1 + 2 x 2 = 5 pairs. Ratings are still required for every response.
+
+"All bad": the labeler says every response is unacceptable, with a reason
+(required, at most MAX_ALL_BAD_REASON characters). Such an annotation has no
+ranking (ranks are null, none may be sent), its ratings are optional, and it
+expands into no comparison; the flag and the reason are stored on the annotation,
+exported and counted on the quality page.
+
 A form carries a one-time idempotency key: a double click or a retry with the
 same key finds the stored annotation and returns it instead of storing twice.
 """
@@ -74,6 +87,7 @@ EDIT_WINDOW = timedelta(hours=24)
 # Time spent is clamped to this: a tab left open overnight is not 14 hours of work.
 MAX_TIME_SPENT_S = 2 * 3600.0
 MAX_COMMENT = 5000
+MAX_ALL_BAD_REASON = Annotation.__table__.c.all_bad_reason.type.length  # 500, the column's length
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 LETTERS = "ABCDEFGHI"
 
@@ -111,8 +125,14 @@ class Pair:
     rating_margin: int  # likert of chosen - likert of rejected (may be <= 0)
 
 
-def expand_comparisons(ratings: Mapping[int, int], ranks: Mapping[int, int]) -> list[Pair]:
-    """Every pair of responses with different ranks, better rank first; ties give none."""
+def expand_comparisons(ratings: Mapping[int, int], ranks: Mapping[int, int], *,
+                       all_bad: bool = False) -> list[Pair]:
+    """Every pair of responses with different ranks, better rank first; ties give none.
+    The one place rankings become comparisons. A partial ranking comes with its unranked
+    responses at rank top_k + 1 (tied last): each ranked one beats each of them, and
+    they give no pair among themselves. An "all bad" annotation gives none."""
+    if all_bad:
+        return []
     ids = sorted(ranks, key=lambda rid: (ranks[rid], rid))
     return [
         Pair(a, b, ranks[b] - ranks[a], ratings[a] - ratings[b])
@@ -169,8 +189,8 @@ def _by_response(raw: Mapping[Any, Any] | None, response_ids: set[int], name: st
 
 @dataclass
 class CleanSubmission:
-    ratings: dict[int, int | None]  # None: a vote, which ranks without rating
-    ranks: dict[int, int]
+    ratings: dict[int, int | None]  # None: a vote's (it ranks without rating); "all bad" may leave some out
+    ranks: dict[int, int]  # every response (unranked ones of a partial ranking: top_k + 1); none if all bad
     flags: dict[int, list[str]]
     prompt_flags: list[str]
     comment: str
@@ -178,6 +198,9 @@ class CleanSubmission:
     strength: VoteStrength | None = None
     # (response at A, response at B) of a vote
     sides: tuple[int, int] | None = None
+    top_k: int | None = None  # a partial ranking of the best top_k
+    all_bad: bool = False
+    all_bad_reason: str | None = None
 
 
 def _clean_flags(items: list[TaskResponse], raw_flags: Mapping[int, Any], clean: CleanSubmission,
@@ -245,11 +268,52 @@ def clean_vote(task: Task, *, vote: Any, strength: Any, flags: Mapping[Any, Iter
     return clean
 
 
+def is_checked(value: Any) -> bool:
+    """A checkbox or JSON flag: true, "true", "on", "1", "yes" (anything else is false)."""
+    if isinstance(value, bool):
+        return value
+    return str(value or "").strip().lower() in ("true", "on", "1", "yes")
+
+
+def _clean_all_bad_reason(reason: Any, errors: dict[str, str]) -> str | None:
+    text = reason.strip() if isinstance(reason, str) else ""
+    if not text:
+        errors["all_bad_reason"] = "say why every response is unacceptable"
+    elif len(text) > MAX_ALL_BAD_REASON:
+        errors["all_bad_reason"] = f"at most {MAX_ALL_BAD_REASON} characters ({len(text)} given)"
+    elif text_problem(text):
+        errors["all_bad_reason"] = text_problem(text)
+    else:
+        return text
+    return None
+
+
+def _clean_rank(clean: CleanSubmission, rid: int, name: str, value: Any, k: int, top_k: int | None,
+                errors: dict[str, str]) -> None:
+    rank = small_int(value)
+    blank = value is None or value == ""
+    if top_k is None:
+        if blank:
+            errors[f"rank-{rid}"] = f"put {name} in a rank slot (1 = best, {k} = worst)"
+        elif rank is None or not 1 <= rank <= k:
+            errors[f"rank-{rid}"] = f"the rank of {name} must be a whole number from 1 to {k}"
+        else:
+            clean.ranks[rid] = rank
+    elif blank:
+        clean.ranks[rid] = top_k + 1  # not ranked: tied last
+    elif rank is None or not 1 <= rank <= top_k:
+        errors[f"rank-{rid}"] = (f"only the best {top_k} are ranked in this set: give {name} a rank "
+                                 f"from 1 to {top_k}, or leave it unranked (tied last)")
+    else:
+        clean.ranks[rid] = rank
+
+
 def clean_submission(task: Task, *, ratings: Mapping[Any, Any] | None, ranks: Mapping[Any, Any] | None,
                      flags: Mapping[Any, Iterable[str]] | None, prompt_flags: Iterable[str] | None,
-                     comment: str | None) -> CleanSubmission:
-    """Check a submission against the task. Raises Invalid with one message per field:
-    rating-<response_id>, rank-<response_id>, flags-<response_id>, prompt_flags, comment."""
+                     comment: str | None, all_bad: Any = False, all_bad_reason: Any = None) -> CleanSubmission:
+    """Check a submission against the task and its set's top_k. Raises Invalid with one
+    message per field: rating-<response_id>, rank-<response_id>, ranks, flags-<response_id>,
+    prompt_flags, comment, all_bad_reason."""
     items = sorted(task.items, key=lambda item: item.position)
     k = len(items)
     response_ids = {item.response_id for item in items}
@@ -257,27 +321,34 @@ def clean_submission(task: Task, *, ratings: Mapping[Any, Any] | None, ranks: Ma
     raw_ratings = _by_response(ratings, response_ids, "ratings", errors)
     raw_ranks = _by_response(ranks, response_ids, "ranks", errors)
     raw_flags = _by_response(flags, response_ids, "flags", errors)
-    clean = CleanSubmission(ratings={}, ranks={}, flags={}, prompt_flags=[], comment="")
+    clean = CleanSubmission(ratings={}, ranks={}, flags={}, prompt_flags=[], comment="",
+                            all_bad=is_checked(all_bad))
+    if clean.all_bad:
+        clean.all_bad_reason = _clean_all_bad_reason(all_bad_reason, errors)
+        if any(value not in (None, "") for value in raw_ranks.values()):
+            errors["ranks"] = "an \"all bad\" submission has no ranking: leave every response unranked"
+    else:
+        clean.top_k = task.prompt_set.top_k
     for item in items:
         rid, name = item.response_id, letter(item.position)
         value = raw_ratings.get(rid)
         likert = small_int(value)
         if value is None or value == "":
-            errors[f"rating-{rid}"] = f"rate {name} from 1 (very bad) to 7 (excellent)"
+            if not clean.all_bad:  # "all bad" needs no rating
+                errors[f"rating-{rid}"] = f"rate {name} from 1 (very bad) to 7 (excellent)"
         elif likert is None or not 1 <= likert <= 7:
             errors[f"rating-{rid}"] = f"the rating of {name} must be a whole number from 1 to 7"
         else:
             clean.ratings[rid] = likert
-        value = raw_ranks.get(rid)
-        rank = small_int(value)
-        if value is None or value == "":
-            errors[f"rank-{rid}"] = f"put {name} in a rank slot (1 = best, {k} = worst)"
-        elif rank is None or not 1 <= rank <= k:
-            errors[f"rank-{rid}"] = f"the rank of {name} must be a whole number from 1 to {k}"
-        else:
-            clean.ranks[rid] = rank
+        if not clean.all_bad:
+            _clean_rank(clean, rid, name, raw_ranks.get(rid), k, clean.top_k, errors)
     _clean_flags(items, raw_flags, clean, errors)
     _clean_prompt_flags_and_comment(prompt_flags, comment, clean, errors)
+    if clean.top_k is not None and not any(key.startswith("rank-") for key in errors):
+        ranked = sum(1 for rank in clean.ranks.values() if rank <= clean.top_k)
+        if ranked != clean.top_k:
+            errors["ranks"] = (f"rank exactly {clean.top_k} responses, the best ones ({ranked} ranked); "
+                               f"the others stay unranked, tied last")
     if errors:
         missing = sum(1 for key in errors if key.startswith(("rating-", "rank-")))
         detail = f"{missing} rating{'s' if missing != 1 else ''} or rank{'s' if missing != 1 else ''} missing or wrong" \
@@ -318,9 +389,10 @@ def _store(session: Session, annotation: Annotation, task: Task, clean: CleanSub
            add: bool = True) -> None:
     """The annotation's ratings, comparisons and vote, as ORM rows (added to the session
     unless `add` is false: a new submission is written by _WRITE_SUBMISSION instead)."""
-    ratings = [Rating(task_id=task.id, response_id=rid, likert=likert, rank=clean.ranks[rid],
-                      flags=clean.flags.get(rid, [])) for rid, likert in clean.ratings.items()]
-    pairs = vote_pairs(clean) if clean.vote else expand_comparisons(clean.ratings, clean.ranks)
+    ratings = [Rating(task_id=task.id, response_id=item.response_id, likert=clean.ratings.get(item.response_id),
+                      rank=clean.ranks.get(item.response_id), flags=clean.flags.get(item.response_id, []))
+               for item in sorted(task.items, key=lambda item: item.position)]
+    pairs = vote_pairs(clean) if clean.vote else expand_comparisons(clean.ratings, clean.ranks, all_bad=clean.all_bad)
     comparisons = [Comparison(task_id=task.id, chosen_response_id=pair.chosen, rejected_response_id=pair.rejected,
                               rank_margin=pair.rank_margin, rating_margin=pair.rating_margin)
                    for pair in pairs]
@@ -354,9 +426,9 @@ WITH trust AS (
     RETURNING submitted, quarantined
 ), annotation AS (
     INSERT INTO annotations (task_id, user_id, time_spent_s, prompt_flags, comment, idempotency_key,
-                             excluded, quarantined, created_at, updated_at)
+                             excluded, quarantined, top_k, all_bad, all_bad_reason, created_at, updated_at)
     SELECT :task_id, :user_id, :time_spent_s, CAST(:prompt_flags AS jsonb), :comment, :key,
-           trust.quarantined, trust.quarantined, :now, :now
+           trust.quarantined, trust.quarantined, :top_k, :all_bad, :all_bad_reason, :now, :now
     FROM trust
     RETURNING id, quarantined
 ), ratings AS (
@@ -394,17 +466,17 @@ class Submission:
 
 
 def clean_any(task: Task, *, ratings: Any, ranks: Any, vote: Any, strength: Any, flags: Any,
-              prompt_flags: Any, comment: Any) -> CleanSubmission:
+              prompt_flags: Any, comment: Any, all_bad: Any = False, all_bad_reason: Any = None) -> CleanSubmission:
     """A vote on a pairwise set's task, ratings and ranks on any other (see the module docstring)."""
     if task.prompt_set.pairwise:
         return clean_vote(task, vote=vote, strength=strength, flags=flags, prompt_flags=prompt_flags, comment=comment)
     return clean_submission(task, ratings=ratings, ranks=ranks, flags=flags, prompt_flags=prompt_flags,
-                            comment=comment)
+                            comment=comment, all_bad=all_bad, all_bad_reason=all_bad_reason)
 
 
 def _stored_warnings(task: Task, annotation: Annotation) -> list[str]:
-    ratings = {r.response_id: r.likert for r in annotation.ratings}
-    ranks = {r.response_id: r.rank for r in annotation.ratings}
+    ratings = {r.response_id: r.likert for r in annotation.ratings if r.likert is not None}
+    ranks = {r.response_id: r.rank for r in annotation.ratings if r.rank is not None}
     return contradiction_warnings(task, ratings, ranks)
 
 
@@ -413,6 +485,7 @@ def submit_annotation(
     ranks: Mapping[Any, Any] | None, flags: Mapping[Any, Iterable[str]] | None = None,
     prompt_flags: Iterable[str] | None = None, comment: str | None = "", time_spent_s: Any = None,
     idempotency_key: str | None, now: datetime | None = None, vote: Any = None, strength: Any = None,
+    all_bad: Any = False, all_bad_reason: Any = None,
 ) -> Submission:
     """Store the labeler's annotation of a task they hold a live lease on, with its
     ratings and comparisons, in one transaction. A retry with the same key returns
@@ -440,17 +513,19 @@ def submit_annotation(
     key = _check_key(idempotency_key)
     now = hold.now
     clean = clean_any(task, ratings=ratings, ranks=ranks, vote=vote, strength=strength, flags=flags,
-                      prompt_flags=prompt_flags, comment=comment)
+                      prompt_flags=prompt_flags, comment=comment, all_bad=all_bad, all_bad_reason=all_bad_reason)
     annotation = Annotation(
         task_id=task_id, user_id=user.id, time_spent_s=clamp_time_spent(time_spent_s),
         prompt_flags=clean.prompt_flags, comment=clean.comment, idempotency_key=key,
-        excluded=False, created_at=now, updated_at=now,
+        excluded=False, top_k=clean.top_k, all_bad=clean.all_bad, all_bad_reason=clean.all_bad_reason,
+        created_at=now, updated_at=now,
     )
     _store(session, annotation, task, clean, add=False)
     annotation.id, num_labels, quarantined, submitted = session.execute(_WRITE_SUBMISSION, {
         "task_id": task_id, "user_id": user.id, "time_spent_s": annotation.time_spent_s,
         "prompt_flags": json.dumps(annotation.prompt_flags), "comment": annotation.comment, "key": key,
-        "now": now, "assignment_id": hold.assignment.id,
+        "now": now, "assignment_id": hold.assignment.id, "top_k": clean.top_k, "all_bad": clean.all_bad,
+        "all_bad_reason": clean.all_bad_reason,
         "ratings": json.dumps([{"response_id": r.response_id, "likert": r.likert, "rank": r.rank, "flags": r.flags}
                                for r in annotation.ratings]),
         "comparisons": json.dumps([{"chosen": c.chosen_response_id, "rejected": c.rejected_response_id,
@@ -498,6 +573,7 @@ def edit_annotation(
     ranks: Mapping[Any, Any] | None, flags: Mapping[Any, Iterable[str]] | None = None,
     prompt_flags: Iterable[str] | None = None, comment: str | None = "", now: datetime,
     vote: Any = None, strength: Any = None,
+    all_bad: Any = False, all_bad_reason: Any = None,
 ) -> Submission:
     """Replace the ratings, flags and comparisons of the labeler's own annotation while
     the edit window (EDIT_WINDOW after submitting) is open. Raises NotFound, Conflict, Invalid."""
@@ -518,7 +594,7 @@ def edit_annotation(
         )
     task = load_task(session, annotation.task_id)
     clean = clean_any(task, ratings=ratings, ranks=ranks, vote=vote, strength=strength, flags=flags,
-                      prompt_flags=prompt_flags, comment=comment)
+                      prompt_flags=prompt_flags, comment=comment, all_bad=all_bad, all_bad_reason=all_bad_reason)
     annotation.ratings.clear()
     annotation.comparisons.clear()
     annotation.vote = None
@@ -526,6 +602,7 @@ def edit_annotation(
     _store(session, annotation, task, clean)
     annotation.prompt_flags = clean.prompt_flags
     annotation.comment = clean.comment
+    annotation.top_k, annotation.all_bad, annotation.all_bad_reason = clean.top_k, clean.all_bad, clean.all_bad_reason
     annotation.updated_at = now
     session.commit()
     return Submission(annotation=annotation, created=False,
@@ -533,16 +610,22 @@ def edit_annotation(
 
 
 def submission_values(annotation: Annotation) -> dict[str, Any]:
-    """A stored annotation as form values (for the edit form)."""
+    """A stored annotation as form values (for the edit form): unrated and unranked
+    responses (tied last in a partial ranking) are blank."""
+    def ranked(rank: int | None) -> bool:
+        return rank is not None and (annotation.top_k is None or rank <= annotation.top_k)
+
     vote = annotation.vote
     return {
         "vote": vote.outcome.value if vote else "",
         "strength": vote.strength.value if vote and vote.strength else "",
         "ratings": {r.response_id: str(r.likert) for r in annotation.ratings if r.likert is not None},
-        "ranks": {r.response_id: str(r.rank) for r in annotation.ratings},
+        "ranks": {r.response_id: str(r.rank) for r in annotation.ratings if ranked(r.rank)},
         "flags": {r.response_id: list(r.flags) for r in annotation.ratings},
         "prompt_flags": list(annotation.prompt_flags),
         "comment": annotation.comment,
+        "all_bad": annotation.all_bad,
+        "all_bad_reason": annotation.all_bad_reason or "",
     }
 
 
@@ -567,8 +650,8 @@ def labeler_counts(session: Session, *, user: User, now: datetime) -> LabelerCou
 @dataclass
 class HistoryRating:
     letter: str
-    likert: int | None  # None for a vote
-    rank: int
+    likert: int | None  # None: a vote's, or not rated ("all bad")
+    rank: int | None  # None: not ranked ("all bad")
     flags: list[str]
 
 

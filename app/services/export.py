@@ -20,7 +20,10 @@ Formats:
   TRL ignores. The rank difference is named rank_margin, not "margin": TRL's
   reward trainer would read a "margin" column as a loss margin.
 - annotations, `jsonl`: one line per annotation (gold ones included, marked)
-  with its ratings: likert, rank, flags and text of every response.
+  with its ratings: likert, rank, flags and text of every response, its top_k
+  (a partial ranking: the unranked responses have rank top_k + 1, tied last)
+  and its all_bad flag and reason (no ranks, ratings may be null, and no
+  comparisons).
 - annotations, `csv`: one row per rating, the annotation's columns repeated.
   A text cell that a spreadsheet would run as a formula (it starts with =, +,
   -, @, a tab or a carriage return) gets a leading ' (OWASP's CSV-injection
@@ -108,8 +111,8 @@ COMPARISON_COLUMNS = [
 ]
 ANNOTATION_JSONL_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "review", "review_id",
-    "prompt", "ratings",
+    "labeler", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason", "created_at",
+    "updated_at", "review", "review_id", "prompt", "ratings",
 ]
 VOTE_COLUMNS = [
     "prompt", "response_a", "response_b", "model_a", "model_b", "outcome", "winner", "strength", "margin",
@@ -118,8 +121,9 @@ VOTE_COLUMNS = [
 ]
 ANNOTATION_CSV_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "review", "review_id",
-    "prompt", "response_id", "position", "likert", "rank", "response_flags", "response_text",
+    "labeler", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason", "created_at",
+    "updated_at", "review", "review_id", "prompt", "response_id", "position", "likert", "rank", "response_flags",
+    "response_text",
 ]
 
 
@@ -227,11 +231,13 @@ def included_annotations_query(
     created_before: datetime | None = None,
     include_gold: bool = False,
     without_corrected: bool = False,
+    ranked_only: bool = False,
 ) -> Select:
     """SELECT annotations.id of the data that counts: never excluded, never gold
     (unless include_gold), of the given sets, narrowed by split, labelers,
     (set, labeler) pairs and creation time; without those of tasks corrected for
-    training when without_corrected (training data: the corrections stand in)."""
+    training when without_corrected (training data: the corrections stand in);
+    ranked_only leaves out "all bad" annotations (they rank nothing)."""
     query = (
         select(Annotation.id)
         .join(Task, Task.id == Annotation.task_id)
@@ -240,6 +246,8 @@ def included_annotations_query(
     )
     if not include_gold:
         query = query.where(Task.is_gold.is_(False))
+    if ranked_only:
+        query = query.where(Annotation.all_bad.is_(False))
     if split is not None:
         query = query.where(Prompt.split == Split(split))
     if user_ids is not None:
@@ -364,7 +372,8 @@ def _ratings_query(included: Select) -> Select:
             Annotation.id.label("annotation_id"), Annotation.task_id, Task.prompt_set_id, Task.prompt_id,
             Task.round, Prompt.split, Task.is_gold, Annotation.user_id.label("labeler_id"),
             User.username.label("labeler"), Annotation.time_spent_s, Annotation.prompt_flags, Annotation.comment,
-            Annotation.created_at, Annotation.updated_at, Prompt.messages, Prompt.text.label("prompt_text"),
+            Annotation.top_k, Annotation.all_bad, Annotation.all_bad_reason, Annotation.created_at,
+            Annotation.updated_at, Prompt.messages, Prompt.text.label("prompt_text"),
             Rating.response_id, TaskResponse.position, Rating.likert, Rating.rank, Rating.flags,
             Response.text.label("response_text"), review.label("review"), current.c.id.label("review_id"),
         )
@@ -386,7 +395,8 @@ def _ratings_query(included: Select) -> Select:
 class RankedAnnotation:
     """One included annotation as the reward model trains on it: all K responses together.
     A reviewer's correction standing in for a task's annotations has review_id set and
-    annotation_id None."""
+    annotation_id None. A partial ranking's unranked responses have rank top_k + 1 (tied last): the
+    trainer's pairs (strictly better rank wins) are then exactly its comparisons."""
 
     annotation_id: int | None
     prompt_id: int
@@ -395,6 +405,8 @@ class RankedAnnotation:
     responses: list[str]
     ranks: list[int]
     review_id: int | None = None
+    top_k: int | None = None
+    all_bad: bool = False  # never in the ranked data ("all bad" ranks nothing); for ranking_agreement
 
 
 def _corrections_ranked_query(corrections: Select) -> Select:
@@ -414,14 +426,16 @@ def _corrections_ranked_query(corrections: Select) -> Select:
 
 def iter_ranked_annotations(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
                             user_ids: Sequence[int] | None = None, **filters: Any) -> Iterator[RankedAnnotation]:
-    """The training data: the included annotations (see included_annotations_query) in id
-    order, except those of tasks corrected for training, then those corrections."""
+    """The training data: the included annotations (see included_annotations_query; "all
+    bad" ones rank nothing and are left out) in id order, except those of tasks corrected
+    for training, then those corrections."""
     included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, without_corrected=True,
+                                          ranked_only=True,
                                           **filters)
     for rows in _grouped(session, _ratings_query(included)):
         head = rows[0]
         yield RankedAnnotation(head.annotation_id, head.prompt_id, Split(head.split), list(head.messages),
-                               [r.response_text for r in rows], [r.rank for r in rows])
+                               [r.response_text for r in rows], [r.rank for r in rows], top_k=head.top_k)
     corrections = included_corrections_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
     for rows in _grouped(session, _corrections_ranked_query(corrections)):
         head = rows[0]
@@ -627,6 +641,7 @@ def _annotation_head(row: Any) -> dict[str, Any]:
         "prompt_id": row.prompt_id, "round": row.round, "split": Split(row.split).value,
         "is_gold": row.is_gold, "labeler_id": row.labeler_id, "labeler": row.labeler,
         "time_spent_s": row.time_spent_s, "prompt_flags": row.prompt_flags, "comment": row.comment,
+        "top_k": row.top_k, "all_bad": row.all_bad, "all_bad_reason": row.all_bad_reason,
         "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
         "review": row.review, "review_id": row.review_id,
     }

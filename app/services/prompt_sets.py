@@ -29,7 +29,7 @@ SETTING_FIELDS = (
 )
 DEFAULTS: dict[str, Any] = {
     name: PromptSet.__table__.c[name].default.arg for name in SETTING_FIELDS
-} | {"kind": PromptSetKind.ranking, "instructions": ""}
+} | {"kind": PromptSetKind.ranking, "instructions": "", "top_k": None}
 
 GENERATOR_KINDS = (ModelKind.sft, ModelKind.policy)
 MAX_NAME_CHARS = 200
@@ -171,6 +171,17 @@ def _clean_settings(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
     return clean, errors
 
 
+def _clean_top_k(errors: dict[str, str], raw: Any, k: int | None) -> int | None:
+    """Partial rankings: blank/None = rank every response, else 1 <= top_k < K."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    top_k = _as_int(errors, "top_k", raw, 1, 8)
+    if top_k is not None and k is not None and top_k >= k:
+        errors["top_k"] = f"must be less than K ({k}), or blank to rank every response"
+        return None
+    return top_k
+
+
 def _clean_name(errors: dict[str, str], name: Any) -> str:
     name = (name or "").strip() if isinstance(name, str) else ""
     if not name:
@@ -264,6 +275,7 @@ def create_prompt_set(
     pairwise: bool | str = False,
     model_ids: Any = None,
     source_set_ids: Any = None,
+    top_k: int | str | None = None,
     created_by_id: int | None = None,
 ) -> PromptSet:
     """Create a draft set. Values may be strings from a form. Raises Invalid with a
@@ -299,12 +311,13 @@ def create_prompt_set(
     errors |= setting_errors
     if pairwise and clean.get("k") not in (None, 2):
         errors["pairwise"] = "the A/B page compares two responses: set K to 2"
+    clean_top_k = _clean_top_k(errors, top_k, clean.get("k"))
     if errors:
         raise Invalid(_summary(errors), errors=errors)
     _check_name_free(session, name)
     prompt_set = PromptSet(
         name=name, instructions=instructions, kind=kind, generator_model_id=model_id, pairwise=pairwise,
-        created_by_id=created_by_id, status=PromptSetStatus.draft, **clean,
+        created_by_id=created_by_id, status=PromptSetStatus.draft, top_k=clean_top_k, **clean,
     )
     session.add(prompt_set)
     if kind == PromptSetKind.evaluation:
@@ -340,9 +353,10 @@ def _commit_name(session: Session, name: str) -> None:
 def update_prompt_set(session: Session, *, prompt_set: PromptSet, **values: Any) -> PromptSet:
     """Change name, instructions, generator or settings (only the keys given).
     Split ratios are fixed once the set has prompts: changing them would move
-    prompts between splits. Raises Invalid per field, Conflict for a taken name
-    or an archived set."""
-    allowed = {"name", "instructions", "generator_model_id", "pairwise", *SETTING_FIELDS}
+    prompts between splits. top_k may change at any time (each annotation keeps
+    the top_k it was made under). Raises Invalid per field, Conflict for a taken
+    name or an archived set."""
+    allowed = {"name", "instructions", "generator_model_id", "pairwise", "top_k", *SETTING_FIELDS}
     unknown = set(values) - allowed
     if unknown:
         raise Invalid(f"Unknown settings: {', '.join(sorted(unknown))}.",
@@ -377,6 +391,10 @@ def update_prompt_set(session: Session, *, prompt_set: PromptSet, **values: Any)
         changes.pop("generator_model_id", None)  # its models are prompt_set_models
         if any(n in clean and clean[n] != getattr(prompt_set, n) for n in ("k", *ratio_names)):
             errors["settings"] = "an evaluation set's K and splits are fixed"
+    if "top_k" in values or ("k" in clean and prompt_set.top_k is not None):
+        # Checked against the new K when both change, and again when only K does.
+        new_k = clean.get("k", prompt_set.k)
+        changes["top_k"] = _clean_top_k(errors, values.get("top_k", prompt_set.top_k), new_k)
     if not errors and any(n in clean and clean[n] != getattr(prompt_set, n) for n in ratio_names):
         if count_prompts(session, prompt_set.id):
             errors["ratios"] = "fixed once prompts are imported (it would move prompts between splits)"

@@ -214,7 +214,8 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
     if set_ids and "labeler_ids" not in errors:
         prompts = session.scalar(
             select(func.count(func.distinct(Task.prompt_id))).join(Annotation, Annotation.task_id == Task.id)
-            .where(Annotation.id.in_(export.included_annotations_query(set_ids, user_ids=user_ids or None)))
+            .where(Annotation.id.in_(export.included_annotations_query(set_ids, user_ids=user_ids or None,
+                                                                      ranked_only=True)))
         ) or 0
         if prompts < 2:
             errors["prompt_set_ids"] = (f"the chosen data ranks responses to {prompts} prompt"

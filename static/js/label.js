@@ -6,9 +6,14 @@
 // Keyboard (also written on the page):
 //   A..I       select a response
 //   1..K       rank mode (default): put the selected response in that rank slot;
-//              the same number for two responses is a tie. 0 unranks it.
+//              the same number for two responses is a tie. 0 unranks it. A set
+//              with top-k ranking has slots 1..k only (data-top-k); the
+//              responses left unranked are tied last.
 //   R          toggle rate mode: 1..7 set the selected response's rating
 //   after a number the next response is selected, so "1 2 2 3" ranks A..D
+//   X          "all responses are unacceptable": ticks the box, clears the ranking
+//              and puts the cursor in the reason field; X again (outside a text
+//              field) takes it back
 //   Escape     clear the selection (in a text field: leave the field)
 //   Ctrl+Enter submit
 //
@@ -26,6 +31,8 @@
   const cards = (r) => Array.from(r.querySelectorAll(".response"));
   const card = (r, id) => r.querySelector(`.response[data-response-id="${id}"]`);
   const chip = (r, id) => r.querySelector(`.rank-chip[data-response-id="${id}"]`);
+  // Rank slots on the board: K, or the set's top k.
+  const slots = (r) => Number(r.dataset.topK) || cards(r).length;
 
   function readRatings(r) {
     const out = {};
@@ -105,7 +112,27 @@
   function setRank(r, id, rank) {
     const list = r.querySelector(rank ? `.rank-slot[data-rank="${rank}"] .rank-list` : ".rank-pool .rank-list");
     list.appendChild(chip(r, id));
+    if (rank) setAllBad(r, false);  // ranking a response takes "all bad" back
     sync(r);
+  }
+
+  // "All bad": no ranking goes with it, so the board is emptied; the reason is asked for.
+  // Without this script the reason field is always shown; with it, only once "all bad" is ticked.
+  function showAllBad(r, on) {
+    r.querySelector("#ranking").classList.toggle("all-bad-on", on);
+    r.querySelector("#all-bad-reason-label").hidden = !on;
+  }
+
+  function setAllBad(r, on, focus) {
+    const box = r.querySelector("#all-bad-check");
+    if (!box) return;
+    box.checked = on;
+    showAllBad(r, on);
+    if (!on) return;
+    const pool = r.querySelector(".rank-pool .rank-list");
+    for (const c of r.querySelectorAll(".rank-slot:not(.rank-pool) .rank-chip")) pool.appendChild(c);
+    sync(r);
+    if (focus) r.querySelector("#all-bad-reason").focus();
   }
 
   function setRating(r, id, value) {
@@ -176,11 +203,15 @@
     } else if (key === "R") {
       event.preventDefault();
       setMode(r, state.mode === "rank" ? "rate" : "rank");
+    } else if (key === "X") {
+      event.preventDefault();
+      const box = r.querySelector("#all-bad-check");
+      if (box) setAllBad(r, !box.checked, true);
     } else if (key === "Escape") {
       select(r, null);
     } else if (/^[0-9]$/.test(key)) {
       const n = Number(key);
-      if (state.mode === "rate" ? n < 1 || n > 7 : n > all.length) return;
+      if (state.mode === "rate" ? n < 1 || n > 7 : n > slots(r)) return;
       event.preventDefault();
       if (!state.selected) select(r, all[0].dataset.responseId);
       if (state.mode === "rate") setRating(r, state.selected, n);
@@ -201,17 +232,25 @@
         // and pen (native HTML5 drag and drop differs between browsers).
         Sortable.create(list, {
           group: `ranks-${r.dataset.taskId}`, animation: 120, forceFallback: true,
-          onEnd: () => sync(r),
+          onEnd: (event) => {
+            if (event.to.closest(".rank-slot:not(.rank-pool)")) setAllBad(r, false);
+            sync(r);
+          },
         });
       }
     }
-    r.addEventListener("change", () => warn(r));
+    r.addEventListener("change", (event) => {
+      if (event.target.id === "all-bad-check") setAllBad(r, event.target.checked, event.target.checked);
+      warn(r);
+    });
     r.addEventListener("click", (event) => {
       const picked = event.target.closest(".response, .rank-chip");
       if (picked) select(r, picked.dataset.responseId);
     });
     if (r.dataset.mode !== "vote") {
       setMode(r, "rank");
+      const allBad = r.querySelector("#all-bad-check");
+      if (allBad) showAllBad(r, allBad.checked);
       sync(r);
     }
     if (elt !== document.body) r.scrollIntoView({ block: "start" });
