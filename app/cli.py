@@ -20,7 +20,7 @@ cli.add_typer(db_cli, name="db")
 models_cli = typer.Typer(help="The model registry.", no_args_is_help=True)
 cli.add_typer(users_cli, name="users")
 cli.add_typer(models_cli, name="models")
-export_cli = typer.Typer(help="Export labeled data (TRL preference format, full annotations).",
+export_cli = typer.Typer(help="Export labeled data (TRL preference format, full annotations, A/B votes).",
                          no_args_is_help=True)
 cli.add_typer(export_cli, name="export")
 
@@ -387,6 +387,20 @@ def export_annotations(
 ) -> None:
     """Every annotation with its ratings, ranks, flags, labeler and time (excluded ones left out)."""
     _export("annotations", prompt_set_id, fmt, out, split, labelers, min_agreement, date_from, date_to)
+
+
+@export_cli.command("votes")
+def export_votes(
+    prompt_set_id: Annotated[int, _SET],
+    out: Annotated[Path, _OUT],
+    labelers: Annotated[list[str] | None, _LABELER] = None,
+    min_agreement: Annotated[float | None, _MIN_AGREEMENT] = None,
+    date_from: Annotated[str | None, _FROM] = None,
+    date_to: Annotated[str | None, _TO] = None,
+) -> None:
+    """A/B votes (evaluation sets, ranking sets on the A/B page) as JSONL: prompt, both responses,
+    both models, outcome, winner, strength (excluded annotations and gold tasks left out)."""
+    _export("votes", prompt_set_id, "votes", out, None, labelers, min_agreement, date_from, date_to)
 
 
 def main() -> None:

@@ -252,6 +252,7 @@ README_IMAGES = {
     "quality_page": ("quality.jpg", None),
     "ppo_job_curves": ("training-curves.jpg", "#job-charts"),
     "policy_side_by_side": ("model-samples.jpg", "#samples"),
+    "evaluation_results": ("evaluation.jpg", None),
 }
 
 

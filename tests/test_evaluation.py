@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import select
 
-from app.db.enums import ModelKind, PromptSetKind, Role, Split, VoteOutcome
+from app.db.enums import ModelKind, PromptSetKind, Split, VoteOutcome
 from app.db.models import Comparison, Rating, Vote
 from app.services import annotations, assignment, evaluation, export, prompt_sets
 from app.services.errors import Invalid
@@ -311,3 +311,28 @@ def test_generate_samples_one_response_per_prompt_and_model_with_the_same_seed(c
     # Nothing left to do: a second run adds nothing.
     again = load_job(run_generate(set_id))
     assert again.status == JobStatus.succeeded and again.result["responses"] == 0
+
+
+def test_a_vote_can_be_changed_within_the_edit_window(session):
+    from app.db.base import utcnow
+
+    make_evaluation(session, [make_model(session), make_model(session)], prompts=1)
+    user = make_user(session)
+    task, result = vote(session, user, "a", "slightly")
+    a, b = [item.response_id for item in task.items]
+    edited = annotations.edit_annotation(session, user=user, annotation_id=result.annotation.id, ratings=None,
+                                         ranks=None, vote="b", strength="clearly", now=utcnow())
+    session.expire_all()
+    stored = session.get(Vote, edited.annotation.id)
+    assert (stored.outcome, stored.strength) == ("b", "clearly")
+    pairs = session.execute(select(Comparison.chosen_response_id, Comparison.rejected_response_id,
+                                   Comparison.rating_margin)
+                            .where(Comparison.annotation_id == result.annotation.id)).all()
+    assert pairs == [(b, a, 2)]
+    values = annotations.submission_values(session.get(type(edited.annotation), edited.annotation.id))
+    assert values["vote"] == "b" and values["strength"] == "clearly"
+    annotations.edit_annotation(session, user=user, annotation_id=result.annotation.id, ratings=None, ranks=None,
+                                vote="tie", now=utcnow())
+    session.expire_all()
+    assert session.get(Vote, result.annotation.id).outcome == VoteOutcome.tie
+    assert session.scalars(select(Comparison).where(Comparison.annotation_id == result.annotation.id)).all() == []

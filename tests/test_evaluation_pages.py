@@ -6,7 +6,7 @@ import re
 
 from sqlalchemy import select
 
-from app.db.enums import JobKind, ModelKind, PromptSetKind, Role
+from app.db.enums import JobKind, ModelKind, PromptSetKind, Role, Split
 from app.db.models import Job, PromptSet, Vote
 from tests.conftest import login
 from tests.factories import make_evaluation, make_model, make_prompt_set, make_task, make_user
@@ -32,7 +32,7 @@ def eval_world(session, prompts=4, overlap=1):
 def assert_anonymous(text: str, *models) -> None:
     for m in models:
         assert m.name not in text
-        assert f"model_id" not in text and f'"model"' not in text
+        assert "model_id" not in text and '"model"' not in text
 
 
 def test_the_labeler_never_sees_which_model_wrote_which_response(client, session):
@@ -106,7 +106,7 @@ def test_engineer_creates_an_evaluation_and_reads_its_results(client, client_as,
     sft = make_model(session, name="sft-one", is_default=True)
     policy = make_model(session, name="policy-one", kind=ModelKind.policy)
     source = make_prompt_set(session)
-    make_task(session, source, split=__import__("app.db.enums", fromlist=["Split"]).Split.validation)
+    make_task(session, source, split=Split.validation)
     session.commit()
     client_as(Role.engineer)
     assert "New evaluation" in client.get("/evaluations").text

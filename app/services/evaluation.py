@@ -59,7 +59,6 @@ from app.services.validation import small_int
 EVALUABLE_KINDS = (ModelKind.sft, ModelKind.policy)
 MIN_MODELS = 2
 MAX_MODELS = 9  # prompt_set_models.position 0..8 (and sample_index per model)
-TIES = (VoteOutcome.tie, VoteOutcome.both_bad)
 
 
 # ---- choosing models and prompts ---------------------------------------------------
