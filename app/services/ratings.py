@@ -45,7 +45,7 @@ BASE_RATING = 1000.0  # the anchor's rating
 RIDGE = 0.1  # Gaussian prior precision on each log-odds strength (sd ~3.2 = ~1370 Elo points)
 N_BOOTSTRAP = 200  # resamples of the votes behind each interval
 MAX_STEP = 2.0  # the largest change of any strength in one Newton step (log-odds): keeps far starts stable
-_TOL = 1e-6
+_TOL = 1e-6  # Newton stops when no strength moves more than this (log-odds; 0.0004 Elo points)
 _MAX_ITER = 100
 _BLOCK = 64  # votes summed in float32 before the float64 sum per pair
 _CHUNK_VALUES = 1_000_000  # votes x replicates fitted at once in the length-controlled bootstrap (memory)
