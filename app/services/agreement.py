@@ -16,7 +16,9 @@ Conventions (shown on the agreement page too):
   labelers' preferences are summed; the labeler agrees when their strict
   preference has the sign of that sum (pairs where the others cancel out
   or tied are left out).
-- Excluded annotations are left out of everything.
+- Excluded annotations are left out of everything, and so are imported
+  ones (annotations of a source such as a public dataset, not a labeler):
+  the figures are the humans' agreement.
 """
 
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ _PREFS = """
     JOIN ratings x ON x.annotation_id = a.id
     JOIN ratings y ON y.annotation_id = a.id AND x.response_id < y.response_id
     WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold
+      AND a.source_id IS NULL  -- imported judgements are no labeler's
 """
 
 
@@ -131,7 +134,7 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
     judgements = [tuple(row) for row in session.execute(text("""
         SELECT r.task_id, r.response_id, a.user_id, r.likert, r.rank
         FROM ratings r JOIN annotations a ON a.id = r.annotation_id JOIN tasks t ON t.id = a.task_id
-        WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold
+        WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold AND a.source_id IS NULL
     """), params)]
     if judgements:
         arr = np.array(judgements, dtype=np.int64)  # (N, 5)
@@ -248,6 +251,8 @@ def ranking_agreement(items) -> tuple[float | None, int]:
     with it: the labelers' agreement is the ceiling its accuracy is read against."""
     by_prompt: dict[int, list[dict[str, int]]] = {}
     for item in items:
+        if getattr(item, "source", None) is not None:
+            continue  # imported judgements are not the labelers' agreement
         by_prompt.setdefault(item.prompt_id, []).append(dict(zip(item.responses, item.ranks, strict=True)))
     agree = strict = 0
     for rankings in by_prompt.values():

@@ -46,7 +46,18 @@ from sqlalchemy.orm import Session, aliased
 
 from app.db.base import utcnow
 from app.db.enums import Split
-from app.db.models import Annotation, Comparison, Prompt, PromptSet, Rating, Response, Task, TaskResponse, User
+from app.db.models import (
+    Annotation,
+    AnnotationSource,
+    Comparison,
+    Prompt,
+    PromptSet,
+    Rating,
+    Response,
+    Task,
+    TaskResponse,
+    User,
+)
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid, NotFound
 from app.services.validation import as_id
@@ -69,15 +80,15 @@ GOLD_RULE = "annotations of gold tasks (labeler tests; see the annotations expor
 
 COMPARISON_COLUMNS = [
     "prompt", "chosen", "rejected", "comparison_id", "annotation_id", "task_id", "prompt_id",
-    "prompt_set_id", "split", "labeler_id", "rank_margin", "rating_margin", "created_at",
+    "prompt_set_id", "split", "labeler_id", "source", "rank_margin", "rating_margin", "created_at",
 ]
 ANNOTATION_JSONL_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "prompt", "ratings",
+    "labeler", "source", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "prompt", "ratings",
 ]
 ANNOTATION_CSV_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "prompt",
+    "labeler", "source", "time_spent_s", "prompt_flags", "comment", "created_at", "updated_at", "prompt",
     "response_id", "position", "likert", "rank", "response_flags", "response_text",
 ]
 
@@ -185,10 +196,12 @@ def included_annotations_query(
     created_from: datetime | None = None,
     created_before: datetime | None = None,
     include_gold: bool = False,
+    include_imported: bool = True,
 ) -> Select:
     """SELECT annotations.id of the data that counts: never excluded, never gold
     (unless include_gold), of the given sets, narrowed by split, labelers,
-    (set, labeler) pairs and creation time."""
+    (set, labeler) pairs and creation time. Imported annotations (of a source, not a
+    labeler) count unless include_imported is false; a labeler filter leaves them out."""
     query = (
         select(Annotation.id)
         .join(Task, Task.id == Annotation.task_id)
@@ -197,6 +210,8 @@ def included_annotations_query(
     )
     if not include_gold:
         query = query.where(Task.is_gold.is_(False))
+    if not include_imported:
+        query = query.where(Annotation.source_id.is_(None))
     if split is not None:
         query = query.where(Prompt.split == Split(split))
     if user_ids is not None:
@@ -223,7 +238,7 @@ def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str
         select(
             Comparison.id.label("comparison_id"), Comparison.annotation_id, Comparison.task_id,
             Task.prompt_id, Task.prompt_set_id, Prompt.split, Annotation.user_id.label("labeler_id"),
-            Prompt.messages, Comparison.chosen_response_id, chosen.text.label("chosen"),
+            AnnotationSource.name.label("source"), Prompt.messages, Comparison.chosen_response_id, chosen.text.label("chosen"),
             Comparison.rejected_response_id, rejected.text.label("rejected"),
             Comparison.rank_margin, Comparison.rating_margin, Annotation.created_at,
         )
@@ -232,6 +247,7 @@ def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str
         .join(Prompt, Prompt.id == Task.prompt_id)
         .join(chosen, chosen.id == Comparison.chosen_response_id)
         .join(rejected, rejected.id == Comparison.rejected_response_id)
+        .outerjoin(AnnotationSource, AnnotationSource.id == Annotation.source_id)
         .where(Comparison.annotation_id.in_(included))
         .order_by(Comparison.id)
     )
@@ -243,14 +259,15 @@ def _ratings_query(included: Select) -> Select:
         select(
             Annotation.id.label("annotation_id"), Annotation.task_id, Task.prompt_set_id, Task.prompt_id,
             Task.round, Prompt.split, Task.is_gold, Annotation.user_id.label("labeler_id"),
-            User.username.label("labeler"), Annotation.time_spent_s, Annotation.prompt_flags, Annotation.comment,
+            User.username.label("labeler"), AnnotationSource.name.label("source"), Annotation.time_spent_s, Annotation.prompt_flags, Annotation.comment,
             Annotation.created_at, Annotation.updated_at, Prompt.messages, Prompt.text.label("prompt_text"),
             Rating.response_id, TaskResponse.position, Rating.likert, Rating.rank, Rating.flags,
             Response.text.label("response_text"),
         )
         .select_from(Rating)
         .join(Annotation, Annotation.id == Rating.annotation_id)
-        .join(User, User.id == Annotation.user_id)
+        .outerjoin(User, User.id == Annotation.user_id)
+        .outerjoin(AnnotationSource, AnnotationSource.id == Annotation.source_id)
         .join(Task, Task.id == Annotation.task_id)
         .join(Prompt, Prompt.id == Task.prompt_id)
         .join(TaskResponse, and_(TaskResponse.task_id == Rating.task_id,
@@ -271,6 +288,7 @@ class RankedAnnotation:
     messages: list[dict[str, str]]
     responses: list[str]
     ranks: list[int]
+    source: str | None = None  # an imported source's name; None for a labeler
 
 
 def iter_ranked_annotations(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
@@ -280,7 +298,7 @@ def iter_ranked_annotations(session: Session, prompt_set_ids: Sequence[int], spl
     for rows in _grouped(session, _ratings_query(included)):
         head = rows[0]
         yield RankedAnnotation(head.annotation_id, head.prompt_id, Split(head.split), list(head.messages),
-                               [r.response_text for r in rows], [r.rank for r in rows])
+                               [r.response_text for r in rows], [r.rank for r in rows], head.source)
 
 
 def iter_ranked_groups(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
@@ -419,7 +437,7 @@ def _comparison_row(row: Any, fmt: str) -> dict[str, Any]:
         "prompt": prompt, "chosen": chosen, "rejected": rejected,
         "comparison_id": row.comparison_id, "annotation_id": row.annotation_id, "task_id": row.task_id,
         "prompt_id": row.prompt_id, "prompt_set_id": row.prompt_set_id, "split": Split(row.split).value,
-        "labeler_id": row.labeler_id, "rank_margin": row.rank_margin, "rating_margin": row.rating_margin,
+        "labeler_id": row.labeler_id, "source": row.source, "rank_margin": row.rank_margin, "rating_margin": row.rating_margin,
         "created_at": _iso(row.created_at),
     }
 
@@ -428,7 +446,7 @@ def _annotation_head(row: Any) -> dict[str, Any]:
     return {
         "annotation_id": row.annotation_id, "task_id": row.task_id, "prompt_set_id": row.prompt_set_id,
         "prompt_id": row.prompt_id, "round": row.round, "split": Split(row.split).value,
-        "is_gold": row.is_gold, "labeler_id": row.labeler_id, "labeler": row.labeler,
+        "is_gold": row.is_gold, "labeler_id": row.labeler_id, "labeler": row.labeler, "source": row.source,
         "time_spent_s": row.time_spent_s, "prompt_flags": row.prompt_flags, "comment": row.comment,
         "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
     }
