@@ -451,10 +451,10 @@ def _write(session: Session, prompt_set: PromptSet, source_id: int, batch: list[
             for h, r in zip(hashes, batch, strict=True)}
     result.prompts_added += len(session.scalars(insert_new_prompts().returning(Prompt.id), list(rows.values())).all())
     prompt_ids = dict(session.execute(select(Prompt.text_hash, Prompt.id).where(
-        Prompt.prompt_set_id == prompt_set.id, Prompt.text_hash.in_(list(rows)))).tuples().all())
+        Prompt.prompt_set_id == prompt_set.id, Prompt.text_hash.in_(list(rows)))).all())
     # Imported tasks take rounds 0, -1, -2 ... of their prompt.
     lowest = dict(session.execute(select(Task.prompt_id, func.min(Task.round)).where(
-        Task.prompt_id.in_(list(prompt_ids.values())), Task.round <= 0).group_by(Task.prompt_id)).tuples().all())
+        Task.prompt_id.in_(list(prompt_ids.values())), Task.round <= 0).group_by(Task.prompt_id)).all())
     task_rows = []
     for h, r in zip(hashes, batch, strict=True):
         pid = prompt_ids[h]
