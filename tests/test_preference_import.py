@@ -268,3 +268,57 @@ def test_a_few_thousand_lines_import_in_batches_with_progress(session):
     assert result.rankings == 3000 and result.comparisons == 3000 and result.prompts_added == 3000
     # After each batch of 500 (a pair is written once the next line shows it ends its ranking), and at the end.
     assert len(seen) == 7 and seen == sorted(seen) and seen[0] <= 501 and seen[-1] == 3000
+
+
+# ---- the page and the API ------------------------------------------------------------
+
+PAIRS = jsonl({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."},
+              {"chosen": "\n\nHuman: 1+1?\n\nAssistant: 2", "rejected": "\n\nHuman: 1+1?\n\nAssistant: 3"})
+
+
+def test_api_imports_json_and_multipart_and_names_bad_lines(admin_client, session):
+    ps = make_prompt_set(session)
+    response = admin_client.post(f"/api/v1/prompt-sets/{ps.id}/preferences",
+                                 json={"source": "hh-rlhf", "content": PAIRS.decode()})
+    assert response.status_code == 200, response.text
+    assert response.json() | {"per_format": None} == {"source": "hh-rlhf", "rankings": 2, "comparisons": 2,
+                                                       "prompts_added": 2, "skipped_identical": 0, "per_format": None}
+    response = admin_client.post(f"/api/v1/prompt-sets/{ps.id}/preferences", data={"source": "file", "format": "trl"},
+                                 files={"file": ("p.jsonl", jsonl({"prompt": "Q", "chosen": "a", "rejected": "b"}))})
+    assert response.status_code == 200 and response.json()["rankings"] == 1
+    response = admin_client.post(f"/api/v1/prompt-sets/{ps.id}/preferences", data={"source": "file"},
+                                 files={"file": ("p.jsonl", PAIRS + b'{"prompt": "Q", "chosen": 1, "rejected": "b"}\n')})
+    assert response.status_code == 422
+    assert response.json()["errors"] == ["line 3: 'chosen' must be a string, not a number"]
+    response = admin_client.post(f"/api/v1/prompt-sets/{ps.id}/preferences", json={"content": "x"})
+    assert response.status_code == 422 and any(e.startswith("source") for e in response.json()["errors"])
+    assert len(imported_annotations(session, ps)) == 3
+
+
+def test_labelers_may_not_import(client_as, session):
+    ps = make_prompt_set(session)
+    labeler = client_as("labeler")
+    assert labeler.post(f"/api/v1/prompt-sets/{ps.id}/preferences",
+                        json={"source": "x", "content": PAIRS.decode()}).status_code == 403
+    assert labeler.post(f"/admin/prompt-sets/{ps.id}/preferences",
+                        data={"source": "x", "content": PAIRS.decode()}).status_code == 403
+    assert imported_annotations(session, ps) == []
+
+
+def test_page_imports_and_shows_the_source_and_errors(admin_client, session):
+    ps = make_prompt_set(session)
+    page = admin_client.get(f"/admin/prompt-sets/{ps.id}")
+    assert 'id="prompt-set-preferences"' in page.text
+    response = admin_client.post(f"/admin/prompt-sets/{ps.id}/preferences",
+                                 data={"source": "ultrafeedback", "format": "auto"},
+                                 files={"file": ("p.jsonl", PAIRS)})
+    assert response.status_code == 303
+    page = admin_client.get(f"/admin/prompt-sets/{ps.id}")
+    assert "Imported 2 comparisons in 2 rankings from &#39;ultrafeedback&#39;" in page.text
+    assert '<span class="badge">ultrafeedback</span> 2 rankings' in page.text
+    response = admin_client.post(f"/admin/prompt-sets/{ps.id}/preferences", headers={"HX-Request": "true"},
+                                 data={"source": "x", "content": '{"prompt": "Q", "responses": ["a", "b"]}\n'})
+    assert response.status_code == 422
+    assert response.text.lstrip().startswith('<section class="card" id="prompt-set-preferences">')
+    assert "line 1: give either &#39;ranks&#39;" in response.text
+    assert len(imported_annotations(session, ps)) == 2
