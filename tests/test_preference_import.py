@@ -322,3 +322,24 @@ def test_page_imports_and_shows_the_source_and_errors(admin_client, session):
     assert response.text.lstrip().startswith('<section class="card" id="prompt-set-preferences">')
     assert "line 1: give either &#39;ranks&#39;" in response.text
     assert len(imported_annotations(session, ps)) == 2
+
+
+def test_cli_imports_a_file_with_a_progress_bar(committed, tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from app.db.session import new_session
+
+    with new_session() as s:
+        set_id = make_prompt_set(s).id
+        s.commit()
+    path = tmp_path / "hh-sample.jsonl"
+    path.write_bytes(PAIRS)
+    result = CliRunner().invoke(cli, ["import", "preferences", str(path), "--set", str(set_id)])
+    assert result.exit_code == 0, result.output
+    assert "importing hh-sample.jsonl" in result.output  # the bar (drawn only on a terminal)
+    assert "Imported 2 comparisons in 2 rankings from 'hh-sample'" in result.output
+    path.write_bytes(PAIRS + b"{\n" + b'{"prompt": "Q"}\n')
+    bad = CliRunner().invoke(cli, ["import", "preferences", str(path), "--set", str(set_id), "--source", "x"])
+    assert bad.exit_code == 1
+    assert "line 3: not valid JSON" in bad.output and "line 4: missing 'chosen'" in bad.output
