@@ -29,7 +29,7 @@ are the file's pairs, so export -> import -> export gives the same comparisons.
 A pair whose two responses are the same text says nothing and is skipped (counted).
 
 All or nothing, memory flat: the file is read line by line and written in batches
-inside one transaction; the first bad line stops the writing, the rest is still
+(COPY, ids drawn from the sequences first) inside one transaction; the first bad line stops the writing, the rest is still
 checked so that the error lists the problems (line and field), and the transaction
 is rolled back.
 """
@@ -40,21 +40,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.db.enums import PromptSetKind, PromptSetStatus
-from app.db.models import (
-    Annotation,
-    AnnotationSource,
-    Comparison,
-    Prompt,
-    PromptSet,
-    Rating,
-    Response,
-    Task,
-    TaskResponse,
-)
+from app.db.models import Annotation, AnnotationSource, Prompt, PromptSet, Task
 from app.services.annotations import expand_comparisons
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import (
@@ -443,9 +433,23 @@ def list_sources(session: Session, prompt_set_id: int) -> list[tuple[AnnotationS
     return [(s, n) for s, n in rows]
 
 
+def _ids(cur: Any, table: str, n: int) -> list[int]:
+    """n fresh ids of the table's sequence, for rows written with COPY."""
+    cur.execute(f"SELECT nextval(pg_get_serial_sequence('{table}', 'id')) FROM generate_series(1, %s)", (n,))
+    return [row[0] for row in cur.fetchall()]
+
+
+def _copy(cur: Any, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    if rows:
+        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
 def _write(session: Session, prompt_set: PromptSet, source_id: int, batch: list[Ranking],
            result: PreferenceImportResult) -> None:
-    """Store a batch of rankings: prompts, tasks, responses, annotations, ratings, comparisons."""
+    """Store a batch of rankings: prompts (INSERT ... ON CONFLICT, an existing prompt is
+    reused), then tasks, responses, annotations, ratings and comparisons with COPY."""
     hashes = [prompt_hash(r.messages) for r in batch]
     rows = {h: prompt_row(prompt_set, messages=r.messages, text_hash=h, external_id=None, meta={})
             for h, r in zip(hashes, batch, strict=True)}
@@ -455,40 +459,33 @@ def _write(session: Session, prompt_set: PromptSet, source_id: int, batch: list[
     # Imported tasks take rounds 0, -1, -2 ... of their prompt.
     lowest = dict(session.execute(select(Task.prompt_id, func.min(Task.round)).where(
         Task.prompt_id.in_(list(prompt_ids.values())), Task.round <= 0).group_by(Task.prompt_id)).all())
-    task_rows = []
-    for h, r in zip(hashes, batch, strict=True):
+    cur = session.connection().connection.driver_connection.cursor()
+    n_responses = sum(len(r.responses) for r in batch)
+    task_ids, annotation_ids = _ids(cur, "tasks", len(batch)), _ids(cur, "annotations", len(batch))
+    response_ids = iter(_ids(cur, "responses", n_responses))
+    tasks, responses, links, annotations_, ratings, comparisons = [], [], [], [], [], []
+    for h, r, task_id, annotation_id in zip(hashes, batch, task_ids, annotation_ids, strict=True):
         pid = prompt_ids[h]
         round_ = lowest.get(pid, 1) - 1
         lowest[pid] = round_
-        task_rows.append({"prompt_set_id": prompt_set.id, "prompt_id": pid, "round": round_, "k": len(r.responses)})
-    task_ids = session.scalars(insert(Task).returning(Task.id, sort_by_parameter_order=True), task_rows).all()
-    response_rows = [
-        {"prompt_id": t["prompt_id"], "round": t["round"], "sample_index": i, "text": resp,
-         "finish_reason": "imported"}
-        for t, r in zip(task_rows, batch, strict=True) for i, resp in enumerate(r.responses)
-    ]
-    response_ids = session.scalars(insert(Response).returning(Response.id, sort_by_parameter_order=True),
-                                   response_rows).all()
-    annotation_ids = session.scalars(insert(Annotation).returning(Annotation.id, sort_by_parameter_order=True),
-                                     [{"task_id": t, "source_id": source_id} for t in task_ids]).all()
-    links, ratings, comparisons = [], [], []
-    at = 0
-    for task_id, annotation_id, r in zip(task_ids, annotation_ids, batch, strict=True):
-        ids = response_ids[at:at + len(r.responses)]
-        at += len(r.responses)
-        ranks = dict(zip(ids, r.ranks, strict=True))
-        for position, rid in enumerate(ids):
-            links.append({"task_id": task_id, "response_id": rid, "position": position})
-            ratings.append({"annotation_id": annotation_id, "task_id": task_id, "response_id": rid,
-                            "likert": NEUTRAL_LIKERT, "rank": ranks[rid]})
-        for pair in expand_comparisons(dict.fromkeys(ids, NEUTRAL_LIKERT), ranks):
-            comparisons.append({"annotation_id": annotation_id, "task_id": task_id, "chosen_response_id": pair.chosen,
-                                "rejected_response_id": pair.rejected, "rank_margin": pair.rank_margin,
-                                "rating_margin": pair.rating_margin})
-    session.execute(insert(TaskResponse), links)
-    session.execute(insert(Rating), ratings)
-    if comparisons:
-        session.execute(insert(Comparison), comparisons)
+        tasks.append((task_id, prompt_set.id, pid, round_, len(r.responses)))
+        annotations_.append((annotation_id, task_id, source_id, 0.0))
+        ids = [next(response_ids) for _ in r.responses]
+        for position, (rid, response, rank) in enumerate(zip(ids, r.responses, r.ranks, strict=True)):
+            responses.append((rid, pid, round_, position, response, 0, "imported"))
+            links.append((task_id, rid, position))
+            ratings.append((annotation_id, task_id, rid, NEUTRAL_LIKERT, rank))
+        for pair in expand_comparisons(dict.fromkeys(ids, NEUTRAL_LIKERT), dict(zip(ids, r.ranks, strict=True))):
+            comparisons.append((annotation_id, task_id, pair.chosen, pair.rejected, pair.rank_margin,
+                                pair.rating_margin))
+    _copy(cur, "tasks", ("id", "prompt_set_id", "prompt_id", "round", "k"), tasks)
+    _copy(cur, "responses", ("id", "prompt_id", "round", "sample_index", "text", "num_tokens",
+                                   "finish_reason"), responses)
+    _copy(cur, "task_responses", ("task_id", "response_id", "position"), links)
+    _copy(cur, "annotations", ("id", "task_id", "source_id", "time_spent_s"), annotations_)
+    _copy(cur, "ratings", ("annotation_id", "task_id", "response_id", "likert", "rank"), ratings)
+    _copy(cur, "comparisons", ("annotation_id", "task_id", "chosen_response_id", "rejected_response_id",
+                               "rank_margin", "rating_margin"), comparisons)
     result.rankings += len(batch)
     result.comparisons += len(comparisons)
 
