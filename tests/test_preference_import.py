@@ -154,6 +154,14 @@ def test_imported_judgements_leave_agreement_and_overlap_alone(session, labeled)
         [i for i in items if i.source is None])
 
 
+def test_quality_page_names_the_source_apart_from_the_labelers(admin_client, session, labeled):
+    import_preferences(session, prompt_set=labeled, source=jsonl(*exported(session, labeled.id)),
+                       source_name="hh-rlhf")
+    page = admin_client.get(f"/admin/prompt-sets/{labeled.id}/quality").text
+    assert '<span class="badge">source: hh-rlhf</span> 9 rankings' in page
+    assert page.count("p-ann") >= 1 and "hh-rlhf" not in page.split('id="imported-sources"')[0]
+
+
 def test_reward_training_includes_imported_data_unless_told_not_to(session, labeled):
     source = make_prompt_set(session, k=3)
     imported = exported(session, labeled.id)

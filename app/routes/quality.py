@@ -11,7 +11,7 @@ from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
 from app.routes.exports import ExportPlan, meta_response, stream
 from app.schemas.common import Id
-from app.services import export, gold, labelers
+from app.services import export, gold, labelers, preference_import
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid
 from app.services.progress import set_progress
@@ -64,7 +64,8 @@ def _done(request: Request, prompt_set_id: int, fragment: Callable[[], Response]
 def _page_context(session, prompt_set: PromptSet, threshold: float) -> dict[str, Any]:
     return (
         {"prompt_set": prompt_set, "threshold": threshold, "reference": INSTRUCTGPT_AGREEMENT,
-         "progress": set_progress(session, prompt_set_id=prompt_set.id)}
+         "progress": set_progress(session, prompt_set_id=prompt_set.id),
+         "sources": preference_import.list_sources(session, prompt_set.id)}
         | _agreement_rows(session, prompt_set.id)
         | _allowed_context(session, prompt_set)
         | _gold_context(session, prompt_set)
