@@ -6,6 +6,7 @@ import io
 import json
 import tracemalloc
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -13,9 +14,13 @@ from sqlalchemy import func, select
 from app.db.models import Annotation, AnnotationSource, Comparison, Task
 from app.services import agreement, export, training
 from app.services.errors import Conflict, Invalid
+from app.services.progress import set_progress
 from app.services.preference_import import import_preferences, iter_lines, parse_rankings
 from app.services.prompt_import import Problems, LIMITS
 from tests.factories import annotate, make_prompt_set, make_user, task_with_ids
+
+
+NOW = datetime.now(UTC) + timedelta(minutes=5)
 
 
 def jsonl(*records) -> bytes:
@@ -136,6 +141,7 @@ def test_pairs_that_form_no_ranking_stay_pairs(session):
 
 def test_imported_judgements_leave_agreement_and_overlap_alone(session, labeled):
     before = agreement.compute_set_agreement(session, prompt_set_id=labeled.id)
+    progress_before = set_progress(session, prompt_set_id=labeled.id, now=NOW)
     rows = exported(session, labeled.id)
     task_labels = dict(session.execute(select(Task.id, Task.num_labels).where(Task.prompt_set_id == labeled.id)).all())
     # The same comparisons again, reversed, into the same set: a source that disagrees with everyone.
@@ -144,6 +150,8 @@ def test_imported_judgements_leave_agreement_and_overlap_alone(session, labeled)
 
     after = agreement.compute_set_agreement(session, prompt_set_id=labeled.id)
     assert after == before
+    # Nor the labeling progress: its tasks, labels per hour and rate.
+    assert set_progress(session, prompt_set_id=labeled.id, now=NOW) == progress_before
     assert [f.username for f in after.labelers] == ["p-ann", "p-bob", "p-odd"]
     for task_id, n in task_labels.items():
         assert session.get(Task, task_id).num_labels == n
