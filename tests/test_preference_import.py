@@ -359,3 +359,20 @@ def test_cli_imports_a_file_with_a_progress_bar(committed, tmp_path):
     bad = CliRunner().invoke(cli, ["import", "preferences", str(path), "--set", str(set_id), "--source", "x"])
     assert bad.exit_code == 1
     assert "line 3: not valid JSON" in bad.output and "line 4: missing 'chosen'" in bad.output
+
+
+def test_whole_import_keeps_memory_flat_as_lines_grow(session, tmp_path):
+    peaks = []
+    for n in (500, 3000):
+        path = tmp_path / f"{n}.jsonl"
+        path.write_bytes(_file(n).getvalue())
+        ps = make_prompt_set(session)
+        with path.open("rb") as f:
+            tracemalloc.start()
+            try:
+                import_preferences(session, prompt_set=ps, source=f, source_name=f"s{n}", batch_size=250)
+                peaks.append(tracemalloc.get_traced_memory()[1])
+            finally:
+                tracemalloc.stop()
+    # Six times the lines, written in batches of 250: the peak does not grow with the file.
+    assert peaks[1] < peaks[0] * 1.5, peaks
