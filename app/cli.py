@@ -23,6 +23,8 @@ cli.add_typer(models_cli, name="models")
 export_cli = typer.Typer(help="Export labeled data (TRL preference format, full annotations, A/B votes).",
                          no_args_is_help=True)
 cli.add_typer(export_cli, name="export")
+import_cli = typer.Typer(help="Import existing data (preference datasets).", no_args_is_help=True)
+cli.add_typer(import_cli, name="import")
 
 log = logging.getLogger("rlhf")
 
@@ -401,6 +403,38 @@ def export_votes(
     """A/B votes (evaluation sets, ranking sets on the A/B page) as JSONL: prompt, both responses,
     both models, outcome, winner, strength (excluded annotations and gold tasks left out)."""
     _export("votes", prompt_set_id, "votes", out, None, labelers, min_agreement, date_from, date_to)
+
+@import_cli.command("preferences")
+def import_preferences(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
+                                         help="JSONL: TRL preference (plain or conversational), HH-RLHF,"
+                                              " or ranked/scored responses.")],
+    prompt_set_id: Annotated[int, typer.Option("--set", help="Ranking set id.")],
+    source: Annotated[str | None, typer.Option(help="Name of the source (default: the file's name).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, trl, hh or ranked.")] = "auto",
+) -> None:
+    """Import preference data into a ranking set as annotations of a named source, all or nothing."""
+    from app.db.session import new_session
+    from app.services import preference_import, prompt_sets
+    from app.services.errors import DomainError, Invalid
+
+    _setup()
+    size = file.stat().st_size
+    with new_session() as session, file.open("rb") as f, \
+            typer.progressbar(length=size, label=f"importing {file.name}", file=sys.stderr) as bar:
+        def progress(_lines: int) -> None:
+            bar.update(f.tell() - bar.pos)
+
+        try:
+            prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+            result = preference_import.import_preferences(
+                session, prompt_set=prompt_set, source=f, source_name=source or file.stem, format=fmt,
+                progress=progress)
+        except DomainError as exc:
+            errors = exc.errors if isinstance(exc, Invalid) and isinstance(exc.errors, list) else []
+            problems = errors if len(errors) > 1 else []
+            _fail("\n  ".join([exc.message, *problems]))
+    typer.echo(result.describe())
 
 
 def main() -> None:

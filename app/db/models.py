@@ -387,6 +387,21 @@ class Assignment(Base):
     )
 
 
+class AnnotationSource(Base):
+    """A named origin of judgements that is not a person: an imported dataset
+    (HH-RLHF, UltraFeedback, an earlier export). Its annotations train the reward
+    model when asked to, and are kept out of human agreement and task overlap."""
+
+    __tablename__ = "annotation_sources"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = created_at_column()
+
+    __table_args__ = (CheckConstraint("length(btrim(name)) > 0", name="name_not_blank"),)
+
+
 class Annotation(Base):
     """One labeler's submission for one task."""
 
@@ -394,7 +409,11 @@ class Annotation(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # Exactly one author: a labeler (user_id) or an imported source (source_id).
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    source_id: Mapped[int | None] = mapped_column(
+        ForeignKey("annotation_sources.id", ondelete="CASCADE"), index=True
+    )
     time_spent_s: Mapped[float] = mapped_column(default=0.0)
     prompt_flags: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
     comment: Mapped[str] = mapped_column(Text, default="", server_default="")
@@ -426,6 +445,7 @@ class Annotation(Base):
     __table_args__ = (
         UniqueConstraint("task_id", "user_id"),
         Index("ix_annotations_user_id_created_at", "user_id", "created_at"),
+        CheckConstraint("(user_id IS NULL) <> (source_id IS NULL)", name="one_author"),
         CheckConstraint("time_spent_s >= 0", name="time_spent_nonneg"),
         CheckConstraint("excluded OR NOT quarantined", name="quarantined_is_excluded"),
         CheckConstraint("top_k IS NULL OR top_k >= 1", name="top_k_positive"),

@@ -7,17 +7,19 @@ from sqlalchemy.orm import Session
 
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
-from app.routes.uploads import ImportPayload, read_import_payload
+from app.routes.uploads import ImportPayload, PreferencePayload, read_import_payload, read_preference_payload
 from app.schemas.common import Id, problem_response
 from app.schemas.prompt_sets import (
     ImportResultOut,
+    PreferenceImportBody,
+    PreferenceImportResultOut,
     PromptImportBody,
     PromptSetCreate,
     PromptSetOut,
     PromptSetUpdate,
     prompt_set_out,
 )
-from app.services import prompt_import, prompt_sets
+from app.services import preference_import, prompt_import, prompt_sets
 
 router = APIRouter(prefix="/prompt-sets", tags=["prompt sets"])
 
@@ -90,6 +92,42 @@ def import_prompts(prompt_set_id: Id, session: SessionDep, admin: AdminUser,
         duplicates_existing=result.duplicates_existing, per_split=result.per_split,
         generation_job_id=result.generation_job_id,
     )
+
+
+_PREFERENCE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": PreferenceImportBody.model_json_schema()},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "required": ["file", "source"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "source": {"type": "string", "maxLength": 100},
+                    "format": {"type": "string", "enum": list(preference_import.FORMATS)},
+                },
+            }},
+        },
+    },
+}
+
+
+@router.post("/{prompt_set_id}/preferences", response_model=PreferenceImportResultOut,
+             openapi_extra=_PREFERENCE_BODY,
+             responses={422: problem_response("Nothing stored; `errors` lists the problems by line and field."),
+                        409: problem_response("The set is archived or not a ranking set.")})
+def import_preferences(prompt_set_id: Id, session: SessionDep, admin: AdminUser,
+                       payload: Annotated[PreferencePayload, Depends(read_preference_payload)]):
+    """Import preference data (JSONL: TRL plain or conversational, HH-RLHF, ranked or scored
+    responses) into a ranking set as annotations of the named source, all or nothing."""
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    result = preference_import.import_preferences(
+        session, prompt_set=prompt_set, source=payload.data(), source_name=payload.source_name,
+        format=payload.format, user_id=admin.id)
+    return PreferenceImportResultOut(
+        source=result.source, rankings=result.rankings, comparisons=result.comparisons,
+        prompts_added=result.prompts_added, skipped_identical=result.skipped_identical, per_format=result.per_format)
 
 
 @router.post("/{prompt_set_id}/start", response_model=PromptSetOut)

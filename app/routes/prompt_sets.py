@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Form, Request
 from app.db.enums import PromptSetKind
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
-from app.routes.uploads import ImportPayload, read_import_payload
+from app.routes.uploads import ImportPayload, PreferencePayload, read_import_payload, read_preference_payload
 from app.schemas.common import Id
 from app.schemas.prompt_sets import PromptSetForm
-from app.services import prompt_import, prompt_sets
+from app.services import preference_import, prompt_import, prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.web import flash, redirect, render, render_form_errors
 
@@ -35,6 +35,9 @@ def _detail_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, A
         "counts": prompt_sets.counts(session, prompt_set),
         "job": prompt_sets.latest_generation_job(session, prompt_set),
         "import_format": "auto", "paste": "",
+        "sources": preference_import.list_sources(session, prompt_set.id),
+        "preference_formats": preference_import.FORMATS,
+        "preference_form": {"source": "", "format": "auto", "content": ""},
     }
     return context | extra
 
@@ -107,6 +110,23 @@ def import_prompts(request: Request, session: SessionDep, admin: AdminUser, prom
         context = _detail_context(session, prompt_set, import_format=payload.format, paste=payload.echo)
         return render_form_errors(request, exc, "pages/prompt_sets_detail.html", context, prefix="import_",
                                   block="import_form")
+    flash(request, result.describe(), "success")
+    return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
+
+
+@router.post("/{prompt_set_id}/preferences")
+def import_preferences(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
+                       payload: Annotated[PreferencePayload, Depends(read_preference_payload)]):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    try:
+        result = preference_import.import_preferences(
+            session, prompt_set=prompt_set, source=payload.data(), source_name=payload.source_name,
+            format=payload.format, user_id=admin.id)
+    except (Invalid, Conflict) as exc:
+        form = {"source": payload.source_name, "format": payload.format, "content": payload.echo}
+        context = _detail_context(session, prompt_set, preference_form=form)
+        return render_form_errors(request, exc, "pages/prompt_sets_detail.html", context, prefix="preferences_",
+                                  block="preferences_form", status_code=422 if isinstance(exc, Invalid) else 409)
     flash(request, result.describe(), "success")
     return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
 

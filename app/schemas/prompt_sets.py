@@ -144,6 +144,22 @@ class PromptImportBody(BaseModel):
     content: str = Field(description="The JSONL, JSON array or CSV text.")
 
 
+class PreferenceImportBody(BaseModel):
+    source: str = Field(max_length=100, description="Where the judgements come from, e.g. hh-rlhf.")
+    format: Literal["auto", "trl", "hh", "ranked"] = Field(
+        default="auto", description="auto: told apart per line by its fields.")
+    content: str = Field(description="The JSONL text.")
+
+
+class PreferenceImportResultOut(BaseModel):
+    source: str
+    rankings: int
+    comparisons: int
+    prompts_added: int
+    skipped_identical: int
+    per_format: dict[str, int]
+
+
 class ImportResultOut(BaseModel):
     added: int
     duplicates: int

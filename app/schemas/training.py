@@ -16,6 +16,8 @@ class RewardRunIn(BaseModel):
     prompt_set_ids: list[Id]
     base_model_id: Id | None = None
     labeler_ids: list[Id] | None = None
+    # Train on the sets' imported preference data (annotations of a source) too.
+    include_imported: bool = True
     name: Text | None = None
     config: dict[str, Any] = Field(default_factory=dict)
 

@@ -23,7 +23,9 @@ Conventions (shown on the agreement page too):
 - "All bad" annotations have no ranking: they give no pairs and no ranks; their
   ratings (optional) still count in the ratings alpha and histogram. They are
   counted per set and labeler (`all_bad`).
-- Excluded annotations are left out of everything.
+- Excluded annotations are left out of everything, and so are imported
+  ones (annotations of a source such as a public dataset, not a labeler):
+  the figures are the humans' agreement.
 - A pairwise vote (app/services/annotations) is read as its ranks: a winner is a
   strict preference, a tie or "both bad" a tie; it has no Likert rating.
 """
@@ -50,6 +52,7 @@ _PREFS = f"""
     JOIN ratings x ON x.annotation_id = a.id
     JOIN ratings y ON y.annotation_id = a.id AND x.response_id < y.response_id
     WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold AND {_RANKED_PAIR}
+      AND a.source_id IS NULL  -- imported judgements are no labeler's
 """
 
 
@@ -149,7 +152,7 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
     judgements = [tuple(row) for row in session.execute(text("""
         SELECT r.task_id, r.response_id, a.user_id, coalesce(r.likert, -1), coalesce(r.rank, -1)
         FROM ratings r JOIN annotations a ON a.id = r.annotation_id JOIN tasks t ON t.id = a.task_id
-        WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold
+        WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold AND a.source_id IS NULL
     """), params)]
     if judgements:
         # Unrated or unranked ("all bad") judgements are -1 here and left out of their alpha.
@@ -281,6 +284,8 @@ def ranking_agreement(items) -> tuple[float | None, int]:
     for item in items:
         if item.all_bad:
             continue
+        if item.source is not None:
+            continue  # imported judgements are not the labelers' agreement
         by_prompt.setdefault(item.prompt_id, []).append(dict(zip(item.responses, item.ranks, strict=True)))
     agree = strict = 0
     for rankings in by_prompt.values():

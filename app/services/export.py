@@ -68,6 +68,7 @@ from app.db.base import utcnow
 from app.db.enums import Split, VoteOutcome, VoteStrength
 from app.db.models import (
     Annotation,
+    AnnotationSource,
     Comparison,
     Model,
     Prompt,
@@ -107,12 +108,13 @@ GOLD_RULE = "annotations of gold tasks (labeler tests; see the annotations expor
 
 COMPARISON_COLUMNS = [
     "prompt", "chosen", "rejected", "comparison_id", "annotation_id", "task_id", "prompt_id",
-    "prompt_set_id", "split", "labeler_id", "rank_margin", "rating_margin", "created_at", "review", "review_id",
+    "prompt_set_id", "split", "labeler_id", "source", "rank_margin", "rating_margin", "created_at", "review",
+    "review_id",
 ]
 ANNOTATION_JSONL_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason", "created_at",
-    "updated_at", "review", "review_id", "prompt", "ratings",
+    "labeler", "source", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason",
+    "created_at", "updated_at", "review", "review_id", "prompt", "ratings",
 ]
 VOTE_COLUMNS = [
     "prompt", "response_a", "response_b", "model_a", "model_b", "outcome", "winner", "strength", "margin",
@@ -121,9 +123,9 @@ VOTE_COLUMNS = [
 ]
 ANNOTATION_CSV_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason", "created_at",
-    "updated_at", "review", "review_id", "prompt", "response_id", "position", "likert", "rank", "response_flags",
-    "response_text",
+    "labeler", "source", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason",
+    "created_at", "updated_at", "review", "review_id", "prompt", "response_id", "position", "likert", "rank",
+    "response_flags", "response_text",
 ]
 
 
@@ -232,12 +234,15 @@ def included_annotations_query(
     include_gold: bool = False,
     without_corrected: bool = False,
     ranked_only: bool = False,
+    include_imported: bool = True,
 ) -> Select:
     """SELECT annotations.id of the data that counts: never excluded, never gold
     (unless include_gold), of the given sets, narrowed by split, labelers,
     (set, labeler) pairs and creation time; without those of tasks corrected for
     training when without_corrected (training data: the corrections stand in);
-    ranked_only leaves out "all bad" annotations (they rank nothing)."""
+    ranked_only leaves out "all bad" annotations (they rank nothing). Imported
+    annotations (of a source, not a labeler) count unless include_imported is
+    false; a labeler filter leaves them out."""
     query = (
         select(Annotation.id)
         .join(Task, Task.id == Annotation.task_id)
@@ -248,6 +253,8 @@ def included_annotations_query(
         query = query.where(Task.is_gold.is_(False))
     if ranked_only:
         query = query.where(Annotation.all_bad.is_(False))
+    if not include_imported:
+        query = query.where(Annotation.source_id.is_(None))
     if split is not None:
         query = query.where(Prompt.split == Split(split))
     if user_ids is not None:
@@ -322,7 +329,8 @@ def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str
         select(
             Comparison.id.label("comparison_id"), Comparison.annotation_id, Comparison.task_id,
             Task.prompt_id, Task.prompt_set_id, Prompt.split, Annotation.user_id.label("labeler_id"),
-            Prompt.messages, Comparison.chosen_response_id, chosen.text.label("chosen"),
+            AnnotationSource.name.label("source"), Prompt.messages, Comparison.chosen_response_id,
+            chosen.text.label("chosen"),
             Comparison.rejected_response_id, rejected.text.label("rejected"),
             Comparison.rank_margin, Comparison.rating_margin, Annotation.created_at,
             review.label("review"), current.c.id.label("review_id"),
@@ -333,6 +341,7 @@ def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str
         .join(chosen, chosen.id == Comparison.chosen_response_id)
         .join(rejected, rejected.id == Comparison.rejected_response_id)
         .outerjoin(current, current.c.task_id == Task.id)
+        .outerjoin(AnnotationSource, AnnotationSource.id == Annotation.source_id)
         .where(Comparison.annotation_id.in_(included))
     )
     # A correction's pairs: every two responses it ranks apart, the better one chosen.
@@ -343,7 +352,7 @@ def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str
         select(
             cast(null(), Integer).label("comparison_id"), cast(null(), Integer).label("annotation_id"),
             TaskReview.task_id, Task.prompt_id, Task.prompt_set_id, Prompt.split,
-            TaskReview.reviewer_id.label("labeler_id"), Prompt.messages,
+            TaskReview.reviewer_id.label("labeler_id"), cast(null(), String).label("source"), Prompt.messages,
             cast(better.c.key, Integer).label("chosen_response_id"), chosen.text.label("chosen"),
             cast(worse.c.key, Integer).label("rejected_response_id"), rejected.text.label("rejected"),
             (cast(worse.c.value, Integer) - cast(better.c.value, Integer)).label("rank_margin"),
@@ -371,15 +380,17 @@ def _ratings_query(included: Select) -> Select:
         select(
             Annotation.id.label("annotation_id"), Annotation.task_id, Task.prompt_set_id, Task.prompt_id,
             Task.round, Prompt.split, Task.is_gold, Annotation.user_id.label("labeler_id"),
-            User.username.label("labeler"), Annotation.time_spent_s, Annotation.prompt_flags, Annotation.comment,
-            Annotation.top_k, Annotation.all_bad, Annotation.all_bad_reason, Annotation.created_at,
-            Annotation.updated_at, Prompt.messages, Prompt.text.label("prompt_text"),
+            User.username.label("labeler"), AnnotationSource.name.label("source"), Annotation.time_spent_s,
+            Annotation.prompt_flags, Annotation.comment, Annotation.top_k, Annotation.all_bad,
+            Annotation.all_bad_reason, Annotation.created_at, Annotation.updated_at, Prompt.messages,
+            Prompt.text.label("prompt_text"),
             Rating.response_id, TaskResponse.position, Rating.likert, Rating.rank, Rating.flags,
             Response.text.label("response_text"), review.label("review"), current.c.id.label("review_id"),
         )
         .select_from(Rating)
         .join(Annotation, Annotation.id == Rating.annotation_id)
-        .join(User, User.id == Annotation.user_id)
+        .outerjoin(User, User.id == Annotation.user_id)
+        .outerjoin(AnnotationSource, AnnotationSource.id == Annotation.source_id)
         .join(Task, Task.id == Annotation.task_id)
         .join(Prompt, Prompt.id == Task.prompt_id)
         .join(TaskResponse, and_(TaskResponse.task_id == Rating.task_id,
@@ -407,6 +418,7 @@ class RankedAnnotation:
     review_id: int | None = None
     top_k: int | None = None
     all_bad: bool = False  # never in the ranked data ("all bad" ranks nothing); for ranking_agreement
+    source: str | None = None  # an imported source's name; None for a labeler
 
 
 def _corrections_ranked_query(corrections: Select) -> Select:
@@ -425,17 +437,18 @@ def _corrections_ranked_query(corrections: Select) -> Select:
 
 
 def iter_ranked_annotations(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
-                            user_ids: Sequence[int] | None = None, **filters: Any) -> Iterator[RankedAnnotation]:
+                            user_ids: Sequence[int] | None = None, include_imported: bool = True,
+                            **filters: Any) -> Iterator[RankedAnnotation]:
     """The training data: the included annotations (see included_annotations_query; "all
     bad" ones rank nothing and are left out) in id order, except those of tasks corrected
     for training, then those corrections."""
     included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, without_corrected=True,
-                                          ranked_only=True,
-                                          **filters)
+                                          ranked_only=True, include_imported=include_imported, **filters)
     for rows in _grouped(session, _ratings_query(included)):
         head = rows[0]
         yield RankedAnnotation(head.annotation_id, head.prompt_id, Split(head.split), list(head.messages),
-                               [r.response_text for r in rows], [r.rank for r in rows], top_k=head.top_k)
+                               [r.response_text for r in rows], [r.rank for r in rows], top_k=head.top_k,
+                               source=head.source)
     corrections = included_corrections_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
     for rows in _grouped(session, _corrections_ranked_query(corrections)):
         head = rows[0]
@@ -587,7 +600,8 @@ def _comparison_row(row: Any, fmt: str) -> dict[str, Any]:
         "prompt": prompt, "chosen": chosen, "rejected": rejected,
         "comparison_id": row.comparison_id, "annotation_id": row.annotation_id, "task_id": row.task_id,
         "prompt_id": row.prompt_id, "prompt_set_id": row.prompt_set_id, "split": Split(row.split).value,
-        "labeler_id": row.labeler_id, "rank_margin": row.rank_margin, "rating_margin": row.rating_margin,
+        "labeler_id": row.labeler_id, "source": row.source,
+        "rank_margin": row.rank_margin, "rating_margin": row.rating_margin,
         "created_at": _iso(row.created_at), "review": row.review, "review_id": row.review_id,
     }
 
@@ -639,7 +653,7 @@ def _annotation_head(row: Any) -> dict[str, Any]:
     return {
         "annotation_id": row.annotation_id, "task_id": row.task_id, "prompt_set_id": row.prompt_set_id,
         "prompt_id": row.prompt_id, "round": row.round, "split": Split(row.split).value,
-        "is_gold": row.is_gold, "labeler_id": row.labeler_id, "labeler": row.labeler,
+        "is_gold": row.is_gold, "labeler_id": row.labeler_id, "labeler": row.labeler, "source": row.source,
         "time_spent_s": row.time_spent_s, "prompt_flags": row.prompt_flags, "comment": row.comment,
         "top_k": row.top_k, "all_bad": row.all_bad, "all_bad_reason": row.all_bad_reason,
         "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),

@@ -82,7 +82,7 @@ def set_progress(session: Session, *, prompt_set_id: int, now: datetime | None =
                count(*) FILTER (WHERE a.created_at > :start AND a.created_at <= :now) AS recent,
                min(a.created_at) AS first
         FROM annotations a JOIN tasks t ON t.id = a.task_id
-        WHERE t.prompt_set_id = :set_id AND NOT t.is_gold
+        WHERE t.prompt_set_id = :set_id AND NOT t.is_gold AND a.source_id IS NULL  -- labelers' work only
     """), params | {"start": window_start}).one()
     window_h = rate_window_h
     if rate_row.first is not None and rate_row.first > window_start:
@@ -100,7 +100,7 @@ def set_progress(session: Session, *, prompt_set_id: int, now: datetime | None =
                                  date_trunc('hour', CAST(:now AS timestamptz), 'UTC'), interval '1 hour') AS h(hour)
             LEFT JOIN (
                 SELECT a.id, a.created_at FROM annotations a JOIN tasks t ON t.id = a.task_id
-                WHERE t.prompt_set_id = :set_id AND NOT t.is_gold
+                WHERE t.prompt_set_id = :set_id AND NOT t.is_gold AND a.source_id IS NULL
             ) a ON date_trunc('hour', a.created_at, 'UTC') = h.hour
             GROUP BY h.hour ORDER BY h.hour
         """), params | {"hours": hours})

@@ -96,7 +96,7 @@ class ImportResult:
         return text
 
 
-class _Problems:
+class Problems:
     """Collects line messages; keeps the first few, counts them all."""
 
     def __init__(self, limits: ImportLimits):
@@ -122,12 +122,12 @@ class _Problems:
         raise Invalid(message, errors=list(self.shown))
 
 
-def _fail(message: str) -> Invalid:
+def fail(message: str) -> Invalid:
     """A problem with the whole file."""
     return Invalid(f"Nothing was imported: {message}", errors=[message])
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -151,7 +151,7 @@ def _size(n: int) -> str:
 def check_size(n_bytes: int, *, limits: ImportLimits = LIMITS) -> None:
     """Raises Invalid when a file of n_bytes is over the limit (before reading it all)."""
     if n_bytes > limits.max_file_bytes:
-        raise _fail(f"file is {_size(n_bytes)} ({n_bytes:,} bytes); the limit is"
+        raise fail(f"file is {_size(n_bytes)} ({n_bytes:,} bytes); the limit is"
                     f" {_size(limits.max_file_bytes)}. Split it into smaller files.")
 
 
@@ -163,12 +163,12 @@ def decode(data: bytes | str, *, limits: ImportLimits = LIMITS) -> str:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             line = data[: exc.start].count(b"\n") + 1
-            raise _fail(f"file is not UTF-8: byte 0x{data[exc.start]:02x} on line {line} cannot be read."
+            raise fail(f"file is not UTF-8: byte 0x{data[exc.start]:02x} on line {line} cannot be read."
                         " Save the file as UTF-8 and import it again.") from None
     else:
         text = data.removeprefix("\ufeff")
     if not text.strip():
-        raise _fail("file is empty: there are no prompts in it.")
+        raise fail("file is empty: there are no prompts in it.")
     return text
 
 
@@ -197,7 +197,7 @@ def detect_format(text: str, *, format: str | None = None, filename: str | None 
 
 # ---- one record ------------------------------------------------------------------
 
-def _check_text(problems: _Problems, where: str, name: str, value: str) -> bool:
+def check_text_field(problems: Problems, where: str, name: str, value: str) -> bool:
     problem = text_problem(value)
     if problem is not None:
         problems.add(f"{where}: {name} {problem}")
@@ -208,11 +208,11 @@ def _check_text(problems: _Problems, where: str, name: str, value: str) -> bool:
     return True
 
 
-def _external_id(problems: _Problems, where: str, raw: Any) -> tuple[bool, str | None]:
+def _external_id(problems: Problems, where: str, raw: Any) -> tuple[bool, str | None]:
     if raw is None:
         return True, None
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
-        problems.add(f"{where}: 'id' must be a string or a whole number, not {_json_type(raw)}")
+        problems.add(f"{where}: 'id' must be a string or a whole number, not {json_type(raw)}")
         return False, None
     value = str(raw).strip()
     if len(value) > MAX_EXTERNAL_ID_CHARS:
@@ -225,7 +225,7 @@ def _external_id(problems: _Problems, where: str, raw: Any) -> tuple[bool, str |
     return True, value or None
 
 
-def _metadata(problems: _Problems, where: str, meta: dict[str, Any], limits: ImportLimits) -> bool:
+def _metadata(problems: Problems, where: str, meta: dict[str, Any], limits: ImportLimits) -> bool:
     dumped = json.dumps(meta, ensure_ascii=False)
     # json.dumps writes NUL as the escape \u0000 (which jsonb refuses too) and keeps a lone surrogate as it is.
     problem = text_problem(dumped.replace("\\u0000", "\x00"))
@@ -239,16 +239,16 @@ def _metadata(problems: _Problems, where: str, meta: dict[str, Any], limits: Imp
     return True
 
 
-def _messages(problems: _Problems, where: str, raw: Any) -> list[dict[str, str]] | None:
+def check_messages(problems: Problems, where: str, raw: Any) -> list[dict[str, str]] | None:
     if not isinstance(raw, list) or not raw:
-        got = "an empty list" if raw == [] else _json_type(raw)
+        got = "an empty list" if raw == [] else json_type(raw)
         problems.add(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects, not {got}")
         return None
     ok = True
     for i, m in enumerate(raw):
         item = f"'messages'[{i}]"
         if not isinstance(m, dict):
-            problems.add(f"{where}: {item} must be an object with 'role' and 'content', not {_json_type(m)}")
+            problems.add(f"{where}: {item} must be an object with 'role' and 'content', not {json_type(m)}")
             ok = False
             continue
         unknown = sorted(set(m) - {"role", "content"})
@@ -264,9 +264,9 @@ def _messages(problems: _Problems, where: str, raw: Any) -> list[dict[str, str]]
             problems.add(f"{where}: {item} is missing 'content'")
             ok = False
         elif not isinstance(content, str):
-            problems.add(f"{where}: {item}.content must be a string, not {_json_type(content)}")
+            problems.add(f"{where}: {item}.content must be a string, not {json_type(content)}")
             ok = False
-        elif not _check_text(problems, where, f"{item}.content", content):
+        elif not check_text_field(problems, where, f"{item}.content", content):
             ok = False
     if ok and raw[-1]["role"] != "user":
         problems.add(f"{where}: the last message must be from the user, not the {raw[-1]['role']}")
@@ -274,14 +274,14 @@ def _messages(problems: _Problems, where: str, raw: Any) -> list[dict[str, str]]
     return canonical_messages(raw) if ok else None
 
 
-def _text_prompt(problems: _Problems, where: str, prompt: str) -> list[dict[str, str]] | None:
+def text_prompt(problems: Problems, where: str, prompt: str) -> list[dict[str, str]] | None:
     """A prompt given as text: one user message, or None with its problem recorded."""
-    if not _check_text(problems, where, "'prompt'", prompt):
+    if not check_text_field(problems, where, "'prompt'", prompt):
         return None
     return canonical_messages([{"role": "user", "content": prompt}])
 
 
-def _check_length(problems: _Problems, where: str, name: str, messages: list[dict[str, str]],
+def check_length(problems: Problems, where: str, name: str, messages: list[dict[str, str]],
                   limits: ImportLimits) -> bool:
     chars = sum(len(m["content"]) for m in messages)
     if chars > limits.max_prompt_chars:
@@ -290,7 +290,7 @@ def _check_length(problems: _Problems, where: str, name: str, messages: list[dic
     return True
 
 
-def _provenance(problems: _Problems, where: str, obj: dict[str, Any], *, fields: tuple[str, ...], ok: bool,
+def _provenance(problems: Problems, where: str, obj: dict[str, Any], *, fields: tuple[str, ...], ok: bool,
                 limits: ImportLimits) -> tuple[str | None, dict[str, Any]] | None:
     """A JSON record's 'id' and metadata: its 'metadata' object, with every field other
     than `fields`, 'id' and 'metadata' merged in. None, with the problems recorded,
@@ -299,7 +299,7 @@ def _provenance(problems: _Problems, where: str, obj: dict[str, Any], *, fields:
     id_ok, external_id = _external_id(problems, where, obj.get("id"))
     meta = obj.get("metadata", {})
     if not isinstance(meta, dict):
-        problems.add(f"{where}: 'metadata' must be an object, not {_json_type(meta)}")
+        problems.add(f"{where}: 'metadata' must be an object, not {json_type(meta)}")
         return None
     meta = {k: v for k, v in obj.items() if k not in (*fields, "id", "metadata")} | meta
     if not (ok and id_ok and _metadata(problems, where, meta, limits)):
@@ -307,10 +307,10 @@ def _provenance(problems: _Problems, where: str, obj: dict[str, Any], *, fields:
     return external_id, meta
 
 
-def _record(problems: _Problems, where: str, line: int, obj: Any, limits: ImportLimits) -> ParsedPrompt | None:
+def _record(problems: Problems, where: str, line: int, obj: Any, limits: ImportLimits) -> ParsedPrompt | None:
     """One JSON object -> a prompt, or None with its problems recorded."""
     if not isinstance(obj, dict):
-        problems.add(f"{where}: expected an object like {{\"prompt\": \"...\"}}, not {_json_type(obj)}")
+        problems.add(f"{where}: expected an object like {{\"prompt\": \"...\"}}, not {json_type(obj)}")
         return None
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt and has_messages:
@@ -324,14 +324,14 @@ def _record(problems: _Problems, where: str, line: int, obj: Any, limits: Import
         name, prompt = "'prompt'", obj["prompt"]
         messages = None
         if not isinstance(prompt, str):
-            problems.add(f"{where}: 'prompt' must be a string, not {_json_type(prompt)}")
+            problems.add(f"{where}: 'prompt' must be a string, not {json_type(prompt)}")
             ok = False
         else:
-            messages = _text_prompt(problems, where, prompt)
+            messages = text_prompt(problems, where, prompt)
     else:
         name = "'messages'"
-        messages = _messages(problems, where, obj["messages"])
-    ok = messages is not None and ok and _check_length(problems, where, name, messages, limits)
+        messages = check_messages(problems, where, obj["messages"])
+    ok = messages is not None and ok and check_length(problems, where, name, messages, limits)
     provenance = _provenance(problems, where, obj, fields=("prompt", "messages"), ok=ok, limits=limits)
     if provenance is None:
         return None
@@ -342,26 +342,31 @@ def _record(problems: _Problems, where: str, line: int, obj: Any, limits: Import
 
 # ---- formats ---------------------------------------------------------------------
 
-def _jsonl(text: str, problems: _Problems, limits: ImportLimits) -> Iterator[ParsedPrompt | None]:
+BAD_LINE = object()  # json_line's answer for a line that is not JSON
+
+
+def json_line(problems: Problems, where: str, line: str) -> Any:
+    """One JSONL line's value, or BAD_LINE with the problem recorded."""
+    try:
+        return load_json(line)
+    except json.JSONDecodeError as exc:
+        problems.add(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+    except JsonProblem as exc:
+        problems.add(f"{where}: not accepted: the JSON {exc}")
+    return BAD_LINE
+
+
+def _jsonl(text: str, problems: Problems, limits: ImportLimits) -> Iterator[ParsedPrompt | None]:
     # split("\n"), not splitlines(): U+2028 and friends may sit inside a JSON string.
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"line {number}"
-        try:
-            obj = load_json(line)
-        except json.JSONDecodeError as exc:
-            problems.add(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-            yield None
-            continue
-        except JsonProblem as exc:
-            problems.add(f"{where}: not accepted: the JSON {exc}")
-            yield None
-            continue
-        yield _record(problems, where, number, obj, limits)
+        obj = json_line(problems, where, line)
+        yield None if obj is BAD_LINE else _record(problems, where, number, obj, limits)
 
 
-def _json_array(text: str, problems: _Problems, limits: ImportLimits) -> Iterator[ParsedPrompt | None]:
+def _json_array(text: str, problems: Problems, limits: ImportLimits) -> Iterator[ParsedPrompt | None]:
     """A JSON array of prompt objects, decoded item by item so each has its line."""
     ws = " \t\r\n"
     # Line numbers are counted on from the previous item (positions only grow): linear in
@@ -407,7 +412,7 @@ def _json_array(text: str, problems: _Problems, limits: ImportLimits) -> Iterato
         problems.add(f"line {line_of(skip(i + 1))}: not valid JSON (text after the closing ']')")
 
 
-def _csv(text: str, problems: _Problems, limits: ImportLimits) -> Iterator[ParsedPrompt | None]:
+def _csv(text: str, problems: Problems, limits: ImportLimits) -> Iterator[ParsedPrompt | None]:
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
     prompt_col = id_col = -1
@@ -451,8 +456,8 @@ def _csv(text: str, problems: _Problems, limits: ImportLimits) -> Iterator[Parse
             problems.add(f"{where}: {values} but the header has {len(header)} columns.{hint}")
             yield None
             continue
-        messages = _text_prompt(problems, where, row[prompt_col])
-        if messages is None or not _check_length(problems, where, "'prompt'", messages, limits):
+        messages = text_prompt(problems, where, row[prompt_col])
+        if messages is None or not check_length(problems, where, "'prompt'", messages, limits):
             yield None
             continue
         id_ok, external_id = _external_id(problems, where, row[id_col] if id_col >= 0 else None)
@@ -476,7 +481,7 @@ def parse_prompts(
     (up to limits.max_errors_shown, each with its line and field)."""
     text = decode(data, limits=limits)
     kind = detect_format(text, format=format, filename=filename)
-    problems = _Problems(limits)
+    problems = Problems(limits)
     records = {"jsonl": _jsonl, "json": _json_array, "csv": _csv}[kind](text, problems, limits)
     parsed: list[ParsedPrompt] = []
     seen_ids: dict[str, tuple[int, str]] = {}
@@ -484,7 +489,7 @@ def parse_prompts(
     for record in records:
         count += 1
         if count > limits.max_prompts:
-            raise _fail(f"the file has more than {limits.max_prompts:,} prompts; the limit is"
+            raise fail(f"the file has more than {limits.max_prompts:,} prompts; the limit is"
                         f" {limits.max_prompts:,} per import. Split it into smaller files.")
         if record is None:
             continue
@@ -498,7 +503,7 @@ def parse_prompts(
         parsed.append(record)
     problems.raise_if_any()
     if not parsed:
-        raise _fail("the file has a header but no prompts." if kind == "csv" else "there are no prompts in the file.")
+        raise fail("the file has a header but no prompts." if kind == "csv" else "there are no prompts in the file.")
     return parsed
 
 

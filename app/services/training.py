@@ -198,9 +198,11 @@ def _enqueue_run(session: Session, kind: JobKind, params: dict[str, Any], *, use
 
 def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_model_id: Any = None,
                         prompt_set_ids: Any = None, labeler_ids: Any = None, name: Any = None,
-                        flags_from_form: bool = False) -> dict[str, Any]:
+                        include_imported: Any = True, flags_from_form: bool = False) -> dict[str, Any]:
     """Check a reward-model run; the job's parameters. Raises Invalid with a message per
-    field (base_model_id, prompt_set_ids, labeler_ids, name and each setting)."""
+    field (base_model_id, prompt_set_ids, labeler_ids, include_imported, name and each setting).
+    include_imported: train on the sets' imported preference data too (the default:
+    it was imported into the set to bootstrap its reward model)."""
     reject_unknown(values, RewardConfig)
     errors: dict[str, str] = {}
     base = models.choose_model(errors, session, "base_model_id", base_model_id, GENERATOR_KINDS,
@@ -211,11 +213,13 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
         known = set(session.scalars(select(User.id).where(User.id.in_(user_ids))))
         if missing := [u for u in user_ids if u not in known]:
             errors["labeler_ids"] = f"unknown labeler {missing[0]}"
+    imported = _yes_no(errors, "include_imported", include_imported)
     if set_ids and "labeler_ids" not in errors:
+        included = export.included_annotations_query(set_ids, user_ids=user_ids or None, ranked_only=True,
+                                                     include_imported=imported is not False)
         prompts = session.scalar(
             select(func.count(func.distinct(Task.prompt_id))).join(Annotation, Annotation.task_id == Task.id)
-            .where(Annotation.id.in_(export.included_annotations_query(set_ids, user_ids=user_ids or None,
-                                                                      ranked_only=True)))
+            .where(Annotation.id.in_(included))
         ) or 0
         if prompts < 2:
             errors["prompt_set_ids"] = (f"the chosen data ranks responses to {prompts} prompt"
@@ -226,7 +230,20 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
     raise_for_fields(errors)
     assert base is not None
     return {"base_model_id": base.id, "prompt_set_ids": set_ids, "labeler_ids": user_ids or None,
-            "name": clean_name, "config": config}
+            "include_imported": bool(imported), "name": clean_name, "config": config}
+
+
+def _yes_no(errors: dict[str, str], field: str, raw: Any) -> bool | None:
+    """A yes/no choice from JSON (true/false) or a form ("yes"/"no"); empty = yes."""
+    if isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower() if isinstance(raw, (str, int)) else None
+    if value in ("", "yes", "true", "1", "on"):
+        return True
+    if value in ("no", "false", "0", "off"):
+        return False
+    errors[field] = "choose yes or no"
+    return None
 
 
 def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_model_id: Any = None,
@@ -289,10 +306,11 @@ def split_by_prompt(prompt_ids: Sequence[int], validation: set[int]) -> set[int]
     return set(prompts[len(prompts) - take:])
 
 
-def reward_data(session: Session, prompt_set_ids: Sequence[int],
-                labeler_ids: Sequence[int] | None = None) -> tuple[list[export.RankedAnnotation], list[export.RankedAnnotation]]:
+def reward_data(session: Session, prompt_set_ids: Sequence[int], labeler_ids: Sequence[int] | None = None,
+                include_imported: bool = True) -> tuple[list[export.RankedAnnotation], list[export.RankedAnnotation]]:
     """(train, validation) annotations: validation holds prompts never trained on."""
-    items = list(export.iter_ranked_annotations(session, prompt_set_ids, user_ids=labeler_ids))
+    items = list(export.iter_ranked_annotations(session, prompt_set_ids, user_ids=labeler_ids,
+                                                include_imported=include_imported))
     validation = split_by_prompt([a.prompt_id for a in items],
                                  {a.prompt_id for a in items if a.split == Split.validation})
     return ([a for a in items if a.prompt_id not in validation], [a for a in items if a.prompt_id in validation])

@@ -24,17 +24,17 @@ from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import (
     LIMITS,
     ImportLimits,
-    _check_length,
-    _check_text,
-    _fail,
-    _json_type,
-    _messages,
-    _Problems,
+    Problems,
     _provenance,
-    _text_prompt,
+    check_length,
+    check_messages,
+    check_text_field,
     decode,
+    fail,
     insert_new_prompts,
+    json_type,
     prompt_row,
+    text_prompt,
 )
 from app.services.prompt_sets import prompt_hash
 from app.services.validation import JsonProblem, load_json
@@ -66,7 +66,7 @@ class DemonstrationImportResult:
         return text
 
 
-def _answer(problems: _Problems, where: str, name: str, raw: Any) -> str | None:
+def _answer(problems: Problems, where: str, name: str, raw: Any) -> str | None:
     """A response given as text or as [{"role": "assistant", "content": ...}]."""
     if isinstance(raw, list):
         if len(raw) != 1 or not isinstance(raw[0], dict) or raw[0].get("role") != "assistant":
@@ -75,9 +75,9 @@ def _answer(problems: _Problems, where: str, name: str, raw: Any) -> str | None:
         raw = raw[0].get("content")
         name = f"{name}[0].content"
     if not isinstance(raw, str):
-        problems.add(f"{where}: {name} must be a string, not {_json_type(raw)}")
+        problems.add(f"{where}: {name} must be a string, not {json_type(raw)}")
         return None
-    if not _check_text(problems, where, name, raw):
+    if not check_text_field(problems, where, name, raw):
         return None
     if len(raw) > MAX_TEXT_CHARS:
         problems.add(f"{where}: {name} is {len(raw):,} characters long; the limit is {MAX_TEXT_CHARS:,}")
@@ -85,11 +85,11 @@ def _answer(problems: _Problems, where: str, name: str, raw: Any) -> str | None:
     return raw.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _demo_record(problems: _Problems, where: str, line: int, obj: Any,
+def _demo_record(problems: Problems, where: str, line: int, obj: Any,
                  limits: ImportLimits) -> ParsedDemonstration | None:
     if not isinstance(obj, dict):
         problems.add(f"{where}: expected an object like {{\"prompt\": \"...\", \"response\": \"...\"}},"
-                     f" not {_json_type(obj)}")
+                     f" not {json_type(obj)}")
         return None
     answer_keys = [k for k in ("response", "completion") if k in obj]
     if "messages" in obj:
@@ -102,13 +102,13 @@ def _demo_record(problems: _Problems, where: str, line: int, obj: Any,
             return None
         last = raw[-1]
         if not isinstance(last, dict) or last.get("role") != "assistant":
-            got = last.get("role") if isinstance(last, dict) else _json_type(last)
+            got = last.get("role") if isinstance(last, dict) else json_type(last)
             problems.add(f"{where}: the last message must be the assistant's answer, not {got!r}")
             return None
         if len(raw) < 2:
             problems.add(f"{where}: 'messages' needs a user turn before the assistant's answer")
             return None
-        messages = _messages(problems, where, raw[:-1])
+        messages = check_messages(problems, where, raw[:-1])
         response = _answer(problems, where, f"'messages'[{len(raw) - 1}].content", last.get("content"))
         name = "'messages'"
     else:
@@ -121,16 +121,16 @@ def _demo_record(problems: _Problems, where: str, line: int, obj: Any,
             return None
         prompt = obj["prompt"]
         if isinstance(prompt, list):
-            messages = _messages(problems, where, prompt)
+            messages = check_messages(problems, where, prompt)
         elif isinstance(prompt, str):
-            messages = _text_prompt(problems, where, prompt)
+            messages = text_prompt(problems, where, prompt)
         else:
-            problems.add(f"{where}: 'prompt' must be a string or a list of messages, not {_json_type(prompt)}")
+            problems.add(f"{where}: 'prompt' must be a string or a list of messages, not {json_type(prompt)}")
             messages = None
         response = _answer(problems, where, f"'{answer_keys[0]}'", obj[answer_keys[0]])
         name = "'prompt'"
     ok = messages is not None and response is not None
-    ok = ok and _check_length(problems, where, name, messages, limits)
+    ok = ok and check_length(problems, where, name, messages, limits)
     provenance = _provenance(problems, where, obj, fields=("prompt", "messages", "response", "completion"), ok=ok,
                              limits=limits)
     if provenance is None:
@@ -144,7 +144,7 @@ def parse_demonstrations(data: bytes | str, *, limits: ImportLimits = LIMITS) ->
     """Every demonstration of a JSONL file, in order. Raises Invalid listing the
     problems, each with its line and field."""
     text_ = decode(data, limits=limits)
-    problems = _Problems(limits)
+    problems = Problems(limits)
     parsed: list[ParsedDemonstration] = []
     count = 0
     # split("\n"), not splitlines(): U+2028 and friends may sit inside a JSON string.
@@ -153,7 +153,7 @@ def parse_demonstrations(data: bytes | str, *, limits: ImportLimits = LIMITS) ->
             continue
         count += 1
         if count > limits.max_prompts:
-            raise _fail(f"the file has more than {limits.max_prompts:,} demonstrations; the limit is"
+            raise fail(f"the file has more than {limits.max_prompts:,} demonstrations; the limit is"
                         f" {limits.max_prompts:,} per import. Split it into smaller files.")
         where = f"line {number}"
         try:
@@ -170,7 +170,7 @@ def parse_demonstrations(data: bytes | str, *, limits: ImportLimits = LIMITS) ->
             parsed.append(record)
     problems.raise_if_any()
     if not parsed:
-        raise _fail("there are no demonstrations in the file.")
+        raise fail("there are no demonstrations in the file.")
     return parsed
 
 
