@@ -3,7 +3,7 @@
 annotation_sources names where imported judgements come from; an annotation now has
 exactly one author, a labeler (user_id) or a source (source_id).
 
-Revision ID: 0010
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-11-26 10:10:00.000000
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0010'
+revision: str = '0008'
 down_revision: str | None = '0007'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
