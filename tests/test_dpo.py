@@ -1,0 +1,145 @@
+"""DPO: the losses by hand (listwise = pairwise for K = 2, a K = 3 ranking with a tie), the log-probs
+of a batch against single sequences, and learning a known preference rule with each loss."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.factories import synthetic
+from trainer.common import CONFIG_FILE, Cancelled, encode_prompt, encode_response, prepare_tokenizer
+from trainer.dpo import DPOConfig, dpo_loss, listwise_loss, sequence_logprobs, train_dpo
+from trainer.models import load_causal_lm, load_tokenizer
+from trainer.reward import RankedGroup
+
+# ---- the losses by hand ----------------------------------------------------------------
+
+
+def test_listwise_loss_is_the_sigmoid_loss_for_two_responses():
+    logratios = torch.tensor([[0.3, -1.2], [2.0, 0.5], [-0.4, 0.1]])
+    ranks = torch.tensor([[1, 2], [2, 1], [1, 2]])
+    valid = torch.ones_like(ranks, dtype=torch.bool)
+    listwise, stats = dpo_loss(logratios, ranks, valid, beta=0.5, loss="listwise")
+    sigmoid, _ = dpo_loss(logratios, ranks, valid, beta=0.5, loss="sigmoid")
+    by_hand = -(F.logsigmoid(torch.tensor(0.5 * 1.5)) + F.logsigmoid(torch.tensor(0.5 * -1.5))
+                + F.logsigmoid(torch.tensor(0.5 * -0.5))) / 3
+    torch.testing.assert_close(listwise, sigmoid)
+    torch.testing.assert_close(listwise, by_hand)
+    assert int(stats["pairs"]) == 3 and int(stats["correct"]) == 1
+
+
+def test_listwise_loss_of_three_responses_with_a_tie_by_hand():
+    # Ranks [1, 2, 2]: the first is chosen over both; the tied two are never compared, so they
+    # contribute nothing (nothing is ranked strictly below either).
+    a, b, c = 1.0, 0.2, -0.5
+    rewards = torch.tensor([[a, b, c]])
+    loss = listwise_loss(rewards, torch.tensor([[1, 2, 2]]), torch.ones((1, 3), dtype=torch.bool))
+    expected = -(a - math.log(math.exp(a) + math.exp(b) + math.exp(c)))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    # Ranks [1, 1, 2]: each top one is chosen over the last only, the mean of the two stages.
+    loss = listwise_loss(rewards, torch.tensor([[1, 1, 2]]), torch.ones((1, 3), dtype=torch.bool))
+    expected = -((a - math.log(math.exp(a) + math.exp(c))) + (b - math.log(math.exp(b) + math.exp(c)))) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    # A full ranking [2, 3, 1] of K = 3: Plackett-Luce's c, then a, then (b alone: nothing below).
+    loss = listwise_loss(rewards, torch.tensor([[2, 3, 1]]), torch.ones((1, 3), dtype=torch.bool))
+    expected = -((c - math.log(math.exp(a) + math.exp(b) + math.exp(c))) + (a - math.log(math.exp(a) + math.exp(b)))) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_padding_of_a_shorter_ranking_changes_nothing():
+    rewards = torch.tensor([[0.4, -0.3, 0.0]])
+    alone = listwise_loss(rewards[:, :2], torch.tensor([[1, 2]]), torch.ones((1, 2), dtype=torch.bool))
+    padded = listwise_loss(rewards, torch.tensor([[1, 2, 0]]), torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(alone, padded)
+
+
+def test_ipo_loss_by_hand():
+    beta = 0.5
+    logratios = torch.tensor([[0.3, -1.2]])
+    loss, _ = dpo_loss(logratios, torch.tensor([[1, 2]]), torch.ones((1, 2), dtype=torch.bool), beta=beta, loss="ipo")
+    assert loss.item() == pytest.approx((1.5 - 1 / (2 * beta)) ** 2)
+
+
+def test_batched_log_probs_equal_single_sequences(tiny_model_dir):
+    tokenizer = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)))
+    model = load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32).eval()
+    prompt = encode_prompt(tokenizer, synthetic.prompt(0))
+    responses = [encode_response(tokenizer, t) for t in ("good apple", "river stone good lamp tree")]
+    seqs, starts = [prompt + r for r in responses], [len(prompt)] * 2
+    with torch.no_grad():
+        batched = sequence_logprobs(model, seqs, starts, tokenizer.pad_token_id, torch.device("cpu"))
+        for row, seq in enumerate(seqs):
+            logits = model(torch.tensor([seq])).logits[0, :-1]
+            logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)
+            torch.testing.assert_close(batched[row], logp[len(prompt) - 1:].sum(), atol=1e-4, rtol=1e-5)
+
+
+# ---- learning a known rule ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sft_model(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo-sft")
+    return synthetic.train_sft(tiny_model_dir, root / "sft", synthetic.sft_examples(400), steps=40, lr=3e-3)
+
+
+def _good(samples) -> float:
+    return sum(synthetic.good_count(s["response"]) for s in samples) / len(samples)
+
+
+@pytest.mark.parametrize("loss, lr", [("listwise", 2e-3), ("sigmoid", 2e-3), ("ipo", 5e-4)])
+def test_each_loss_learns_the_preference_on_held_out_prompts(sft_model, tmp_path, loss, lr):
+    config = DPOConfig(loss=loss, beta=0.1, epochs=2, batch_size=8, learning_rate=lr, warmup_ratio=0.0,
+                       max_new_tokens=12, temperature=1.0, validation_samples=24, lr_schedule="constant")
+    seen = []
+    result = train_dpo(config, synthetic.ranked_groups(range(0, 120), seed=1),
+                       synthetic.ranked_groups(range(1000, 1030), seed=2), policy_path=sft_model,
+                       reference_path=sft_model, output_dir=tmp_path / "policy",
+                       validation_prompts=[synthetic.prompt(i) for i in range(2000, 2024)],
+                       on_step=lambda step, m: seen.append((step, m)))
+    metrics = result.metrics
+    assert metrics["val_accuracy_before"] == 0.0  # the policy is the reference: every margin is 0
+    assert metrics["val_accuracy"] > 0.75, metrics  # held-out prompts, ordered by the implicit reward
+    assert metrics["val_margin"] > 0
+    assert _good(result.samples_after) > _good(result.samples_before) + 0.3, (
+        _good(result.samples_before), _good(result.samples_after))
+    assert all(s["kl"] == pytest.approx(0.0, abs=1e-4) for s in result.samples_before)
+    assert metrics["kl"] > 0
+    steps = [m for s, m in seen if "loss" in m]
+    assert len(steps) == metrics["steps"] == 2 * 15
+    assert {"accuracy", "margin", "chosen_logp", "rejected_logp", "lr"} <= set(steps[0])
+    evaluations = [m for _, m in seen if "val_accuracy" in m]
+    assert len(evaluations) == 3 and all("kl" in m for m in evaluations)
+    out = result.output_dir
+    assert json.loads((out / CONFIG_FILE).read_text())["kind"] == "policy"
+    load_causal_lm(str(out), torch.device("cpu"))  # a plain checkpoint
+
+
+def test_a_ranking_costs_k_policy_sequences(sft_model, tmp_path):
+    config = DPOConfig(loss="sigmoid", epochs=1, batch_size=4, learning_rate=1e-4, validation_samples=0)
+    train = synthetic.ranked_groups(range(0, 12), k=4, seed=1)
+    result = train_dpo(config, train, synthetic.ranked_groups(range(100, 104), seed=2), policy_path=sft_model,
+                       reference_path=sft_model, output_dir=tmp_path / "policy")
+    usable = [g for g in train if len(set(g.ranks)) > 1]
+    assert result.metrics["policy_sequences"] == 4 * len(usable)  # not 2 per comparison
+
+
+def test_lora_dpo_saves_a_plain_policy_and_stops_when_asked(sft_model, tmp_path):
+    config = DPOConfig(epochs=1, batch_size=4, learning_rate=1e-3, lora_r=4, validation_samples=4, max_new_tokens=6)
+    data = synthetic.ranked_groups(range(0, 8), seed=1), synthetic.ranked_groups(range(100, 104), seed=2)
+    result = train_dpo(config, *data, policy_path=sft_model, reference_path=sft_model, output_dir=tmp_path / "lora",
+                       validation_prompts=[synthetic.prompt(i) for i in range(4)])
+    assert result.metrics["kl"] >= 0 and all(s["kl"] == pytest.approx(0.0, abs=1e-4) for s in result.samples_before)
+    assert not any("lora" in n for n in load_causal_lm(str(result.output_dir), torch.device("cpu")).state_dict())
+    with pytest.raises(Cancelled):
+        train_dpo(config, *data, policy_path=sft_model, reference_path=sft_model, output_dir=tmp_path / "stopped",
+                  should_stop=lambda: True)
+    assert not (tmp_path / "stopped").exists()
+
+
+def test_rankings_without_a_preference_are_refused(sft_model, tmp_path):
+    tied = [RankedGroup(synthetic.prompt(0), ["good", "apple"], [1, 1])]
+    with pytest.raises(ValueError, match="no training ranking"):
+        train_dpo(DPOConfig(validation_samples=0), tied, tied, policy_path=sft_model, reference_path=sft_model,
+                  output_dir=tmp_path / "x")
