@@ -143,3 +143,78 @@ def test_rankings_without_a_preference_are_refused(sft_model, tmp_path):
     with pytest.raises(ValueError, match="no training ranking"):
         train_dpo(DPOConfig(validation_samples=0), tied, tied, policy_path=sft_model, reference_path=sft_model,
                   output_dir=tmp_path / "x")
+
+
+# ---- the train_dpo job, through the service and the worker's own code ---------------------
+
+DPO_VALUES = {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "max_length": 96, "validation_samples": 3,
+              "max_new_tokens": 6}
+
+
+def test_dpo_job_registers_a_policy_with_its_reference_data_and_samples(committed, tiny_model_dir, tmp_path):
+    from sqlalchemy import select, update
+
+    from app.config import Settings
+    from app.db.enums import JobStatus, ModelKind, Role, Split
+    from app.db.models import Annotation, Job, JobMetric, Model, Prompt, Task
+    from app.db.session import new_session
+    from app.services import models, training
+    from app.services.prompt_sets import GENERATOR_KINDS
+    from tests.factories import make_model, make_user, ranked_set
+    from trainer.worker import execute_job
+
+    with new_session() as session:
+        engineer, alice = make_user(session, role=Role.engineer), make_user(session)
+        sft = make_model(session, tiny_model_dir, name="tiny-sft", is_default=True)
+        reference = make_model(session, tiny_model_dir, name="tiny-reference")
+        prompt_set = ranked_set(session, alice, prompts=20)
+        excluded = session.scalar(select(Annotation.id).join(Task).where(Task.prompt_set_id == prompt_set.id)
+                                  .order_by(Annotation.id.desc()).limit(1))
+        session.execute(update(Annotation).where(Annotation.id == excluded).values(excluded=True))
+        session.commit()
+        job = training.start_dpo_job(session, user_id=engineer.id, values=DPO_VALUES | {"loss": "sigmoid"},
+                                     prompt_set_ids=[prompt_set.id], reference_model_id=reference.id)
+        ids = {"job": job.id, "sft": sft.id, "reference": reference.id, "set": prompt_set.id}
+    execute_job(ids["job"], settings=Settings(device="cpu", data_dir=tmp_path))
+    with new_session() as session:
+        job = session.get(Job, ids["job"])
+        assert job.status == JobStatus.succeeded, job.traceback
+        policy = session.get(Model, job.model_id)
+        assert (policy.kind, policy.parent_id, policy.source) == (ModelKind.policy, ids["sft"], "train_dpo")
+        assert models.related_models(session, policy)["reference"].id == ids["reference"]
+        data = policy.config["data"]
+        assert excluded not in data["annotation_ids"] + data["validation_annotation_ids"]
+        validation = set(session.scalars(select(Prompt.id).where(Prompt.prompt_set_id == ids["set"],
+                                                                 Prompt.split == Split.validation)))
+        assert not {a.prompt_id for a in training.reward_data(session, [ids["set"]])[0]} & validation
+        pairs = models.side_by_side(session, policy.id)
+        assert len(pairs) == 3 and all(p.before is not None and p.after is not None for p in pairs)
+        assert {p.prompt_id for p in pairs} <= validation
+        names = {m.name for m in session.scalars(select(JobMetric).where(JobMetric.job_id == ids["job"]))}
+        assert {"loss", "accuracy", "margin", "chosen_logp", "rejected_logp", "val_accuracy", "val_margin",
+                "kl"} <= names
+        assert job.result["loss"] == "sigmoid" and job.result["comparisons"] == data["comparisons"] > 0
+        assert job.progress_done == job.progress_total == job.result["steps"]
+        assert policy.id in [m.id for m in models.models_of(session, GENERATOR_KINDS)]  # can be promoted
+
+
+def test_dpo_settings_are_checked_per_field(session, tiny_model_dir):
+    from app.db.enums import Role
+    from app.services import training
+    from app.services.errors import Invalid
+    from tests.factories import make_model, make_user, ranked_set
+
+    alice = make_user(session, role=Role.labeler)
+    make_model(session, tiny_model_dir, name="tiny-sft", is_default=True)
+    prompt_set = ranked_set(session, alice, prompts=6)
+    with pytest.raises(Invalid) as caught:
+        training.clean_dpo_params(session, values={"loss": "hinge", "beta": 0}, prompt_set_ids=[prompt_set.id])
+    assert set(caught.value.errors) == {"loss", "beta"}
+    with pytest.raises(Invalid) as caught:
+        training.clean_dpo_params(session, values={"learning_rate": 1e-3}, prompt_set_ids=[prompt_set.id],
+                                  labeler_ids=[999_999], reference_model_id="x")
+    assert set(caught.value.errors) == {"labeler_ids", "reference_model_id"}
+    with pytest.raises(Invalid, match="Unknown setting 'betta'"):
+        training.clean_dpo_params(session, values={"betta": 0.1}, prompt_set_ids=[prompt_set.id])
+    params = training.clean_dpo_params(session, values={}, prompt_set_ids=[prompt_set.id])
+    assert params["reference_model_id"] == params["policy_model_id"] and params["config"]["loss"] == "listwise"

@@ -386,7 +386,7 @@ def train_dpo(
             train_loss_sum += loss.item() * len(batch)
             train_seen += len(batch)
             report(step, {"epoch": epoch, "loss": loss.item(), "accuracy": int(stats["correct"]) / pairs,
-                          "margin": float(stats["margin_sum"]) / pairs, "chosen_logp": chosen / pairs,
+                          "margin": float(stats["margin_sum"].detach()) / pairs, "chosen_logp": chosen / pairs,
                           "rejected_logp": rejected / pairs, "grad_norm": float(grad_norm), "lr": lr})
             if should_stop is not None and should_stop():
                 raise Cancelled(f"DPO stopped at step {step}")

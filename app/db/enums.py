@@ -38,6 +38,8 @@ class JobKind(StrEnum):
     train_sft = "train_sft"
     train_reward = "train_reward"
     train_ppo = "train_ppo"
+    train_dpo = "train_dpo"
+    best_of_n = "best_of_n"
 
 
 class JobStatus(StrEnum):
@@ -66,3 +68,8 @@ class DemonstrationStatus(StrEnum):
     accepted = "accepted"
     rejected = "rejected"
     skipped = "skipped"
+
+
+class DemonstrationSource(StrEnum):
+    human = "human"  # written by a labeler
+    best_of_n = "best_of_n"  # the best of N samples by reward (a best_of_n job), reviewed like the others
