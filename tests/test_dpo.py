@@ -218,3 +218,63 @@ def test_dpo_settings_are_checked_per_field(session, tiny_model_dir):
         training.clean_dpo_params(session, values={"betta": 0.1}, prompt_set_ids=[prompt_set.id])
     params = training.clean_dpo_params(session, values={}, prompt_set_ids=[prompt_set.id])
     assert params["reference_model_id"] == params["policy_model_id"] and params["config"]["loss"] == "listwise"
+
+
+# ---- the page and the API ------------------------------------------------------------------
+
+def test_dpo_form_offers_the_losses_queues_a_run_and_names_bad_fields(client, client_as, session, tmp_path):
+    from sqlalchemy import select
+
+    from app.db.enums import JobKind
+    from app.db.models import Job
+    from tests.factories import make_model, make_user, ranked_set
+
+    token = client_as("engineer").headers["X-CSRF-Token"]
+    alice = make_user(session, username="alice")
+    sft = make_model(session, tmp_path, name="sft-base", is_default=True)
+    prompt_set = ranked_set(session, alice, prompts=6, name="ranked")
+    session.commit()
+    page = client.get("/training/dpo")
+    assert page.status_code == 200
+    assert 'value="listwise"' in page.text and 'value="ipo"' in page.text and "sft-base" in page.text
+    assert "(6 annotations)" in page.text and 'id="policy-methods"' in page.text  # PPO, DPO, best-of-N side by side
+    assert 'href="/training/best-of-n"' in page.text
+
+    bad = client.post("/training/dpo", data={"csrf_token": token, "beta": "0", "loss": "hinge"},
+                      headers={"HX-Request": "true"})
+    assert bad.status_code == 422 and bad.text.lstrip().startswith('<section class="card" id="run-form">')
+    assert "choose at least one ranking set" in bad.text and "must be 0.001..100" in bad.text
+    assert "one of listwise, sigmoid, ipo" in bad.text
+
+    response = client.post("/training/dpo", data={
+        "csrf_token": token, "policy_model_id": str(sft.id), "prompt_set_ids": str(prompt_set.id),
+        "loss": "sigmoid", "beta": "0.2", "epochs": "2", "learning_rate": "0.0001", "name": "dpo-1"},
+        follow_redirects=False)
+    assert response.status_code == 303
+    [job] = session.scalars(select(Job).where(Job.kind == JobKind.train_dpo)).all()
+    assert response.headers["location"] == f"/jobs/{job.id}"
+    assert job.params["reference_model_id"] == sft.id and job.params["name"] == "dpo-1"
+    assert (job.params["config"]["loss"], job.params["config"]["beta"], job.params["config"]["epochs"]) == ("sigmoid", 0.2, 2)
+
+
+def test_dpo_api_lists_its_settings_and_queues_a_run(client, session, tmp_path):
+    from app.db.enums import Role
+    from app.services import auth
+    from tests.factories import make_model, make_user, ranked_set
+
+    user = make_user(session, role=Role.engineer)
+    _, raw = auth.create_api_token(session, user=user, name="tests")
+    client.headers["Authorization"] = f"Bearer {raw}"
+    alice = make_user(session)
+    make_model(session, tmp_path, name="sft", is_default=True)
+    prompt_set = ranked_set(session, alice, prompts=6)
+    session.commit()
+    settings = client.get("/api/v1/training/settings").json()
+    loss = next(s for s in settings["dpo"] if s["name"] == "loss")
+    assert loss["choices"] == ["listwise", "sigmoid", "ipo"] and loss["default"] == "listwise"
+    assert {s["name"] for s in settings["best_of_n"]} >= {"n", "temperature", "max_prompts"}
+    created = client.post("/api/v1/training/dpo", json={"prompt_set_ids": [prompt_set.id], "config": {"beta": 0.5}})
+    assert created.status_code == 201 and created.json()["kind"] == "train_dpo"
+    refused = client.post("/api/v1/training/dpo", json={"prompt_set_ids": [prompt_set.id], "policy_model_id": 999_999,
+                                                        "config": {"beta": -1}})
+    assert refused.status_code == 422 and set(refused.json()["errors"]) >= {"policy_model_id", "beta"}

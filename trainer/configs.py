@@ -300,9 +300,6 @@ class DPOConfig:
 class BestOfNConfig:
     # responses sampled per prompt; the KL of best-of-N from the policy is log N - (N - 1) / N
     n: int = setting(8, label="N", help="responses sampled per prompt; the best by reward is kept", ge=2, le=256)
-    # kept per prompt, best first: 1 for SFT data; a ranking round takes the top K (the set's K)
-    keep: int = setting(1, label="Keep", help="best responses kept per prompt (a new round keeps the set's K)",
-                        ge=1, le=256)
     max_new_tokens: int = setting(128, label="Response length", help="tokens", ge=1, le=4096)
     temperature: float = setting(0.7, ge=0.01, le=5.0)
     top_p: float = setting(1.0, label="Top-p", ge=0.01, le=1.0)
@@ -313,18 +310,8 @@ class BestOfNConfig:
     device: str = "auto"
     mixed_precision: bool = True
 
-    @staticmethod
-    def joint_problems(values: Mapping[str, Any]) -> dict[str, str]:
-        """{field: message} for the rules between settings (see PPOConfig.joint_problems)."""
-        n, keep = values.get("n"), values.get("keep")
-        if isinstance(n, int) and isinstance(keep, int) and keep > n:
-            return {"keep": f"must be at most N ({n})"}
-        return {}
-
     def __post_init__(self) -> None:
-        joint = self.joint_problems(vars(self))
         check_settings(self, {
-            "n": self.n >= 2, "keep": self.keep >= 1 and "keep" not in joint,
-            "max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature > 0,
+            "n": self.n >= 2, "max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature > 0,
             "top_p": 0 < self.top_p <= 1, "batch_size": self.batch_size >= 1, "max_prompts": self.max_prompts >= 1,
-        }, "best-of-N", joint)
+        }, "best-of-N")

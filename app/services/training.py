@@ -348,7 +348,6 @@ def clean_best_of_n_params(session: Session, *, values: Mapping[str, Any], polic
                 select(func.count(Prompt.id)).where(Prompt.prompt_set_id.in_(set_ids), Prompt.split == clean_split)):
             errors["prompt_set_ids"] = f"the chosen sets have no prompt in the {clean_split} split"
     config = clean_config(values, BestOfNConfig, errors, flags_from_form=flags_from_form)
-    errors.update(BestOfNConfig.joint_problems(config))
     raise_for_fields(errors)
     assert policy is not None and reward is not None
     return {"policy_model_id": policy.id, "reward_model_id": reward.id, "prompt_set_ids": set_ids,
