@@ -175,3 +175,17 @@ def test_best_of_n_api_queues_a_run_and_refuses_bad_input(client, session, tmp_p
     assert refused.status_code == 422 and "no prompt in the rl split" in refused.json()["errors"]["prompt_set_ids"]
     unknown = client.post("/api/v1/training/best-of-n", json={"prompt_set_ids": [demo_set.id], "config": {"k": 2}})
     assert unknown.status_code == 422 and "config.k" in unknown.json()["errors"]
+
+
+def test_best_of_n_demonstrations_wait_in_the_review_queue_marked_as_such(client, client_as, session):
+    client_as("admin")
+    engineer = make_user(session, role=Role.engineer)
+    demo_set = make_prompt_set(session, kind=PromptSetKind.demonstration, name="demos")
+    prompt = add_prompt(session, demo_set, "Why is the sky blue?")
+    session.commit()
+    stored, left = demonstrations.store_best_of_n(session, user_id=engineer.id, now=utcnow(),
+                                                  kept=[(prompt.id, "Rayleigh scattering.")])
+    assert (stored, left) == (1, 0)
+    page = client.get("/admin/demonstrations")
+    assert page.status_code == 200
+    assert "Rayleigh scattering." in page.text and 'data-source="best_of_n"' in page.text
