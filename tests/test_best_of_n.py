@@ -189,3 +189,19 @@ def test_best_of_n_demonstrations_wait_in_the_review_queue_marked_as_such(client
     page = client.get("/admin/demonstrations")
     assert page.status_code == 200
     assert "Rayleigh scattering." in page.text and 'data-source="best_of_n"' in page.text
+
+
+def test_job_page_reports_best_against_mean_per_prompt(client, client_as, session):
+    from app.services import jobs
+
+    client_as("engineer")
+    job = jobs.enqueue_job(session, kind=JobKind.best_of_n, params={"use": "report"})
+    job.status, job.started_at, job.finished_at = JobStatus.succeeded, utcnow(), utcnow()
+    job.result = {"n": 8, "kl_bound": 1.2044, "best_reward": 1.1, "mean_reward": 0.1,
+                  "per_prompt": [{"prompt_id": 7, "best_reward": 1.5, "mean_reward": 0.25}]}
+    session.commit()
+    page = client.get(f"/jobs/{job.id}")
+    assert page.status_code == 200
+    assert 'id="job-per-prompt"' in page.text and "at most 1.2044 nats" in page.text
+    assert "<td>7</td><td>1.5</td><td>0.25</td>" in page.text
+    assert "per_prompt" not in page.text  # the table, not the raw list

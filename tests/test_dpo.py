@@ -88,26 +88,29 @@ def _good(samples) -> float:
     return sum(synthetic.good_count(s["response"]) for s in samples) / len(samples)
 
 
-@pytest.mark.parametrize("loss, lr", [("listwise", 2e-3), ("sigmoid", 2e-3), ("ipo", 5e-4)])
+# The tiny model leaves the word language at a learning rate a few times higher (DPO's known failure: the
+# log-probs of chosen and rejected both fall, and the samples with them); IPO's squared loss takes a lower one.
+@pytest.mark.parametrize("loss, lr", [("listwise", 2e-4), ("sigmoid", 2e-4), ("ipo", 1e-4)])
 def test_each_loss_learns_the_preference_on_held_out_prompts(sft_model, tmp_path, loss, lr):
     config = DPOConfig(loss=loss, beta=0.1, epochs=2, batch_size=8, learning_rate=lr, warmup_ratio=0.0,
-                       max_new_tokens=12, temperature=1.0, validation_samples=24, lr_schedule="constant")
+                       max_new_tokens=10, temperature=1.0, validation_samples=16, lr_schedule="constant")
     seen = []
-    result = train_dpo(config, synthetic.ranked_groups(range(0, 120), seed=1),
+    result = train_dpo(config, synthetic.ranked_groups(range(0, 80), seed=1),
                        synthetic.ranked_groups(range(1000, 1030), seed=2), policy_path=sft_model,
                        reference_path=sft_model, output_dir=tmp_path / "policy",
-                       validation_prompts=[synthetic.prompt(i) for i in range(2000, 2024)],
+                       validation_prompts=[synthetic.prompt(i) for i in range(2000, 2016)],
                        on_step=lambda step, m: seen.append((step, m)))
     metrics = result.metrics
     assert metrics["val_accuracy_before"] == 0.0  # the policy is the reference: every margin is 0
-    assert metrics["val_accuracy"] > 0.75, metrics  # held-out prompts, ordered by the implicit reward
+    assert metrics["val_accuracy"] > 0.9, metrics  # held-out prompts, ordered by the implicit reward
     assert metrics["val_margin"] > 0
-    assert _good(result.samples_after) > _good(result.samples_before) + 0.3, (
+    # The rule's score of sampled responses (same draws before and after) rises, near the reference.
+    assert _good(result.samples_after) >= _good(result.samples_before) + 0.2, (
         _good(result.samples_before), _good(result.samples_after))
     assert all(s["kl"] == pytest.approx(0.0, abs=1e-4) for s in result.samples_before)
-    assert metrics["kl"] > 0
+    assert 0 < metrics["kl"] < 5
     steps = [m for s, m in seen if "loss" in m]
-    assert len(steps) == metrics["steps"] == 2 * 15
+    assert len(steps) == metrics["steps"] == 2 * 10
     assert {"accuracy", "margin", "chosen_logp", "rejected_logp", "lr"} <= set(steps[0])
     evaluations = [m for _, m in seen if "val_accuracy" in m]
     assert len(evaluations) == 3 and all("kl" in m for m in evaluations)
