@@ -110,6 +110,9 @@ def run_trl(args) -> dict:
             max_length=args.max_length, precompute_ref_log_probs=True, report_to=[], save_strategy="no",
             logging_strategy="no", seed=0, data_seed=0, use_cpu=device.type == "cpu", bf16=device.type == "cuda",
             dataloader_num_workers=0,
+            # float32 weights as ours (autocast does bf16 on CUDA): since transformers 5 a model loaded by name
+            # takes its checkpoint's dtype, bf16 for SmolLM2, which is another computation on a CPU
+            model_init_kwargs={"dtype": torch.float32},
         )
         trainer = DPOTrainer(model=str(args.model_path), args=config, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, callbacks=[Timer()])
@@ -174,7 +177,7 @@ def main() -> None:
     for key, label in (("comparisons", "comparisons"), ("steps", "optimizer steps"),
                        ("sequences", "policy sequences"), ("comparisons_per_s", "comparisons/s"),
                        ("peak_mib", "peak memory (MiB)")):
-        cells = [f"{r[key]:.1f}" if isinstance(r.get(key), float) else str(r.get(key, "-")) for r in results.values()]
+        cells = [f"{r[key]:.3g}" if isinstance(r.get(key), float) else str(r.get(key, "-")) for r in results.values()]
         print(f"{label:26}" + "".join(f"{c:>18}" for c in cells))
     for which, result in results.items():
         if "error" in result:
