@@ -177,7 +177,8 @@ def main() -> None:
     for key, label in (("comparisons", "comparisons"), ("steps", "optimizer steps"),
                        ("sequences", "policy sequences"), ("comparisons_per_s", "comparisons/s"),
                        ("peak_mib", "peak memory (MiB)")):
-        cells = [f"{r[key]:.3g}" if isinstance(r.get(key), float) else str(r.get(key, "-")) for r in results.values()]
+        cells = [(f"{r[key]:.0f}" if r[key] >= 100 else f"{r[key]:.3g}") if isinstance(r.get(key), float)
+                 else str(r.get(key, "-")) for r in results.values()]
         print(f"{label:26}" + "".join(f"{c:>18}" for c in cells))
     for which, result in results.items():
         if "error" in result:
