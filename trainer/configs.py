@@ -240,3 +240,78 @@ class PPOConfig:
             "lora_r": self.lora_r >= 0,
         }
         check_settings(self, checks, "PPO", joint)
+
+
+DPO_LOSSES = ("listwise", "sigmoid", "ipo")
+
+
+@dataclass
+class DPOConfig:
+    # listwise: Plackett-Luce over the whole ranking (K responses, one pass); sigmoid: the DPO paper's pairwise
+    # loss; ipo: Azar et al. 2023's squared loss. All read each ranking's K responses once (trainer/dpo.py).
+    loss: str = setting("listwise", label="Loss", choices=DPO_LOSSES,
+                        help="listwise: the whole ranking at once (Plackett-Luce); sigmoid: DPO's pairs; ipo: IPO's")
+    # the implicit reward is beta * log(policy / reference); DPO's paper used 0.1, IPO's tau is 1 / (2 beta)
+    beta: float = setting(0.1, label="Beta", help="strength of the pull toward the reference", ge=0.001, le=100.0)
+    epochs: int = setting(1, help="passes over the training rankings", ge=1, le=100)
+    batch_size: int = setting(8, help="rankings per step, K responses each", ge=1, le=1024)
+    # 5e-7..5e-6 for real models (Zephyr used 5e-7); tiny test models want ~1e-3
+    learning_rate: float = setting(1e-6, ge=1e-10, le=1.0)
+    lr_schedule: str = setting("linear", label="Schedule", help="after warmup, to 0", choices=SCHEDULES)
+    warmup_ratio: float = setting(0.1, help="share of steps", ge=0.0, le=0.99)  # of the optimizer steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping
+    # prompt + response; a longer prompt loses its start, then the response its end
+    max_length: int = setting(512, help="tokens of prompt + response", ge=16, le=32_768)
+    eval_batch_size: int = 16  # rankings per forward pass for the reference log-probs and validation
+    # held-out prompts sampled before and after (samples side by side, KL from the reference)
+    validation_samples: int = setting(16, label="Validation prompts", ge=0, le=100_000,
+                                      help="held-out prompts sampled before and after each epoch: samples and KL")
+    max_new_tokens: int = setting(128, label="Sample length", help="tokens", ge=1, le=4096)
+    temperature: float = setting(0.7, ge=0.01, le=5.0)  # of the samples
+    seed: int = setting(0, ge=0, le=2**31 - 1)
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda ...
+    mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
+    # 0: full fine-tuning; > 0: LoRA (needs peft); with the policy's own weights as reference, the reference
+    # is the policy with its adapters off
+    lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
+    lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_settings(self, {
+            "loss": self.loss in DPO_LOSSES,
+            "beta": self.beta > 0,
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "learning_rate": self.learning_rate > 0,
+            "lr_schedule": self.lr_schedule in SCHEDULES,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "max_length": self.max_length >= 8,
+            "eval_batch_size": self.eval_batch_size >= 1,
+            "validation_samples": self.validation_samples >= 0,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature > 0,
+            "lora_r": self.lora_r >= 0,
+        }, "DPO")
+
+
+@dataclass
+class BestOfNConfig:
+    # responses sampled per prompt; the KL of best-of-N from the policy is log N - (N - 1) / N
+    n: int = setting(8, label="N", help="responses sampled per prompt; the best by reward is kept", ge=2, le=256)
+    max_new_tokens: int = setting(128, label="Response length", help="tokens", ge=1, le=4096)
+    temperature: float = setting(0.7, ge=0.01, le=5.0)
+    top_p: float = setting(1.0, label="Top-p", ge=0.01, le=1.0)
+    batch_size: int = setting(16, help="sequences per generation pass", ge=1, le=4096)
+    max_prompts: int = setting(256, label="Prompts", help="at most this many of the split's prompts", ge=1,
+                               le=1_000_000)
+    seed: int = setting(0, ge=0, le=2**31 - 1)
+    device: str = "auto"
+    mixed_precision: bool = True
+
+    def __post_init__(self) -> None:
+        check_settings(self, {
+            "n": self.n >= 2, "max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature > 0,
+            "top_p": 0 < self.top_p <= 1, "batch_size": self.batch_size >= 1, "max_prompts": self.max_prompts >= 1,
+        }, "best-of-N")

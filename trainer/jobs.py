@@ -38,6 +38,8 @@ HANDLERS: dict[JobKind, Handler | str] = {
     JobKind.train_sft: "trainer.sft_job:train_sft_job",
     JobKind.train_reward: "trainer.reward_job:train_reward_job",
     JobKind.train_ppo: "trainer.ppo_job:train_ppo_job",
+    JobKind.train_dpo: "trainer.dpo_job:train_dpo_job",
+    JobKind.best_of_n: "trainer.best_of_n_job:best_of_n_job",
 }
 
 

@@ -23,10 +23,6 @@ from trainer.runs import device_setting, fresh_output_dir, register, step_callba
 log = logging.getLogger(__name__)
 
 
-def _pairs(ranks: list[int]) -> int:
-    return sum(1 for a in ranks for b in ranks if a < b)
-
-
 def total_steps(groups: list[RankedGroup], config: RewardConfig) -> int:
     """Optimizer steps the trainer will take (rankings that are all ties are dropped)."""
     usable = sum(1 for g in groups if len(set(g.ranks)) > 1)
@@ -86,15 +82,7 @@ def train_reward_job(ctx: JobContext) -> dict[str, Any]:
     metrics = result.metrics | data_figures(train_items, result.metrics)
 
     # 4. register: a reward model whose parent is the base model, with the data it saw
-    snapshot = {
-        "annotation_ids": [a.annotation_id for a in train_items if a.review_id is None],
-        "validation_annotation_ids": [a.annotation_id for a in val_items if a.review_id is None],
-        # Reviewers' corrections that stood in for their tasks' annotations (app/services/review).
-        "review_ids": [a.review_id for a in train_items if a.review_id is not None],
-        "validation_review_ids": [a.review_id for a in val_items if a.review_id is not None],
-        "comparisons": sum(_pairs(a.ranks) for a in train_items),
-        "validation_comparisons": sum(_pairs(a.ranks) for a in val_items),
-    }
+    snapshot = training.ranking_snapshot(train_items, val_items)
     registered = register(
         ctx, name=params.get("name") or f"{base_name} RM (job {ctx.job_id})", kind=ModelKind.reward,
         output_dir=output_dir, source="train_reward", parent_id=base_id, metrics=metrics,

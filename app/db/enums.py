@@ -40,6 +40,8 @@ class JobKind(StrEnum):
     train_sft = "train_sft"
     train_reward = "train_reward"
     train_ppo = "train_ppo"
+    train_dpo = "train_dpo"
+    best_of_n = "best_of_n"
 
 
 class JobStatus(StrEnum):
@@ -95,3 +97,8 @@ class VoteStrength(StrEnum):
     slightly = "slightly"
     clearly = "clearly"
     much = "much"
+
+
+class DemonstrationSource(StrEnum):
+    human = "human"  # written by a labeler
+    best_of_n = "best_of_n"  # the best of N samples by reward (a best_of_n job), reviewed like the others

@@ -20,6 +20,7 @@ from app.db.base import Base, str_enum, utcnow
 from app.db.enums import (
     AssignmentStatus,
     CorrectionUse,
+    DemonstrationSource,
     DemonstrationStatus,
     JobKind,
     JobStatus,
@@ -602,6 +603,10 @@ class Demonstration(Base):
     status: Mapped[DemonstrationStatus] = mapped_column(
         str_enum(DemonstrationStatus, "demonstration_status"), default=DemonstrationStatus.draft
     )
+    # human, or best_of_n: kept by a best_of_n job (rejection sampling), by the engineer who ran it
+    source: Mapped[DemonstrationSource] = mapped_column(
+        str_enum(DemonstrationSource, "demonstration_source"), default=DemonstrationSource.human,
+        server_default=DemonstrationSource.human.value)
     # True when the labeler started from the model's answer.
     edit_mode: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
     reject_reason: Mapped[str | None] = mapped_column(Text)

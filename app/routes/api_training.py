@@ -1,4 +1,4 @@
-"""JSON API of training runs: start SFT, reward-model and PPO jobs (follow them with
+"""JSON API of training runs: start SFT, reward-model, PPO, DPO and best-of-N jobs (follow them with
 /api/v1/jobs), and the settings each accepts with their defaults."""
 
 from collections.abc import Sequence
@@ -8,7 +8,15 @@ from fastapi import APIRouter, status
 from app.routes.deps import EngineerUser, SessionDep
 from app.schemas.common import problem_response
 from app.schemas.jobs import JobOut, job_out
-from app.schemas.training import PPORunIn, RewardRunIn, SettingOut, SFTRunIn, TrainingSettingsOut
+from app.schemas.training import (
+    BestOfNRunIn,
+    DPORunIn,
+    PPORunIn,
+    RewardRunIn,
+    SettingOut,
+    SFTRunIn,
+    TrainingSettingsOut,
+)
 from app.services import training
 from app.services.run_settings import Setting
 
@@ -27,7 +35,8 @@ def _settings_out(settings: Sequence[Setting]) -> list[SettingOut]:
 def settings(user: EngineerUser):
     """What `config` may hold for each kind of run, with defaults and ranges."""
     return TrainingSettingsOut(sft=_settings_out(training.SFT_SETTINGS), reward=_settings_out(training.REWARD_SETTINGS),
-                               ppo=_settings_out(training.PPO_SETTINGS))
+                               ppo=_settings_out(training.PPO_SETTINGS), dpo=_settings_out(training.DPO_SETTINGS),
+                               best_of_n=_settings_out(training.BEST_OF_N_SETTINGS))
 
 
 @router.post("/sft", response_model=JobOut, status_code=status.HTTP_201_CREATED, responses=_422)
@@ -52,4 +61,20 @@ def start_ppo(body: PPORunIn, session: SessionDep, user: EngineerUser):
                                  policy_model_id=body.policy_model_id, reference_model_id=body.reference_model_id,
                                  reward_model_id=body.reward_model_id, prompt_set_ids=body.prompt_set_ids,
                                  sft_set_ids=body.sft_set_ids, name=body.name)
+    return job_out(job)
+
+
+@router.post("/dpo", response_model=JobOut, status_code=status.HTTP_201_CREATED, responses=_422)
+def start_dpo(body: DPORunIn, session: SessionDep, user: EngineerUser):
+    job = training.start_dpo_job(session, user_id=user.id, values=body.config,
+                                 policy_model_id=body.policy_model_id, reference_model_id=body.reference_model_id,
+                                 prompt_set_ids=body.prompt_set_ids, labeler_ids=body.labeler_ids, name=body.name)
+    return job_out(job)
+
+
+@router.post("/best-of-n", response_model=JobOut, status_code=status.HTTP_201_CREATED, responses=_422)
+def start_best_of_n(body: BestOfNRunIn, session: SessionDep, user: EngineerUser):
+    job = training.start_best_of_n_job(session, user_id=user.id, values=body.config,
+                                       policy_model_id=body.policy_model_id, reward_model_id=body.reward_model_id,
+                                       prompt_set_ids=body.prompt_set_ids, split=body.split, use=body.use)
     return job_out(job)

@@ -1,6 +1,7 @@
 """Engineer pages: start a supervised fine-tuning run (`train_sft`, on accepted
-demonstrations), a reward-model run (`train_reward`) or a PPO run (`train_ppo`) and
-see the recent runs of each (and the SFT models made so far)."""
+demonstrations), a reward-model run (`train_reward`), a PPO run (`train_ppo`), a DPO
+run (`train_dpo`) or best-of-N sampling (`best_of_n`) and see the recent runs of each
+(and the SFT models made so far)."""
 
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -145,3 +146,68 @@ def start_ppo(request: Request, session: SessionDep, user: EngineerUser, data: F
     return _start(request, session, user, data, settings=training.PPO_SETTINGS, choice_names=PPO_CHOICES,
                   start=training.start_ppo_job, context=_ppo_context, template="pages/training_ppo.html",
                   what="PPO")
+
+
+# ---- DPO ---------------------------------------------------------------------------
+
+DPO_CHOICES = ("policy_model_id", "reference_model_id", "prompt_set_ids", "labeler_ids", "name")
+
+
+def _dpo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
+    policies = models.models_of(session, GENERATOR_KINDS)
+    sets = training.ranking_sets(session)
+    default_form = form_values(training.DPO_SETTINGS) | {
+        "policy_model_id": str(policies[0].id) if policies else "", "reference_model_id": "",
+        "prompt_set_ids": [], "labeler_ids": [], "name": ""}
+    return {
+        "form": default_form | (form or {}), "form_errors": {},
+        "policies": policies, "sets": sets, "counts": training.annotation_counts(session, [s.id for s in sets]),
+        "labelers": training.labelers_with_annotations(session), "settings": training.DPO_SETTINGS,
+        "runs": jobs.list_jobs(session, kind=JobKind.train_dpo, limit=20),
+    }
+
+
+@router.get("/dpo")
+def dpo_page(request: Request, session: SessionDep, user: EngineerUser):
+    return render(request, "pages/training_dpo.html", _dpo_context(session))
+
+
+@router.post("/dpo")
+def start_dpo(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
+    return _start(request, session, user, data, settings=training.DPO_SETTINGS, choice_names=DPO_CHOICES,
+                  start=training.start_dpo_job, context=_dpo_context, template="pages/training_dpo.html",
+                  what="DPO")
+
+
+# ---- best-of-N ---------------------------------------------------------------------
+
+BEST_OF_N_CHOICES = ("policy_model_id", "reward_model_id", "prompt_set_ids", "split", "use")
+
+
+def _best_of_n_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
+    policies = models.models_of(session, GENERATOR_KINDS)
+    rewards = models.models_of(session, (ModelKind.reward,))
+    default_reward = models.default_reward_model(session)
+    sets = demos.demonstration_sets(session, include_archived=True) + training.ranking_sets(session)
+    default_form = form_values(training.BEST_OF_N_SETTINGS) | {
+        "policy_model_id": str(policies[0].id) if policies else "",
+        "reward_model_id": str(default_reward.id) if default_reward else "", "prompt_set_ids": [],
+        "split": "train", "use": "demonstrations"}
+    return {
+        "form": default_form | (form or {}), "form_errors": {},
+        "policies": policies, "rewards": rewards, "sets": sets,
+        "kinds": {s.id: s.kind.value for s in sets}, "uses": training.BEST_OF_N_USES,
+        "settings": training.BEST_OF_N_SETTINGS, "runs": jobs.list_jobs(session, kind=JobKind.best_of_n, limit=20),
+    }
+
+
+@router.get("/best-of-n")
+def best_of_n_page(request: Request, session: SessionDep, user: EngineerUser):
+    return render(request, "pages/training_best_of_n.html", _best_of_n_context(session))
+
+
+@router.post("/best-of-n")
+def start_best_of_n(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
+    return _start(request, session, user, data, settings=training.BEST_OF_N_SETTINGS,
+                  choice_names=BEST_OF_N_CHOICES, start=training.start_best_of_n_job, context=_best_of_n_context,
+                  template="pages/training_best_of_n.html", what="best-of-N")

@@ -1,6 +1,6 @@
 """JSON shapes of training runs and the settings each accepts."""
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,36 @@ class PPORunIn(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class DPORunIn(BaseModel):
+    """A DPO run on the included rankings of the sets (as a reward model's: training split to
+    train, validation split to validate). The policy defaults to the default SFT model, the
+    reference to the policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_set_ids: list[Id]
+    policy_model_id: Id | None = None
+    reference_model_id: Id | None = None
+    labeler_ids: list[Id] | None = None
+    name: Text | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class BestOfNRunIn(BaseModel):
+    """Best-of-N on the prompts of a split of the sets: N samples from the policy per prompt, the
+    best by the reward model kept. use "demonstrations" writes the kept responses to the
+    (demonstration) sets as demonstrations to review; "report" only reports."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_set_ids: list[Id]
+    policy_model_id: Id | None = None
+    reward_model_id: Id | None = None
+    split: Literal["train", "validation", "rl"] = "train"
+    use: Literal["demonstrations", "report"] = "demonstrations"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
 class SFTRunIn(BaseModel):
     """Supervised fine-tuning on the accepted demonstrations of the sets."""
 
@@ -66,3 +96,5 @@ class TrainingSettingsOut(BaseModel):
     sft: list[SettingOut]
     reward: list[SettingOut]
     ppo: list[SettingOut]
+    dpo: list[SettingOut]
+    best_of_n: list[SettingOut]

@@ -1,10 +1,11 @@
 """Training runs: starting supervised fine-tuning (`train_sft`), reward-model
-(`train_reward`) and PPO (`train_ppo`) runs, and the data each reads.
+(`train_reward`), PPO (`train_ppo`), DPO (`train_dpo`) and best-of-N
+(`best_of_n`) runs, and the data each reads.
 
 The web process checks settings and data and writes the job; the worker
-(trainer/sft_job.py, trainer/reward_job.py, trainer/ppo_job.py) trains and
-registers the result in the model registry (app/services/models.py). No torch
-here: the settings are trainer.configs' SFTConfig, RewardConfig and PPOConfig.
+(trainer/sft_job.py, reward_job.py, ppo_job.py, dpo_job.py, best_of_n_job.py)
+trains and registers the result in the model registry (app/services/models.py).
+No torch here: the settings are trainer.configs' dataclasses.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,7 +23,7 @@ from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model
 from app.services.run_settings import clean_config, parse_ids, reject_unknown, settings_of
 from app.services.validation import as_id, text_problem
-from trainer.configs import PPOConfig, RewardConfig, SFTConfig
+from trainer.configs import BestOfNConfig, DPOConfig, PPOConfig, RewardConfig, SFTConfig
 
 MAX_NAME_CHARS = 200
 MIN_DEMONSTRATIONS = 2  # SFT: one to train on and one to validate on, at least
@@ -33,6 +34,8 @@ SAMPLE_PROMPTS = 8  # fixed prompts an SFT run is sampled on before and after
 SFT_SETTINGS = settings_of(SFTConfig)
 REWARD_SETTINGS = settings_of(RewardConfig)
 PPO_SETTINGS = settings_of(PPOConfig)
+DPO_SETTINGS = settings_of(DPOConfig)
+BEST_OF_N_SETTINGS = settings_of(BestOfNConfig)
 
 
 # ---- choices the forms offer --------------------------------------------------------
@@ -196,17 +199,12 @@ def _enqueue_run(session: Session, kind: JobKind, params: dict[str, Any], *, use
                        prompt_set_id=sets[0] if len(sets) == 1 else None, queue=queue_name)
 
 
-def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_model_id: Any = None,
-                        prompt_set_ids: Any = None, labeler_ids: Any = None, name: Any = None,
-                        include_imported: Any = True, flags_from_form: bool = False) -> dict[str, Any]:
-    """Check a reward-model run; the job's parameters. Raises Invalid with a message per
-    field (base_model_id, prompt_set_ids, labeler_ids, include_imported, name and each setting).
-    include_imported: train on the sets' imported preference data too (the default:
-    it was imported into the set to bootstrap its reward model)."""
-    reject_unknown(values, RewardConfig)
-    errors: dict[str, str] = {}
-    base = models.choose_model(errors, session, "base_model_id", base_model_id, GENERATOR_KINDS,
-                  default_generator_model(session), "an SFT or policy model")
+def _ranking_data(errors: dict[str, str], session: Session, prompt_set_ids: Any, labeler_ids: Any,
+                  include_imported: Any = True) -> tuple[list[int], list[int], bool]:
+    """The ranking sets, labelers (none: everyone) and whether imported preference data
+    counts (the default: it was imported into the set to bootstrap its models) of a run
+    on rankings (reward model, DPO), checked to rank responses to two prompts at least
+    (one to train on, one to validate on)."""
     set_ids = _sets(errors, session, "prompt_set_ids", prompt_set_ids, PromptSetKind.ranking, required=True)
     user_ids = parse_ids(errors, "labeler_ids", labeler_ids, "labeler")
     if user_ids:
@@ -225,12 +223,25 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
             errors["prompt_set_ids"] = (f"the chosen data ranks responses to {prompts} prompt"
                                         f"{'s' if prompts != 1 else ''}; at least 2 are needed"
                                         " (one to train on, one to validate on)")
+    return set_ids, user_ids, imported is not False
+
+
+def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_model_id: Any = None,
+                        prompt_set_ids: Any = None, labeler_ids: Any = None, name: Any = None,
+                        include_imported: Any = True, flags_from_form: bool = False) -> dict[str, Any]:
+    """Check a reward-model run; the job's parameters. Raises Invalid with a message per
+    field (base_model_id, prompt_set_ids, labeler_ids, include_imported, name and each setting)."""
+    reject_unknown(values, RewardConfig)
+    errors: dict[str, str] = {}
+    base = models.choose_model(errors, session, "base_model_id", base_model_id, GENERATOR_KINDS,
+                  default_generator_model(session), "an SFT or policy model")
+    set_ids, user_ids, imported = _ranking_data(errors, session, prompt_set_ids, labeler_ids, include_imported)
     config = clean_config(values, RewardConfig, errors, flags_from_form=flags_from_form)
     clean_name = _name(errors, session, name)
     raise_for_fields(errors)
     assert base is not None
     return {"base_model_id": base.id, "prompt_set_ids": set_ids, "labeler_ids": user_ids or None,
-            "include_imported": bool(imported), "name": clean_name, "config": config}
+            "include_imported": imported, "name": clean_name, "config": config}
 
 
 def _yes_no(errors: dict[str, str], field: str, raw: Any) -> bool | None:
@@ -292,6 +303,82 @@ def start_ppo_job(session: Session, *, user_id: int | None, values: Mapping[str,
     return _enqueue_run(session, JobKind.train_ppo, params, user_id=user_id, queue_name=queue_name)
 
 
+def clean_dpo_params(session: Session, *, values: Mapping[str, Any], policy_model_id: Any = None,
+                     reference_model_id: Any = None, prompt_set_ids: Any = None, labeler_ids: Any = None,
+                     name: Any = None, flags_from_form: bool = False) -> dict[str, Any]:
+    """Check a DPO run; the job's parameters. Data: the included rankings of the sets (as a
+    reward model's); the reference defaults to the policy (a frozen copy). Raises Invalid per field."""
+    reject_unknown(values, DPOConfig)
+    errors: dict[str, str] = {}
+    policy = models.choose_model(errors, session, "policy_model_id", policy_model_id, GENERATOR_KINDS,
+                                 default_generator_model(session), "an SFT or policy model")
+    reference = models.choose_model(errors, session, "reference_model_id", reference_model_id, GENERATOR_KINDS,
+                                    policy, "an SFT or policy model")
+    set_ids, user_ids, imported = _ranking_data(errors, session, prompt_set_ids, labeler_ids)
+    config = clean_config(values, DPOConfig, errors, flags_from_form=flags_from_form)
+    clean_name = _name(errors, session, name)
+    raise_for_fields(errors)
+    assert policy is not None and reference is not None
+    return {"policy_model_id": policy.id, "reference_model_id": reference.id, "prompt_set_ids": set_ids,
+            "labeler_ids": user_ids or None, "include_imported": imported, "name": clean_name, "config": config}
+
+
+def start_dpo_job(session: Session, *, user_id: int | None, values: Mapping[str, Any],
+                  queue_name: str = queue.GPU_QUEUE, **choices: Any) -> Job:
+    """Queue a train_dpo job (see clean_dpo_params). Commits; nothing is queued on Invalid."""
+    params = clean_dpo_params(session, values=values, **choices)
+    return _enqueue_run(session, JobKind.train_dpo, params, user_id=user_id, queue_name=queue_name)
+
+
+BEST_OF_N_USES = ("demonstrations", "report")  # kept responses become demonstrations, or only the report
+
+
+def clean_best_of_n_params(session: Session, *, values: Mapping[str, Any], policy_model_id: Any = None,
+                           reward_model_id: Any = None, prompt_set_ids: Any = None, split: Any = None,
+                           use: Any = None, flags_from_form: bool = False) -> dict[str, Any]:
+    """Check a best-of-N run; the job's parameters. Prompts: the chosen split of the sets.
+    use "demonstrations" needs demonstration sets: the kept responses are written to them as
+    demonstrations (source best_of_n, submitted for review). Raises Invalid per field."""
+    reject_unknown(values, BestOfNConfig)
+    errors: dict[str, str] = {}
+    policy = models.choose_model(errors, session, "policy_model_id", policy_model_id, GENERATOR_KINDS,
+                                 default_generator_model(session), "an SFT or policy model")
+    reward = models.choose_model(errors, session, "reward_model_id", reward_model_id, (ModelKind.reward,),
+                                 models.default_reward_model(session), "a reward model")
+    clean_use = str(use or "demonstrations").strip()
+    if clean_use not in BEST_OF_N_USES:
+        errors["use"] = f"one of {', '.join(BEST_OF_N_USES)}"
+    clean_split = str(split or Split.train.value).strip()
+    if clean_split not in {s.value for s in Split}:
+        errors["split"] = f"one of {', '.join(s.value for s in Split)}"
+    set_ids = parse_ids(errors, "prompt_set_ids", prompt_set_ids, "prompt set")
+    if "prompt_set_ids" not in errors and not set_ids:
+        errors["prompt_set_ids"] = "choose at least one prompt set"
+    elif set_ids and "prompt_set_ids" not in errors:
+        found = {s.id: s for s in session.scalars(select(PromptSet).where(PromptSet.id.in_(set_ids)))}
+        if missing := [i for i in set_ids if i not in found]:
+            errors["prompt_set_ids"] = f"unknown prompt set {missing[0]}"
+        elif clean_use == "demonstrations" and (
+                wrong := [i for i in set_ids if found[i].kind != PromptSetKind.demonstration]):
+            errors["prompt_set_ids"] = (f"prompt set {wrong[0]} is not a demonstration set: kept responses"
+                                        " become demonstrations of a demonstration set's prompts")
+        elif "split" not in errors and not session.scalar(
+                select(func.count(Prompt.id)).where(Prompt.prompt_set_id.in_(set_ids), Prompt.split == clean_split)):
+            errors["prompt_set_ids"] = f"the chosen sets have no prompt in the {clean_split} split"
+    config = clean_config(values, BestOfNConfig, errors, flags_from_form=flags_from_form)
+    raise_for_fields(errors)
+    assert policy is not None and reward is not None
+    return {"policy_model_id": policy.id, "reward_model_id": reward.id, "prompt_set_ids": set_ids,
+            "split": clean_split, "use": clean_use, "config": config}
+
+
+def start_best_of_n_job(session: Session, *, user_id: int | None, values: Mapping[str, Any],
+                        queue_name: str = queue.GPU_QUEUE, **choices: Any) -> Job:
+    """Queue a best_of_n job (see clean_best_of_n_params). Commits; nothing is queued on Invalid."""
+    params = clean_best_of_n_params(session, values=values, **choices)
+    return _enqueue_run(session, JobKind.best_of_n, params, user_id=user_id, queue_name=queue_name)
+
+
 # ---- the data a job reads (in the worker) ---------------------------------------------
 
 def split_by_prompt(prompt_ids: Sequence[int], validation: set[int]) -> set[int]:
@@ -314,6 +401,24 @@ def reward_data(session: Session, prompt_set_ids: Sequence[int], labeler_ids: Se
     validation = split_by_prompt([a.prompt_id for a in items],
                                  {a.prompt_id for a in items if a.split == Split.validation})
     return ([a for a in items if a.prompt_id not in validation], [a for a in items if a.prompt_id in validation])
+
+
+def ranking_snapshot(train_items: Sequence[export.RankedAnnotation],
+                     validation_items: Sequence[export.RankedAnnotation]) -> dict[str, Any]:
+    """The data a run on rankings saw, as its model records it: which annotations (hence which
+    comparisons) trained and validated it."""
+    def pairs(ranks: Sequence[int]) -> int:
+        return sum(1 for a in ranks for b in ranks if a < b)
+
+    return {
+        "annotation_ids": [a.annotation_id for a in train_items if a.review_id is None],
+        "validation_annotation_ids": [a.annotation_id for a in validation_items if a.review_id is None],
+        # Reviewers' corrections that stood in for their tasks' annotations (app/services/review).
+        "review_ids": [a.review_id for a in train_items if a.review_id is not None],
+        "validation_review_ids": [a.review_id for a in validation_items if a.review_id is not None],
+        "comparisons": sum(pairs(a.ranks) for a in train_items),
+        "validation_comparisons": sum(pairs(a.ranks) for a in validation_items),
+    }
 
 
 MIN_NORMALISATION_SAMPLES = 16

@@ -25,6 +25,7 @@ from app.services.demonstrations.imports import (
     DemonstrationImportResult,
     ParsedDemonstration,
     import_demonstrations,
+    store_best_of_n,
     parse_demonstrations,
 )
 from app.services.demonstrations.leases import (
@@ -61,6 +62,7 @@ from app.services.demonstrations.writing import (
 )
 
 __all__ = [
+    "store_best_of_n",
     "EXPORT_FORMATS", "MAX_REASON_CHARS", "MAX_TEXT_CHARS", "SKIP_REASONS",
     "AcceptedDemonstration", "DemonstrationImportResult", "ParsedDemonstration", "ReviewFigures", "SaveResult",
     "SubmitResult", "WriterCounts",

@@ -11,13 +11,14 @@ with line-numbered problems (the checks of app/services/prompt_import):
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from app.db.enums import DemonstrationStatus, PromptSetKind, PromptSetStatus
+from app.db.enums import DemonstrationSource, DemonstrationStatus, PromptSetKind, PromptSetStatus
 from app.db.models import Demonstration, Prompt, PromptSet, User
 from app.services.demonstrations.writing import MAX_TEXT_CHARS
 from app.services.errors import Conflict, Invalid
@@ -224,3 +225,29 @@ def import_demonstrations(session: Session, *, prompt_set: PromptSet, data: byte
     result.duplicates_existing = len(demo_rows) - len(stored)
     session.commit()
     return result
+
+
+def store_best_of_n(session: Session, *, user_id: int, kept: Sequence[tuple[int, str]],
+                    now: datetime) -> tuple[int, int]:
+    """Store best-of-N responses ((prompt id, text) pairs) as the job owner's demonstrations,
+    source best_of_n, submitted for review like a labeler's. An earlier best-of-N
+    demonstration of the owner on the prompt is replaced and goes back to review; a
+    demonstration the owner wrote is left alone. Returns (stored, left alone). Commits."""
+    stored, left = 0, 0
+    existing = {d.prompt_id: d for d in session.scalars(
+        select(Demonstration).where(Demonstration.user_id == user_id,
+                                    Demonstration.prompt_id.in_([p for p, _ in kept])).with_for_update())}
+    for prompt_id, text in kept:
+        demo = existing.get(prompt_id)
+        if demo is not None and demo.source != DemonstrationSource.best_of_n:
+            left += 1
+            continue
+        if demo is None:
+            demo = Demonstration(prompt_id=prompt_id, user_id=user_id, source=DemonstrationSource.best_of_n,
+                                 created_at=now)
+            session.add(demo)
+        demo.text, demo.status, demo.updated_at = text, DemonstrationStatus.submitted, now
+        demo.reviewed_by_id, demo.reviewed_at, demo.reject_reason, demo.expires_at = None, None, None, None
+        stored += 1
+    session.commit()
+    return stored, left
