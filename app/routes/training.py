@@ -4,10 +4,12 @@ run (`train_dpo`) or best-of-N sampling (`best_of_n`) and see the recent runs of
 (and the SFT models made so far)."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import FormData
+from starlette.responses import Response
 
 from app.db.enums import JobKind, ModelKind
 from app.routes.deps import EngineerUser, SessionDep
@@ -37,18 +39,32 @@ def _choices(data: FormData, *names: str) -> dict[str, Any]:
     return out
 
 
-def _start(request: Request, session, user, data: FormData, *, settings, choice_names, start: Callable[..., Any],
-           context: Callable[..., dict[str, Any]], template: str, what: str, block: str = "run_form"):
-    """Queue the run and go to its job page, or show the form again with each error beside its field."""
-    values = submitted_settings(data, settings)
-    choices = _choices(data, *choice_names)
-    try:
-        job = start(session, user_id=user.id, values=values, flags_from_form=True, **choices)
-    except Invalid as exc:
-        return render_form_errors(request, exc, template, context(session, form=values | choices), block=block,
-                                  status_code=422)
-    flash(request, f"Queued {what} job #{job.id}.", "success")
-    return redirect(request, f"/jobs/{job.id}")
+@dataclass(frozen=True)
+class RunForm:
+    """A training method's page: its template and context, and how its submitted form
+    (`settings` plus the `choice_names` fields) starts a job with `start`."""
+    template: str
+    context: Callable[..., dict[str, Any]]
+    settings: Any
+    choice_names: tuple[str, ...]
+    start: Callable[..., Any]
+    what: str  # the job's name in the flash message
+    block: str = "run_form"  # the form's block, what an htmx post gets back with the errors
+
+    def page(self, request: Request, session) -> Response:
+        return render(request, self.template, self.context(session))
+
+    def submit(self, request: Request, session, user, data: FormData) -> Response:
+        """Queue the run and go to its job page, or show the form again with each error beside its field."""
+        values = submitted_settings(data, self.settings)
+        choices = _choices(data, *self.choice_names)
+        try:
+            job = self.start(session, user_id=user.id, values=values, flags_from_form=True, **choices)
+        except Invalid as exc:
+            return render_form_errors(request, exc, self.template, self.context(session, form=values | choices),
+                                      block=self.block, status_code=422)
+        flash(request, f"Queued {self.what} job #{job.id}.", "success")
+        return redirect(request, f"/jobs/{job.id}")
 
 
 # ---- supervised fine-tuning --------------------------------------------------------
@@ -70,16 +86,19 @@ def _sft_context(session, *, form: dict[str, Any] | None = None) -> dict[str, An
     }
 
 
+SFT_FORM = RunForm(template="pages/sft.html", context=_sft_context,
+                   settings=training.SFT_SETTINGS, choice_names=SFT_CHOICES,
+                   start=training.start_sft_job, what="SFT", block="sft_form")
+
+
 @sft_router.get("")
 def sft_page(request: Request, session: SessionDep, user: EngineerUser):
-    return render(request, "pages/sft.html", _sft_context(session))
+    return SFT_FORM.page(request, session)
 
 
 @sft_router.post("")
 def start_sft(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
-    return _start(request, session, user, data, settings=training.SFT_SETTINGS, choice_names=SFT_CHOICES,
-                  start=training.start_sft_job, context=_sft_context, template="pages/sft.html", what="SFT",
-                  block="sft_form")
+    return SFT_FORM.submit(request, session, user, data)
 
 
 # ---- reward model -----------------------------------------------------------------
@@ -101,16 +120,19 @@ def _reward_context(session, *, form: dict[str, Any] | None = None) -> dict[str,
     }
 
 
+REWARD_FORM = RunForm(template="pages/training_reward.html", context=_reward_context,
+                      settings=training.REWARD_SETTINGS, choice_names=REWARD_CHOICES,
+                      start=training.start_reward_job, what="reward-model")
+
+
 @router.get("/reward")
 def reward_page(request: Request, session: SessionDep, user: EngineerUser):
-    return render(request, "pages/training_reward.html", _reward_context(session))
+    return REWARD_FORM.page(request, session)
 
 
 @router.post("/reward")
 def start_reward(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
-    return _start(request, session, user, data, settings=training.REWARD_SETTINGS, choice_names=REWARD_CHOICES,
-                  start=training.start_reward_job, context=_reward_context,
-                  template="pages/training_reward.html", what="reward-model")
+    return REWARD_FORM.submit(request, session, user, data)
 
 
 # ---- PPO ---------------------------------------------------------------------------
@@ -136,16 +158,19 @@ def _ppo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, An
     }
 
 
+PPO_FORM = RunForm(template="pages/training_ppo.html", context=_ppo_context,
+                   settings=training.PPO_SETTINGS, choice_names=PPO_CHOICES,
+                   start=training.start_ppo_job, what="PPO")
+
+
 @router.get("/ppo")
 def ppo_page(request: Request, session: SessionDep, user: EngineerUser):
-    return render(request, "pages/training_ppo.html", _ppo_context(session))
+    return PPO_FORM.page(request, session)
 
 
 @router.post("/ppo")
 def start_ppo(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
-    return _start(request, session, user, data, settings=training.PPO_SETTINGS, choice_names=PPO_CHOICES,
-                  start=training.start_ppo_job, context=_ppo_context, template="pages/training_ppo.html",
-                  what="PPO")
+    return PPO_FORM.submit(request, session, user, data)
 
 
 # ---- DPO ---------------------------------------------------------------------------
@@ -167,16 +192,19 @@ def _dpo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, An
     }
 
 
+DPO_FORM = RunForm(template="pages/training_dpo.html", context=_dpo_context,
+                   settings=training.DPO_SETTINGS, choice_names=DPO_CHOICES,
+                   start=training.start_dpo_job, what="DPO")
+
+
 @router.get("/dpo")
 def dpo_page(request: Request, session: SessionDep, user: EngineerUser):
-    return render(request, "pages/training_dpo.html", _dpo_context(session))
+    return DPO_FORM.page(request, session)
 
 
 @router.post("/dpo")
 def start_dpo(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
-    return _start(request, session, user, data, settings=training.DPO_SETTINGS, choice_names=DPO_CHOICES,
-                  start=training.start_dpo_job, context=_dpo_context, template="pages/training_dpo.html",
-                  what="DPO")
+    return DPO_FORM.submit(request, session, user, data)
 
 
 # ---- best-of-N ---------------------------------------------------------------------
@@ -201,13 +229,16 @@ def _best_of_n_context(session, *, form: dict[str, Any] | None = None) -> dict[s
     }
 
 
+BEST_OF_N_FORM = RunForm(template="pages/training_best_of_n.html", context=_best_of_n_context,
+                         settings=training.BEST_OF_N_SETTINGS, choice_names=BEST_OF_N_CHOICES,
+                         start=training.start_best_of_n_job, what="best-of-N")
+
+
 @router.get("/best-of-n")
 def best_of_n_page(request: Request, session: SessionDep, user: EngineerUser):
-    return render(request, "pages/training_best_of_n.html", _best_of_n_context(session))
+    return BEST_OF_N_FORM.page(request, session)
 
 
 @router.post("/best-of-n")
 def start_best_of_n(request: Request, session: SessionDep, user: EngineerUser, data: FormDep):
-    return _start(request, session, user, data, settings=training.BEST_OF_N_SETTINGS,
-                  choice_names=BEST_OF_N_CHOICES, start=training.start_best_of_n_job, context=_best_of_n_context,
-                  template="pages/training_best_of_n.html", what="best-of-N")
+    return BEST_OF_N_FORM.submit(request, session, user, data)
