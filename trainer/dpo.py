@@ -67,7 +67,7 @@ from trainer.configs import DPOConfig
 from trainer.distributed import runtime
 from trainer.models import load_causal_lm, load_tokenizer
 from trainer.ppo import reference_logprobs
-from trainer.reward import RankedGroup, ranking_loss
+from trainer.reward import RankedGroup, as_ranking_batch, ranking_loss
 
 log = logging.getLogger(__name__)
 
@@ -175,24 +175,6 @@ def sequence_logprobs(model, seqs: list[list[int]], starts: list[int], pad_id: i
     nll = F.cross_entropy(logits.float(), ids[:, 1:][predicting], reduction="none")  # (M,)
     rows = torch.arange(N, device=device).unsqueeze(1).expand(N, T - 1)[predicting]  # (M,)
     return torch.zeros(N, device=device).index_add(0, rows, -nll)  # (N,)
-
-
-def _as_batch(flat: torch.Tensor, groups: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence values (N,) laid out per ranking: (values, ranks, valid), each (B, K)."""
-    B, K = len(groups), max(len(g.seqs) for g in groups)
-    device = flat.device
-    values = flat.new_zeros((B, K))
-    ranks = torch.zeros((B, K), dtype=torch.long, device=device)
-    valid = torch.zeros((B, K), dtype=torch.bool, device=device)
-    start = 0
-    for row, g in enumerate(groups):
-        k = len(g.seqs)
-        values[row, :k] = flat[start:start + k]
-        ranks[row, :k] = torch.tensor(g.ranks, device=device)
-        valid[row, :k] = True
-        start += k
-    assert start == len(flat)
-    return values, ranks, valid
 
 
 @torch.no_grad()
@@ -337,8 +319,8 @@ def train_dpo(
             batch = val_groups[i:i + config.eval_batch_size]
             flat = sequence_logprobs(policy, [s for g in batch for s in g.seqs], [s for g in batch for s in g.starts],
                                      pad_id, device, config.mixed_precision)
-            logps, ranks, valid = _as_batch(flat, batch)
-            refs, _, _ = _as_batch(torch.cat(ref_val[i:i + len(batch)]).to(device), batch)
+            logps, ranks, valid = as_ranking_batch(flat, batch)
+            refs, _, _ = as_ranking_batch(torch.cat(ref_val[i:i + len(batch)]).to(device), batch)
             loss, stats = dpo_loss(logps - refs, ranks, valid, beta=config.beta, loss=config.loss)
             loss_sum += loss.item() * len(batch)
             correct, pairs, margin = correct + int(stats["correct"]), pairs + int(stats["pairs"]), \
@@ -371,8 +353,8 @@ def train_dpo(
             flat = sequence_logprobs(policy, [s for g in batch for s in g.seqs], [s for g in batch for s in g.starts],
                                      pad_id, device, config.mixed_precision)  # (N,)
             sequences += len(flat)
-            logps, ranks, valid = _as_batch(flat, batch)  # (B, K)
-            refs, _, _ = _as_batch(torch.cat([ref_train[i] for i in indices]).to(device), batch)  # (B, K)
+            logps, ranks, valid = as_ranking_batch(flat, batch)  # (B, K)
+            refs, _, _ = as_ranking_batch(torch.cat([ref_train[i] for i in indices]).to(device), batch)  # (B, K)
             loss, stats = dpo_loss(logps - refs, ranks, valid, beta=config.beta, loss=config.loss)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -196,25 +196,32 @@ def _encode(tokenizer, groups: list[RankedGroup], max_length: int, name: str) ->
     return encoded, dropped, truncated
 
 
+def as_ranking_batch(flat: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence values (N,), the groups' responses one after another, laid out per ranking:
+    (values, ranks, valid), each (B, K); `groups` have `.seqs` and `.ranks`, shorter ones padded (not valid)."""
+    B, K = len(groups), max(len(g.seqs) for g in groups)
+    device = flat.device
+    values = flat.new_zeros((B, K))
+    ranks = torch.zeros((B, K), dtype=torch.long, device=device)
+    valid = torch.zeros((B, K), dtype=torch.bool, device=device)
+    start = 0
+    for row, g in enumerate(groups):
+        k = len(g.seqs)
+        values[row, :k] = flat[start:start + k]
+        ranks[row, :k] = torch.tensor(g.ranks, device=device)
+        valid[row, :k] = True
+        start += k
+    assert start == len(flat)
+    return values, ranks, valid
+
+
 def _forward_groups(model, batch: list[_Encoded], pad_id: int, device: torch.device, mixed_precision: bool):
     """All responses of all groups in one forward pass. Returns (rewards, ranks, valid), each (B, K)."""
     seqs = [s for g in batch for s in g.seqs]
     ids, mask = pad_right(seqs, pad_id)  # (N, T), N = sum of the groups' K
     with autocast(device, mixed_precision):
         flat = sequence_scores(model, ids.to(device), mask.to(device))  # (N,)
-    B, K = len(batch), max(len(g.seqs) for g in batch)
-    rewards = flat.new_zeros((B, K))  # (B, K)
-    ranks = torch.zeros((B, K), dtype=torch.long, device=device)  # (B, K)
-    valid = torch.zeros((B, K), dtype=torch.bool, device=device)  # (B, K)
-    start = 0
-    for row, group in enumerate(batch):
-        k = len(group.seqs)
-        rewards[row, :k] = flat[start:start + k]
-        ranks[row, :k] = torch.tensor(group.ranks, device=device)
-        valid[row, :k] = True
-        start += k
-    assert start == len(flat)
-    return rewards, ranks, valid
+    return as_ranking_batch(flat, batch)
 
 
 @torch.no_grad()
