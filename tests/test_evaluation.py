@@ -336,3 +336,15 @@ def test_a_vote_can_be_changed_within_the_edit_window(session):
     session.expire_all()
     assert session.get(Vote, result.annotation.id).outcome == VoteOutcome.tie
     assert session.scalars(select(Comparison).where(Comparison.annotation_id == result.annotation.id)).all() == []
+
+
+def test_model_and_source_ids_that_are_not_ids_are_named_by_field(session):
+    errors: dict[str, str] = {}
+    assert evaluation.clean_models(errors, session, ["1", "x", "1"]) == []
+    assert errors == {"model_ids": "'x' is not a model id"}
+    errors = {}
+    assert evaluation.clean_sources(errors, session, ["2", "y"]) == []
+    assert errors == {"source_set_ids": "'y' is not a prompt set id"}
+    errors = {}
+    assert evaluation.clean_models(errors, session, ["1", "1"]) == []  # repeats count once
+    assert errors == {"model_ids": "choose at least 2 different models"}

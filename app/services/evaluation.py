@@ -79,16 +79,25 @@ def _ids(raw: Any) -> list[Any]:
     return list(raw)
 
 
-def clean_models(errors: dict[str, str], session: Session, raw: Any) -> list[int]:
-    """Two to nine distinct SFT or policy models, in the order given."""
+def _distinct_ids(errors: dict[str, str], field: str, raw: Any, noun: str) -> list[int] | None:
+    """The ids in `raw` without repeats, in the order given; None, with the error under `field`,
+    when a value is not an id."""
     ids: list[int] = []
     for value in _ids(raw):
-        model_id = small_int(value)
-        if model_id is None:
-            errors["model_ids"] = f"{value!r} is not a model id"
-            return []
-        if model_id not in ids:
-            ids.append(model_id)
+        id_ = small_int(value)
+        if id_ is None:
+            errors[field] = f"{value!r} is not a {noun} id"
+            return None
+        if id_ not in ids:
+            ids.append(id_)
+    return ids
+
+
+def clean_models(errors: dict[str, str], session: Session, raw: Any) -> list[int]:
+    """Two to nine distinct SFT or policy models, in the order given."""
+    ids = _distinct_ids(errors, "model_ids", raw, "model")
+    if ids is None:
+        return []
     if len(ids) < MIN_MODELS:
         errors["model_ids"] = f"choose at least {MIN_MODELS} different models"
         return []
@@ -105,14 +114,7 @@ def clean_models(errors: dict[str, str], session: Session, raw: Any) -> list[int
 
 def clean_sources(errors: dict[str, str], session: Session, raw: Any) -> list[int]:
     """Ranking sets whose validation prompts the evaluation takes (may be none)."""
-    ids: list[int] = []
-    for value in _ids(raw):
-        set_id = small_int(value)
-        if set_id is None:
-            errors["source_set_ids"] = f"{value!r} is not a prompt set id"
-            return []
-        if set_id not in ids:
-            ids.append(set_id)
+    ids = _distinct_ids(errors, "source_set_ids", raw, "prompt set")
     if not ids:
         return []
     found = {s.id: s for s in session.scalars(select(PromptSet).where(PromptSet.id.in_(ids)))}
