@@ -17,7 +17,6 @@ from app.services.prompt_sets import create_prompt_set, update_prompt_set
 from tests.conftest import login
 from tests.factories import make_prompt_set, make_task, make_user
 from trainer.cli_train import ranking_of
-from trainer.reward_job import _pairs
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 A, B, C, D = 0, 1, 2, 3  # display positions
@@ -210,7 +209,7 @@ def test_training_data_has_the_partial_ranking_and_not_all_bad(session):
     assert [item.annotation_id for item in items] == [partial]
     assert items[0].ranks == [2, 1, 3, 3] and items[0].top_k == 2
     # The trainer's pairs (a strictly better rank wins) are the 5 stored comparisons.
-    assert _pairs(items[0].ranks) == 5 == len(_pairs_of(session, partial))
+    assert training.ranked_pairs(items[0].ranks) == 5 == len(_pairs_of(session, partial))
     train, val = training.reward_data(session, [ps.id])
     assert [i.annotation_id for i in train + val] == [partial]
 

@@ -403,12 +403,15 @@ def reward_data(session: Session, prompt_set_ids: Sequence[int], labeler_ids: Se
     return ([a for a in items if a.prompt_id not in validation], [a for a in items if a.prompt_id in validation])
 
 
+def ranked_pairs(ranks: Sequence[int]) -> int:
+    """The comparisons a ranking gives: pairs of responses ranked apart (ties give none)."""
+    return sum(1 for a in ranks for b in ranks if a < b)
+
+
 def ranking_snapshot(train_items: Sequence[export.RankedAnnotation],
                      validation_items: Sequence[export.RankedAnnotation]) -> dict[str, Any]:
     """The data a run on rankings saw, as its model records it: which annotations (hence which
     comparisons) trained and validated it."""
-    def pairs(ranks: Sequence[int]) -> int:
-        return sum(1 for a in ranks for b in ranks if a < b)
 
     return {
         "annotation_ids": [a.annotation_id for a in train_items if a.review_id is None],
@@ -416,8 +419,8 @@ def ranking_snapshot(train_items: Sequence[export.RankedAnnotation],
         # Reviewers' corrections that stood in for their tasks' annotations (app/services/review).
         "review_ids": [a.review_id for a in train_items if a.review_id is not None],
         "validation_review_ids": [a.review_id for a in validation_items if a.review_id is not None],
-        "comparisons": sum(pairs(a.ranks) for a in train_items),
-        "validation_comparisons": sum(pairs(a.ranks) for a in validation_items),
+        "comparisons": sum(ranked_pairs(a.ranks) for a in train_items),
+        "validation_comparisons": sum(ranked_pairs(a.ranks) for a in validation_items),
     }
 
 
