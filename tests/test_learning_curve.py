@@ -59,7 +59,8 @@ def test_verdict_needs_enough_points():
 
 
 def annotation(prompt_id: int, ranks: list[int], responses=("a", "b", "c")):
-    return SimpleNamespace(prompt_id=prompt_id, responses=list(responses), ranks=ranks, top_k=None, all_bad=False)
+    return SimpleNamespace(prompt_id=prompt_id, responses=list(responses), ranks=ranks, top_k=None, all_bad=False,
+                           source=None)
 
 
 def test_ranking_agreement_counts_strict_pairs_of_annotations_on_the_same_prompt():
