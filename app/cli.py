@@ -57,6 +57,7 @@ def serve(
     from N web processes (uvicorn's process manager), with the job worker as a
     process of its own unless --no-worker."""
     import os
+    import signal
     import subprocess
 
     import uvicorn
@@ -85,6 +86,10 @@ def serve(
         ensure_default_model(session, settings)
     if admin is not None:
         _announce_first_admin(admin.username, generated, settings)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down. With the default
+    # action that killed this process before the `finally` below stopped the job worker
+    # (left running) and before atexit stopped the embedded PostgreSQL: exit instead.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     worker = None
     if not no_worker:
         log.info("starting the job worker as its own process")
@@ -111,6 +116,10 @@ def serve(
                 worker.wait(timeout=settings.worker_shutdown_timeout_s + 5)
             except subprocess.TimeoutExpired:
                 worker.kill()
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def uvicorn_options(settings: Settings, *, host: str | None = None, port: int | None = None) -> dict[str, Any]:

@@ -64,3 +64,41 @@ def test_serve_refuses_zero_workers():
     serve = typer.main.get_command(cli).commands["serve"]
     with pytest.raises(typer.BadParameter):
         serve.make_context("serve", ["--workers", "0"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_serve_and_its_job_worker(database_url, committed, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "RLHF_DATA_DIR": str(tmp_path),
+           "RLHF_ADMIN_PASSWORD": "serve-test-password", "PYTHONPATH": os.getcwd()}
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()", "serve",
+                             "--workers", "1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [int(c) for c in children if "worker" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 1, children
+        proc.terminate()
+        proc.wait(30)
+        # The worker used to outlive `serve`: uvicorn's re-raised SIGTERM killed serve first.
+        deadline = time.monotonic() + 5
+        while _alive(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(workers[0]), (tmp_path / "serve.log").read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
