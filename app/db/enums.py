@@ -42,6 +42,9 @@ class JobKind(StrEnum):
     train_ppo = "train_ppo"
     train_dpo = "train_dpo"
     best_of_n = "best_of_n"
+    eval_figures = "eval_figures"  # automatic figures on an evaluation set's pairs
+    score_tasks = "score_tasks"  # reward-model scores of a set's tasks (uncertainty order)
+    ai_label = "ai_label"  # an AI labeler annotates a set's tasks
 
 
 class JobStatus(StrEnum):
