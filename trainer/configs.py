@@ -315,3 +315,17 @@ class BestOfNConfig:
             "n": self.n >= 2, "max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature > 0,
             "top_p": 0 < self.top_p <= 1, "batch_size": self.batch_size >= 1, "max_prompts": self.max_prompts >= 1,
         }, "best-of-N")
+
+
+@dataclass
+class EvalFiguresConfig:
+    """The automatic figures of an evaluation set (trainer/eval_figures.py). Nothing is
+    sampled: the set's stored responses are scored, so there is nothing to tune."""
+
+    batch_size: int = 8  # responses per forward pass (reward scores and log-probs)
+    max_length: int = 512  # tokens of prompt + response the reward model reads, as it was trained (the end is kept)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_settings(self, {"batch_size": self.batch_size >= 1, "max_length": self.max_length >= 8},
+                       "evaluation figures")

@@ -6,7 +6,8 @@ from fastapi.responses import StreamingResponse
 from app.routes.deps import EngineerUser, SessionDep
 from app.routes.exports import stream
 from app.schemas.common import Id, problem_response
-from app.schemas.evaluations import EvaluationBrief, EvaluationIn, EvaluationOut, ModelOut
+from app.schemas.evaluations import EvaluationBrief, EvaluationIn, EvaluationOut, FiguresIn, ModelOut
+from app.schemas.jobs import JobOut, job_out
 from app.services import evaluation, export
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
@@ -36,7 +37,9 @@ def create_evaluation(body: EvaluationIn, session: SessionDep, user: EngineerUse
 @router.get("/{prompt_set_id}", response_model=EvaluationOut)
 def get_results(prompt_set_id: Id, session: SessionDep, user: EngineerUser):
     """Per pair of models: wins, losses, ties, win rate (ties half) with a 95% interval;
-    the same per labeler; the labelers' agreement; mean response length per model."""
+    the same per labeler; the labelers' agreement; mean response length per model; and
+    under `automatic` (null until an eval_figures job succeeded) the reward model's win
+    rate and agreement with the votes per pair, and each policy's KL from its reference."""
     return evaluation.results_dict(evaluation.results(session, prompt_set_id=prompt_set_id))
 
 
@@ -49,3 +52,13 @@ def votes(prompt_set_id: Id, session: SessionDep, user: EngineerUser):
     plan = export.plan_export(session, kind="votes", fmt="votes",
                               filters=export.parse_filters(prompt_set_ids=prompt_set_id))
     return stream(session, plan)
+
+
+@router.post("/{prompt_set_id}/figures", response_model=JobOut, status_code=status.HTTP_201_CREATED,
+             responses={422: problem_response("Nothing queued; `errors` names the bad field."),
+                        409: problem_response("A figures job of this evaluation is queued or running.")})
+def start_figures(prompt_set_id: Id, session: SessionDep, user: EngineerUser, body: FiguresIn | None = None):
+    """Queue an eval_figures job: the reward model (the default one when `reward_model_id` is
+    left out) scores every response, and each policy's KL from its reference is estimated."""
+    return job_out(evaluation.start_figures_job(session, user_id=user.id, prompt_set_id=prompt_set_id,
+                                                reward_model_id=body.reward_model_id if body else None))

@@ -1,16 +1,16 @@
 """Engineer pages: evaluations (blind A/B comparisons of models): the list, a new
-evaluation, and its results with the votes' export."""
+evaluation, and its results with the votes' export and the automatic figures."""
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Form, Request
 from starlette.datastructures import FormData
 
-from app.db.enums import PromptSetKind
+from app.db.enums import ModelKind, PromptSetKind
 from app.routes.deps import EngineerUser, SessionDep
 from app.routes.exports import stream
 from app.schemas.common import Id
-from app.services import evaluation, export, leaderboard, prompt_sets
+from app.services import evaluation, export, leaderboard, models, prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.web import flash, redirect, render, render_form_errors
 
@@ -73,14 +73,36 @@ def create(request: Request, session: SessionDep, user: EngineerUser, data: Form
     return redirect(request, f"/evaluations/{created.id}")
 
 
-@router.get("/{prompt_set_id}")
-def results_page(request: Request, session: SessionDep, user: EngineerUser, prompt_set_id: Id):
+def _results_context(session, prompt_set_id: int) -> dict[str, Any]:
     res = evaluation.results(session, prompt_set_id=prompt_set_id)
-    return render(request, "pages/evaluations_detail.html", {
+    return {
         "res": res, "counts": prompt_sets.counts(session, res.prompt_set),
         "job": prompt_sets.latest_generation_job(session, res.prompt_set),
         "board": leaderboard.model_board(session),
-    })
+        "reward_models": models.models_of(session, [ModelKind.reward]),
+        "figures_job": evaluation.figures_jobs(session, res.prompt_set.id)[0],
+        "figures_error": None, "figures_errors": {},
+    }
+
+
+@router.get("/{prompt_set_id}")
+def results_page(request: Request, session: SessionDep, user: EngineerUser, prompt_set_id: Id):
+    return render(request, "pages/evaluations_detail.html", _results_context(session, prompt_set_id))
+
+
+@router.post("/{prompt_set_id}/figures")
+def start_figures(request: Request, session: SessionDep, user: EngineerUser, prompt_set_id: Id,
+                  reward_model_id: Annotated[str, Form()] = ""):
+    evaluation.get_evaluation(session, prompt_set_id)
+    try:
+        job = evaluation.start_figures_job(session, user_id=user.id, prompt_set_id=prompt_set_id,
+                                           reward_model_id=reward_model_id)
+    except (Invalid, Conflict) as exc:
+        session.rollback()
+        return render_form_errors(request, exc, "pages/evaluations_detail.html",
+                                  _results_context(session, prompt_set_id), prefix="figures_", block="figures")
+    flash(request, f"The automatic figures are being computed (job #{job.id}).", "success")
+    return redirect(request, f"/evaluations/{prompt_set_id}")
 
 
 @router.get("/{prompt_set_id}/votes.jsonl")

@@ -70,6 +70,42 @@ class LengthOut(BaseModel):
     mean_chars: float | None
 
 
+class RewardPairOut(BaseModel):
+    model_x_id: int
+    model_x: str
+    model_y_id: int
+    model_y: str
+    tasks: int = Field(description="The pair's tasks whose two responses the reward model scored.")
+    rm_win_rate: float | None = Field(description="Share of those tasks where the reward model prefers model_x "
+                                                  "(equal rewards half).")
+    votes: int = Field(description="Counted human votes choosing a side on those responses.")
+    agreement: float | None = Field(description="Share of those votes where the reward model prefers the same side.")
+
+
+class KLOut(BaseModel):
+    model_id: int
+    model: str
+    reference_id: int
+    reference: str
+    kl: float = Field(description="Mean over the policy's responses of sum over tokens of log pi - log ref "
+                                  "(nats; a Monte-Carlo estimate of KL(pi || ref) on the set's prompts).")
+    kl_stderr: float = Field(description="Standard error of that mean.")
+    responses: int
+
+
+class AutomaticOut(BaseModel):
+    job_id: int
+    computed_at: datetime | None
+    reward_model_id: int
+    reward_model: str
+    pairs: list[RewardPairOut]
+    kl: list[KLOut] = Field(description="One entry per policy of the set that has a reference.")
+
+
+class FiguresIn(BaseModel):
+    reward_model_id: Id | None = Field(default=None, description="A reward model; the default one when left out.")
+
+
 class EvaluationOut(BaseModel):
     prompt_set_id: int
     name: str
@@ -80,6 +116,8 @@ class EvaluationOut(BaseModel):
     labelers: list[LabelerOut]
     agreement: AgreementOut
     lengths: list[LengthOut]
+    automatic: AutomaticOut | None = Field(description=(
+        "The automatic figures of the latest eval_figures job that succeeded; null before one."))
 
 
 class EvaluationBrief(BaseModel):

@@ -25,35 +25,46 @@ half) and the win rate with a 95% Wilson interval (app/services/ratings.py);
 the same per labeler; the labelers' agreement on shared tasks; mean response
 length per model. Only the data that counts (export.included_annotations_query:
 not excluded, not gold) enters them.
+
+Automatic figures (engineers start an `eval_figures` job, trainer/eval_figures_job.py):
+a reward model's score of every response, and each policy's KL from its reference
+on its responses. Read beside the votes: per pair of models, the reward model's win
+rate on the same tasks (ties half) and its agreement with the human votes that
+chose a side; per policy, the KL estimate.
 """
 
 import hashlib
 import itertools
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
-from app.db.enums import ModelKind, PromptSetKind, Split, VoteOutcome
+from app import queue
+from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetKind, Split, VoteOutcome
 from app.db.models import (
     Annotation,
+    Job,
     Model,
     Prompt,
     PromptSet,
     PromptSetModel,
     Response,
     Task,
+    TaskResponse,
     User,
     Vote,
 )
+from app.services import models as registry
 from app.services.agreement import compute_set_agreement
-from app.services.errors import Conflict, Invalid, NotFound
+from app.services.errors import Conflict, Invalid, NotFound, raise_for_fields
 from app.services.export import included_annotations_query
 from app.services.ratings import WinRate, win_rate
 from app.services.validation import small_int
+from trainer.configs import EvalFiguresConfig
 
 # Causal LMs of the registry: what can answer a prompt.
 EVALUABLE_KINDS = (ModelKind.sft, ModelKind.policy)
@@ -329,6 +340,7 @@ class EvaluationResults:
     agreement_pairs: int
     tie_rate: float | None
     names: dict[int, str] = field(default_factory=dict)
+    automatic: "AutomaticFigures | None" = None  # from the latest finished eval_figures job
 
 
 def vote_rows_query(prompt_set_ids: Sequence[int], **filters: Any):
@@ -340,6 +352,7 @@ def vote_rows_query(prompt_set_ids: Sequence[int], **filters: Any):
     return (
         select(
             Vote.annotation_id, Vote.task_id, Task.prompt_set_id, Task.prompt_id, Annotation.user_id,
+            Vote.response_a_id, Vote.response_b_id,
             ra.model_id.label("model_a_id"), rb.model_id.label("model_b_id"), Vote.outcome, Vote.strength,
             ra.num_tokens.label("tokens_a"), rb.num_tokens.label("tokens_b"),
             func.length(ra.text).label("chars_a"), func.length(rb.text).label("chars_b"), Annotation.created_at,
@@ -424,6 +437,7 @@ def results(session: Session, *, prompt_set_id: int) -> EvaluationResults:
         lengths=mean_lengths(session, prompt_set, models), votes=len(rows),
         pairwise_agreement=agreement.pairwise_agreement, agreement_pairs=agreement.pairwise_pairs,
         tie_rate=agreement.tie_rate, names={m.id: m.name for m in models},
+        automatic=automatic_figures(session, prompt_set, models, rows),
     )
 
 
@@ -443,5 +457,157 @@ def results_dict(res: EvaluationResults) -> dict[str, Any]:
                       "tie_rate": res.tie_rate},
         "lengths": [{"model_id": m.model_id, "model": m.name, "responses": m.responses,
                      "mean_tokens": m.mean_tokens, "mean_chars": m.mean_chars} for m in res.lengths],
+        "automatic": res.automatic.as_dict(res.names) if res.automatic else None,
     }
+
+
+# ---- automatic figures ----------------------------------------------------------------
+
+def reference_of(session: Session, model: Model) -> Model | None:
+    """A policy's reference: the model its run was held to (config reference_model_id), else
+    its parent. None for other kinds."""
+    if model.kind != ModelKind.policy:
+        return None
+    raw = (model.config or {}).get("reference_model_id")
+    reference = session.get(Model, raw) if isinstance(raw, int) else None
+    return reference or model.parent
+
+
+def set_responses(session: Session, prompt_set: PromptSet) -> list[Any]:
+    """Every response of the set's current round: response_id, model_id, messages, text, finish_reason."""
+    return list(session.execute(
+        select(Response.id.label("response_id"), Response.model_id, Prompt.messages, Response.text,
+               Response.finish_reason)
+        .join(Prompt, Prompt.id == Response.prompt_id)
+        .where(Prompt.prompt_set_id == prompt_set.id, Response.round == prompt_set.round)
+        .order_by(Response.id)
+    ).all())
+
+
+def figures_jobs(session: Session, prompt_set_id: int) -> tuple[Job | None, Job | None]:
+    """(the latest eval_figures job of the set, the latest one that succeeded)."""
+    query = (select(Job).where(Job.kind == JobKind.eval_figures, Job.prompt_set_id == prompt_set_id)
+             .order_by(Job.id.desc()).limit(1))
+    return (session.scalar(query), session.scalar(query.where(Job.status == JobStatus.succeeded)))
+
+
+def start_figures_job(session: Session, *, user_id: int | None, prompt_set_id: int, reward_model_id: Any = None,
+                      queue_name: str = queue.GPU_QUEUE) -> Job:
+    """Queue an eval_figures job for the evaluation set with the reward model (the default
+    reward model when none is given). Raises NotFound for the set, Invalid naming
+    reward_model_id or prompt_set_id, Conflict while one is queued or running. Commits."""
+    prompt_set = get_evaluation(session, prompt_set_id)
+    errors: dict[str, str] = {}
+    reward = registry.choose_model(errors, session, "reward_model_id", reward_model_id, (ModelKind.reward,),
+                                   registry.default_reward_model(session), "a reward model")
+    if not session.scalar(select(func.count(Response.id)).join(Prompt, Prompt.id == Response.prompt_id)
+                          .where(Prompt.prompt_set_id == prompt_set.id, Response.round == prompt_set.round)):
+        errors["prompt_set_id"] = "the evaluation has no responses yet: wait for its generation job"
+    raise_for_fields(errors)
+    assert reward is not None
+    latest, _ = figures_jobs(session, prompt_set.id)
+    if latest is not None and latest.status in (JobStatus.queued, JobStatus.running):
+        raise Conflict(f"Job #{latest.id} is already computing this evaluation's figures.")
+    from app.services.jobs import enqueue_job
+
+    params = {"prompt_set_id": prompt_set.id, "reward_model_id": reward.id,
+              "config": asdict(EvalFiguresConfig())}
+    return enqueue_job(session, kind=JobKind.eval_figures, params=params, created_by_id=user_id,
+                       prompt_set_id=prompt_set.id, queue=queue_name)
+
+
+@dataclass
+class RewardPair:
+    """The reward model's judgement of one pair of models, from the first model's side (X against Y)."""
+
+    model_x: int
+    model_y: int
+    tasks: int = 0  # tasks of the pair whose two responses were scored
+    x_score: float = 0.0  # tasks where the reward model prefers X, ties half
+    votes: int = 0  # human votes choosing a side, on scored responses
+    agreeing: float = 0.0  # of those, where the reward model prefers the same side (its ties half)
+
+    @property
+    def win_rate(self) -> float | None:
+        return self.x_score / self.tasks if self.tasks else None
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreeing / self.votes if self.votes else None
+
+    def as_dict(self, names: dict[int, str]) -> dict[str, Any]:
+        return {"model_x_id": self.model_x, "model_x": names.get(self.model_x, ""),
+                "model_y_id": self.model_y, "model_y": names.get(self.model_y, ""),
+                "tasks": self.tasks, "rm_win_rate": self.win_rate, "votes": self.votes,
+                "agreement": self.agreement}
+
+
+@dataclass
+class AutomaticFigures:
+    job: Job  # the eval_figures job they come from
+    reward_model_id: int
+    reward_model: str
+    pairs: list[RewardPair]
+    kl: dict[int, dict[str, Any]]  # policy id -> {"kl", "kl_stderr", "responses", "reference_id", "reference"}
+
+    def as_dict(self, names: dict[int, str]) -> dict[str, Any]:
+        return {"job_id": self.job.id, "computed_at": self.job.finished_at,
+                "reward_model_id": self.reward_model_id, "reward_model": self.reward_model,
+                "pairs": [p.as_dict(names) for p in self.pairs], "kl": list(self.kl.values())}
+
+
+def _prefers(first: float, second: float) -> float:
+    """1 when the first reward is higher, 0 when lower, 1/2 when equal."""
+    return 1.0 if first > second else 0.0 if first < second else 0.5
+
+
+def automatic_figures(session: Session, prompt_set: PromptSet, models: Sequence[Model],
+                      vote_rows: Iterable[Any]) -> AutomaticFigures | None:
+    """The reward model's win rate per pair of models on the set's tasks (gold left out),
+    its agreement with the counted votes (vote_rows) that chose a side, and each
+    policy's KL, from the latest succeeded eval_figures job; None without one."""
+    _, job = figures_jobs(session, prompt_set.id)
+    if job is None:
+        return None
+    rewards = {int(k): float(v) for k, v in (job.result.get("rewards") or {}).items()}
+    order = {m.id: i for i, m in enumerate(models)}
+    pairs = {(models[i].id, models[j].id): RewardPair(models[i].id, models[j].id)
+             for i, j in model_pairs(len(models))}
+
+    def pair_of(a: int | None, b: int | None) -> tuple[RewardPair, bool] | None:
+        """The pair of models a and b, and whether a is its X."""
+        if a not in order or b not in order or a == b:
+            return None
+        x_is_a = order[a] < order[b]
+        return pairs[(a, b) if x_is_a else (b, a)], x_is_a
+
+    sides: dict[int, list[tuple[int, int | None]]] = {}
+    for task_id, response_id, model_id in session.execute(
+            select(TaskResponse.task_id, Response.id, Response.model_id)
+            .join(Task, Task.id == TaskResponse.task_id).join(Response, Response.id == TaskResponse.response_id)
+            .where(Task.prompt_set_id == prompt_set.id, Task.round == prompt_set.round, Task.is_gold.is_(False))
+            .order_by(TaskResponse.task_id, TaskResponse.position)):
+        sides.setdefault(task_id, []).append((response_id, model_id))
+    for (ra, a), (rb, b) in (s for s in sides.values() if len(s) == 2):
+        found = pair_of(a, b)
+        if found is None or ra not in rewards or rb not in rewards:
+            continue
+        pair, x_is_a = found
+        pair.tasks += 1
+        pair.x_score += _prefers(rewards[ra], rewards[rb]) if x_is_a else _prefers(rewards[rb], rewards[ra])
+    for row in vote_rows:
+        outcome = VoteOutcome(row.outcome)
+        found = pair_of(row.model_a_id, row.model_b_id)
+        if found is None or outcome not in (VoteOutcome.a, VoteOutcome.b):
+            continue
+        if row.response_a_id not in rewards or row.response_b_id not in rewards:
+            continue
+        chosen, other = ((row.response_a_id, row.response_b_id) if outcome == VoteOutcome.a
+                         else (row.response_b_id, row.response_a_id))
+        found[0].votes += 1
+        found[0].agreeing += _prefers(rewards[chosen], rewards[other])
+    return AutomaticFigures(
+        job=job, reward_model_id=int(job.result.get("reward_model_id", 0)),
+        reward_model=str(job.result.get("reward_model", "")), pairs=list(pairs.values()),
+        kl={int(k["model_id"]): k for k in job.result.get("kl") or []})
 
