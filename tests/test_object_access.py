@@ -107,6 +107,8 @@ OBJECT_RULES: dict[str, tuple[str, ...]] = {
     "GET /evaluations/{prompt_set_id}/votes.jsonl": SHARED,
     "GET /api/v1/evaluations/{prompt_set_id}": SHARED,
     "GET /api/v1/evaluations/{prompt_set_id}/votes": SHARED,
+    "POST /evaluations/{prompt_set_id}/figures": SHARED,
+    "POST /api/v1/evaluations/{prompt_set_id}/figures": SHARED,
     # accounts (admins)
     "PATCH /api/v1/users/{user_id}": SHARED,
     "POST /admin/users/{user_id}/active": SHARED,

@@ -38,19 +38,24 @@ class StoredResponse:
 
 def reward_scores(config: EvalFiguresConfig, responses: Sequence[StoredResponse], *, reward_path: str,
                   on_done: Callable[[int], None] | None = None) -> dict[int, float]:
-    """{response_id: normalised reward} of every response; on_done(n) after each prompt's responses."""
+    """{response_id: normalised reward} of every response; on_done(n) after each prompt's responses.
+    Equal texts to one prompt (models that answer alike) are scored once, so they tie exactly."""
     device = runtime(config.device).device
     model, tokenizer = load_reward_model(reward_path, device)
-    by_prompt: dict[str, list[StoredResponse]] = {}
-    for r in responses:  # one forward pass per prompt: its responses share the prompt's tokens
-        by_prompt.setdefault(repr(r.messages), []).append(r)
+    by_prompt: dict[str, dict[str, list[int]]] = {}  # prompt -> text -> response ids
+    messages_of: dict[str, Messages] = {}
+    for r in responses:
+        key = repr(r.messages)
+        messages_of[key] = r.messages
+        by_prompt.setdefault(key, {}).setdefault(r.text, []).append(r.response_id)
     out: dict[int, float] = {}
-    for group in by_prompt.values():
-        for start in range(0, len(group), config.batch_size):
-            chunk = group[start:start + config.batch_size]
-            rewards = score(model, tokenizer, chunk[0].messages, [r.text for r in chunk],
-                            max_length=config.max_length)  # (C,)
-            out.update((r.response_id, float(v)) for r, v in zip(chunk, rewards.tolist(), strict=True))
+    for key, texts in by_prompt.items():
+        unique = list(texts)
+        for start in range(0, len(unique), config.batch_size):
+            chunk = unique[start:start + config.batch_size]
+            rewards = score(model, tokenizer, messages_of[key], chunk, max_length=config.max_length)  # (C,)
+            for text, value in zip(chunk, rewards.tolist(), strict=True):
+                out.update((response_id, float(value)) for response_id in texts[text])
         if on_done is not None:
             on_done(len(out))
     return out
