@@ -51,27 +51,27 @@ def test_reward_model_win_rate_and_agreement_by_hand(session):
     sft = make_model(session, name="fig-sft")
     policy = make_model(session, name="fig-policy", kind=ModelKind.policy)
     reward = make_model(session, name="fig-rm", kind=ModelKind.reward)
-    prompt_set = make_evaluation(session, [sft, policy], prompts=4)
+    prompt_set = make_evaluation(session, [sft, policy], prompts=5)
     tasks = tasks_of(session, prompt_set)
-    # The reward model prefers the policy on tasks 0, 1 and 2, ties on task 3.
+    # The reward model prefers the policy on every task but task 3, where it scores both the same.
     rewards, votes = {}, {}
     for index, (task, a, b) in enumerate(tasks):
         policy_side, sft_side = (a, b) if a.model_id == policy.id else (b, a)
-        rewards[policy_side.id], rewards[sft_side.id] = (1.0, 0.0) if index < 3 else (0.5, 0.5)
-        # Labelers: the policy on tasks 0 and 3, the SFT model on task 1, a tie on task 2.
-        chosen = {0: policy_side, 1: sft_side, 3: policy_side}.get(index)
+        rewards[policy_side.id], rewards[sft_side.id] = (1.0, 0.0) if index != 3 else (0.5, 0.5)
+        # Labelers: the SFT model on task 1, a tie on task 4, the policy on the others.
+        chosen = {1: sft_side, 4: None}.get(index, policy_side)
         votes[task.id] = "tie" if chosen is None else ("a" if chosen.id == a.id else "b")
     vote_all(session, make_user(session), votes)
     finished_figures_job(session, prompt_set, reward, rewards)
     res = evaluation.results(session, prompt_set_id=prompt_set.id)
     (pair,) = res.automatic.pairs
     assert (pair.model_x, pair.model_y) == (sft.id, policy.id)
-    # SFT's win rate by the reward model: 0 + 0 + 0 + 1/2 over 4 tasks.
-    assert pair.tasks == 4 and pair.win_rate == pytest.approx(0.125)
-    # Three votes chose a side (the tie is left out): agrees on 0, disagrees on 1, a reward tie (half) on 3.
-    assert pair.votes == 3 and pair.agreement == pytest.approx(1.5 / 3)
-    # The human figure beside it: SFT won task 1, lost 0 and 3, tied 2.
-    assert res.pairs[0].win_rate == pytest.approx(1.5 / 4)
+    # SFT's win rate by the reward model: half a win (task 3) over 5 tasks.
+    assert pair.tasks == 5 and pair.win_rate == pytest.approx(0.1)
+    # Four votes chose a side (the tie is left out): agreeing on 0 and 2, not on 1, a reward tie (half) on 3.
+    assert pair.votes == 4 and pair.agreement == pytest.approx(2.5 / 4)
+    # The human figure beside it: SFT won task 1 and tied task 4.
+    assert res.pairs[0].win_rate == pytest.approx(1.5 / 5)
     assert res.automatic.reward_model == "fig-rm"
 
 
