@@ -12,6 +12,10 @@ Nothing is sampled: the set's stored responses are read again.
   estimate of KL(pi || ref) on the set's prompts (the estimator PPO's
   penalty uses, summed per response). Log-probs are taken at the set's
   sampling temperature, as PPO takes them; top-p truncation is ignored.
+  Responses are stored as text and tokenised again, which gives back the
+  sampled tokens for ordinary text; a model that writes fragments of words
+  that tokenise otherwise makes the estimate unreliable (it may even come
+  out negative).
 """
 
 from collections.abc import Callable, Sequence
