@@ -38,30 +38,11 @@ def test_the_best_is_the_argmax_and_never_below_the_mean():
         assert (rewards[0, order][:-1] >= rewards[0, order][1:]).all()  # best first
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir, tmp_path_factory):
-    """A reward model of the tiny model's family: a random scalar head (any rule will do here)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from trainer.common import prepare_tokenizer
-    from trainer.models import load_tokenizer
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1, dtype=torch.float32)
-    torch.nn.init.normal_(model.score.weight, std=1.0)
-    tokenizer = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    path = tmp_path_factory.mktemp("bon-rm")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_best_of_n_keeps_the_response_the_reward_model_scores_highest(tiny_model_dir, reward_dir):
+def test_best_of_n_keeps_the_response_the_reward_model_scores_highest(tiny_model_dir, tiny_reward_dir):
     config = BestOfNConfig(n=6, max_new_tokens=8, temperature=1.0, batch_size=12)
     prompts = [synthetic.prompt(i) for i in range(3)]
-    outcomes = best_of_n(config, prompts, policy_path=str(tiny_model_dir), reward_path=str(reward_dir))
-    model, tokenizer = load_reward_model(reward_dir)
+    outcomes = best_of_n(config, prompts, policy_path=str(tiny_model_dir), reward_path=str(tiny_reward_dir))
+    model, tokenizer = load_reward_model(tiny_reward_dir)
     assert len(outcomes) == 3
     for messages, outcome in zip(prompts, outcomes):
         assert len(outcome.responses) == 6 and len(set(outcome.responses)) > 1
@@ -73,12 +54,12 @@ def test_best_of_n_keeps_the_response_the_reward_model_scores_highest(tiny_model
 
 # ---- the job ---------------------------------------------------------------------------------
 
-def test_best_of_n_job_writes_demonstrations_to_review_that_sft_can_use(committed, tiny_model_dir, reward_dir,
+def test_best_of_n_job_writes_demonstrations_to_review_that_sft_can_use(committed, tiny_model_dir, tiny_reward_dir,
                                                                           tmp_path):
     with new_session() as session:
         engineer, admin = make_user(session, role=Role.engineer), make_user(session, role=Role.admin)
         policy = make_model(session, tiny_model_dir, name="tiny-sft", is_default=True)
-        rm = make_model(session, reward_dir, name="tiny-rm", kind=ModelKind.reward)
+        rm = make_model(session, tiny_reward_dir, name="tiny-rm", kind=ModelKind.reward)
         demo_set = make_prompt_set(session, kind=PromptSetKind.demonstration)
         for i in range(3):
             add_prompt(session, demo_set, f"Say some words about rain (#{i}).")

@@ -1,17 +1,19 @@
 """In Chromium: an engineer evaluates a trained policy against the default SFT model,
-two labelers vote blind with the keyboard, and the results page shows the win rate
-and the leaderboard."""
+two labelers vote blind with the keyboard, and the results page shows the win rate,
+the leaderboard and the automatic figures (reward model, KL) computed from it."""
 
 import pytest
 from sqlalchemy import select
 
-from app.db.enums import JobStatus, ModelKind, Role
-from app.db.models import PromptSet, Task, Vote
+from app.config import Settings
+from app.db.enums import JobKind, JobStatus, ModelKind, Role
+from app.db.models import Job, PromptSet, Task, Vote
 from app.db.session import session_scope
 from tests.conftest import screenshot, sign_in_page
 from tests.factories import make_model, make_user
 from tests.test_generate import run_generate
 from tests.workers import load_job
+from trainer.worker import execute_job
 
 pytestmark = pytest.mark.browser
 
@@ -25,8 +27,9 @@ def wait_for_task(page, task_id: str | None = None):
 
 
 def test_engineer_evaluates_a_policy_against_sft_and_labelers_vote_blind(live_server, browser, page,
-                                                                         tiny_model_dir):
+                                                                         tiny_model_dir, tiny_reward_dir, tmp_path):
     with session_scope() as s:
+        make_model(s, tiny_reward_dir, name="tiny-rm", kind=ModelKind.reward)
         sft = make_model(s, tiny_model_dir, name="tiny-sft-default", is_default=True)
         policy = make_model(s, tiny_model_dir, name="tiny-ppo-policy", kind=ModelKind.policy)
         policy.parent_id = sft.id
@@ -102,6 +105,20 @@ def test_engineer_evaluates_a_policy_against_sft_and_labelers_vote_blind(live_se
     board = page.locator("#set-leaderboard")
     assert board.locator("tbody tr").count() == 2
     assert "1000" in board.locator(f'tr[data-model-id="{sft_id}"]').inner_text()
+    # The automatic figures: the engineer starts the job; the worker's run (here) fills the tables.
+    assert page.locator("#reward-pairs").count() == 0
+    page.click("#figures-button")
+    page.wait_for_selector(".flash >> text=being computed")
+    with session_scope() as s:
+        figures_id = s.scalar(select(Job.id).where(Job.kind == JobKind.eval_figures))
+    execute_job(figures_id, settings=Settings(device="cpu", data_dir=tmp_path))
+    assert load_job(figures_id).status == JobStatus.succeeded
+    page.reload()
+    figures = page.locator("#reward-pairs .reward-pair").first
+    assert figures.locator(".rm-win-rate").inner_text() == "50.0%"  # the same weights write the same texts: ties
+    assert figures.locator("td").nth(2).inner_text() == win_rate  # the labelers' figure beside it
+    assert page.locator(f'#lengths tr[data-model-id="{policy_id}"] .kl').inner_text().split()[0] in ("0.000", "-0.000")
+    assert page.locator(f'#lengths tr[data-model-id="{sft_id}"] .kl').inner_text() == "–"
     screenshot(page, "evaluation_results")
     page.goto(f"{live_server}/leaderboard")
     assert page.locator("#leaderboard tbody tr").count() == 2

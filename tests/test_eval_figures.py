@@ -22,7 +22,8 @@ def vote_all(session, user, outcomes: dict[int, str]) -> None:
     """The labeler votes on every task they are given: outcomes[task_id] ("a", "b", "tie", "both_bad")."""
     while (lease := assignment.lease_next_task(session, user=user, lease_s=600)) is not None:
         annotations.submit_annotation(session, user=user, task_id=lease.task.id, ratings=None, ranks=None,
-                                      vote=outcomes[lease.task.id], idempotency_key=f"figure-vote-{user.id}-{lease.task.id}")
+                                      vote=outcomes[lease.task.id],
+                                      idempotency_key=f"figure-vote-{user.id}-{lease.task.id}")
 
 
 def finished_figures_job(session, prompt_set, reward, rewards: dict[int, float], kl=()) -> Job:
@@ -102,25 +103,6 @@ def test_a_policy_is_held_to_its_runs_reference_else_its_parent(session):
 # ---- the job, with tiny models -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir, tmp_path_factory):
-    """A reward model of the tiny model's family with a random scalar head."""
-    from transformers import AutoModelForSequenceClassification
-
-    from trainer.common import prepare_tokenizer
-    from trainer.models import load_tokenizer
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1, dtype=torch.float32)
-    torch.nn.init.normal_(model.score.weight, std=1.0)
-    tokenizer = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    path = tmp_path_factory.mktemp("fig-rm")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def other_dirs(tiny_model_dir, tmp_path_factory):
     """(another tiny model, the tiny model with every weight moved by noise). A freshly initialised
     tiny model spreads its probability almost evenly over the vocabulary and the noisy one does not,
@@ -145,7 +127,7 @@ def other_dirs(tiny_model_dir, tmp_path_factory):
     return tuple(paths)
 
 
-def test_job_scores_every_response_and_estimates_each_policys_kl(committed, tiny_model_dir, reward_dir,
+def test_job_scores_every_response_and_estimates_each_policys_kl(committed, tiny_model_dir, tiny_reward_dir,
                                                                   other_dirs, tmp_path):
     from tests.test_generate import run_generate
     from trainer.reward import load_reward_model, score
@@ -157,7 +139,7 @@ def test_job_scores_every_response_and_estimates_each_policys_kl(committed, tiny
         noisy = make_model(session, other_dirs[1], name="tiny-noisy")
         same.parent_id = sft.id  # the same weights as its reference: KL 0
         far.parent_id, far.config = sft.id, {"reference_model_id": noisy.id}  # the run's reference, not the parent
-        reward = make_model(session, reward_dir, name="tiny-rm", kind=ModelKind.reward)
+        reward = make_model(session, tiny_reward_dir, name="tiny-rm", kind=ModelKind.reward)
         prompt_set = make_evaluation(session, [sft, same, far], prompts=0, temperature=1.0, top_p=1.0,
                                      max_new_tokens=12, seed=3)
         for i in range(6):
@@ -176,7 +158,7 @@ def test_job_scores_every_response_and_estimates_each_policys_kl(committed, tiny
         job_id = job.id
         assert job.params["reward_model_id"] == ids["rm"]  # the only reward model is the default
     execute_job(job_id, settings=Settings(device="cpu", data_dir=tmp_path))
-    model, tokenizer = load_reward_model(reward_dir)
+    model, tokenizer = load_reward_model(tiny_reward_dir)
     with new_session() as session:
         job = session.get(Job, job_id)
         assert job.status == JobStatus.succeeded, job.traceback
