@@ -192,7 +192,6 @@ def test_job_scores_every_response_and_estimates_each_policys_kl(committed, tiny
         assert kl[ids["same"]]["kl"] == pytest.approx(0.0, abs=1e-4)
         assert (kl[ids["same"]]["reference_id"], kl[ids["far"]]["reference_id"]) == (ids["sft"], ids["noisy"])
         assert kl[ids["far"]]["kl"] > 1.0 and kl[ids["far"]]["responses"] == 6
-        print("KL of the far policy:", kl[ids["far"]])
         lengths = {m.model_id: m for m in res.lengths}
         texts = session.scalars(select(Response.text).where(Response.model_id == ids["far"])).all()
         assert lengths[ids["far"]].mean_chars == pytest.approx(sum(map(len, texts)) / len(texts))

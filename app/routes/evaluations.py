@@ -93,7 +93,6 @@ def results_page(request: Request, session: SessionDep, user: EngineerUser, prom
 @router.post("/{prompt_set_id}/figures")
 def start_figures(request: Request, session: SessionDep, user: EngineerUser, prompt_set_id: Id,
                   reward_model_id: Annotated[str, Form()] = ""):
-    evaluation.get_evaluation(session, prompt_set_id)
     try:
         job = evaluation.start_figures_job(session, user_id=user.id, prompt_set_id=prompt_set_id,
                                            reward_model_id=reward_model_id)

@@ -62,6 +62,7 @@ from app.services import models as registry
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Conflict, Invalid, NotFound, raise_for_fields
 from app.services.export import included_annotations_query
+from app.services.jobs import enqueue_job
 from app.services.ratings import WinRate, win_rate
 from app.services.validation import small_int
 from trainer.configs import EvalFiguresConfig
@@ -508,8 +509,6 @@ def start_figures_job(session: Session, *, user_id: int | None, prompt_set_id: i
     latest, _ = figures_jobs(session, prompt_set.id)
     if latest is not None and latest.status in (JobStatus.queued, JobStatus.running):
         raise Conflict(f"Job #{latest.id} is already computing this evaluation's figures.")
-    from app.services.jobs import enqueue_job
-
     params = {"prompt_set_id": prompt_set.id, "reward_model_id": reward.id,
               "config": asdict(EvalFiguresConfig())}
     return enqueue_job(session, kind=JobKind.eval_figures, params=params, created_by_id=user_id,
@@ -610,4 +609,3 @@ def automatic_figures(session: Session, prompt_set: PromptSet, models: Sequence[
         job=job, reward_model_id=int(job.result.get("reward_model_id", 0)),
         reward_model=str(job.result.get("reward_model", "")), pairs=list(pairs.values()),
         kl={int(k["model_id"]): k for k in job.result.get("kl") or []})
-
