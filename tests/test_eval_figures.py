@@ -130,6 +130,7 @@ def other_dirs(tiny_model_dir, tmp_path_factory):
 def test_job_scores_every_response_and_estimates_each_policys_kl(committed, tiny_model_dir, tiny_reward_dir,
                                                                   other_dirs, tmp_path):
     from tests.test_generate import run_generate
+    from tests.workers import load_job
     from trainer.reward import load_reward_model, score
 
     with new_session() as session:
@@ -139,7 +140,7 @@ def test_job_scores_every_response_and_estimates_each_policys_kl(committed, tiny
         noisy = make_model(session, other_dirs[1], name="tiny-noisy")
         same.parent_id = sft.id  # the same weights as its reference: KL 0
         far.parent_id, far.config = sft.id, {"reference_model_id": noisy.id}  # the run's reference, not the parent
-        reward = make_model(session, tiny_reward_dir, name="tiny-rm", kind=ModelKind.reward)
+        reward = make_model(session, tiny_reward_dir, name="tiny-rm", kind=ModelKind.reward, is_default=True)
         prompt_set = make_evaluation(session, [sft, same, far], prompts=0, temperature=1.0, top_p=1.0,
                                      max_new_tokens=12, seed=3)
         for i in range(6):
@@ -147,16 +148,18 @@ def test_job_scores_every_response_and_estimates_each_policys_kl(committed, tiny
         session.commit()
         ids = {"set": prompt_set.id, "sft": sft.id, "same": same.id, "far": far.id, "rm": reward.id,
                "noisy": noisy.id}
-    assert_succeeded(run_generate(ids["set"], batch_size=6))
+    # The generation queues the figures itself: a reward model is promoted.
+    generated = load_job(run_generate(ids["set"], batch_size=6))
+    assert generated.status == JobStatus.succeeded, generated.traceback
+    job_id = generated.result["figures_job_id"]
     with new_session() as session:
+        assert session.get(Job, job_id).params["reward_model_id"] == ids["rm"]
         labeler = make_user(session)
         prompt_set = evaluation.get_evaluation(session, ids["set"])
-        # Votes for whichever side wrote the longer text (A on a draw).
+        # Votes for whichever side wrote the longer text (A on a draw), cast after the job was queued:
+        # agreement is counted when the figures are read.
         vote_all(session, labeler, {t.id: "a" if len(a.text) >= len(b.text) else "b"
                                     for t, a, b in tasks_of(session, prompt_set)})
-        job = evaluation.start_figures_job(session, user_id=labeler.id, prompt_set_id=ids["set"])
-        job_id = job.id
-        assert job.params["reward_model_id"] == ids["rm"]  # the only reward model is the default
     execute_job(job_id, settings=Settings(device="cpu", data_dir=tmp_path))
     model, tokenizer = load_reward_model(tiny_reward_dir)
     with new_session() as session:
@@ -195,12 +198,6 @@ def test_job_scores_every_response_and_estimates_each_policys_kl(committed, tiny
         lengths = {m.model_id: m for m in res.lengths}
         texts = session.scalars(select(Response.text).where(Response.model_id == ids["far"])).all()
         assert lengths[ids["far"]].mean_chars == pytest.approx(sum(map(len, texts)) / len(texts))
-
-
-def assert_succeeded(job_id: int) -> None:
-    with new_session() as session:
-        job = session.get(Job, job_id)
-        assert job.status == JobStatus.succeeded, job.traceback
 
 
 # ---- starting it: the page and the API ---------------------------------------------------

@@ -432,8 +432,27 @@ def generate_evaluation(ctx: JobContext, prompt_set_id: int) -> dict[str, Any]:
         for pid in _prompts_without_task(session, prompt_set):
             n_tasks += _create_pair_task(session, prompt_set, pid, ranks[pid], len(models))
         session.commit()
+        # With a promoted reward model, the automatic figures follow the new responses.
+        figures = _queue_figures(session, prompt_set) if n_responses else None
     return {"prompts": len(ranks), "responses": n_responses, "tasks": n_tasks, "tokens": n_tokens,
-            "models": [name for _, name, _ in models], "seconds": round(time.perf_counter() - started, 2)}
+            "models": [name for _, name, _ in models], "seconds": round(time.perf_counter() - started, 2),
+            **({"figures_job_id": figures} if figures else {})}
+
+
+def _queue_figures(session: Session, prompt_set: PromptSet) -> int | None:
+    """Queue the evaluation's eval_figures job with the default reward model, if one is
+    promoted and no such job is queued or running; its id, else None."""
+    from app.services import evaluation, models
+    from app.services.errors import Conflict
+
+    reward = models.default_model(session, ModelKind.reward)
+    if reward is None:
+        return None
+    try:
+        return evaluation.start_figures_job(session, user_id=prompt_set.created_by_id, prompt_set_id=prompt_set.id,
+                                            reward_model_id=reward.id).id
+    except Conflict:
+        return None
 
 
 @handler(JobKind.generate)
