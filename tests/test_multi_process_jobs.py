@@ -49,7 +49,7 @@ def api(reward_data, tmp_path):
 
 
 def start_worker(workers):  # noqa: F811
-    proc = workers.start(cli=True)
+    proc = workers.start()
     wait_for(lambda: worker_row(proc.pid), 60, "the worker to advertise its devices", workers)
     return proc
 
