@@ -26,6 +26,7 @@ itself was killed.
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -211,8 +212,39 @@ def _outcome(ctx: JobContext, returncode: int, outcome_dir: Path, processes: int
         return outcomes[0]["result"]
     if cancelled := next((o["cancelled"] for o in outcomes if "cancelled" in o), None):
         raise JobCancelled(cancelled)
+    # A process killed from outside (out of memory, say) is the cause; the others' errors follow from it.
+    if killed := next((f for f in launcher_failures(tail) if f.signalled), None):
+        raise JobFailed(f"Training process {killed.rank} was killed ({killed.message}); the run's other"
+                        " processes were stopped. Out of memory?", details=tail)
     if failed := next((o for o in outcomes if "error" in o), None):
         raise JobFailed(failed["error"], details=(failed.get("traceback") or "") + "\n--- output ---\n" + tail)
-    last = next((line for line in reversed(tail.splitlines()) if line.strip()), "no output")
+    last = next((line for line in reversed(tail.splitlines()) if line.strip(" =")), "no output")
     raise JobFailed(f"A training process stopped (launcher exit status {returncode}) without reporting an error;"
                     f" last output: {last[-300:]}", details=tail)
+
+
+@dataclass(frozen=True)
+class LauncherFailure:
+    """One failed process as torch.distributed.elastic's summary reports it."""
+
+    rank: int
+    exitcode: int
+    message: str
+
+    @property
+    def signalled(self) -> bool:
+        """Ended by a signal other than the launcher's own SIGTERM to the survivors."""
+        return self.exitcode < 0 and -self.exitcode != signal.SIGTERM
+
+
+_FAILURE_FIELDS = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+).*?traceback\s*:\s*([^\n]*)", re.S)
+
+
+def launcher_failures(output: str) -> list[LauncherFailure]:
+    """The failed processes listed in the launcher's closing summary ("[0]:\n  rank : 1 ...")."""
+    blocks = re.split(r"^\s*\[\d+\]:\s*$", output, flags=re.M)[1:]
+    failures = []
+    for block in blocks:
+        if match := _FAILURE_FIELDS.search(block):
+            failures.append(LauncherFailure(int(match[1]), int(match[2]), match[3].strip()))
+    return failures
