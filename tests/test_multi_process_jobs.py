@@ -3,6 +3,7 @@ through a real worker as 2 CPU processes under `accelerate launch` (trainer/proc
 its curves appear while it runs; cancelling it or losing a process stops every process."""
 
 import os
+import re
 import signal
 from datetime import timedelta
 
@@ -159,9 +160,26 @@ def test_a_killed_training_process_fails_the_job_and_stops_the_other(workers, re
 
     failed = wait_for(lambda: load_job(job_id).status.finished and load_job(job_id), 60, "the job to fail", workers)
     assert failed.status == JobStatus.failed
-    assert "training process" in failed.error and "SIGKILL" in failed.traceback + failed.error, failed.error
+    assert re.match(r"Training process [01] was killed \(Signal 9 \(SIGKILL\)", failed.error), failed.error
     wait_for(lambda: gone(ranks), 10, "the other training process to end", workers)
     assert not all_training_processes()
+
+
+def test_a_worker_that_shuts_down_stops_the_processes_and_queues_the_job_again(workers, reward_data, api):  # noqa: F811
+    # The job is not cancelled: only the worker's own stop can end these processes.
+    worker = workers.start(RLHF_WORKER_SHUTDOWN_TIMEOUT_S="0.5")
+    wait_for(lambda: worker_row(worker.pid), 60, "the worker to advertise its devices", workers)
+    job_id = start_reward_run(api, reward_data, LONG)
+    wait_for(lambda: metric_count(job_id) > 0, 180, "the job to train", workers)
+    ranks = training_processes(worker.pid)
+    assert len(ranks) == 2
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    wait_for(lambda: gone(ranks), 10, "both training processes to end", workers)
+    assert not all_training_processes()
+    job = load_job(job_id)
+    assert job.status == JobStatus.queued and "worker shut down" in job.error
+    assert worker_row(worker.pid) is None  # a stopped worker no longer advertises its devices
 
 
 def test_an_error_inside_the_training_processes_fails_the_job_with_that_error(workers, reward_data):  # noqa: F811
