@@ -13,13 +13,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from app.config import Settings
-from app.db.enums import JobKind, JobStatus, ModelKind, Role
-from app.db.models import Job, JobMetric, Model, WorkerDevices
+from app.db.base import utcnow
+from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetKind, Role, Split
+from app.db.models import Job, JobMetric, Model, ModelSample, WorkerDevices
 from app.db.session import new_session
+from app.services import demonstrations as demos
 from app.services import jobs, training, worker_devices
 from app.services.errors import Invalid
 from tests.conftest import TEST_PASSWORD, csrf_of_page, login
-from tests.factories import make_model, make_user, ranked_set
+from tests.factories import add_prompt, make_model, make_prompt_set, make_user, ranked_set
 from tests.workers import load_job, wait_for, workers  # noqa: F401 - the fixture
 
 # Tiny steps; no learning curve (it would train extra models).
@@ -131,6 +133,35 @@ def test_a_two_process_reward_run_from_the_api_runs_through_the_worker_with_live
     assert len(steps) == len(set(steps)) == done.result["steps"]  # each step once: one process records
     assert done.progress_done == done.progress_total == done.result["steps"]
     assert training_processes(worker.pid) == [] and not all_training_processes()
+
+
+def test_a_two_process_sft_run_registers_its_model_and_samples_once(workers, committed, tiny_model_dir):  # noqa: F811
+    with new_session() as session:
+        admin = make_user(session, role=Role.admin)
+        base = make_model(session, tiny_model_dir, name="tiny-base")
+        s = make_prompt_set(session, kind=PromptSetKind.demonstration, name="demos")
+        for i in range(8):
+            add_prompt(session, s, f"Question {i}: what colour is the sky?",
+                       split=Split.validation if i >= 6 else Split.train)
+        session.commit()
+        lines = "\n".join(f'{{"prompt": "Question {i}: what colour is the sky?", "response": "Blue."}}'
+                          for i in range(8))
+        demos.import_demonstrations(session, prompt_set=s, data=lines, user=admin, now=utcnow())
+        start_worker(workers)
+        job = training.start_sft_job(session, user_id=admin.id, base_model_id=base.id, prompt_set_ids=[s.id],
+                                     values={"epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "max_length": 96},
+                                     name="tiny-sft-2p", processes=2)
+    done = wait_for(lambda: load_job(job.id).status.finished and load_job(job.id), 240, "the job to end", workers)
+    assert done.status == JobStatus.succeeded, (done.error, done.traceback)
+    with new_session() as session:
+        model = session.get(Model, done.model_id)
+        assert (model.kind, model.name, model.metrics["processes"]) == (ModelKind.sft, "tiny-sft-2p", 2)
+        samples = session.execute(select(ModelSample.stage, ModelSample.prompt_id)
+                                  .where(ModelSample.model_id == model.id)).all()
+    # Each prompt answered once before and once after: rank 0 alone samples and registers.
+    befores, afters = ([p for stage, p in samples if stage == name] for name in ("before", "after"))
+    assert befores and sorted(befores) == sorted(afters) and len(set(befores)) == len(befores)
+    assert not all_training_processes()
 
 
 def test_cancelling_a_running_two_process_job_stops_both_processes(workers, reward_data, api):  # noqa: F811

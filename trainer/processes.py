@@ -137,24 +137,31 @@ class ProcessGroup:
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM to every process of the run (the launcher's process group and the training
-        processes' own), SIGKILL to those left after grace_s; waits for all of them."""
+        processes in their own sessions), SIGKILL to those left after grace_s; waits for them all."""
         self.refresh()
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-        alive = [p for p in self.known.values() if _running(p)]
-        for p in alive:
+        self._signal_group(signal.SIGTERM)
+        others = [p for pid, p in self.known.items() if pid != self.proc.pid and _running(p)]
+        for p in others:
             _signal(p, signal.SIGTERM)
-        _, alive = psutil.wait_procs(alive, timeout=grace_s)
-        for p in alive:
-            _signal(p, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=grace_s)
+        deadline = time.monotonic() + grace_s
+        _, others = psutil.wait_procs(others, timeout=grace_s)
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             pass
+        for p in others:
+            _signal(p, signal.SIGKILL)
+        self._signal_group(signal.SIGKILL)
+        psutil.wait_procs(others, timeout=grace_s)
         self.proc.wait()
+
+    def _signal_group(self, sig: int) -> None:
+        # Only while the launcher is not reaped: until then its id names its group and no other.
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _running(p: psutil.Process) -> bool:
