@@ -135,6 +135,7 @@ def test_a_two_process_reward_run_from_the_api_runs_through_the_worker_with_live
     assert training_processes(worker.pid) == [] and not all_training_processes()
 
 
+@pytest.mark.slow  # about a minute on 2 busy cores
 def test_a_two_process_sft_run_registers_its_model_and_samples_once(workers, committed, tiny_model_dir):  # noqa: F811
     with new_session() as session:
         admin = make_user(session, role=Role.admin)
