@@ -79,6 +79,16 @@ class Settings(BaseSettings):
     def pgdata_path(self) -> Path:
         return self.data_dir / "pgdata"
 
+    def environment(self) -> dict[str, str]:
+        """The settings as the environment variables that set them, for a process this one
+        starts (a job's training processes); secrets and unset values are left out."""
+        out: dict[str, str] = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, SecretStr) and isinstance(field.validation_alias, str):
+                out[field.validation_alias] = str(value)
+        return out
+
     def describe(self) -> dict[str, str]:
         """Settings safe to print: secrets are never shown."""
         out: dict[str, str] = {}

@@ -21,6 +21,17 @@ GPU_QUEUE = "gpu"
 QUEUES = (DEFAULT_QUEUE, GPU_QUEUE)
 RUN_JOB_TASK = "run_job"  # the workers' task (trainer/worker.py) that runs one of our jobs
 
+
+def processes_queue(queue: str, processes: int) -> str:
+    """Where a job of `processes` processes waits: "gpu-2p" for two on the gpu queue (the queue
+    itself for one). A worker listens on these up to the processes it can start (with_processes)."""
+    return queue if processes <= 1 else f"{queue}-{processes}p"
+
+
+def with_processes(queues: list[str], max_processes: int) -> list[str]:
+    """A worker's queues and their multi-process queues up to max_processes."""
+    return [processes_queue(q, n) for q in queues for n in range(1, max(1, max_processes) + 1)]
+
 # Deferring/cancelling on a caller's connection needs a *sync* connector. This
 # one is never opened: every call passes its connection.
 _sync_manager = JobManager(procrastinate.SyncPsycopgConnector())

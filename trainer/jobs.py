@@ -78,7 +78,12 @@ class JobCancelled(Exception):
 
 
 class JobFailed(Exception):
-    """A handler's way to fail with a message fit for the page (no traceback shown)."""
+    """A handler's way to fail with a message fit for the page (no traceback shown).
+    `details` (a job's training processes' output, say) is recorded as its traceback."""
+
+    def __init__(self, message: str, *, details: str | None = None):
+        super().__init__(message)
+        self.details = details
 
 
 @dataclass
@@ -93,6 +98,9 @@ class JobContext:
     is_shutdown: Callable[[], bool] | None = None
     # Check the database at most this often (seconds); progress writes also check.
     cancel_check_interval_s: float = 0.5
+    # False in the processes of a multi-process run other than the first (trainer/job_process.py):
+    # there progress, metrics and set_model do nothing, and nothing is registered (trainer/runs.py).
+    main: bool = True
     model_id: int | None = None
     _last_check: float = field(default=0.0, repr=False)
 
@@ -134,6 +142,8 @@ class JobContext:
         """Progress done/total (also a heartbeat). Pass the session whose
         transaction holds the work just done, so both commit together; the
         caller then commits."""
+        if not self.main:
+            return
         from app.services import jobs
 
         if session is not None:
@@ -144,6 +154,8 @@ class JobContext:
 
     def metrics(self, step: int, values: Mapping[str, float], *, session=None) -> None:
         """Scalars of one step, for the live curves."""
+        if not self.main:
+            return
         from app.services import jobs
 
         if session is not None:
@@ -154,4 +166,5 @@ class JobContext:
 
     def set_model(self, model_id: int) -> None:
         """The model this job produced (recorded with its outcome)."""
-        self.model_id = model_id
+        if self.main:
+            self.model_id = model_id

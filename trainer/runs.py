@@ -18,9 +18,10 @@ from trainer.models import checkpoint_sha256
 
 def fresh_output_dir(ctx: JobContext, prefix: str) -> Path:
     """artifacts/models/<prefix>-job-<id>, emptied: a directory left there belongs to an
-    earlier run of this same job that stopped before registering it."""
+    earlier run of this same job that stopped before registering it. (Only the main process
+    of a multi-process run empties it; the trainers save from that process alone.)"""
     directory = ctx.settings.artifacts_path / "models" / f"{prefix}-job-{ctx.job_id}"
-    if directory.exists():
+    if ctx.main and directory.exists():
         shutil.rmtree(directory)
     return directory
 
@@ -54,7 +55,7 @@ def device_setting(ctx: JobContext, config: Mapping[str, Any]) -> str:
 
 @dataclass
 class Registered:
-    model_id: int
+    model_id: int | None  # None in a multi-process run's other processes: only the main one registers
     name: str
 
 
@@ -63,7 +64,10 @@ def register(ctx: JobContext, *, name: str, kind: ModelKind, output_dir: Path, s
              samples: Sequence[tuple[str, Sequence[Mapping[str, Any]]]] = (),
              sample_prompts: Sequence[models.PromptRow] = ()) -> Registered:
     """Register the checkpoint (a taken name gets the job id appended) and store its
-    samples ((stage, samples) pairs answering sample_prompts), in one transaction."""
+    samples ((stage, samples) pairs answering sample_prompts), in one transaction. In a
+    multi-process run only the main process registers; the others get model_id None."""
+    if not ctx.main:
+        return Registered(None, name)
     artifacts = ctx.settings.artifacts_path
     values = dict(kind=kind, path=models.stored_path(output_dir, artifacts), source=source, parent_id=parent_id,
                   job_id=ctx.job_id, metrics=dict(metrics), sha256=checkpoint_sha256(output_dir),

@@ -85,8 +85,9 @@ def train_sft_job(ctx: JobContext) -> dict[str, Any]:
 
 
 def sample_answers(ctx: JobContext, model_path: str, prompts: list[models.PromptRow]) -> list[dict[str, Any]]:
-    """One seeded sample per prompt (the same seeds for every model), without rewards."""
-    if not prompts:
+    """One seeded sample per prompt (the same seeds for every model), without rewards
+    (none off the main process of a multi-process run: they are only registered from there)."""
+    if not prompts or not ctx.main:
         return []
     from trainer.generate import TransformersSampler, derive_seed
 

@@ -12,6 +12,11 @@ cancelled / queued again. Jobs of dead workers are settled by
 trainer/recovery.py, on every worker (at an interval, even while busy) and by a
 periodic task.
 
+A job whose params ask for several processes runs as a group of training
+processes under `accelerate launch` (trainer/processes.py), watched from the
+same thread. Each worker advertises its devices (app/services/worker_devices.py)
+and listens on the queues of the process counts it can start ("gpu-2p" ...).
+
 Two guards make sure no job runs twice at once:
 1. procrastinate hands a job to one worker (SELECT ... FOR UPDATE SKIP LOCKED);
 2. a run holds a PostgreSQL advisory lock on the job id for its whole duration,
@@ -39,8 +44,9 @@ from procrastinate.retry import BaseRetryStrategy, RetryDecision
 from app import queue
 from app.config import Settings, get_settings
 from app.db.session import get_engine, libpq_url, new_session
-from app.services import jobs
+from app.services import jobs, worker_devices
 from trainer.jobs import JobCancelled, JobContext, JobFailed, resolve_handler
+from trainer.processes import Devices, local_devices, run_processes
 from trainer.recovery import Recovery, recover_stalled_jobs
 
 log = logging.getLogger(__name__)
@@ -137,10 +143,15 @@ def execute_job(job_id: int, *, queue_context: procrastinate.JobContext | None =
             is_shutdown=(lambda: queue_context.abort_reason() == AbortReason.SHUTDOWN)
             if queue_context else None,
         )
-        log.info("job %s (%s) started on %s", job_id, kind.value, name)
+        processes = int(params.get("processes") or 1)
+        log.info("job %s (%s, %d process%s) started on %s", job_id, kind.value, processes,
+                 "es" if processes > 1 else "", name)
         try:
             ctx.check_cancelled(force=True)
-            result = resolve_handler(kind)(ctx)
+            if processes > 1:
+                result = run_processes(ctx, processes, local_devices(settings.device))
+            else:
+                result = resolve_handler(kind)(ctx)
         except JobCancelled as exc:
             with new_session() as session:
                 if exc.shutdown:
@@ -152,7 +163,8 @@ def execute_job(job_id: int, *, queue_context: procrastinate.JobContext | None =
             raise pq_exceptions.JobAborted(exc.reason) from None
         except JobFailed as exc:
             with new_session() as session:
-                jobs.mark_failed(session, job_id=job_id, error=str(exc), traceback=traceback.format_exc())
+                jobs.mark_failed(session, job_id=job_id, error=str(exc),
+                                 traceback=exc.details or traceback.format_exc())
             log.warning("job %s failed: %s", job_id, exc)
             raise
         except Exception as exc:
@@ -186,6 +198,33 @@ async def _recovery_loop(settings: Settings) -> None:
         await asyncio.sleep(settings.worker_recovery_interval_s)
 
 
+def _advertise(queues: Sequence[str] | None, devices: Devices) -> None:
+    with new_session() as session:
+        worker_devices.advertise(session, worker=worker_name(), queues=list(queues or []),
+                                 cuda_devices=devices.cuda, cpu_count=devices.cpu_count,
+                                 memory_bytes=devices.memory_bytes, max_processes=devices.max_processes)
+
+
+def _seen() -> None:
+    with new_session() as session:
+        worker_devices.seen(session, worker=worker_name())
+
+
+def _forget() -> None:
+    with new_session() as session:
+        worker_devices.forget(session, worker=worker_name())
+
+
+async def _devices_loop(settings: Settings) -> None:
+    """Say at every heartbeat that this worker (its advertised devices) is alive."""
+    while True:
+        await asyncio.sleep(settings.worker_heartbeat_s)
+        try:
+            await asyncio.to_thread(_seen)
+        except Exception:
+            log.exception("could not record this worker's heartbeat; trying again")
+
+
 def _make_worker(settings: Settings, queues: Sequence[str] | None, concurrency: int,
                  install_signal_handlers: bool) -> pq_worker.Worker:
     return pq_worker.Worker(
@@ -206,18 +245,25 @@ def _make_worker(settings: Settings, queues: Sequence[str] | None, concurrency: 
 
 async def _serve(settings: Settings, queues: Sequence[str] | None, concurrency: int,
                  install_signal_handlers: bool, on_ready=None) -> None:
+    devices = await asyncio.to_thread(local_devices, settings.device)
+    if queues:  # and the queues of the multi-process jobs it can start
+        queues = queue.with_processes(list(queues), devices.max_processes)
     connector = procrastinate.PsycopgConnector(conninfo=_database_url(), min_size=1, max_size=concurrency + 4)
     with app.replace_connector(connector):
         async with app.open_async():
             worker = _make_worker(settings, queues, concurrency, install_signal_handlers)
-            recovery = asyncio.create_task(_recovery_loop(settings), name="recover_stalled_jobs")
+            await asyncio.to_thread(_advertise, queues, devices)
+            loops = [asyncio.create_task(_recovery_loop(settings), name="recover_stalled_jobs"),
+                     asyncio.create_task(_devices_loop(settings), name="worker_devices")]
             if on_ready is not None:
                 on_ready(worker, asyncio.get_running_loop())
             try:
                 await worker.run()
             finally:
-                recovery.cancel()
-                await asyncio.gather(recovery, return_exceptions=True)
+                for task in loops:
+                    task.cancel()
+                await asyncio.gather(*loops, return_exceptions=True)
+                await asyncio.to_thread(_forget)
 
 
 def run_worker(settings: Settings, queues: Sequence[str] | None = None, concurrency: int = 1) -> None:

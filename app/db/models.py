@@ -687,3 +687,24 @@ class JobMetric(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "name", "step"),
     )
+
+
+class WorkerDevices(Base):
+    """What a running worker can run: its queues and devices, written when it starts and
+    touched at every heartbeat (seen_at), removed when it stops. The training forms read
+    it to offer multi-process runs; a row not seen for a while is a dead worker's."""
+
+    __tablename__ = "worker_devices"
+
+    worker: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid, as jobs.worker
+    queues: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
+    # One {"name", "memory_bytes"} per CUDA device (none on a CPU-only machine).
+    cuda_devices: Mapped[list[Any]] = mapped_column(default=list, server_default=sql("'[]'"))
+    cpu_count: Mapped[int]
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    # The most processes one job may start here: the GPUs, or the CPUs without CUDA.
+    max_processes: Mapped[int]
+    started_at: Mapped[datetime] = created_at_column()
+    seen_at: Mapped[datetime] = created_at_column()
+
+    __table_args__ = (Index("ix_worker_devices_seen_at", "seen_at"),)

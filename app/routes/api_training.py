@@ -42,7 +42,8 @@ def settings(user: EngineerUser):
 @router.post("/sft", response_model=JobOut, status_code=status.HTTP_201_CREATED, responses=_422)
 def start_sft(body: SFTRunIn, session: SessionDep, user: EngineerUser):
     job = training.start_sft_job(session, user_id=user.id, base_model_id=body.base_model_id,
-                                 prompt_set_ids=body.prompt_set_ids, values=body.config, name=body.name)
+                                 prompt_set_ids=body.prompt_set_ids, values=body.config, name=body.name,
+                                 processes=body.processes)
     return job_out(job)
 
 
@@ -51,7 +52,7 @@ def start_reward(body: RewardRunIn, session: SessionDep, user: EngineerUser):
     job = training.start_reward_job(session, user_id=user.id, values=body.config,
                                     base_model_id=body.base_model_id, prompt_set_ids=body.prompt_set_ids,
                                     labeler_ids=body.labeler_ids, include_imported=body.include_imported,
-                                    name=body.name)
+                                    name=body.name, processes=body.processes)
     return job_out(job)
 
 
@@ -60,7 +61,7 @@ def start_ppo(body: PPORunIn, session: SessionDep, user: EngineerUser):
     job = training.start_ppo_job(session, user_id=user.id, values=body.config,
                                  policy_model_id=body.policy_model_id, reference_model_id=body.reference_model_id,
                                  reward_model_id=body.reward_model_id, prompt_set_ids=body.prompt_set_ids,
-                                 sft_set_ids=body.sft_set_ids, name=body.name)
+                                 sft_set_ids=body.sft_set_ids, name=body.name, processes=body.processes)
     return job_out(job)
 
 

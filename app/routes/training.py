@@ -14,7 +14,8 @@ from starlette.responses import Response
 from app.db.enums import JobKind, ModelKind
 from app.routes.deps import EngineerUser, SessionDep
 from app.services import demonstrations as demos
-from app.services import jobs, models, training
+from app import queue
+from app.services import jobs, models, training, worker_devices
 from app.services.errors import Invalid
 from app.services.prompt_sets import GENERATOR_KINDS
 from app.services.run_settings import form_values, submitted_settings
@@ -69,20 +70,21 @@ class RunForm:
 
 # ---- supervised fine-tuning --------------------------------------------------------
 
-SFT_CHOICES = ("base_model_id", "prompt_set_ids", "name")
+SFT_CHOICES = ("base_model_id", "prompt_set_ids", "name", "processes")
 
 
 def _sft_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
     sets = demos.demonstration_sets(session, include_archived=True)
     bases = models.models_of(session, GENERATOR_KINDS)
     default_form = form_values(training.SFT_SETTINGS) | {
-        "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "name": "",
+        "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "name": "", "processes": "1",
     }
     return {
         "form": default_form | (form or {}), "form_errors": {},
         "models": bases, "sets": sets, "accepted": training.accepted_counts(session, [s.id for s in sets]),
         "settings": training.SFT_SETTINGS, "runs": jobs.list_jobs(session, kind=JobKind.train_sft, limit=20),
         "sft_models": models.sft_models(session),
+        "processes_offered": worker_devices.most_processes(session, queue.GPU_QUEUE),
     }
 
 
@@ -103,7 +105,7 @@ def start_sft(request: Request, session: SessionDep, user: EngineerUser, data: F
 
 # ---- reward model -----------------------------------------------------------------
 
-REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "include_imported", "name")
+REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "include_imported", "name", "processes")
 
 
 def _reward_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -111,12 +113,13 @@ def _reward_context(session, *, form: dict[str, Any] | None = None) -> dict[str,
     sets = training.ranking_sets(session)
     default_form = form_values(training.REWARD_SETTINGS) | {
         "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "labeler_ids": [], "include_imported": "yes",
-        "name": ""}
+        "name": "", "processes": "1"}
     return {
         "form": default_form | (form or {}), "form_errors": {},
         "bases": bases, "sets": sets, "counts": training.annotation_counts(session, [s.id for s in sets]),
         "labelers": training.labelers_with_annotations(session), "settings": training.REWARD_SETTINGS,
         "runs": jobs.list_jobs(session, kind=JobKind.train_reward, limit=20),
+        "processes_offered": worker_devices.most_processes(session, queue.GPU_QUEUE),
     }
 
 
@@ -137,7 +140,8 @@ def start_reward(request: Request, session: SessionDep, user: EngineerUser, data
 
 # ---- PPO ---------------------------------------------------------------------------
 
-PPO_CHOICES = ("policy_model_id", "reference_model_id", "reward_model_id", "prompt_set_ids", "sft_set_ids", "name")
+PPO_CHOICES = ("policy_model_id", "reference_model_id", "reward_model_id", "prompt_set_ids", "sft_set_ids", "name",
+               "processes")
 
 
 def _ppo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -148,13 +152,14 @@ def _ppo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, An
     default_form = form_values(training.PPO_SETTINGS) | {
         "policy_model_id": str(policies[0].id) if policies else "", "reference_model_id": "",
         "reward_model_id": str(default_reward.id) if default_reward else "", "prompt_set_ids": [],
-        "sft_set_ids": [], "name": ""}
+        "sft_set_ids": [], "name": "", "processes": "1"}
     return {
         "form": default_form | (form or {}), "form_errors": {},
         "policies": policies, "rewards": rewards, "sets": sets,
         "sft_sets": demos.demonstration_sets(session, include_archived=True),
         "rl_counts": training.ppo_prompt_counts(session, [s.id for s in sets]), "settings": training.PPO_SETTINGS,
         "runs": jobs.list_jobs(session, kind=JobKind.train_ppo, limit=20),
+        "processes_offered": worker_devices.most_processes(session, queue.GPU_QUEUE),
     }
 
 

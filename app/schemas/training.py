@@ -19,6 +19,8 @@ class RewardRunIn(BaseModel):
     # Train on the sets' imported preference data (annotations of a source) too.
     include_imported: bool = True
     name: Text | None = None
+    # Training processes (GPUs; CPU processes on a worker without CUDA), up to what a running worker offers.
+    processes: int = 1
     config: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -34,6 +36,8 @@ class PPORunIn(BaseModel):
     reward_model_id: Id | None = None
     sft_set_ids: list[Id] = Field(default_factory=list)
     name: Text | None = None
+    # Training processes (GPUs; CPU processes on a worker without CUDA), up to what a running worker offers.
+    processes: int = 1
     config: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -75,6 +79,8 @@ class SFTRunIn(BaseModel):
     prompt_set_ids: list[Id]
     base_model_id: Id | None = None
     name: Text | None = None
+    # Training processes (GPUs; CPU processes on a worker without CUDA), up to what a running worker offers.
+    processes: int = 1
     config: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app import queue
 from app.db.enums import DemonstrationStatus, JobKind, ModelKind, PromptSetKind, PromptSetStatus, Split
 from app.db.models import Annotation, Demonstration, Job, Model, Prompt, PromptSet, Response, Task, User
-from app.services import export, models
+from app.services import export, models, worker_devices
 from app.services.errors import raise_for_fields
 from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model
@@ -134,10 +134,10 @@ def _name(errors: dict[str, str], session: Session, raw: Any) -> str | None:
 
 
 def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: Iterable[Any],
-                     values: Mapping[str, Any], name: str | None = None,
-                     flags_from_form: bool = False) -> dict[str, Any]:
+                     values: Mapping[str, Any], name: str | None = None, processes: Any = None,
+                     queue_name: str = queue.GPU_QUEUE, flags_from_form: bool = False) -> dict[str, Any]:
     """Check a run's settings and data; the job's parameters. Raises Invalid with a
-    message per field (base_model_id, prompt_set_ids, epochs, learning_rate ...)."""
+    message per field (base_model_id, prompt_set_ids, processes, epochs, learning_rate ...)."""
     reject_unknown(values, SFTConfig)
     errors: dict[str, str] = {}
     # base model
@@ -176,27 +176,32 @@ def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: It
     # settings
     config = clean_config(values, SFTConfig, errors, flags_from_form=flags_from_form)
     clean_name = _name(errors, session, name)
+    count = worker_devices.clean_processes(errors, session, processes, queue_name)
     raise_for_fields(errors)
     assert model is not None
-    return {"base_model_id": model.id, "prompt_set_ids": set_ids, "name": clean_name, "config": config}
+    return {"base_model_id": model.id, "prompt_set_ids": set_ids, "name": clean_name, "processes": count,
+            "config": config}
 
 
 def start_sft_job(session: Session, *, user_id: int | None, base_model_id: Any, prompt_set_ids: Iterable[Any],
-                  values: Mapping[str, Any], name: str | None = None, queue_name: str = queue.GPU_QUEUE,
-                  flags_from_form: bool = False) -> Job:
+                  values: Mapping[str, Any], name: str | None = None, processes: Any = None,
+                  queue_name: str = queue.GPU_QUEUE, flags_from_form: bool = False) -> Job:
     """Queue a train_sft job on the accepted demonstrations of the sets. Raises Invalid
     per field (nothing is queued then). Commits."""
     params = clean_sft_params(session, base_model_id=base_model_id, prompt_set_ids=prompt_set_ids,
-                              values=values, name=name, flags_from_form=flags_from_form)
+                              values=values, name=name, processes=processes, queue_name=queue_name,
+                              flags_from_form=flags_from_form)
     return _enqueue_run(session, JobKind.train_sft, params, user_id=user_id, queue_name=queue_name)
 
 
 def _enqueue_run(session: Session, kind: JobKind, params: dict[str, Any], *, user_id: int | None,
                  queue_name: str) -> Job:
-    """Queue a training run on the checked params; a run on one set is filed under that set."""
+    """Queue a training run on the checked params; a run on one set is filed under that set, a run
+    of several processes waits on the queue of the workers that can start them."""
     sets = params["prompt_set_ids"]
     return enqueue_job(session, kind=kind, params=params, created_by_id=user_id,
-                       prompt_set_id=sets[0] if len(sets) == 1 else None, queue=queue_name)
+                       prompt_set_id=sets[0] if len(sets) == 1 else None,
+                       queue=queue.processes_queue(queue_name, params.get("processes", 1)))
 
 
 def _ranking_data(errors: dict[str, str], session: Session, prompt_set_ids: Any, labeler_ids: Any,
@@ -228,9 +233,10 @@ def _ranking_data(errors: dict[str, str], session: Session, prompt_set_ids: Any,
 
 def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_model_id: Any = None,
                         prompt_set_ids: Any = None, labeler_ids: Any = None, name: Any = None,
-                        include_imported: Any = True, flags_from_form: bool = False) -> dict[str, Any]:
+                        include_imported: Any = True, processes: Any = None, queue_name: str = queue.GPU_QUEUE,
+                        flags_from_form: bool = False) -> dict[str, Any]:
     """Check a reward-model run; the job's parameters. Raises Invalid with a message per
-    field (base_model_id, prompt_set_ids, labeler_ids, include_imported, name and each setting)."""
+    field (base_model_id, prompt_set_ids, labeler_ids, include_imported, name, processes and each setting)."""
     reject_unknown(values, RewardConfig)
     errors: dict[str, str] = {}
     base = models.choose_model(errors, session, "base_model_id", base_model_id, GENERATOR_KINDS,
@@ -238,10 +244,11 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
     set_ids, user_ids, imported = _ranking_data(errors, session, prompt_set_ids, labeler_ids, include_imported)
     config = clean_config(values, RewardConfig, errors, flags_from_form=flags_from_form)
     clean_name = _name(errors, session, name)
+    count = worker_devices.clean_processes(errors, session, processes, queue_name)
     raise_for_fields(errors)
     assert base is not None
     return {"base_model_id": base.id, "prompt_set_ids": set_ids, "labeler_ids": user_ids or None,
-            "include_imported": imported, "name": clean_name, "config": config}
+            "include_imported": imported, "name": clean_name, "processes": count, "config": config}
 
 
 def _yes_no(errors: dict[str, str], field: str, raw: Any) -> bool | None:
@@ -259,7 +266,8 @@ def _yes_no(errors: dict[str, str], field: str, raw: Any) -> bool | None:
 
 def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_model_id: Any = None,
                      reference_model_id: Any = None, reward_model_id: Any = None, prompt_set_ids: Any = None,
-                     sft_set_ids: Any = None, name: Any = None, flags_from_form: bool = False) -> dict[str, Any]:
+                     sft_set_ids: Any = None, name: Any = None, processes: Any = None,
+                     queue_name: str = queue.GPU_QUEUE, flags_from_form: bool = False) -> dict[str, Any]:
     """Check a PPO run; the job's parameters. Prompts are the rl split of the chosen sets;
     the reference defaults to the policy (frozen copy). Raises Invalid per field."""
     reject_unknown(values, PPOConfig)
@@ -283,23 +291,29 @@ def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_mode
     if isinstance(ptx, float) and ptx > 0 and not sft_ids and "sft_set_ids" not in errors:
         errors["sft_set_ids"] = "a pretraining-loss coefficient above 0 needs demonstration sets"
     clean_name = _name(errors, session, name)
+    count = worker_devices.clean_processes(errors, session, processes, queue_name)
+    if count > 1 and "processes" not in errors:
+        for field in ("batch_size", "mini_batch_size"):  # each process takes an equal share of every batch
+            if isinstance(config.get(field), int) and config[field] % count and field not in errors:
+                errors[field] = f"must be a multiple of the {count} processes"
     raise_for_fields(errors)
     assert policy is not None and reference is not None and reward is not None
     return {"policy_model_id": policy.id, "reference_model_id": reference.id, "reward_model_id": reward.id,
-            "prompt_set_ids": set_ids, "sft_set_ids": sft_ids, "name": clean_name, "config": config}
+            "prompt_set_ids": set_ids, "sft_set_ids": sft_ids, "name": clean_name, "processes": count,
+            "config": config}
 
 
 def start_reward_job(session: Session, *, user_id: int | None, values: Mapping[str, Any],
                      queue_name: str = queue.GPU_QUEUE, **choices: Any) -> Job:
     """Queue a train_reward job (see clean_reward_params). Commits; nothing is queued on Invalid."""
-    params = clean_reward_params(session, values=values, **choices)
+    params = clean_reward_params(session, values=values, queue_name=queue_name, **choices)
     return _enqueue_run(session, JobKind.train_reward, params, user_id=user_id, queue_name=queue_name)
 
 
 def start_ppo_job(session: Session, *, user_id: int | None, values: Mapping[str, Any],
                   queue_name: str = queue.GPU_QUEUE, **choices: Any) -> Job:
     """Queue a train_ppo job (see clean_ppo_params). Commits; nothing is queued on Invalid."""
-    params = clean_ppo_params(session, values=values, **choices)
+    params = clean_ppo_params(session, values=values, queue_name=queue_name, **choices)
     return _enqueue_run(session, JobKind.train_ppo, params, user_id=user_id, queue_name=queue_name)
 
 
