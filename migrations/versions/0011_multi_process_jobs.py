@@ -4,7 +4,7 @@ A worker records its queues, CUDA devices (name and memory each), CPU count,
 RAM and the most processes one job may start on it; the training forms check a
 run's `processes` against the live workers' figures.
 
-Revision ID: 0017
+Revision ID: 0011
 Revises: 0010
 Create Date: 2026-11-26 13:00:00.000000
 """
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = '0017'
+revision: str = '0011'
 down_revision: str | None = '0010'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
