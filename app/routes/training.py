@@ -103,7 +103,7 @@ def start_sft(request: Request, session: SessionDep, user: EngineerUser, data: F
 
 # ---- reward model -----------------------------------------------------------------
 
-REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "include_imported", "name")
+REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "include_imported", "include_ai", "name")
 
 
 def _reward_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def _reward_context(session, *, form: dict[str, Any] | None = None) -> dict[str,
     sets = training.ranking_sets(session)
     default_form = form_values(training.REWARD_SETTINGS) | {
         "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "labeler_ids": [], "include_imported": "yes",
-        "name": ""}
+        "include_ai": "no", "name": ""}
     return {
         "form": default_form | (form or {}), "form_errors": {},
         "bases": bases, "sets": sets, "counts": training.annotation_counts(session, [s.id for s in sets]),

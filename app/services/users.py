@@ -7,7 +7,7 @@ from datetime import datetime
 
 from pwdlib import PasswordHash
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from app.db.enums import AssignmentStatus, Role
 from app.db.models import Assignment, User
@@ -55,7 +55,7 @@ def get_user_by_name(session: Session, username: str) -> User | None:
 
 
 def list_users(session: Session, *, role: Role | None = None) -> Sequence[User]:
-    query = select(User).order_by(User.username)
+    query = select(User).order_by(User.username).options(selectinload(User.judge_model))
     if role is not None:
         query = query.where(User.role == role)
     return session.scalars(query).all()
@@ -86,6 +86,8 @@ def create_user(session: Session, *, username: str, password: str, role: Role | 
 def set_password(session: Session, *, user: User, password: str) -> None:
     """Reset user's password (an admin or the CLI): every session of theirs ends
     and their API tokens are revoked, since whoever had the old password may hold them."""
+    if user.is_ai:
+        raise Conflict(f"'{user.username}' is an AI labeler: it has no password and never signs in.")
     check_password_rules(password)
     user.password_hash = hash_password(password)
     revoke_sessions(session, user=user, api_tokens=True)
