@@ -131,7 +131,9 @@ def test_reward_model_ai_labeler_agrees_with_rule_following_humans_and_fills_no_
         figures = compute_set_agreement(session, prompt_set_id=ids["set"])
         ai_row = next(f for f in figures.labelers if f.user_id == ids["ai"])
         assert ai_row.ai and ai_row.consensus_agreement > 0.8 and ai_row.consensus_pairs >= 40
-        assert figures.annotations == 24 and figures.pairwise_agreement == 1.0
+        human_pairs = sum(training.ranked_pairs(group.ranks) for group in groups[:12])
+        assert (figures.annotations, figures.pairwise_pairs, figures.pairwise_agreement) == (24, human_pairs, 1.0)
+        assert figures.alpha_ratings == pytest.approx(1.0)  # the AI's neutral ratings are not in it
         # Training takes it only when asked.
         without = [a for part in training.reward_data(session, [ids["set"]]) for a in part]
         with_ai = [a for part in training.reward_data(session, [ids["set"]], include_ai=True) for a in part]
