@@ -103,8 +103,9 @@ def _ranking_set(session: Session, prompt_set_id: int) -> PromptSet:
 
 def update_ai_settings(session: Session, *, prompt_set_id: int, principles: Any = None,
                        pre_annotator_id: Any = None) -> PromptSet:
-    """Set a ranking set's principles (text) and pre-annotator (an AI labeler's id; empty: off).
-    Raises NotFound, Conflict (not a ranking set), Invalid (principles, pre_annotator_id)."""
+    """Replace a ranking set's principles (text; None: none) and pre-annotator (an AI labeler's
+    id; None or empty: off), both at once. Raises NotFound, Conflict (not a ranking set),
+    Invalid (principles, pre_annotator_id)."""
     prompt_set = _ranking_set(session, prompt_set_id)
     errors: dict[str, str] = {}
     text_value = principles if isinstance(principles, str) else ""

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import queue
-from app.db.enums import DemonstrationStatus, JobKind, ModelKind, PromptSetKind, PromptSetStatus, Split
+from app.db.enums import DemonstrationStatus, JobKind, ModelKind, PromptSetKind, PromptSetStatus, Split, UserKind
 from app.db.models import Annotation, Demonstration, Job, Model, Prompt, PromptSet, Response, Task, User
 from app.services import export, models
 from app.services.errors import raise_for_fields
@@ -60,13 +60,15 @@ def accepted_counts(session: Session, prompt_set_ids: Iterable[int]) -> dict[int
 
 
 def labelers_with_annotations(session: Session, prompt_set_ids: Sequence[int] | None = None) -> list[tuple[User, int]]:
-    """(labeler, included annotations) of the ranking sets (all of them when None)."""
+    """(labeler, included annotations) of the ranking sets (all of them when None); human
+    labelers only (AI labelers' annotations are chosen with include_ai)."""
     query = (
         select(User, func.count(Annotation.id))
         .join(Annotation, Annotation.user_id == User.id)
         .join(Task, Task.id == Annotation.task_id)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
-        .where(Annotation.excluded.is_(False), Task.is_gold.is_(False), PromptSet.kind == PromptSetKind.ranking)
+        .where(Annotation.excluded.is_(False), Task.is_gold.is_(False), PromptSet.kind == PromptSetKind.ranking,
+               User.kind == UserKind.human)
         .group_by(User.id).order_by(User.username)
     )
     if prompt_set_ids is not None:
