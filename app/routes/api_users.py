@@ -36,7 +36,7 @@ def update_user(user_id: Id, body: UserUpdate, session: SessionDep, admin: Admin
     user = users.get_user(session, user_id)
     # Both changes are checked before either is stored: nothing half-written.
     if body.password is not None:
-        users.check_password_rules(body.password)
+        users.check_new_password(user, body.password)
     if body.is_active is not None:
         users.set_active(session, user=user, active=body.is_active, by=admin)
     if body.password is not None:

@@ -30,6 +30,11 @@ exported and counted on the quality page.
 
 A form carries a one-time idempotency key: a double click or a retry with the
 same key finds the stored annotation and returns it instead of storing twice.
+
+AI labelers (app/services/ai_labelers) submit through submit_unleased: the same
+checks and rows, no lease, not counted on the task. On a set with pre-annotation
+a labeler's submission records whether the AI's ranking was pre-filled
+(prefill_arm: a fixed half of the tasks) and whether the labeler changed it.
 """
 
 import hashlib

@@ -42,6 +42,14 @@ def check_password_rules(password: str) -> None:
         )
 
 
+def check_new_password(user: User, password: str) -> None:
+    """Whether `password` may become the user's: raises Conflict for an AI labeler (it has
+    no password and never signs in), Invalid for a password too short."""
+    if user.is_ai:
+        raise Conflict(f"'{user.username}' is an AI labeler: it has no password and never signs in.")
+    check_password_rules(password)
+
+
 def get_user(session: Session, user_id: int) -> User:
     """The user with this id; raises NotFound."""
     user = session.get(User, user_id)
@@ -86,9 +94,7 @@ def create_user(session: Session, *, username: str, password: str, role: Role | 
 def set_password(session: Session, *, user: User, password: str) -> None:
     """Reset user's password (an admin or the CLI): every session of theirs ends
     and their API tokens are revoked, since whoever had the old password may hold them."""
-    if user.is_ai:
-        raise Conflict(f"'{user.username}' is an AI labeler: it has no password and never signs in.")
-    check_password_rules(password)
+    check_new_password(user, password)
     user.password_hash = hash_password(password)
     revoke_sessions(session, user=user, api_tokens=True)
     session.commit()
