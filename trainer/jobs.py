@@ -41,6 +41,7 @@ HANDLERS: dict[JobKind, Handler | str] = {
     JobKind.train_dpo: "trainer.dpo_job:train_dpo_job",
     JobKind.best_of_n: "trainer.best_of_n_job:best_of_n_job",
     JobKind.eval_figures: "trainer.eval_figures_job:eval_figures_job",
+    JobKind.ai_label: "trainer.ai_label_job:ai_label_job",
 }
 
 

@@ -9,6 +9,11 @@ class Role(StrEnum):
     engineer = "engineer"
 
 
+class UserKind(StrEnum):
+    human = "human"
+    ai = "ai"  # an AI labeler: its annotations come from ai_label jobs; it never signs in
+
+
 class PromptSetKind(StrEnum):
     ranking = "ranking"
     demonstration = "demonstration"

@@ -30,6 +30,7 @@ from app.db.enums import (
     ReviewDecision,
     Role,
     Split,
+    UserKind,
     VoteOutcome,
     VoteStrength,
 )
@@ -45,6 +46,13 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[Role] = mapped_column(str_enum(Role, "role"))
+    # human, or ai: an AI labeler (app/services/ai_labelers), whose annotations an
+    # ai_label job writes with its judge model; it never signs in.
+    kind: Mapped[UserKind] = mapped_column(str_enum(UserKind, "user_kind"), default=UserKind.human,
+                                           server_default=UserKind.human.value)
+    # An AI labeler's judge: a reward model (ranks by score) or an SFT/policy model
+    # (compares pairs under the set's principles).
+    judge_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"))
     password_hash: Mapped[str] = mapped_column(String(255))
     is_active: Mapped[bool] = mapped_column(default=True, server_default=sql("true"))
     created_at: Mapped[datetime] = created_at_column()
@@ -52,10 +60,16 @@ class User(Base):
 
     api_tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")
     sessions: Mapped[list["UserSession"]] = relationship(back_populates="user", passive_deletes=True)
+    judge_model: Mapped["Model | None"] = relationship()
 
     __table_args__ = (
         CheckConstraint("username ~ '^[A-Za-z0-9_.@-]{2,64}$'", name="username_format"),
+        CheckConstraint("(kind = 'ai') = (judge_model_id IS NOT NULL)", name="ai_has_judge"),
     )
+
+    @property
+    def is_ai(self) -> bool:
+        return self.kind == UserKind.ai
 
     def can(self, *roles: Role) -> bool:
         """Admins can do everything; others only what their role allows."""
@@ -200,6 +214,12 @@ class PromptSet(Base):
     # Partial rankings: labelers rank only the best top_k responses, the rest are tied
     # last (app/services/annotations). None: every response is ranked.
     top_k: Mapped[int | None]
+    # The written principles an AI labeler's judge model compares responses by
+    # (Constitutional AI), after the set's instructions.
+    principles: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # Pre-annotation: this AI labeler's ranking is pre-filled on the labeling page (on a
+    # random half of the tasks, app/services/ai_labelers.prefill_arm). None: off.
+    pre_annotator_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     status: Mapped[PromptSetStatus] = mapped_column(
         str_enum(PromptSetStatus, "prompt_set_status"), default=PromptSetStatus.draft
     )
@@ -208,6 +228,7 @@ class PromptSet(Base):
 
     generator_model: Mapped[Model | None] = relationship()
     prompts: Mapped[list["Prompt"]] = relationship(back_populates="prompt_set")
+    pre_annotator: Mapped[User | None] = relationship(foreign_keys=[pre_annotator_id])
 
     __table_args__ = (
         CheckConstraint("k BETWEEN 2 AND 9", name="k_range"),
@@ -432,6 +453,11 @@ class Annotation(Base):
     # comparisons; the reason is required.
     all_bad: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
     all_bad_reason: Mapped[str | None] = mapped_column(String(500))
+    # Pre-annotation study (app/services/ai_labelers): on a set with a pre-annotator,
+    # whether its ranking was pre-filled for this labeler (None: the set had none, or
+    # the AI had not labeled the task) and, when shown, whether the labeler changed it.
+    prefill_shown: Mapped[bool | None]
+    prefill_changed: Mapped[bool | None]
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = created_at_column()
 
@@ -452,6 +478,7 @@ class Annotation(Base):
         CheckConstraint("top_k IS NULL OR top_k >= 1", name="top_k_positive"),
         CheckConstraint("all_bad = (all_bad_reason IS NOT NULL)", name="all_bad_has_reason"),
         CheckConstraint("NOT (all_bad AND top_k IS NOT NULL)", name="all_bad_not_ranked"),
+        CheckConstraint("prefill_changed IS NULL OR prefill_shown", name="prefill_changed_if_shown"),
     )
 
 

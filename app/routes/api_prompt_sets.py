@@ -9,7 +9,11 @@ from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
 from app.routes.uploads import ImportPayload, PreferencePayload, read_import_payload, read_preference_payload
 from app.schemas.common import Id, problem_response
+from app.schemas.jobs import JobOut, job_out
 from app.schemas.prompt_sets import (
+    AILabelRunIn,
+    AISettingsIn,
+    AISettingsOut,
     ImportResultOut,
     PreferenceImportBody,
     PreferenceImportResultOut,
@@ -19,7 +23,7 @@ from app.schemas.prompt_sets import (
     PromptSetUpdate,
     prompt_set_out,
 )
-from app.services import preference_import, prompt_import, prompt_sets
+from app.services import ai_labelers, preference_import, prompt_import, prompt_sets
 
 router = APIRouter(prefix="/prompt-sets", tags=["prompt sets"])
 
@@ -149,3 +153,18 @@ def resume_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
 @router.post("/{prompt_set_id}/archive", response_model=PromptSetOut)
 def archive_prompt_set(prompt_set_id: Id, session: SessionDep, admin: AdminUser):
     return _change(session, prompt_set_id, prompt_sets.archive_prompt_set)
+
+
+@router.put("/{prompt_set_id}/ai-settings", response_model=AISettingsOut)
+def update_ai_settings(prompt_set_id: Id, body: AISettingsIn, session: SessionDep, admin: AdminUser):
+    """Principles for AI labelers' judge models, and pre-annotation (see the README, "AI labelers")."""
+    return ai_labelers.update_ai_settings(session, prompt_set_id=prompt_set_id, principles=body.principles,
+                                          pre_annotator_id=body.pre_annotator_id)
+
+
+@router.post("/{prompt_set_id}/ai-label", response_model=JobOut, status_code=status.HTTP_201_CREATED)
+def start_ai_label(prompt_set_id: Id, body: AILabelRunIn, session: SessionDep, admin: AdminUser):
+    """Queue an ai_label job: the AI labeler ranks the set's tasks."""
+    job = ai_labelers.start_ai_label_job(session, prompt_set_id=prompt_set_id, ai_user_id=body.ai_user_id,
+                                         scope=body.scope, created_by_id=admin.id)
+    return job_out(job)

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from app.routes.deps import AdminUser, SessionDep
 from app.routes.exports import ExportPlan, meta_response, stream
 from app.schemas.common import Id
-from app.services import labelers
+from app.services import ai_labelers, labelers
 from app.services.agreement import SetAgreement, compute_set_agreement
 from app.services.progress import SetProgress, set_progress
 from app.services.prompt_sets import get_prompt_set
@@ -22,6 +22,13 @@ def agreement(session: SessionDep, admin: AdminUser, prompt_set_id: Id):
     (conventions: app/services/agreement.py)."""
     get_prompt_set(session, prompt_set_id)
     return compute_set_agreement(session, prompt_set_id=prompt_set_id)
+
+
+@router.get("/prefill-study", response_model=ai_labelers.PrefillStudy)
+def prefill_study(session: SessionDep, admin: AdminUser, prompt_set_id: Id):
+    """The pre-annotation study: labelers' mean time, changes of the pre-fill and agreement with
+    the AI labeler, on tasks with and without its ranking shown."""
+    return ai_labelers.prefill_study(session, prompt_set_id=prompt_set_id)
 
 
 @router.get("/progress", response_model=SetProgress)

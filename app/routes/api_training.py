@@ -52,7 +52,7 @@ def start_reward(body: RewardRunIn, session: SessionDep, user: EngineerUser):
     job = training.start_reward_job(session, user_id=user.id, values=body.config,
                                     base_model_id=body.base_model_id, prompt_set_ids=body.prompt_set_ids,
                                     labeler_ids=body.labeler_ids, include_imported=body.include_imported,
-                                    name=body.name, processes=body.processes)
+                                    include_ai=body.include_ai, name=body.name, processes=body.processes)
     return job_out(job)
 
 

@@ -30,11 +30,13 @@ LabelFormDep = Annotated[LabelForm, Depends(read_label_form)]
 
 def _context(session, user: User, now: datetime, *, task: Task | None, lease: Assignment | None = None,
              form: LabelForm | None = None, values: dict[str, Any] | None = None, refused: bool = False,
+             prefilled: bool = False,
              editing: Annotation | None = None, notice: str | None = None,
              notice_warnings: list[str] | None = None,
              counts: annotations.LabelerCounts | None = None) -> dict[str, Any]:
     """The task card's context. `refused`: the form comes back after a refusal, keeping
-    its idempotency key and start time."""
+    its idempotency key and start time. `prefilled`: `values` hold an AI labeler's ranking
+    (pre-annotation, app/services/annotations.prefill_values)."""
     values = values or (form.values() if form else {})
     context: dict[str, Any] = {
         "task": task, "lease": lease, "editing": editing,
@@ -43,7 +45,7 @@ def _context(session, user: User, now: datetime, *, task: Task | None, lease: As
                    "all_bad": False, "all_bad_reason": "", "skip_reason": "", "skip_reason_other": "",
                    "vote": "", "strength": ""} | values,
         "errors": {}, "error": None,
-        "notice": notice, "notice_warnings": notice_warnings or [],
+        "notice": notice, "notice_warnings": notice_warnings or [], "prefilled": prefilled,
         "response_flags": annotations.RESPONSE_FLAGS, "prompt_flag_choices": annotations.PROMPT_FLAGS,
         "likert_labels": annotations.LIKERT_LABELS, "skip_reasons": assignment.SKIP_REASONS,
         "vote_choices": annotations.VOTE_CHOICES, "strengths": annotations.STRENGTHS,
@@ -76,8 +78,10 @@ def _next_task(request: Request, session, user: User, settings, **extra: Any):
     # Counted first, in the transaction the lease commits: no second one just to count.
     counts = annotations.labeler_counts(session, user=user, now=now)
     lease = assignment.lease_next_task(session, user=user, lease_s=settings.lease_s)
+    prefill = annotations.prefill_values(session, lease.task) if lease else None
     context = _context(session, user, now, task=lease.task if lease else None,
-                       lease=lease.assignment if lease else None, counts=counts, **extra)
+                       lease=lease.assignment if lease else None, counts=counts, values=prefill,
+                       prefilled=prefill is not None, **extra)
     return _task_response(request, context)
 
 

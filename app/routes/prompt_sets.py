@@ -11,7 +11,7 @@ from app.routes.deps import AdminUser, SessionDep
 from app.routes.uploads import ImportPayload, PreferencePayload, read_import_payload, read_preference_payload
 from app.schemas.common import Id
 from app.schemas.prompt_sets import PromptSetForm
-from app.services import preference_import, prompt_import, prompt_sets
+from app.services import ai_labelers, preference_import, prompt_import, prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.web import flash, redirect, render, render_form_errors
 
@@ -38,6 +38,8 @@ def _detail_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, A
         "sources": preference_import.list_sources(session, prompt_set.id),
         "preference_formats": preference_import.FORMATS,
         "preference_form": {"source": "", "format": "auto", "content": ""},
+        "ai_labelers": ai_labelers.list_ai_labelers(session, active_only=True), "ai_scopes": ai_labelers.SCOPES,
+        "ai_form": {"principles": prompt_set.principles, "pre_annotator_id": str(prompt_set.pre_annotator_id or "")},
     }
     return context | extra
 
@@ -129,6 +131,37 @@ def import_preferences(request: Request, session: SessionDep, admin: AdminUser, 
                                   block="preferences_form", status_code=422 if isinstance(exc, Invalid) else 409)
     flash(request, result.describe(), "success")
     return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
+
+
+@router.post("/{prompt_set_id}/ai-settings")
+def update_ai_settings(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
+                       principles: Annotated[str, Form(max_length=20_000)] = "",
+                       pre_annotator_id: Annotated[str, Form(max_length=40)] = ""):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    try:
+        ai_labelers.update_ai_settings(session, prompt_set_id=prompt_set.id, principles=principles,
+                                       pre_annotator_id=pre_annotator_id)
+    except (Invalid, Conflict) as exc:
+        form = {"principles": principles, "pre_annotator_id": pre_annotator_id}
+        return render_form_errors(request, exc, "pages/prompt_sets_detail.html",
+                                  _detail_context(session, prompt_set, ai_form=form), prefix="ai_", block="ai_form")
+    flash(request, "AI settings saved.", "success")
+    return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
+
+
+@router.post("/{prompt_set_id}/ai-label")
+def start_ai_label(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
+                   ai_user_id: Annotated[str, Form(max_length=40)] = "",
+                   scope: Annotated[str, Form(max_length=20)] = "missing"):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    try:
+        job = ai_labelers.start_ai_label_job(session, prompt_set_id=prompt_set.id, ai_user_id=ai_user_id,
+                                             scope=scope, created_by_id=admin.id)
+    except (Invalid, Conflict) as exc:
+        return render_form_errors(request, exc, "pages/prompt_sets_detail.html", _detail_context(session, prompt_set),
+                                  prefix="ai_", block="ai_form")
+    flash(request, f"AI labeling queued as job {job.id}.", "success")
+    return redirect(request, f"/jobs/{job.id}")
 
 
 def _change(request: Request, session, prompt_set_id: int, change: Callable[..., Any],

@@ -11,7 +11,7 @@ from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
 from app.routes.exports import ExportPlan, meta_response, stream
 from app.schemas.common import Id
-from app.services import export, gold, labelers, preference_import, review, trust
+from app.services import ai_labelers, export, gold, labelers, preference_import, review, trust
 from app.services.agreement import compute_set_agreement
 from app.services.errors import Invalid
 from app.services.progress import set_progress
@@ -79,7 +79,8 @@ def _page_context(session, prompt_set: PromptSet, threshold: float) -> dict[str,
         {"prompt_set": prompt_set, "threshold": threshold, "reference": INSTRUCTGPT_AGREEMENT,
          "progress": set_progress(session, prompt_set_id=prompt_set.id),
          "review_counts": review.review_counts(session, prompt_set_id=prompt_set.id),
-         "sources": preference_import.list_sources(session, prompt_set.id)}
+         "sources": preference_import.list_sources(session, prompt_set.id),
+         "prefill": ai_labelers.prefill_study(session, prompt_set_id=prompt_set.id)}
         | rows
         | _trust_context(session, prompt_set, figures=rows["agreement"].labelers)
         | _allowed_context(session, prompt_set)

@@ -105,7 +105,7 @@ def start_sft(request: Request, session: SessionDep, user: EngineerUser, data: F
 
 # ---- reward model -----------------------------------------------------------------
 
-REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "include_imported", "name", "processes")
+REWARD_CHOICES = ("base_model_id", "prompt_set_ids", "labeler_ids", "include_imported", "include_ai", "name", "processes")
 
 
 def _reward_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def _reward_context(session, *, form: dict[str, Any] | None = None) -> dict[str,
     sets = training.ranking_sets(session)
     default_form = form_values(training.REWARD_SETTINGS) | {
         "base_model_id": str(bases[0].id) if bases else "", "prompt_set_ids": [], "labeler_ids": [], "include_imported": "yes",
-        "name": "", "processes": "1"}
+        "include_ai": "no", "name": "", "processes": "1"}
     return {
         "form": default_form | (form or {}), "form_errors": {},
         "bases": bases, "sets": sets, "counts": training.annotation_counts(session, [s.id for s in sets]),

@@ -167,3 +167,31 @@ class ImportResultOut(BaseModel):
     duplicates_existing: int
     per_split: dict[str, int]
     generation_job_id: int | None
+
+
+class AISettingsIn(BaseModel):
+    """A ranking set's AI feedback settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    principles: Text = Field(default="", description="What an AI labeler's judge model compares responses by "
+                                                     "(one principle a line), after the set's instructions.")
+    pre_annotator_id: Id | None = Field(default=None, description=(
+        "An AI labeler whose ranking is pre-filled for labelers on a random half of the tasks; null: off."))
+
+
+class AISettingsOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    principles: str
+    pre_annotator_id: int | None
+
+
+class AILabelRunIn(BaseModel):
+    """An AI labeler ranks the set's current-round tasks: those it has not ranked ("missing"), or "all"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ai_user_id: Id
+    scope: Literal["missing", "all"] = "missing"

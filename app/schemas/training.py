@@ -18,6 +18,8 @@ class RewardRunIn(BaseModel):
     labeler_ids: list[Id] | None = None
     # Train on the sets' imported preference data (annotations of a source) too.
     include_imported: bool = True
+    # Train on the sets' AI labelers' annotations too (app/services/ai_labelers).
+    include_ai: bool = False
     name: Text | None = None
     # Training processes (GPUs; CPU processes on a worker without CUDA), up to what a running worker offers.
     processes: int = 1

@@ -4,8 +4,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.db.enums import Role
-from app.schemas.common import Text
+from app.db.enums import Role, UserKind
+from app.schemas.common import Id, Text
 
 
 class UserOut(BaseModel):
@@ -14,6 +14,8 @@ class UserOut(BaseModel):
     id: int
     username: str
     role: Role
+    kind: UserKind  # ai: an AI labeler (never signs in)
+    judge_model_id: int | None  # an AI labeler's judge
     is_active: bool
     created_at: datetime
     last_login_at: datetime | None
@@ -23,6 +25,12 @@ class UserCreate(BaseModel):
     username: Text = Field(max_length=64)
     password: Text = Field(min_length=8, max_length=1000)
     role: Role = Role.labeler
+
+
+class AILabelerCreate(BaseModel):
+    username: Text = Field(max_length=64)
+    # A reward model (ranks by score), or an SFT or policy model (compares pairs under the set's principles).
+    judge_model_id: Id
 
 
 class UserUpdate(BaseModel):

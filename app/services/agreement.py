@@ -25,7 +25,10 @@ Conventions (shown on the agreement page too):
   counted per set and labeler (`all_bad`).
 - Excluded annotations are left out of everything, and so are imported
   ones (annotations of a source such as a public dataset, not a labeler):
-  the figures are the humans' agreement.
+  the figures are the humans' agreement. AI labelers' annotations
+  (app/services/ai_labelers) are left out of the set's figures and of the
+  human consensus; each AI labeler gets its own row, its consensus agreement
+  read against all the human labelers of the pair.
 - A pairwise vote (app/services/annotations) is read as its ranks: a winner is a
   strict preference, a tie or "both bad" a tie; it has no Likert rating.
 """
@@ -36,6 +39,11 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+# SQL, for an annotation aliased `a`: written by a human labeler (not an AI labeler of
+# app/services/ai_labelers, not an imported source). The one test of "the humans' work"
+# in the figures' raw SQL (agreement, progress, the pre-annotation study).
+HUMAN_AUTHOR = "EXISTS (SELECT 1 FROM users hu WHERE hu.id = a.user_id AND hu.kind = 'human')"
+
 # The pairs of one annotation's ratings x, y that carry a preference: both ranked
 # (not "all bad"), and not both unranked in a partial ranking (a.top_k).
 _RANKED_PAIR = """
@@ -43,17 +51,20 @@ _RANKED_PAIR = """
     AND (a.top_k IS NULL OR x.rank <= a.top_k OR y.rank <= a.top_k)
 """
 
-# One row per (annotation, response pair), with the labeler's preference.
-_PREFS = f"""
-    SELECT a.task_id, a.user_id, x.response_id AS ri, y.response_id AS rj,
+# One row per (annotation, response pair), with the labeler's preference and whether
+# the labeler is human. Imported judgements (no user) are no labeler's.
+_ALL_PREFS = f"""
+    SELECT a.task_id, a.user_id, u.kind = 'human' AS human, x.response_id AS ri, y.response_id AS rj,
            sign(y.rank - x.rank)::int AS pref
     FROM annotations a
+    JOIN users u ON u.id = a.user_id
     JOIN tasks t ON t.id = a.task_id
     JOIN ratings x ON x.annotation_id = a.id
     JOIN ratings y ON y.annotation_id = a.id AND x.response_id < y.response_id
     WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold AND {_RANKED_PAIR}
-      AND a.source_id IS NULL  -- imported judgements are no labeler's
 """
+# The human labelers' preferences only: what the set's figures are made of.
+_PREFS = f"SELECT * FROM ({_ALL_PREFS}) human_prefs WHERE human"
 
 
 @dataclass
@@ -70,6 +81,7 @@ class LabelerFigures:
     gold_accuracy: float | None = None
     gold_tasks: int = 0
     all_bad: int = 0  # "all bad" annotations (gold tasks apart)
+    ai: bool = False  # an AI labeler: its consensus agreement is with the humans'; outside the set's figures
     rating_histogram: list[int] = field(default_factory=lambda: [0] * 7)  # counts of 1..7
 
 
@@ -149,10 +161,10 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
     """), params).one()
 
     # Plain tuples: numpy reads a list of SQLAlchemy Rows element by element (~70x slower).
-    judgements = [tuple(row) for row in session.execute(text("""
+    judgements = [tuple(row) for row in session.execute(text(f"""
         SELECT r.task_id, r.response_id, a.user_id, coalesce(r.likert, -1), coalesce(r.rank, -1)
         FROM ratings r JOIN annotations a ON a.id = r.annotation_id JOIN tasks t ON t.id = a.task_id
-        WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold AND a.source_id IS NULL
+        WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND NOT t.is_gold AND {HUMAN_AUTHOR}
     """), params)]
     if judgements:
         # Unrated or unranked ("all bad") judgements are -1 here and left out of their alpha.
@@ -165,11 +177,11 @@ def compute_set_agreement(session: Session, *, prompt_set_id: int) -> SetAgreeme
         alpha_ratings = alpha_ranks = None
 
     labelers = _labeler_figures(session, prompt_set_id)
-    n_annotations = sum(f.tasks for f in labelers)
+    humans = [f for f in labelers if not f.ai]
     return SetAgreement(
         prompt_set_id=prompt_set_id,
-        annotations=n_annotations,
-        all_bad=sum(f.all_bad for f in labelers),
+        annotations=sum(f.tasks for f in humans),
+        all_bad=sum(f.all_bad for f in humans),
         pairwise_agreement=shared.agree / shared.strict if shared.strict else None,
         pairwise_pairs=shared.strict,
         tie_rate=(shared.total - shared.strict) / shared.total if shared.total else None,
@@ -189,7 +201,7 @@ def labeler_figures(session: Session, *, prompt_set_id: int) -> list[LabelerFigu
 def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigures]:
     params = {"set_id": prompt_set_id}
     base = session.execute(text("""
-        SELECT u.id, u.username,
+        SELECT u.id, u.username, u.kind = 'ai' AS ai,
                count(a.id) FILTER (WHERE NOT t.is_gold) AS tasks,
                percentile_cont(0.5) WITHIN GROUP (ORDER BY a.time_spent_s) AS median_time,
                count(a.id) FILTER (WHERE jsonb_array_length(a.prompt_flags) > 0 OR EXISTS (
@@ -203,7 +215,7 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
                count(a.id) AS all_tasks
         FROM annotations a JOIN tasks t ON t.id = a.task_id JOIN users u ON u.id = a.user_id
         WHERE t.prompt_set_id = :set_id AND NOT a.excluded
-        GROUP BY u.id, u.username ORDER BY u.username
+        GROUP BY u.id, u.username, u.kind ORDER BY u.username
     """), params).all()
     figures = {
         row.id: LabelerFigures(
@@ -214,6 +226,7 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
             flag_rate=row.flagged / row.all_tasks,
             contradiction_rate=row.contradicting / row.all_tasks,
             all_bad=row.all_bad,
+            ai=row.ai,
         )
         for row in base
     }
@@ -226,12 +239,14 @@ def _labeler_figures(session: Session, prompt_set_id: int) -> list[LabelerFigure
         if row.user_id in figures:
             f = figures[row.user_id]
             f.skip_rate = row.skipped / (row.skipped + f.tasks) if (row.skipped + f.tasks) else 0.0
+    # The others are the human labelers of the pair (all of them for an AI labeler).
     for row in session.execute(text(f"""
-        WITH p AS ({_PREFS}),
+        WITH p AS ({_ALL_PREFS}),
+        h AS (SELECT *, CASE WHEN human THEN pref ELSE 0 END AS human_pref FROM p),
         c AS (
             SELECT user_id, pref,
-                   sum(pref) OVER (PARTITION BY task_id, ri, rj) - pref AS others
-            FROM p
+                   sum(human_pref) OVER (PARTITION BY task_id, ri, rj) - human_pref AS others
+            FROM h
         )
         SELECT user_id,
                count(*) FILTER (WHERE sign(others) = pref) AS agree,
@@ -284,8 +299,8 @@ def ranking_agreement(items) -> tuple[float | None, int]:
     for item in items:
         if item.all_bad:
             continue
-        if item.source is not None:
-            continue  # imported judgements are not the labelers' agreement
+        if item.source is not None or item.ai:
+            continue  # imported and AI judgements are not the labelers' agreement
         by_prompt.setdefault(item.prompt_id, []).append(dict(zip(item.responses, item.ranks, strict=True)))
     agree = strict = 0
     for rankings in by_prompt.values():

@@ -30,8 +30,14 @@ exported and counted on the quality page.
 
 A form carries a one-time idempotency key: a double click or a retry with the
 same key finds the stored annotation and returns it instead of storing twice.
+
+AI labelers (app/services/ai_labelers) submit through submit_unleased: the same
+checks and rows, no lease, not counted on the task. On a set with pre-annotation
+a labeler's submission records whether the AI's ranking was pre-filled
+(prefill_arm: a fixed half of the tasks) and whether the labeler changed it.
 """
 
+import hashlib
 import itertools
 import json
 import re
@@ -40,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -80,6 +86,8 @@ PROMPT_FLAGS: tuple[tuple[str, str], ...] = (
 )
 RESPONSE_FLAG_KEYS = frozenset(key for key, _ in RESPONSE_FLAGS)
 PROMPT_FLAG_KEYS = frozenset(key for key, _ in PROMPT_FLAGS)
+# The rating given to every response by judges that give none (imported data, AI labelers): "okay".
+NEUTRAL_LIKERT = 4
 LIKERT_LABELS = {1: "very bad", 2: "bad", 3: "poor", 4: "okay", 5: "good", 6: "very good", 7: "excellent"}
 
 # A labeler may change a submission for this long after making it.
@@ -426,9 +434,11 @@ WITH trust AS (
     RETURNING submitted, quarantined
 ), annotation AS (
     INSERT INTO annotations (task_id, user_id, time_spent_s, prompt_flags, comment, idempotency_key,
-                             excluded, quarantined, top_k, all_bad, all_bad_reason, created_at, updated_at)
+                             excluded, quarantined, top_k, all_bad, all_bad_reason, prefill_shown,
+                             prefill_changed, created_at, updated_at)
     SELECT :task_id, :user_id, :time_spent_s, CAST(:prompt_flags AS jsonb), :comment, :key,
-           trust.quarantined, trust.quarantined, :top_k, :all_bad, :all_bad_reason, :now, :now
+           trust.quarantined, trust.quarantined, :top_k, :all_bad, :all_bad_reason, :prefill_shown,
+           :prefill_changed, :now, :now
     FROM trust
     RETURNING id, quarantined
 ), ratings AS (
@@ -514,18 +524,19 @@ def submit_annotation(
     now = hold.now
     clean = clean_any(task, ratings=ratings, ranks=ranks, vote=vote, strength=strength, flags=flags,
                       prompt_flags=prompt_flags, comment=comment, all_bad=all_bad, all_bad_reason=all_bad_reason)
+    shown, changed = prefill_outcome(session, task, clean)
     annotation = Annotation(
         task_id=task_id, user_id=user.id, time_spent_s=clamp_time_spent(time_spent_s),
         prompt_flags=clean.prompt_flags, comment=clean.comment, idempotency_key=key,
         excluded=False, top_k=clean.top_k, all_bad=clean.all_bad, all_bad_reason=clean.all_bad_reason,
-        created_at=now, updated_at=now,
+        prefill_shown=shown, prefill_changed=changed, created_at=now, updated_at=now,
     )
     _store(session, annotation, task, clean, add=False)
     annotation.id, num_labels, quarantined, submitted = session.execute(_WRITE_SUBMISSION, {
         "task_id": task_id, "user_id": user.id, "time_spent_s": annotation.time_spent_s,
         "prompt_flags": json.dumps(annotation.prompt_flags), "comment": annotation.comment, "key": key,
         "now": now, "assignment_id": hold.assignment.id, "top_k": clean.top_k, "all_bad": clean.all_bad,
-        "all_bad_reason": clean.all_bad_reason,
+        "all_bad_reason": clean.all_bad_reason, "prefill_shown": shown, "prefill_changed": changed,
         "ratings": json.dumps([{"response_id": r.response_id, "likert": r.likert, "rank": r.rank, "flags": r.flags}
                                for r in annotation.ratings]),
         "comparisons": json.dumps([{"chosen": c.chosen_response_id, "rejected": c.rejected_response_id,
@@ -546,6 +557,79 @@ def submit_annotation(
         trust.check_labeler(session, prompt_set_id=task.prompt_set_id, user_id=user.id)
     return Submission(annotation=annotation, created=True,
                       warnings=contradiction_warnings(task, clean.ratings, clean.ranks))
+
+
+def submit_unleased(session: Session, *, user: User, task: Task, ranks: Mapping[int, int],
+                    now: datetime) -> Annotation:
+    """Store an AI labeler's ranking of a task (an ai_label job writes it): the same checks
+    and rows as a labeler's submission (clean_any, _store), with no lease, and not counted
+    on the task (tasks.num_labels is the human overlap). Ratings are neutral (the judge
+    gives none). A pairwise set's task gets the vote the ranking means; a partial
+    ranking set's, the best top_k of the ranking (its order ties broken by position).
+    Replaces the labeler's earlier annotation of the task. Does not commit. Raises Invalid."""
+    ordered = sorted(task.items, key=lambda item: item.position)
+    given, vote = dict(ranks), None
+    if task.prompt_set.pairwise:
+        a, b = (item.response_id for item in ordered)
+        vote = VoteOutcome.a if given[a] < given[b] else VoteOutcome.b if given[b] < given[a] else VoteOutcome.tie
+    elif task.prompt_set.top_k is not None:
+        best = sorted(given, key=lambda rid: given[rid])[:task.prompt_set.top_k]
+        given = {rid: rank for rid, rank in given.items() if rid in best}
+    clean = clean_any(task, ratings={item.response_id: NEUTRAL_LIKERT for item in ordered}, ranks=given, vote=vote,
+                      strength=None, flags=None, prompt_flags=None, comment="")
+    session.execute(delete(Annotation).where(Annotation.task_id == task.id, Annotation.user_id == user.id))
+    annotation = Annotation(task_id=task.id, user_id=user.id, time_spent_s=0.0, prompt_flags=[], comment="",
+                            excluded=False, top_k=clean.top_k, created_at=now, updated_at=now)
+    _store(session, annotation, task, clean)
+    session.add(annotation)
+    return annotation
+
+
+def prefill_outcome(session: Session, task: Task, clean: CleanSubmission) -> tuple[bool | None, bool | None]:
+    """(prefill shown, changed) to record with a labeler's submission on a set with pre-annotation:
+    (None, None) when the set has none or its AI labeler has not ranked the task; else whether
+    the task is in the shown half (prefill_arm) and, if so, whether the submitted ranking differs
+    from the AI's."""
+    ai_ranks = prefill_ranks(session, task)
+    if ai_ranks is None:
+        return None, None
+    if not prefill_arm(task.id):
+        return False, None
+    return True, clean.all_bad or dict(clean.ranks) != ai_ranks
+
+
+def prefill_arm(task_id: int) -> bool:
+    """Whether a task of a pre-annotated set shows the AI's ranking: a fixed half of the
+    tasks, by a hash of the task id (the other half measures labelers without it)."""
+    return hashlib.sha256(f"prefill:{task_id}".encode()).digest()[0] % 2 == 0
+
+
+def prefill_ranks(session: Session, task: Task) -> dict[int, int] | None:
+    """The set's pre-annotator's ranks of the task {response_id: rank}, or None (no
+    pre-annotation on the set, or the AI labeler has not ranked the task)."""
+    ai_id = task.prompt_set.pre_annotator_id
+    if ai_id is None:
+        return None
+    rows = session.execute(
+        select(Rating.response_id, Rating.rank).join(Annotation, Annotation.id == Rating.annotation_id)
+        .where(Annotation.task_id == task.id, Annotation.user_id == ai_id, Rating.rank.is_not(None))
+    ).all()
+    return {rid: rank for rid, rank in rows} or None
+
+
+def prefill_values(session: Session, task: Task) -> dict[str, Any] | None:
+    """Form values pre-filling the AI's ranking (or vote) on the labeling page, on the
+    shown half of a pre-annotated set's tasks; None otherwise. Ratings stay for the labeler."""
+    ranks = prefill_ranks(session, task) if prefill_arm(task.id) else None
+    if ranks is None:
+        return None
+    top_k = task.prompt_set.top_k
+    shown = {rid: str(rank) for rid, rank in ranks.items() if top_k is None or rank <= top_k}
+    values: dict[str, Any] = {"ranks": shown}
+    if task.prompt_set.pairwise:
+        a, b = (item.response_id for item in sorted(task.items, key=lambda item: item.position))
+        values["vote"] = "a" if ranks[a] < ranks[b] else "b" if ranks[b] < ranks[a] else "tie"
+    return values
 
 
 def edit_deadline(annotation: Annotation) -> datetime:

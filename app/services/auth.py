@@ -72,7 +72,8 @@ def authenticate(
     session.commit()
     user = get_user_by_name(session, username)
     ok = verify_password(password, user.password_hash if user else None)
-    if not ok or user is None or not user.is_active:
+    # An AI labeler never signs in (app/services/ai_labelers): refused like a wrong password.
+    if not ok or user is None or not user.is_active or user.is_ai:
         raise Invalid("Wrong username or password, or the account is deactivated.")
     attempt.succeeded = True
     user.last_login_at = now
@@ -124,7 +125,7 @@ def user_for_token(session: Session, raw: str, *, now: datetime | None = None) -
     if row is None:
         return None
     token, user = row
-    if token.revoked_at is not None or not user.is_active:
+    if token.revoked_at is not None or not user.is_active or user.is_ai:
         return None
     if token.last_used_at is None or now - token.last_used_at >= TOUCH_EVERY:
         token.last_used_at = now

@@ -65,7 +65,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, aliased
 
 from app.db.base import utcnow
-from app.db.enums import Split, VoteOutcome, VoteStrength
+from app.db.enums import Split, UserKind, VoteOutcome, VoteStrength
 from app.db.models import (
     Annotation,
     AnnotationSource,
@@ -82,6 +82,7 @@ from app.db.models import (
     Vote,
 )
 from app.services.agreement import compute_set_agreement
+from app.services.ai_labelers import ai_author
 from app.services.errors import Invalid, NotFound
 from app.services.review import current_reviews, training_corrections
 from app.services.validation import as_id
@@ -235,6 +236,7 @@ def included_annotations_query(
     without_corrected: bool = False,
     ranked_only: bool = False,
     include_imported: bool = True,
+    include_ai: bool = True,
 ) -> Select:
     """SELECT annotations.id of the data that counts: never excluded, never gold
     (unless include_gold), of the given sets, narrowed by split, labelers,
@@ -242,7 +244,8 @@ def included_annotations_query(
     training when without_corrected (training data: the corrections stand in);
     ranked_only leaves out "all bad" annotations (they rank nothing). Imported
     annotations (of a source, not a labeler) count unless include_imported is
-    false; a labeler filter leaves them out."""
+    false; a labeler filter leaves them out. AI labelers' annotations
+    (app/services/ai_labelers) count unless include_ai is false."""
     query = (
         select(Annotation.id)
         .join(Task, Task.id == Annotation.task_id)
@@ -255,6 +258,8 @@ def included_annotations_query(
         query = query.where(Annotation.all_bad.is_(False))
     if not include_imported:
         query = query.where(Annotation.source_id.is_(None))
+    if not include_ai:
+        query = query.where(~ai_author())
     if split is not None:
         query = query.where(Prompt.split == Split(split))
     if user_ids is not None:
@@ -380,7 +385,8 @@ def _ratings_query(included: Select) -> Select:
         select(
             Annotation.id.label("annotation_id"), Annotation.task_id, Task.prompt_set_id, Task.prompt_id,
             Task.round, Prompt.split, Task.is_gold, Annotation.user_id.label("labeler_id"),
-            User.username.label("labeler"), AnnotationSource.name.label("source"), Annotation.time_spent_s,
+            User.username.label("labeler"), (User.kind == UserKind.ai).label("ai"),
+            AnnotationSource.name.label("source"), Annotation.time_spent_s,
             Annotation.prompt_flags, Annotation.comment, Annotation.top_k, Annotation.all_bad,
             Annotation.all_bad_reason, Annotation.created_at, Annotation.updated_at, Prompt.messages,
             Prompt.text.label("prompt_text"),
@@ -419,6 +425,7 @@ class RankedAnnotation:
     top_k: int | None = None
     all_bad: bool = False  # never in the ranked data ("all bad" ranks nothing); for ranking_agreement
     source: str | None = None  # an imported source's name; None for a labeler
+    ai: bool = False  # an AI labeler's (app/services/ai_labelers)
 
 
 def _corrections_ranked_query(corrections: Select) -> Select:
@@ -438,17 +445,18 @@ def _corrections_ranked_query(corrections: Select) -> Select:
 
 def iter_ranked_annotations(session: Session, prompt_set_ids: Sequence[int], split: Split | str | None = None,
                             user_ids: Sequence[int] | None = None, include_imported: bool = True,
-                            **filters: Any) -> Iterator[RankedAnnotation]:
+                            include_ai: bool = True, **filters: Any) -> Iterator[RankedAnnotation]:
     """The training data: the included annotations (see included_annotations_query; "all
     bad" ones rank nothing and are left out) in id order, except those of tasks corrected
     for training, then those corrections."""
     included = included_annotations_query(prompt_set_ids, split=split, user_ids=user_ids, without_corrected=True,
-                                          ranked_only=True, include_imported=include_imported, **filters)
+                                          ranked_only=True, include_imported=include_imported,
+                                          include_ai=include_ai, **filters)
     for rows in _grouped(session, _ratings_query(included)):
         head = rows[0]
         yield RankedAnnotation(head.annotation_id, head.prompt_id, Split(head.split), list(head.messages),
                                [r.response_text for r in rows], [r.rank for r in rows], top_k=head.top_k,
-                               source=head.source)
+                               source=head.source, ai=bool(head.ai))
     corrections = included_corrections_query(prompt_set_ids, split=split, user_ids=user_ids, **filters)
     for rows in _grouped(session, _corrections_ranked_query(corrections)):
         head = rows[0]

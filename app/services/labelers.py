@@ -16,7 +16,7 @@ from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus, Role
+from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus, Role, UserKind
 from app.db.models import Annotation, Assignment, PromptSet, PromptSetLabeler, Task, User
 from app.services.agreement import LabelerFigures, SetAgreement, compute_set_agreement
 from app.services.errors import Invalid, NotFound
@@ -115,7 +115,7 @@ def labeler_choices(session: Session, *, prompt_set_id: int) -> list[User]:
     listed = select(PromptSetLabeler.user_id).where(PromptSetLabeler.prompt_set_id == prompt_set_id)
     return list(session.scalars(
         select(User)
-        .where(User.role == Role.labeler, User.is_active, User.id.not_in(listed))
+        .where(User.role == Role.labeler, User.kind == UserKind.human, User.is_active, User.id.not_in(listed))
         .order_by(User.username)
     ))
 
@@ -159,6 +159,7 @@ class LabelerRow:
     user_id: int
     username: str
     is_active: bool
+    ai: bool  # an AI labeler (app/services/ai_labelers): agreement with the human consensus, outside the set's figures
     annotations: int  # on this set, excluded ones included
     excluded: int  # of those, how many are excluded
     figures: LabelerFigures | None  # None when every annotation is excluded
@@ -185,18 +186,18 @@ def labeler_rows(session: Session, *, prompt_set_id: int, agreement: SetAgreemen
         agreement = compute_set_agreement(session, prompt_set_id=prompt_set_id)
     figures = {f.user_id: f for f in agreement.labelers}
     query = (
-        select(User.id, User.username, User.is_active, func.count(Annotation.id),
+        select(User.id, User.username, User.is_active, User.kind == UserKind.ai, func.count(Annotation.id),
                func.count(Annotation.id).filter(Annotation.excluded))
         .join(Annotation, Annotation.user_id == User.id)
         .join(Task, Task.id == Annotation.task_id)
         .where(Task.prompt_set_id == prompt_set_id)
-        .group_by(User.id, User.username, User.is_active)
+        .group_by(User.id, User.username, User.is_active, User.kind)
         .order_by(User.username)
     )
     if user_id is not None:
         query = query.where(User.id == user_id)
     return [
-        LabelerRow(user_id=uid, username=name, is_active=active, annotations=total, excluded=excluded,
+        LabelerRow(user_id=uid, username=name, is_active=active, ai=ai, annotations=total, excluded=excluded,
                    figures=figures.get(uid))
-        for uid, name, active, total, excluded in session.execute(query)
+        for uid, name, active, ai, total, excluded in session.execute(query)
     ]

@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 
 from app.db.enums import PromptSetKind, PromptSetStatus
 from app.db.models import Annotation, AnnotationSource, Prompt, PromptSet, Task
-from app.services.annotations import expand_comparisons
+from app.services.annotations import NEUTRAL_LIKERT, expand_comparisons
 from app.services.errors import Conflict, Invalid
 from app.services.prompt_import import (
     BAD_LINE,
@@ -69,7 +69,6 @@ MAX_K = 9  # responses a task holds
 MAX_RESPONSE_CHARS = 50_000
 MAX_LINE_BYTES = 4 * 1024 * 1024
 MAX_SOURCE_CHARS = 100  # annotation_sources.name
-NEUTRAL_LIKERT = 4  # "okay": imported rankings carry no rating
 BATCH_RANKINGS = 1000  # rankings written per round trip
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 

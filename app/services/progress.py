@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from app.db.base import utcnow
 from app.db.enums import DemonstrationStatus
 from app.db.models import Demonstration, Prompt, PromptSet
+from app.services.agreement import HUMAN_AUTHOR
 from app.services.demonstrations.leases import HOLDING
 from app.services.prompt_sets import count_prompts, get_prompt_set
 
@@ -77,12 +78,12 @@ def set_progress(session: Session, *, prompt_set_id: int, now: datetime | None =
     """), params).one()
 
     window_start = now - timedelta(hours=rate_window_h)
-    rate_row = session.execute(text("""
+    rate_row = session.execute(text(f"""
         SELECT count(*) AS total,
                count(*) FILTER (WHERE a.created_at > :start AND a.created_at <= :now) AS recent,
                min(a.created_at) AS first
         FROM annotations a JOIN tasks t ON t.id = a.task_id
-        WHERE t.prompt_set_id = :set_id AND NOT t.is_gold AND a.source_id IS NULL  -- labelers' work only
+        WHERE t.prompt_set_id = :set_id AND NOT t.is_gold AND {HUMAN_AUTHOR}  -- labelers' work only
     """), params | {"start": window_start}).one()
     window_h = rate_window_h
     if rate_row.first is not None and rate_row.first > window_start:
@@ -94,13 +95,13 @@ def set_progress(session: Session, *, prompt_set_id: int, now: datetime | None =
     # Hours with no label show as 0: generate_series gives every hour of the range.
     per_hour = [
         HourCount(hour=row.hour, labels=row.labels)
-        for row in session.execute(text("""
+        for row in session.execute(text(f"""
             SELECT h.hour, count(a.id) AS labels
             FROM generate_series(date_trunc('hour', CAST(:now AS timestamptz), 'UTC') - make_interval(hours => :hours - 1),
                                  date_trunc('hour', CAST(:now AS timestamptz), 'UTC'), interval '1 hour') AS h(hour)
             LEFT JOIN (
                 SELECT a.id, a.created_at FROM annotations a JOIN tasks t ON t.id = a.task_id
-                WHERE t.prompt_set_id = :set_id AND NOT t.is_gold AND a.source_id IS NULL
+                WHERE t.prompt_set_id = :set_id AND NOT t.is_gold AND {HUMAN_AUTHOR}
             ) a ON date_trunc('hour', a.created_at, 'UTC') = h.hour
             GROUP BY h.hour ORDER BY h.hour
         """), params | {"hours": hours})

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import queue
-from app.db.enums import DemonstrationStatus, JobKind, ModelKind, PromptSetKind, PromptSetStatus, Split
+from app.db.enums import DemonstrationStatus, JobKind, ModelKind, PromptSetKind, PromptSetStatus, Split, UserKind
 from app.db.models import Annotation, Demonstration, Job, Model, Prompt, PromptSet, Response, Task, User
 from app.services import export, models, worker_devices
 from app.services.errors import raise_for_fields
@@ -60,13 +60,15 @@ def accepted_counts(session: Session, prompt_set_ids: Iterable[int]) -> dict[int
 
 
 def labelers_with_annotations(session: Session, prompt_set_ids: Sequence[int] | None = None) -> list[tuple[User, int]]:
-    """(labeler, included annotations) of the ranking sets (all of them when None)."""
+    """(labeler, included annotations) of the ranking sets (all of them when None); human
+    labelers only (AI labelers' annotations are chosen with include_ai)."""
     query = (
         select(User, func.count(Annotation.id))
         .join(Annotation, Annotation.user_id == User.id)
         .join(Task, Task.id == Annotation.task_id)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
-        .where(Annotation.excluded.is_(False), Task.is_gold.is_(False), PromptSet.kind == PromptSetKind.ranking)
+        .where(Annotation.excluded.is_(False), Task.is_gold.is_(False), PromptSet.kind == PromptSetKind.ranking,
+               User.kind == UserKind.human)
         .group_by(User.id).order_by(User.username)
     )
     if prompt_set_ids is not None:
@@ -205,9 +207,10 @@ def _enqueue_run(session: Session, kind: JobKind, params: dict[str, Any], *, use
 
 
 def _ranking_data(errors: dict[str, str], session: Session, prompt_set_ids: Any, labeler_ids: Any,
-                  include_imported: Any = True) -> tuple[list[int], list[int], bool]:
-    """The ranking sets, labelers (none: everyone) and whether imported preference data
-    counts (the default: it was imported into the set to bootstrap its models) of a run
+                  include_imported: Any = True, include_ai: Any = False) -> tuple[list[int], list[int], bool, bool]:
+    """The ranking sets, labelers (none: everyone), whether imported preference data
+    counts (the default: it was imported into the set to bootstrap its models) and whether
+    AI labelers' annotations count (only when asked: they are the model's own opinion) of a run
     on rankings (reward model, DPO), checked to rank responses to two prompts at least
     (one to train on, one to validate on)."""
     set_ids = _sets(errors, session, "prompt_set_ids", prompt_set_ids, PromptSetKind.ranking, required=True)
@@ -217,9 +220,10 @@ def _ranking_data(errors: dict[str, str], session: Session, prompt_set_ids: Any,
         if missing := [u for u in user_ids if u not in known]:
             errors["labeler_ids"] = f"unknown labeler {missing[0]}"
     imported = _yes_no(errors, "include_imported", include_imported)
+    ai = _yes_no(errors, "include_ai", include_ai)
     if set_ids and "labeler_ids" not in errors:
         included = export.included_annotations_query(set_ids, user_ids=user_ids or None, ranked_only=True,
-                                                     include_imported=imported is not False)
+                                                     include_imported=imported is not False, include_ai=ai is True)
         prompts = session.scalar(
             select(func.count(func.distinct(Task.prompt_id))).join(Annotation, Annotation.task_id == Task.id)
             .where(Annotation.id.in_(included))
@@ -228,27 +232,28 @@ def _ranking_data(errors: dict[str, str], session: Session, prompt_set_ids: Any,
             errors["prompt_set_ids"] = (f"the chosen data ranks responses to {prompts} prompt"
                                         f"{'s' if prompts != 1 else ''}; at least 2 are needed"
                                         " (one to train on, one to validate on)")
-    return set_ids, user_ids, imported is not False
+    return set_ids, user_ids, imported is not False, ai is True
 
 
 def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_model_id: Any = None,
                         prompt_set_ids: Any = None, labeler_ids: Any = None, name: Any = None,
-                        include_imported: Any = True, processes: Any = None, queue_name: str = queue.GPU_QUEUE,
-                        flags_from_form: bool = False) -> dict[str, Any]:
-    """Check a reward-model run; the job's parameters. Raises Invalid with a message per
-    field (base_model_id, prompt_set_ids, labeler_ids, include_imported, name, processes and each setting)."""
+                        include_imported: Any = True, include_ai: Any = False, processes: Any = None,
+                        queue_name: str = queue.GPU_QUEUE, flags_from_form: bool = False) -> dict[str, Any]:
+    """Check a reward-model run; the job's parameters. Raises Invalid with a message per field
+    (base_model_id, prompt_set_ids, labeler_ids, include_imported, include_ai, name, processes and each setting)."""
     reject_unknown(values, RewardConfig)
     errors: dict[str, str] = {}
     base = models.choose_model(errors, session, "base_model_id", base_model_id, GENERATOR_KINDS,
                   default_generator_model(session), "an SFT or policy model")
-    set_ids, user_ids, imported = _ranking_data(errors, session, prompt_set_ids, labeler_ids, include_imported)
+    set_ids, user_ids, imported, ai = _ranking_data(errors, session, prompt_set_ids, labeler_ids, include_imported,
+                                                    include_ai)
     config = clean_config(values, RewardConfig, errors, flags_from_form=flags_from_form)
     clean_name = _name(errors, session, name)
     count = worker_devices.clean_processes(errors, session, processes, queue_name)
     raise_for_fields(errors)
     assert base is not None
     return {"base_model_id": base.id, "prompt_set_ids": set_ids, "labeler_ids": user_ids or None,
-            "include_imported": imported, "name": clean_name, "processes": count, "config": config}
+            "include_imported": imported, "include_ai": ai, "name": clean_name, "processes": count, "config": config}
 
 
 def _yes_no(errors: dict[str, str], field: str, raw: Any) -> bool | None:
@@ -328,7 +333,7 @@ def clean_dpo_params(session: Session, *, values: Mapping[str, Any], policy_mode
                                  default_generator_model(session), "an SFT or policy model")
     reference = models.choose_model(errors, session, "reference_model_id", reference_model_id, GENERATOR_KINDS,
                                     policy, "an SFT or policy model")
-    set_ids, user_ids, imported = _ranking_data(errors, session, prompt_set_ids, labeler_ids)
+    set_ids, user_ids, imported, _ = _ranking_data(errors, session, prompt_set_ids, labeler_ids)
     config = clean_config(values, DPOConfig, errors, flags_from_form=flags_from_form)
     clean_name = _name(errors, session, name)
     raise_for_fields(errors)
@@ -408,10 +413,11 @@ def split_by_prompt(prompt_ids: Sequence[int], validation: set[int]) -> set[int]
 
 
 def reward_data(session: Session, prompt_set_ids: Sequence[int], labeler_ids: Sequence[int] | None = None,
-                include_imported: bool = True) -> tuple[list[export.RankedAnnotation], list[export.RankedAnnotation]]:
+                include_imported: bool = True,
+                include_ai: bool = False) -> tuple[list[export.RankedAnnotation], list[export.RankedAnnotation]]:
     """(train, validation) annotations: validation holds prompts never trained on."""
     items = list(export.iter_ranked_annotations(session, prompt_set_ids, user_ids=labeler_ids,
-                                                include_imported=include_imported))
+                                                include_imported=include_imported, include_ai=include_ai))
     validation = split_by_prompt([a.prompt_id for a in items],
                                  {a.prompt_id for a in items if a.split == Split.validation})
     return ([a for a in items if a.prompt_id not in validation], [a for a in items if a.prompt_id in validation])

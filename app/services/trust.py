@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
 from app.db.models import Annotation, LabelerTrust, PromptSet, Task, User
-from app.services.agreement import LabelerFigures, labeler_figures
+from app.services.agreement import HUMAN_AUTHOR, LabelerFigures, labeler_figures
 from app.services.errors import Invalid, NotFound
 from app.services.prompt_sets import get_prompt_set
 
@@ -234,19 +234,21 @@ def evaluate(rules: TrustRules, row: TrustRow) -> list[Reason]:
     return reasons
 
 
-_TIMES = text("""
+# The humans' annotations only: AI labelers and imported sources take no time and are not judged.
+_TIMES = text(f"""
     SELECT a.user_id,
            count(*) FILTER (WHERE NOT a.excluded) AS counted,
            count(*) FILTER (WHERE NOT a.excluded AND a.time_spent_s < :min_s) AS fast,
            count(*) FILTER (WHERE a.quarantined) AS quarantined
     FROM annotations a JOIN tasks t ON t.id = a.task_id
     WHERE t.prompt_set_id = :set_id AND (CAST(:user_id AS integer) IS NULL OR a.user_id = CAST(:user_id AS integer))
+      AND {HUMAN_AUTHOR}
     GROUP BY a.user_id
 """)
-_SET_MEDIAN = text("""
+_SET_MEDIAN = text(f"""
     SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY a.time_spent_s)
     FROM annotations a JOIN tasks t ON t.id = a.task_id
-    WHERE t.prompt_set_id = :set_id AND NOT a.excluded
+    WHERE t.prompt_set_id = :set_id AND NOT a.excluded AND {HUMAN_AUTHOR}
 """)
 
 

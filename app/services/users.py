@@ -7,7 +7,7 @@ from datetime import datetime
 
 from pwdlib import PasswordHash
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from app.db.enums import AssignmentStatus, Role
 from app.db.models import Assignment, User
@@ -42,6 +42,14 @@ def check_password_rules(password: str) -> None:
         )
 
 
+def check_new_password(user: User, password: str) -> None:
+    """Whether `password` may become the user's: raises Conflict for an AI labeler (it has
+    no password and never signs in), Invalid for a password too short."""
+    if user.is_ai:
+        raise Conflict(f"'{user.username}' is an AI labeler: it has no password and never signs in.")
+    check_password_rules(password)
+
+
 def get_user(session: Session, user_id: int) -> User:
     """The user with this id; raises NotFound."""
     user = session.get(User, user_id)
@@ -55,7 +63,7 @@ def get_user_by_name(session: Session, username: str) -> User | None:
 
 
 def list_users(session: Session, *, role: Role | None = None) -> Sequence[User]:
-    query = select(User).order_by(User.username)
+    query = select(User).order_by(User.username).options(selectinload(User.judge_model))
     if role is not None:
         query = query.where(User.role == role)
     return session.scalars(query).all()
@@ -86,7 +94,7 @@ def create_user(session: Session, *, username: str, password: str, role: Role | 
 def set_password(session: Session, *, user: User, password: str) -> None:
     """Reset user's password (an admin or the CLI): every session of theirs ends
     and their API tokens are revoked, since whoever had the old password may hold them."""
-    check_password_rules(password)
+    check_new_password(user, password)
     user.password_hash = hash_password(password)
     revoke_sessions(session, user=user, api_tokens=True)
     session.commit()
