@@ -40,6 +40,7 @@ HANDLERS: dict[JobKind, Handler | str] = {
     JobKind.train_ppo: "trainer.ppo_job:train_ppo_job",
     JobKind.train_dpo: "trainer.dpo_job:train_dpo_job",
     JobKind.best_of_n: "trainer.best_of_n_job:best_of_n_job",
+    JobKind.score_tasks: "trainer.score_tasks_job:score_tasks_job",
 }
 
 
