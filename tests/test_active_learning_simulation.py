@@ -16,6 +16,8 @@ ORDER BY in app/services/assignment.py).
 import random
 from pathlib import Path
 
+import pytest
+import torch
 from sqlalchemy import select
 
 from app.config import Settings
@@ -110,8 +112,18 @@ def run_seed(seed: int, base: Path, out: Path) -> tuple[float, float, dict]:
     return accuracy["created"], accuracy["uncertainty"], gaps
 
 
+@pytest.fixture
+def one_thread():
+    """Models this small gain nothing from a second thread, and on a busy machine its
+    synchronisation costs more than the work (scoring ran 5x slower with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_uncertainty_order_teaches_the_reward_model_at_least_as_much_as_creation_order(committed, tiny_model_dir,
-                                                                                         tmp_path):
+                                                                                         tmp_path, one_thread):
     created, unsure, gaps = [], [], []
     for seed in SEEDS:
         c, u, g = run_seed(seed, tiny_model_dir, tmp_path / f"seed{seed}")
