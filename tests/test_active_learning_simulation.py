@@ -24,7 +24,7 @@ from app.config import Settings
 from app.db.enums import JobKind, ModelKind, TaskOrder
 from app.db.models import Job, TaskScore, User
 from app.db.session import new_session
-from app.services import active_learning, annotations, models
+from app.services import annotations, models
 from app.services.assignment import lease_next_task
 from tests.factories import make_prompt_set, make_task, make_user, synthetic
 from trainer.reward import RankedGroup, RewardConfig, train_reward_model
