@@ -2,7 +2,7 @@
 as a JSON array; and rows/s of a whole import into PostgreSQL, prompts beside
 preferences, for 100k rows.
 
-    .venv/bin/python bench/imports.py [--sizes 10000 100000] [--repeat 2] [--db-rows 100000]
+    .venv/bin/python bench/imports.py [--sizes 10000 100000] [--repeat 2] [--db-rows 100000] [--db-prompts N]
 
 Times app.services.prompt_import.parse_prompts, the part of an import that
 grows with the file (the rest is one INSERT ... ON CONFLICT): decoding, every
@@ -14,21 +14,24 @@ counting of the first version, which counted the lines from the start of the
 file for every array item (quadratic: 20k items took 36 s); it is timed alone
 (without the parsing) and not run on larger files, where it takes minutes.
 
-Then, in the same run, whole imports into a scratch database (as bench/agreement.py
+First, in the same run, whole imports into a scratch database (as bench/agreement.py
 makes one: DATABASE_URL's server when set, else the embedded test server), each
 into a fresh set, file read from disk, everything written in one transaction:
-- prompts: app.services.prompt_import.import_prompts of --db-rows prompts (JSONL);
 - preferences: app.services.preference_import.import_preferences of --db-rows
   lines, a third each TRL pairs (three consecutive pairs of one ranking of three),
-  HH-RLHF transcripts and ranked responses (K=4, with a tie); rows/s counts lines.
-The process's peak memory after the preference import (run first) is printed beside it.
---db-rows 0 skips this part.
+  HH-RLHF transcripts and ranked responses (K=4, with a tie); rows/s counts lines;
+- prompts: app.services.prompt_import.import_prompts of --db-prompts prompts (JSONL;
+  default --db-rows), the rows/s to set beside it.
+The process's peak memory (RSS) before and after the preference import (run first, before
+the parse timings) is printed beside it: run --db-rows 100000 and 1000000 to see that it does
+not grow with the file. --db-rows 0 skips this part.
 """
 
 import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +83,9 @@ def preference_line(i: int) -> dict:
             "ranks": [1, 2, 2, 4]}
 
 
-def db_imports(n: int) -> list[tuple[str, int, float, str]]:
-    """(what, rows, seconds, note) of a prompt import and a preference import of n rows."""
+def db_imports(n: int, n_prompts: int) -> Iterator[tuple[str, int, float, str]]:
+    """(what, rows, seconds, note) of a preference import of n lines, then of a prompt
+    import of n_prompts prompts (0: none), each yielded once done."""
     import resource
     import tempfile
 
@@ -93,48 +97,57 @@ def db_imports(n: int) -> list[tuple[str, int, float, str]]:
     from app.services.prompt_import import ImportLimits, import_prompts
 
     url, admin = scratch_database()
-    out = []
     try:
         db_session.configure(url)
         migrate.upgrade("head")
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, db_session.new_session() as session:
             prompts_path, prefs_path = Path(tmp) / "prompts.jsonl", Path(tmp) / "prefs.jsonl"
-            with prompts_path.open("w") as f:
-                for i in range(n):
-                    f.write(json.dumps(record(i)) + "\n")
             with prefs_path.open("w") as f:
                 for i in range(n):
                     f.write(json.dumps(preference_line(i)) + "\n")
-            with db_session.new_session() as session:
-                sets = [PromptSet(name=f"bench-{what}-{n}") for what in ("prompts", "preferences")]
-                session.add_all(sets)
-                session.commit()
-                # Preferences first, so the process's peak memory after it is the streamed import's.
-                started = time.perf_counter()
-                with prefs_path.open("rb") as f:
-                    prefs = import_preferences(session, prompt_set=sets[1], source=f, source_name="bench")
-                seconds = time.perf_counter() - started
-                peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                prefs_row = ("preferences", n, seconds, f"{prefs.rankings:,} rankings, {prefs.comparisons:,} comparisons;"
-                             f" streamed, process peak {peak_mb:.0f} MB (file {prefs_path.stat().st_size / 1e6:.0f} MB)")
-                limits = ImportLimits(max_file_bytes=1 << 40, max_prompts=max(n, 1))
-                started = time.perf_counter()
-                result = import_prompts(session, prompt_set=sets[0], data=prompts_path.read_bytes(), limits=limits)
-                out.append(("prompts", n, time.perf_counter() - started,
-                            f"{result.added:,} prompts; whole file in memory"))
-                out.append(prefs_row)
+            sets = [PromptSet(name=f"bench-{what}-{n}") for what in ("prompts", "preferences")]
+            session.add_all(sets)
+            session.commit()
+            # Preferences first (and before the parse timings, see main), so the process's
+            # peak memory after it is the streamed import's; beside it, the peak before it.
+            before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            started = time.perf_counter()
+            with prefs_path.open("rb") as f:
+                prefs = import_preferences(session, prompt_set=sets[1], source=f, source_name="bench")
+            seconds = time.perf_counter() - started
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            yield ("preferences", n, seconds, f"{prefs.rankings:,} rankings, {prefs.comparisons:,} comparisons;"
+                   f" streamed, process peak RSS {before_mb:.0f} MB before, {peak_mb:.0f} MB after"
+                   f" (file {prefs_path.stat().st_size / 1e6:.0f} MB)")
+            if not n_prompts:
+                return
+            with prompts_path.open("w") as f:
+                for i in range(n_prompts):
+                    f.write(json.dumps(record(i)) + "\n")
+            limits = ImportLimits(max_file_bytes=1 << 40, max_prompts=n_prompts)
+            started = time.perf_counter()
+            result = import_prompts(session, prompt_set=sets[0], data=prompts_path.read_bytes(), limits=limits)
+            yield ("prompts", n_prompts, time.perf_counter() - started, f"{result.added:,} prompts; whole file in memory")
     finally:
         drop_database(url, admin)
-    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="prompts per file")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each parse; the best is shown")
-    parser.add_argument("--db-rows", type=int, default=100_000, help="rows of the imports into PostgreSQL (0: none)")
+    parser.add_argument("--db-rows", type=int, default=100_000, help="lines of the preference import (0: none)")
+    parser.add_argument("--db-prompts", type=int, default=None,
+                        help="prompts of the prompt import beside it (default: --db-rows; 0: none)")
     args = parser.parse_args()
 
+    if args.db_rows:  # first: the process's peak memory is then the streamed import's
+        print("whole imports into PostgreSQL (parse, check, write; one transaction each):", flush=True)
+        print(f"{'import':<12} | {'rows':>8} | {'seconds':>8} | {'rows/s':>8} | note")
+        prompts = args.db_rows if args.db_prompts is None else args.db_prompts
+        for what, n, seconds, note in db_imports(args.db_rows, prompts):
+            print(f"{what:<12} | {n:>8,} | {seconds:8.1f} | {n / seconds:8,.0f} | {note}", flush=True)
+        print()
     rows = []
     for n in args.sizes:
         for kind, text in files(n).items():
@@ -150,12 +163,6 @@ def main() -> None:
     for n, kind, size, seconds, baseline in rows:
         print(f"{n:>8,} | {kind:<10} | {size / 1e6:6.1f} | {seconds:11.2f} s | {seconds / n * 1000:6.3f} s | "
               f"{baseline:>23}")
-    if args.db_rows:
-        print()
-        print("whole imports into PostgreSQL (parse, check, write; one transaction each):", flush=True)
-        print(f"{'import':<12} | {'rows':>8} | {'seconds':>8} | {'rows/s':>8} | note")
-        for what, n, seconds, note in db_imports(args.db_rows):
-            print(f"{what:<12} | {n:>8,} | {seconds:8.1f} | {n / seconds:8,.0f} | {note}")
 
 
 if __name__ == "__main__":

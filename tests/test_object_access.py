@@ -137,6 +137,12 @@ OBJECT_RULES: dict[str, tuple[str, ...]] = {
     "POST /api/v1/prompt-sets/{prompt_set_id}/pause": SHARED,
     "POST /api/v1/prompt-sets/{prompt_set_id}/resume": SHARED,
     "POST /api/v1/prompt-sets/{prompt_set_id}/archive": SHARED,
+    "PUT /api/v1/prompt-sets/{prompt_set_id}/task-order": SHARED,
+    "POST /admin/prompt-sets/{prompt_set_id}/task-order": SHARED,
+    "POST /admin/prompt-sets/{prompt_set_id}/score-tasks": SHARED,
+    # The reward model's scores of a set's tasks: for engineers and admins, never labelers (refused outright).
+    "GET /api/v1/prompt-sets/{prompt_set_id}/task-scores": SHARED,
+    "POST /api/v1/prompt-sets/{prompt_set_id}/task-scores": SHARED,
     "GET /admin/prompt-sets/{prompt_set_id}/quality": SHARED,
     "GET /admin/prompt-sets/{prompt_set_id}/quality/figures": SHARED,
     "GET /admin/prompt-sets/{prompt_set_id}/quality/labelers": SHARED,

@@ -42,6 +42,7 @@ HANDLERS: dict[JobKind, Handler | str] = {
     JobKind.best_of_n: "trainer.best_of_n_job:best_of_n_job",
     JobKind.eval_figures: "trainer.eval_figures_job:eval_figures_job",
     JobKind.ai_label: "trainer.ai_label_job:ai_label_job",
+    JobKind.score_tasks: "trainer.score_tasks_job:score_tasks_job",
 }
 
 

@@ -21,6 +21,13 @@ class PromptSetKind(StrEnum):
     evaluation = "evaluation"
 
 
+class TaskOrder(StrEnum):
+    """The order a ranking set hands its tasks out in (app/services/assignment.py)."""
+
+    created = "created"  # oldest first
+    uncertainty = "uncertainty"  # smallest reward-model margin first (app/services/active_learning.py)
+
+
 class PromptSetStatus(StrEnum):
     draft = "draft"
     active = "active"

@@ -30,6 +30,7 @@ from app.db.enums import (
     ReviewDecision,
     Role,
     Split,
+    TaskOrder,
     UserKind,
     VoteOutcome,
     VoteStrength,
@@ -220,13 +221,20 @@ class PromptSet(Base):
     # Pre-annotation: this AI labeler's ranking is pre-filled on the labeling page (on a
     # random half of the tasks, app/services/ai_labelers.prefill_arm). None: off.
     pre_annotator_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    # Active learning: the order tasks are handed out in, and the reward model whose
+    # scores the uncertainty order reads (None: the newest reward model).
+    task_order: Mapped[TaskOrder] = mapped_column(
+        str_enum(TaskOrder, "task_order"), default=TaskOrder.created, server_default=TaskOrder.created.value
+    )
+    order_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
     status: Mapped[PromptSetStatus] = mapped_column(
         str_enum(PromptSetStatus, "prompt_set_status"), default=PromptSetStatus.draft
     )
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = created_at_column()
 
-    generator_model: Mapped[Model | None] = relationship()
+    generator_model: Mapped[Model | None] = relationship(foreign_keys=[generator_model_id])
+    order_model: Mapped[Model | None] = relationship(foreign_keys=[order_model_id])
     prompts: Mapped[list["Prompt"]] = relationship(back_populates="prompt_set")
     pre_annotator: Mapped[User | None] = relationship(foreign_keys=[pre_annotator_id])
 
@@ -361,6 +369,30 @@ class Task(Base):
         CheckConstraint("k BETWEEN 2 AND 9", name="k_range"),
         CheckConstraint("num_labels >= 0", name="num_labels_nonneg"),
         Index("ix_tasks_prompt_set_id_num_labels", "prompt_set_id", "num_labels"),
+    )
+
+
+class TaskScore(Base):
+    """A reward model's scores of a task's responses (app/services/active_learning.py):
+    the uncertainty order hands out the tasks of smallest margin first. Admins and
+    engineers see them; labelers never do."""
+
+    __tablename__ = "task_scores"
+
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    # Mean |reward gap| over the task's pairs of responses: small = the model is unsure.
+    margin: Mapped[float]
+    # {response_id: normalised reward}
+    rewards: Mapped[dict[str, Any]]
+    scored_at: Mapped[datetime] = created_at_column()
+
+    model: Mapped[Model] = relationship()
+
+    __table_args__ = (
+        CheckConstraint("margin >= 0", name="margin_nonneg"),
+        Index("ix_task_scores_model_id", "model_id"),
     )
 
 

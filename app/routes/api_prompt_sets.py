@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, status
 from sqlalchemy.orm import Session
 
 from app.db.models import PromptSet
-from app.routes.deps import AdminUser, SessionDep
+from app.routes.deps import AdminUser, EngineerUser, SessionDep
 from app.routes.uploads import ImportPayload, PreferencePayload, read_import_payload, read_preference_payload
 from app.schemas.common import Id, problem_response
 from app.schemas.jobs import JobOut, job_out
@@ -21,9 +21,12 @@ from app.schemas.prompt_sets import (
     PromptSetCreate,
     PromptSetOut,
     PromptSetUpdate,
+    TaskOrderBody,
+    TaskOrderOut,
     prompt_set_out,
+    task_order_out,
 )
-from app.services import ai_labelers, preference_import, prompt_import, prompt_sets
+from app.services import active_learning, ai_labelers, preference_import, prompt_import, prompt_sets
 
 router = APIRouter(prefix="/prompt-sets", tags=["prompt sets"])
 
@@ -168,3 +171,30 @@ def start_ai_label(prompt_set_id: Id, body: AILabelRunIn, session: SessionDep, a
     job = ai_labelers.start_ai_label_job(session, prompt_set_id=prompt_set_id, ai_user_id=body.ai_user_id,
                                          scope=body.scope, created_by_id=admin.id)
     return job_out(job)
+def _order_out(session: Session, prompt_set: PromptSet) -> TaskOrderOut:
+    return task_order_out(prompt_set, active_learning.order_summary(session, prompt_set))
+
+
+@router.put("/{prompt_set_id}/task-order", response_model=TaskOrderOut,
+            responses={422: problem_response("`errors` names the bad field."),
+                       409: problem_response("The set is archived or not a ranking set.")})
+def update_task_order(prompt_set_id: Id, body: TaskOrderBody, session: SessionDep, admin: AdminUser):
+    """Set the order tasks are handed out in; switching to uncertainty (or changing its model) queues scoring."""
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    active_learning.update_order(session, prompt_set=prompt_set, order=body.task_order,
+                                 order_model_id=body.order_model_id, user_id=admin.id)
+    return _order_out(session, prompt_set)
+
+
+@router.get("/{prompt_set_id}/task-scores", response_model=TaskOrderOut)
+def task_scores(prompt_set_id: Id, session: SessionDep, engineer: EngineerUser):
+    """The set's task order and the open tasks its reward model is least sure of (admins and engineers)."""
+    return _order_out(session, prompt_sets.get_prompt_set(session, prompt_set_id))
+
+
+@router.post("/{prompt_set_id}/task-scores", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED,
+             responses={409: problem_response("No reward model is registered, or the set is archived.")})
+def score_tasks(prompt_set_id: Id, session: SessionDep, engineer: EngineerUser):
+    """Queue a score_tasks job: the set's reward model scores its open tasks."""
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    return job_out(active_learning.queue_scoring(session, prompt_set=prompt_set, created_by_id=engineer.id))

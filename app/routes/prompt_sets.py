@@ -11,7 +11,7 @@ from app.routes.deps import AdminUser, SessionDep
 from app.routes.uploads import ImportPayload, PreferencePayload, read_import_payload, read_preference_payload
 from app.schemas.common import Id
 from app.schemas.prompt_sets import PromptSetForm
-from app.services import ai_labelers, preference_import, prompt_import, prompt_sets
+from app.services import active_learning, ai_labelers, preference_import, prompt_import, prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.web import flash, redirect, render, render_form_errors
 
@@ -40,6 +40,10 @@ def _detail_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, A
         "preference_form": {"source": "", "format": "auto", "content": ""},
         "ai_labelers": ai_labelers.list_ai_labelers(session, active_only=True), "ai_scopes": ai_labelers.SCOPES,
         "ai_form": {"principles": prompt_set.principles, "pre_annotator_id": str(prompt_set.pre_annotator_id or "")},
+        "order": active_learning.order_summary(session, prompt_set),
+        "reward_models": active_learning.reward_models(session),
+        "order_form": {"task_order": prompt_set.task_order.value,
+                       "order_model_id": str(prompt_set.order_model_id or "")},
     }
     return context | extra
 
@@ -96,6 +100,30 @@ def update_settings(request: Request, session: SessionDep, admin: AdminUser, pro
                                   _detail_context(session, prompt_set, form=data.model_dump()),
                                   block="settings_form", status_code=422)
     flash(request, "Settings saved.", "success")
+    return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
+
+
+@router.post("/{prompt_set_id}/task-order")
+def update_task_order(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id,
+                      task_order: Annotated[str, Form()] = "", order_model_id: Annotated[str, Form()] = ""):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    try:
+        job = active_learning.update_order(session, prompt_set=prompt_set, order=task_order,
+                                           order_model_id=order_model_id, user_id=admin.id)
+    except (Invalid, Conflict) as exc:
+        form = {"task_order": task_order, "order_model_id": order_model_id}
+        return render_form_errors(request, exc, "pages/prompt_sets_detail.html",
+                                  _detail_context(session, prompt_set, order_form=form), prefix="order_",
+                                  block="order_form")
+    flash(request, f"Task order saved.{' Scoring the tasks is queued.' if job else ''}", "success")
+    return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
+
+
+@router.post("/{prompt_set_id}/score-tasks")
+def score_tasks(request: Request, session: SessionDep, admin: AdminUser, prompt_set_id: Id):
+    prompt_set = prompt_sets.get_prompt_set(session, prompt_set_id)
+    job = active_learning.queue_scoring(session, prompt_set=prompt_set, created_by_id=admin.id)
+    flash(request, f"Scoring the open tasks is queued (job #{job.id}).", "success")
     return redirect(request, f"/admin/prompt-sets/{prompt_set.id}")
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.db.enums import JobStatus, PromptSetKind, PromptSetStatus
+from app.db.enums import JobStatus, PromptSetKind, PromptSetStatus, TaskOrder
 from app.db.models import Job, PromptSet
 from app.schemas.common import Id, Text
 from app.services.prompt_sets import DEFAULTS, PromptSetCounts
@@ -124,6 +124,8 @@ class PromptSetOut(BaseModel):
     rl_ratio: float
     pairwise: bool
     top_k: int | None
+    task_order: TaskOrder
+    order_model_id: int | None
     round: int
     created_by_id: int | None
     created_at: datetime
@@ -195,3 +197,38 @@ class AILabelRunIn(BaseModel):
 
     ai_user_id: Id
     scope: Literal["missing", "all"] = "missing"
+class TaskOrderBody(BaseModel):
+    task_order: TaskOrder | str = Field(description="created: oldest first; uncertainty: the tasks the reward "
+                                                    "model separates least confidently first.")
+    order_model_id: Id | None = Field(default=None, description="A reward model; null: the newest one.")
+
+
+class TaskScoreOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    task_id: int
+    prompt: str
+    margin: float = Field(description="Mean |reward gap| over the task's pairs of responses.")
+    num_labels: int
+    model_name: str
+
+
+class TaskOrderOut(BaseModel):
+    prompt_set_id: int
+    task_order: TaskOrder
+    order_model_id: int | None
+    scoring_model_id: int | None = Field(description="The model that scores the tasks now (chosen or newest).")
+    open_tasks: int
+    scored_tasks: int
+    scoring_job_id: int | None = Field(description="The latest score_tasks job of the set.")
+    lowest: list[TaskScoreOut] = Field(description="Open tasks of smallest margin, first handed out.")
+
+
+def task_order_out(prompt_set: PromptSet, summary) -> TaskOrderOut:
+    """`summary`: app.services.active_learning.OrderSummary."""
+    return TaskOrderOut(
+        prompt_set_id=prompt_set.id, task_order=summary.task_order, order_model_id=prompt_set.order_model_id,
+        scoring_model_id=summary.scoring_model.id if summary.scoring_model else None,
+        open_tasks=summary.open_tasks, scored_tasks=summary.scored_tasks,
+        scoring_job_id=summary.job.id if summary.job else None,
+        lowest=[TaskScoreOut.model_validate(row) for row in summary.lowest])

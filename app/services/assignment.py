@@ -9,7 +9,9 @@ Rules:
   An expired or released lease no longer holds the task; the same labeler may
   lease it again later (their row is reused).
 - Tasks with labels already are offered first (finish the overlap before
-  starting new tasks), then the oldest.
+  starting new tasks), then, in a set ordered by uncertainty, those of smallest
+  reward-model margin (app/services/active_learning; tasks not scored yet after
+  the scored ones), then the oldest.
 - Only tasks of the current generation round of active ranking and evaluation
   sets (TASK_KINDS) the labeler is allowed on (a set listing no labelers is open to all).
 - Gold tasks (a known answer, see app/services/gold) measure labelers, so every
@@ -49,6 +51,7 @@ from sqlalchemy import (
     Interval,
     and_,
     bindparam,
+    case,
     exists,
     func,
     literal,
@@ -61,13 +64,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, joinedload
 
-from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus
+from app.db.enums import AssignmentStatus, PromptSetKind, PromptSetStatus, TaskOrder
 from app.db.models import (
     Annotation,
     Assignment,
     PromptSet,
     Task,
     TaskResponse,
+    TaskScore,
     User,
 )
 from app.services.errors import Conflict, Invalid, NotAllowed, NotFound
@@ -222,7 +226,9 @@ def _pick_statement(*, shortlist: bool, skip_locked: bool, exclude: bool):
             and_(Assignment.status == AssignmentStatus.active, Assignment.expires_at > now),
         ),
     )
-    order = (Task.is_gold.desc(), Task.num_labels.desc(), Task.created_at, Task.id)
+    # Unsure first in sets ordered by uncertainty (NULL in others, and for tasks not scored yet: last).
+    uncertainty = case((PromptSet.task_order == TaskOrder.uncertainty.value, TaskScore.margin), else_=null())
+    order = (Task.is_gold.desc(), Task.num_labels.desc(), uncertainty.asc().nulls_last(), Task.created_at, Task.id)
     # num_labels (kept on the task) counts the submitted holders: a cheap first cut
     # before the leases are counted.
     ordinary = and_(~Task.is_gold, Task.num_labels < PromptSet.overlap)
@@ -230,6 +236,7 @@ def _pick_statement(*, shortlist: bool, skip_locked: bool, exclude: bool):
     candidates = (
         select(Task.id)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+        .outerjoin(TaskScore, TaskScore.task_id == Task.id)
         .where(_eligible_sets(user_id), Task.id.not_in(mine), or_(ordinary, gold))
     )
     if exclude:
@@ -243,6 +250,7 @@ def _pick_statement(*, shortlist: bool, skip_locked: bool, exclude: bool):
         query = (
             select(Task.id)
             .join(PromptSet, PromptSet.id == Task.prompt_set_id)
+            .outerjoin(TaskScore, TaskScore.task_id == Task.id)
             .where(Task.id.in_(candidates.order_by(*order).limit(_SHORTLIST)), has_room)
         )
     return query.order_by(*order).limit(1).with_for_update(of=Task, skip_locked=skip_locked)

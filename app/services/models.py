@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.enums import ModelKind, PromptSetKind, PromptSetStatus
 from app.db.models import Job, Model, ModelSample, PromptSet
+from app.services import active_learning
 from app.services.errors import Conflict, Invalid, NotFound, raise_for_fields
 from app.services.prompt_sets import GENERATOR_KINDS, queue_generation_if_needed
 from app.services.run_settings import parse_ids
@@ -90,6 +91,8 @@ def register_model(
     session.flush()
     if make_default:
         _make_default(session, model)
+    # Sets ordered by uncertainty that follow the newest reward model are scored with it.
+    active_learning.queue_scoring_for_new_model(session, model=model)
     if commit:
         session.commit()
     return model
