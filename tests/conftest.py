@@ -323,3 +323,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward model of the tiny model's family: a random scalar head (any rule will do
+    where only the order of its scores matters)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.common import prepare_tokenizer
+    from trainer.models import load_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1, dtype=torch.float32)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    tokenizer = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    path = tmp_path_factory.mktemp("bon-rm")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -38,25 +38,6 @@ def test_the_best_is_the_argmax_and_never_below_the_mean():
         assert (rewards[0, order][:-1] >= rewards[0, order][1:]).all()  # best first
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir, tmp_path_factory):
-    """A reward model of the tiny model's family: a random scalar head (any rule will do here)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from trainer.common import prepare_tokenizer
-    from trainer.models import load_tokenizer
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1, dtype=torch.float32)
-    torch.nn.init.normal_(model.score.weight, std=1.0)
-    tokenizer = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    path = tmp_path_factory.mktemp("bon-rm")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_best_of_n_keeps_the_response_the_reward_model_scores_highest(tiny_model_dir, reward_dir):
     config = BestOfNConfig(n=6, max_new_tokens=8, temperature=1.0, batch_size=12)
     prompts = [synthetic.prompt(i) for i in range(3)]
