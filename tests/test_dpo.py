@@ -242,21 +242,24 @@ def test_dpo_form_offers_the_losses_queues_a_run_and_names_bad_fields(client, cl
     assert 'value="listwise"' in page.text and 'value="ipo"' in page.text and "sft-base" in page.text
     assert "(6 annotations)" in page.text and 'id="policy-methods"' in page.text  # PPO, DPO, best-of-N side by side
     assert 'href="/training/best-of-n"' in page.text
+    assert 'name="include_imported"' in page.text  # imported judgements train by choice, as a reward model's
 
-    bad = client.post("/training/dpo", data={"csrf_token": token, "beta": "0", "loss": "hinge"},
-                      headers={"HX-Request": "true"})
+    bad = client.post("/training/dpo", data={"csrf_token": token, "beta": "0", "loss": "hinge",
+                                             "include_imported": "perhaps"}, headers={"HX-Request": "true"})
     assert bad.status_code == 422 and bad.text.lstrip().startswith('<section class="card" id="run-form">')
     assert "choose at least one ranking set" in bad.text and "must be 0.001..100" in bad.text
-    assert "one of listwise, sigmoid, ipo" in bad.text
+    assert "one of listwise, sigmoid, ipo" in bad.text and "choose yes or no" in bad.text
 
     response = client.post("/training/dpo", data={
         "csrf_token": token, "policy_model_id": str(sft.id), "prompt_set_ids": str(prompt_set.id),
+        "include_imported": "no",
         "loss": "sigmoid", "beta": "0.2", "epochs": "2", "learning_rate": "0.0001", "name": "dpo-1"},
         follow_redirects=False)
     assert response.status_code == 303
     [job] = session.scalars(select(Job).where(Job.kind == JobKind.train_dpo)).all()
     assert response.headers["location"] == f"/jobs/{job.id}"
     assert job.params["reference_model_id"] == sft.id and job.params["name"] == "dpo-1"
+    assert job.params["include_imported"] is False
     assert (job.params["config"]["loss"], job.params["config"]["beta"], job.params["config"]["epochs"]) == ("sigmoid", 0.2, 2)
 
 
@@ -276,8 +279,10 @@ def test_dpo_api_lists_its_settings_and_queues_a_run(client, session, tmp_path):
     loss = next(s for s in settings["dpo"] if s["name"] == "loss")
     assert loss["choices"] == ["listwise", "sigmoid", "ipo"] and loss["default"] == "listwise"
     assert {s["name"] for s in settings["best_of_n"]} >= {"n", "temperature", "max_prompts"}
-    created = client.post("/api/v1/training/dpo", json={"prompt_set_ids": [prompt_set.id], "config": {"beta": 0.5}})
+    created = client.post("/api/v1/training/dpo", json={"prompt_set_ids": [prompt_set.id], "include_imported": False,
+                                                        "config": {"beta": 0.5}})
     assert created.status_code == 201 and created.json()["kind"] == "train_dpo"
+    assert created.json()["params"]["include_imported"] is False
     refused = client.post("/api/v1/training/dpo", json={"prompt_set_ids": [prompt_set.id], "policy_model_id": 999_999,
                                                         "config": {"beta": -1}})
     assert refused.status_code == 422 and set(refused.json()["errors"]) >= {"policy_model_id", "beta"}

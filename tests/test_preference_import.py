@@ -17,7 +17,7 @@ from app.services.errors import Conflict, Invalid
 from app.services.progress import set_progress
 from app.services.preference_import import import_preferences, iter_lines, parse_rankings
 from app.services.prompt_import import Problems, LIMITS
-from tests.factories import annotate, make_prompt_set, make_user, task_with_ids
+from tests.factories import annotate, make_model, make_prompt_set, make_user, task_with_ids
 
 
 NOW = datetime.now(UTC) + timedelta(minutes=5)
@@ -170,7 +170,9 @@ def test_quality_page_names_the_source_apart_from_the_labelers(admin_client, ses
     assert page.count("p-ann") >= 1 and "hh-rlhf" not in page.split('id="imported-sources"')[0]
 
 
-def test_reward_training_includes_imported_data_unless_told_not_to(session, labeled):
+@pytest.mark.parametrize("clean", [training.clean_reward_params, training.clean_dpo_params], ids=["reward", "dpo"])
+def test_training_on_rankings_includes_imported_data_unless_told_not_to(session, labeled, clean):
+    make_model(session, name="sft", is_default=True)
     source = make_prompt_set(session, k=3)
     imported = exported(session, labeled.id)
     only_imported = make_prompt_set(session, k=3)
@@ -179,11 +181,13 @@ def test_reward_training_includes_imported_data_unless_told_not_to(session, labe
     assert len(train) + len(val) == 9 and all(a.source == "copy" for a in train + val)
     train, val = training.reward_data(session, [only_imported.id], include_imported=False)
     assert train == val == []
+    params = clean(session, values={}, prompt_set_ids=[only_imported.id], include_imported="yes")
+    assert params["include_imported"] is True
     with pytest.raises(Invalid) as caught:
-        training.clean_reward_params(session, values={}, prompt_set_ids=[only_imported.id], include_imported="no")
-    assert "prompt_set_ids" in caught.value.errors
+        clean(session, values={}, prompt_set_ids=[only_imported.id], include_imported="no")
+    assert set(caught.value.errors) == {"prompt_set_ids"}
     with pytest.raises(Invalid) as caught:
-        training.clean_reward_params(session, values={}, prompt_set_ids=[source.id], include_imported="maybe")
+        clean(session, values={}, prompt_set_ids=[source.id], include_imported="maybe")
     assert caught.value.errors["include_imported"] == "choose yes or no"
 
 

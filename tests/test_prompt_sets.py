@@ -254,7 +254,10 @@ def test_new_page_shows_the_defaults_and_the_registered_models(admin_client, ses
     assert 'name="k" type="number" min="2" max="9" step="1" value="4"' in page.text
     assert 'name="train_ratio" type="number" min="0" max="1" step="any" value="0.8"' in page.text
     assert f'<option value="{default.id}" selected>smol-sft (sft, default)</option>' in page.text
-    assert "a-reward-model" not in page.text
+    generator_select = page.text.split('name="generator_model_id"')[1].split("</select>")[0]
+    assert "smol-sft" in generator_select and "a-reward-model" not in generator_select
+    scorer_select = page.text.split('name="best_of_n_reward_model_id"')[1].split("</select>")[0]
+    assert "a-reward-model" in scorer_select and "smol-sft" not in scorer_select  # best-of-N rounds' scorer
 
 
 def test_create_form_with_bad_values_comes_back_with_errors_and_values(admin_client, session):

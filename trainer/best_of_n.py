@@ -7,6 +7,9 @@ that is provably close to the policy: the KL of best-of-N from the policy is
 at most log N - (N - 1) / N (Stiennon et al. 2020, appendix G.3; Beirami et
 al. 2024 show it is an upper bound, tight for distinct samples), so a best-of-N
 figure can be set beside a PPO or DPO policy at the same KL.
+
+RewardRanker is the scoring both uses share: the best_of_n job here, and a
+ranking round generated as the top K of N samples (trainer/generate.py).
 """
 
 import math
@@ -42,6 +45,26 @@ def best_indices(rewards: torch.Tensor) -> torch.Tensor:
     return torch.sort(rewards, dim=-1, descending=True, stable=True).indices
 
 
+class TokenizerMismatch(ValueError):
+    """The reward model and the policy do not share a tokenizer."""
+
+
+class RewardRanker:
+    """A reward model ordering the candidate responses of a prompt by reward, best first.
+    With the policy's tokenizer, it refuses a reward model of another tokenizer
+    (TokenizerMismatch): responses are scored token for token as the policy wrote them."""
+
+    def __init__(self, reward_path: str, device: torch.device, policy_tokenizer=None):
+        self.model, self.tokenizer = load_reward_model(reward_path, device)
+        if policy_tokenizer is not None and self.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+            raise TokenizerMismatch("the reward model and the policy must share a tokenizer")
+
+    def rank(self, messages: Messages, responses: list[str]) -> tuple[list[float], list[int]]:
+        """(normalised rewards, indices best first) of one prompt's responses."""
+        rewards = score(self.model, self.tokenizer, messages, responses)  # (N,)
+        return rewards.tolist(), best_indices(rewards.unsqueeze(0))[0].tolist()
+
+
 @dataclass
 class PromptOutcome:
     messages: Messages
@@ -71,9 +94,7 @@ def best_of_n(config: BestOfNConfig, prompts: list[Messages], *, policy_path: st
     seed_everything(config.seed)
     tokenizer = prepare_tokenizer(load_tokenizer(str(policy_path)))
     policy = load_causal_lm(str(policy_path), device, torch.float32).eval()
-    reward_model, reward_tokenizer = load_reward_model(reward_path, device)
-    assert reward_tokenizer.get_vocab() == tokenizer.get_vocab(), \
-        "the reward model and the policy must share a tokenizer: responses are scored token for token"
+    ranker = RewardRanker(reward_path, device, tokenizer)
     from transformers import GenerationConfig
 
     generation_config = GenerationConfig(
@@ -93,9 +114,8 @@ def best_of_n(config: BestOfNConfig, prompts: list[Messages], *, policy_path: st
         texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
         for row, messages in enumerate(chunk):
             mine = slice(row * config.n, (row + 1) * config.n)
-            rewards = score(reward_model, reward_tokenizer, messages, texts[mine])  # (N,)
-            outcomes.append(PromptOutcome(messages, texts[mine], rewards.tolist(), ended[mine].tolist(),
-                                          best_indices(rewards.unsqueeze(0))[0].tolist()))
+            rewards, order = ranker.rank(messages, texts[mine])
+            outcomes.append(PromptOutcome(messages, texts[mine], rewards, ended[mine].tolist(), order))
         if on_prompts is not None:
             on_prompts(len(outcomes))
     return outcomes

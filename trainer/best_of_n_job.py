@@ -17,7 +17,7 @@ from typing import Any
 
 from app.db.models import Job
 from app.services import demonstrations, models, training
-from trainer.best_of_n import BestOfNConfig, best_of_n, kl_bound
+from trainer.best_of_n import BestOfNConfig, TokenizerMismatch, best_of_n, kl_bound
 from trainer.jobs import JobContext, JobFailed
 from trainer.runs import device_setting
 
@@ -55,11 +55,9 @@ def best_of_n_job(ctx: JobContext) -> dict[str, Any]:
     try:
         outcomes = best_of_n(config, [r.messages for r in rows], policy_path=paths["policy"],
                              reward_path=paths["reward"], on_prompts=on_prompts)
-    except AssertionError as error:
-        if "tokenizer" in str(error):
-            raise JobFailed(f"The reward model '{names['reward']}' and the policy '{names['policy']}' do not share"
-                            " a tokenizer: choose a reward model trained from the policy's family.") from error
-        raise
+    except TokenizerMismatch as error:
+        raise JobFailed(f"The reward model '{names['reward']}' and the policy '{names['policy']}' do not share"
+                        " a tokenizer: choose a reward model trained from the policy's family.") from error
     for index, outcome in enumerate(outcomes):
         ctx.metrics(index + 1, {"best_reward": outcome.best_reward, "mean_reward": outcome.mean_reward})
 

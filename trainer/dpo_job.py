@@ -4,7 +4,8 @@ starting policy; the reference and the data snapshot in its config) and the
 validation prompts' samples before and after training, as a PPO policy's.
 
 Parameters (app/services/training.clean_dpo_params): policy_model_id,
-reference_model_id, prompt_set_ids, labeler_ids (None: all), name (or None),
+reference_model_id, prompt_set_ids, labeler_ids (None: all), include_imported
+(whether the sets' imported preference data trains too), name (or None),
 config (trainer.configs.DPOConfig's fields).
 
 The data is the reward model's (training.reward_data): the training split's
@@ -68,7 +69,8 @@ def train_dpo_job(ctx: JobContext) -> dict[str, Any]:
         output_dir=output_dir, source="train_dpo", parent_id=policy_id, metrics=result.metrics,
         config={"dpo": params["config"], "policy_model_id": policy_id,
                 "reference_model_id": int(params["reference_model_id"]), "prompt_set_ids": params["prompt_set_ids"],
-                "labeler_ids": params.get("labeler_ids"), "data": snapshot},
+                "labeler_ids": params.get("labeler_ids"), "include_imported": params.get("include_imported", True),
+                "data": snapshot},
         samples=[("before", result.samples_before), ("after", result.samples_after)], sample_prompts=sample_rows,
     )
     metrics = result.metrics

@@ -6,6 +6,11 @@ token from that row's own random stream (SeededSampler below), so a response
 depends on its seed only, not on which other prompts shared its batch: a run
 that resumes after a crash produces what an uninterrupted run would have.
 
+A ranking set in best-of-N mode (prompt_sets.best_of_n) samples N responses per
+prompt instead of K, all stored; the reward model chosen with the mode scores them
+(trainer/best_of_n.RewardRanker) and the K with the highest reward become the task,
+which records N, the reward model and every candidate's reward (tasks.selection).
+
 The job writes a batch's responses, the tasks of the prompts it completes and
 the job's progress in one transaction; a run that dies loses at most the
 batch in flight, and the next run starts from the prompts that still have no
@@ -20,6 +25,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import mean
 from typing import Any
 
 import torch
@@ -300,23 +306,61 @@ def _follow_new_round(session: Session, prompt_set: PromptSet, round_: int) -> i
     return follow.id
 
 
-def _create_task(session: Session, prompt: Prompt, prompt_set: PromptSet, prompt_seed: int) -> bool:
+@dataclass(frozen=True)
+class BestOfNRound:
+    """A round generated as the top K of N samples by a reward model."""
+
+    n: int
+    reward_model_id: int
+    reward_model: str
+    path: str  # the reward model's stored path
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A prompt's N candidates scored: rewards by sample index, and the indexes best first."""
+
+    rewards: list[float]
+    order: list[int]
+
+
+def best_of_n_round(session: Session, prompt_set: PromptSet) -> BestOfNRound | None:
+    """The set's best-of-N mode, or None for plain rounds. Raises JobFailed."""
+    if prompt_set.best_of_n is None:
+        return None
+    model = session.get(Model, prompt_set.best_of_n_reward_model_id)
+    if model is None or model.kind != ModelKind.reward:
+        raise JobFailed(f"The best-of-N reward model of '{prompt_set.name}' is gone: choose another for the round.")
+    return BestOfNRound(prompt_set.best_of_n, model.id, model.name, model.path)
+
+
+def _create_task(session: Session, prompt: Prompt, prompt_set: PromptSet, prompt_seed: int,
+                 mode: BestOfNRound | None = None, ranked: Ranked | None = None) -> bool:
     """The prompt's task with its K responses in a seeded shuffled order, when it
-    has K responses in the round and no task yet. True when created."""
-    responses = session.scalars(
+    has them in the round and no task yet: the first K samples, or in best-of-N mode
+    the K best of the N by reward, with the candidates' rewards recorded. True when created."""
+    k = prompt_set.k
+    candidates = mode.n if mode else k
+    by_index = {r.sample_index: r for r in session.scalars(
         select(Response).where(Response.prompt_id == prompt.id, Response.round == prompt_set.round,
-                               Response.sample_index < prompt_set.k).order_by(Response.sample_index)
-    ).all()
-    if len(responses) < prompt_set.k:
+                               Response.sample_index < candidates))}
+    chosen = ranked.order[:k] if ranked else list(range(k))
+    if len(by_index) < candidates or any(i not in by_index for i in chosen):
         return False
+    selection = None
+    if mode is not None and ranked is not None:
+        selection = {"mode": "best_of_n", "n": mode.n, "reward_model_id": mode.reward_model_id,
+                     "candidates": [{"response_id": by_index[i].id, "reward": round(ranked.rewards[i], 4)}
+                                    for i in ranked.order]}
     task_id = session.scalar(
         insert(Task).values(prompt_set_id=prompt_set.id, prompt_id=prompt.id, round=prompt_set.round,
-                            k=prompt_set.k)
+                            k=k, selection=selection)
         .on_conflict_do_nothing(index_elements=["prompt_id", "round"]).returning(Task.id)
     )
     if task_id is None:  # another writer made it
         return False
-    order = list(responses)
+    # Sample order before the shuffle, so a response's place never tells its reward rank.
+    order = [by_index[i] for i in sorted(chosen)]
     random.Random(derive_seed(prompt_seed, "order", prompt_set.round)).shuffle(order)
     session.execute(insert(TaskResponse).values([
         {"task_id": task_id, "response_id": r.id, "position": position} for position, r in enumerate(order)
@@ -476,7 +520,9 @@ def generate_job(ctx: JobContext) -> dict[str, Any]:
         _stop_if_not_generating(prompt_set)
         model = generator_model(session, prompt_set)
         model_id, model_name, model_path = model.id, model.name, model.path
+        mode = best_of_n_round(session, prompt_set)
         k, round_, set_seed = prompt_set.k, prompt_set.round, prompt_set.seed
+        per_prompt = mode.n if mode else k  # samples drawn per prompt
         settings = SamplingSettings(prompt_set.temperature, prompt_set.top_p, prompt_set.max_new_tokens)
         todo = _prompts_without_task(session, prompt_set)
     total = len(todo)
@@ -492,8 +538,18 @@ def generate_job(ctx: JobContext) -> dict[str, Any]:
              total, k, prompt_set_id, model_name, path, ctx.device)
     ctx.check_cancelled(force=True)
     sampler = load_sampler(path, ctx.device, ctx.dtype, engine)
+    ranker = None
+    if mode is not None:
+        from trainer.best_of_n import RewardRanker, TokenizerMismatch
+
+        try:
+            ranker = RewardRanker(resolve_model_path(mode.path, ctx.settings.artifacts_path), ctx.device,
+                                  sampler.tokenizer)
+        except TokenizerMismatch as error:
+            raise JobFailed(f"The reward model '{mode.reward_model}' and the generator '{model_name}' do not share"
+                            " a tokenizer: choose a reward model trained from the generator's family.") from error
     batch_size = int(ctx.params.get("batch_size") or (256 if ctx.device.type == "cuda" else 32))
-    prompts_per_batch = max(1, batch_size // k)
+    prompts_per_batch = max(1, batch_size // per_prompt)
     sampling = {**settings.as_dict(), "model": model_name, "engine": sampler.engine}
 
     done = n_responses = n_tasks = n_resampled = n_unresolved = n_tokens = 0
@@ -514,12 +570,18 @@ def generate_job(ctx: JobContext) -> dict[str, Any]:
                 .where(Response.prompt_id.in_(chunk), Response.round == round_)
             ):
                 have[pid][idx] = text
-            items = [(p.messages, derive_seed(set_seed, p.id), [i for i in range(k) if i not in have[p.id]],
+            items = [(p.messages, derive_seed(set_seed, p.id), [i for i in range(per_prompt) if i not in have[p.id]],
                       list(have[p.id].values())) for p in prompts]
-            session.rollback()  # no transaction held open while the model runs
+            known = [have[p.id] for p in prompts]
+            session.rollback()  # no transaction held open while the models run
 
             t0 = time.perf_counter()
             sampled, resampled, unresolved = sample_batch(sampler, items, settings)
+            ranked: list[Ranked | None] = [None] * len(prompts)
+            if ranker is not None:
+                for i, (item, existing, by_index) in enumerate(zip(items, known, sampled, strict=True)):
+                    texts = existing | {idx: s.text for idx, s in by_index.items()}
+                    ranked[i] = Ranked(*ranker.rank(item[0], [texts[j] for j in range(per_prompt)]))
             batch_s = time.perf_counter() - t0
             n_resampled += resampled
             n_unresolved += unresolved
@@ -540,16 +602,20 @@ def generate_job(ctx: JobContext) -> dict[str, Any]:
                 n_responses += len(written)
             batch_tokens = sum(r["num_tokens"] for r in rows)
             n_tokens += batch_tokens
-            for prompt, item in zip(prompts, items, strict=True):
-                n_tasks += _create_task(session, prompt, prompt_set, item[1])
+            for prompt, item, scored in zip(prompts, items, ranked, strict=True):
+                n_tasks += _create_task(session, prompt, prompt_set, item[1], mode, scored)
             done += len(chunk)
             # Responses, tasks and progress commit together: a crash loses the batch, never half of it.
             ctx.progress(done, total, session=session)
-            ctx.metrics(step, {
+            figures = {
                 "responses_per_s": len(rows) / batch_s if batch_s else 0.0,
                 "tokens_per_s": batch_tokens / batch_s if batch_s else 0.0,
                 "resampled": float(resampled),
-            }, session=session)
+            }
+            if ranker is not None:  # the mean reward of the K shown against that of all N
+                figures["shown_reward"] = mean(r.rewards[i] for r in ranked for i in r.order[:k])
+                figures["mean_reward"] = mean(x for r in ranked for x in r.rewards)
+            ctx.metrics(step, figures, session=session)
             session.commit()
     elapsed = time.perf_counter() - started
     with ctx.new_session() as session:
@@ -559,8 +625,11 @@ def generate_job(ctx: JobContext) -> dict[str, Any]:
             session.commit()
         # A round opened while the last batch ran is generated by a job of its own.
         _follow_new_round(session, prompt_set, round_)
-    return {
+    out = {
         "prompts": total, "responses": n_responses, "tasks": n_tasks, "resampled": n_resampled,
         "unresolved": n_unresolved, "tokens": n_tokens, "model_id": model_id, "model": model_name,
         "engine": sampler.engine, "seconds": round(elapsed, 2),
     }
+    if mode is not None:
+        out |= {"best_of_n": mode.n, "reward_model_id": mode.reward_model_id, "reward_model": mode.reward_model}
+    return out

@@ -227,6 +227,10 @@ class PromptSet(Base):
         str_enum(TaskOrder, "task_order"), default=TaskOrder.created, server_default=TaskOrder.created.value
     )
     order_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    # Best-of-N rounds: N samples per prompt, the K with the highest reward from this reward
+    # model become the task (trainer/generate.py); both None: the K samples themselves.
+    best_of_n: Mapped[int | None]
+    best_of_n_reward_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"))
     status: Mapped[PromptSetStatus] = mapped_column(
         str_enum(PromptSetStatus, "prompt_set_status"), default=PromptSetStatus.draft
     )
@@ -235,6 +239,7 @@ class PromptSet(Base):
 
     generator_model: Mapped[Model | None] = relationship(foreign_keys=[generator_model_id])
     order_model: Mapped[Model | None] = relationship(foreign_keys=[order_model_id])
+    best_of_n_reward_model: Mapped[Model | None] = relationship(foreign_keys=[best_of_n_reward_model_id])
     prompts: Mapped[list["Prompt"]] = relationship(back_populates="prompt_set")
     pre_annotator: Mapped[User | None] = relationship(foreign_keys=[pre_annotator_id])
 
@@ -253,6 +258,8 @@ class PromptSet(Base):
         CheckConstraint("top_k IS NULL OR (top_k >= 1 AND top_k < k)", name="top_k_range"),
         CheckConstraint("NOT pairwise OR k = 2", name="pairwise_k"),
         CheckConstraint("kind <> 'evaluation' OR pairwise", name="evaluation_pairwise"),
+        CheckConstraint("best_of_n IS NULL OR (best_of_n > k AND best_of_n <= 32)", name="best_of_n_range"),
+        CheckConstraint("(best_of_n IS NULL) = (best_of_n_reward_model_id IS NULL)", name="best_of_n_reward_model"),
     )
 
 
@@ -356,6 +363,10 @@ class Task(Base):
     is_gold: Mapped[bool] = mapped_column(default=False, server_default=sql("false"))
     # For gold tasks: {response_id: expected rank}.
     gold_ranking: Mapped[dict[str, Any] | None]
+    # How the responses were chosen; None: the first K samples. Best-of-N rounds:
+    # {"mode": "best_of_n", "n", "reward_model_id", "candidates": [{"response_id", "reward"}, ...]
+    # best first, all N}. For admins and engineers only: labelers never see it.
+    selection: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = created_at_column()
 
     prompt: Mapped[Prompt] = relationship()

@@ -46,9 +46,11 @@ def get_samples(model_id: Id, session: SessionDep, user: EngineerUser):
 @router.post("/{model_id}/promote", response_model=PromoteOut)
 def promote(model_id: Id, body: PromoteIn, session: SessionDep, user: EngineerUser):
     """Make the model the generator of a ranking set and open its next round (queued
-    now when the set is active)."""
+    now when the set is active), optionally as the best K of N samples by a reward model."""
     models.get_model(session, model_id)
     prompt_set, job = models.promote_generator(session, model_id=model_id, prompt_set_id=body.prompt_set_id,
-                                               user_id=user.id)
+                                               user_id=user.id, best_of_n=body.best_of_n,
+                                               best_of_n_reward_model_id=body.best_of_n_reward_model_id)
     return PromoteOut(prompt_set_id=prompt_set.id, round=prompt_set.round,
-                      generator_model_id=prompt_set.generator_model_id, job=job_out(job) if job else None)
+                      generator_model_id=prompt_set.generator_model_id, best_of_n=prompt_set.best_of_n,
+                      best_of_n_reward_model_id=prompt_set.best_of_n_reward_model_id, job=job_out(job) if job else None)

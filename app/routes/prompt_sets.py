@@ -5,13 +5,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 
-from app.db.enums import PromptSetKind
+from app.db.enums import ModelKind, PromptSetKind
 from app.db.models import PromptSet
 from app.routes.deps import AdminUser, SessionDep
 from app.routes.uploads import ImportPayload, PreferencePayload, read_import_payload, read_preference_payload
 from app.schemas.common import Id
 from app.schemas.prompt_sets import PromptSetForm
-from app.services import active_learning, ai_labelers, preference_import, prompt_import, prompt_sets
+from app.services import active_learning, ai_labelers, models, preference_import, prompt_import, prompt_sets
 from app.services.errors import Conflict, Invalid
 from app.web import flash, redirect, render, render_form_errors
 
@@ -21,7 +21,8 @@ router = APIRouter(prefix="/admin/prompt-sets", include_in_schema=False)
 def _form_context(session, *, form: dict[str, Any], prompt_set: PromptSet | None = None) -> dict[str, Any]:
     return {
         "form": form, "form_errors": {}, "form_error": None, "prompt_set": prompt_set,
-        "models": prompt_sets.list_generator_models(session), "kinds": [k for k in PromptSetKind if k != PromptSetKind.evaluation],  # those: /evaluations/new
+        "models": prompt_sets.list_generator_models(session),
+        "reward_models": models.models_of(session, (ModelKind.reward,)), "kinds": [k for k in PromptSetKind if k != PromptSetKind.evaluation],  # those: /evaluations/new
         "limits": prompt_import.LIMITS,
     }
 
@@ -29,11 +30,13 @@ def _form_context(session, *, form: dict[str, Any], prompt_set: PromptSet | None
 def _detail_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, Any]:
     settings_form = {n: str(getattr(prompt_set, n)) for n in PromptSetForm.model_fields if n != "kind"}
     settings_form["generator_model_id"] = str(prompt_set.generator_model_id or "")
-    settings_form["top_k"] = str(prompt_set.top_k or "")
+    for name in ("top_k", "best_of_n", "best_of_n_reward_model_id"):
+        settings_form[name] = str(getattr(prompt_set, name) or "")
     context = _form_context(session, form=settings_form, prompt_set=prompt_set)
     context |= {
         "counts": prompt_sets.counts(session, prompt_set),
         "job": prompt_sets.latest_generation_job(session, prompt_set),
+        "best_of_n": prompt_sets.best_of_n_figures(session, prompt_set),
         "import_format": "auto", "paste": "",
         "sources": preference_import.list_sources(session, prompt_set.id),
         "preference_formats": preference_import.FORMATS,

@@ -3,12 +3,13 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.enums import ModelKind
 from app.db.models import Model, ModelSample, PromptSet
 from app.schemas.common import Id
 from app.schemas.jobs import JobOut
+from app.schemas.prompt_sets import BEST_OF_N_HELP, BEST_OF_N_REWARD_HELP
 from app.schemas.leaderboard import EvaluationEvidenceOut, evidence_out
 from app.services.leaderboard import Evidence
 from app.services.models import SidePair
@@ -85,10 +86,14 @@ class PromoteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt_set_id: Id
+    best_of_n: int | None = Field(default=None, description=BEST_OF_N_HELP)
+    best_of_n_reward_model_id: Id | None = Field(default=None, description=BEST_OF_N_REWARD_HELP)
 
 
 class PromoteOut(BaseModel):
     prompt_set_id: int
     round: int
     generator_model_id: int
+    best_of_n: int | None
+    best_of_n_reward_model_id: int | None
     job: JobOut | None

@@ -12,7 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.db.enums import JobStatus, PromptSetKind, PromptSetStatus, TaskOrder
 from app.db.models import Job, PromptSet
 from app.schemas.common import Id, Text
-from app.services.prompt_sets import DEFAULTS, PromptSetCounts
+from app.services.prompt_sets import DEFAULTS, MAX_BEST_OF_N, PromptSetCounts
+
+BEST_OF_N_HELP = (f"Ranking sets: generate rounds as the best K of N samples per prompt by a reward model "
+                  f"(K < N <= {MAX_BEST_OF_N}); null: the K samples themselves.")
+BEST_OF_N_REWARD_HELP = "The reward model scoring best-of-N rounds; unset: the default reward model."
 
 
 class PromptSetCreate(BaseModel):
@@ -37,6 +41,8 @@ class PromptSetCreate(BaseModel):
         "Kind evaluation: ranking sets whose validation prompts the evaluation takes."))
     top_k: int | None = Field(default=None, description="Partial rankings: labelers rank only the best top_k "
                                                         "responses (1 <= top_k < K), the rest tied last; null: all.")
+    best_of_n: int | None = Field(default=None, description=BEST_OF_N_HELP)
+    best_of_n_reward_model_id: Id | None = Field(default=None, description=BEST_OF_N_REWARD_HELP)
 
 
 class PromptSetUpdate(BaseModel):
@@ -56,6 +62,8 @@ class PromptSetUpdate(BaseModel):
     rl_ratio: float | None = None
     pairwise: bool | None = None
     top_k: int | None = Field(default=None, description="null: rank every response.")
+    best_of_n: int | None = Field(default=None, description=BEST_OF_N_HELP)
+    best_of_n_reward_model_id: Id | None = Field(default=None, description=BEST_OF_N_REWARD_HELP)
 
 
 class PromptSetForm(BaseModel):
@@ -77,6 +85,8 @@ class PromptSetForm(BaseModel):
     kind: str = PromptSetKind.ranking.value
     pairwise: str = ""
     top_k: str = ""
+    best_of_n: str = ""
+    best_of_n_reward_model_id: str = ""
 
 
 class PromptSetCountsOut(BaseModel):
@@ -126,6 +136,8 @@ class PromptSetOut(BaseModel):
     top_k: int | None
     task_order: TaskOrder
     order_model_id: int | None
+    best_of_n: int | None
+    best_of_n_reward_model_id: int | None
     round: int
     created_by_id: int | None
     created_at: datetime

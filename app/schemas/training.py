@@ -54,6 +54,8 @@ class DPORunIn(BaseModel):
     policy_model_id: Id | None = None
     reference_model_id: Id | None = None
     labeler_ids: list[Id] | None = None
+    # Train on the sets' imported preference data (annotations of a source) too.
+    include_imported: bool = True
     name: Text | None = None
     config: dict[str, Any] = Field(default_factory=dict)
 

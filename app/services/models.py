@@ -26,7 +26,7 @@ from app.db.enums import ModelKind, PromptSetKind, PromptSetStatus
 from app.db.models import Job, Model, ModelSample, PromptSet
 from app.services import active_learning
 from app.services.errors import Conflict, Invalid, NotFound, raise_for_fields
-from app.services.prompt_sets import GENERATOR_KINDS, queue_generation_if_needed
+from app.services.prompt_sets import GENERATOR_KINDS, clean_best_of_n, queue_generation_if_needed
 from app.services.run_settings import parse_ids
 from app.services.validation import as_id
 from trainer.models import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, PROVISIONED_MARKER, checkpoint_sha256
@@ -321,24 +321,30 @@ def generator_of(session: Session, model: Model) -> list[PromptSet]:
                                 .order_by(PromptSet.name)))
 
 
-def promote_generator(session: Session, *, model_id: Any, prompt_set_id: Any, user_id: int | None) -> tuple[PromptSet, Job | None]:
+def promote_generator(session: Session, *, model_id: Any, prompt_set_id: Any, user_id: int | None,
+                      best_of_n: Any = None, best_of_n_reward_model_id: Any = None) -> tuple[PromptSet, Job | None]:
     """Make the model the generator of a ranking set and open a new generation round:
-    every prompt gets K fresh responses from it, as new tasks. The generation job is
-    queued now when the set is active (else when it is started or resumed). Raises
-    Invalid for a model that cannot generate or a set that is not a ranking set,
-    Conflict for an archived set. Commits."""
+    every prompt gets K fresh responses from it, as new tasks; with `best_of_n` (N), the
+    K of N samples that the reward model scores highest (prompt_sets.clean_best_of_n).
+    The generation job is queued now when the set is active (else when it is started or
+    resumed). Raises Invalid for a model that cannot generate, a set that is not a
+    ranking set or a bad best-of-N choice, Conflict for an archived set. Commits."""
     errors: dict[str, str] = {}
     model = choose_model(errors, session, "model_id", model_id, GENERATOR_KINDS, None, "an SFT or policy model")
     set_ids = parse_ids(errors, "prompt_set_id", prompt_set_id, "prompt set")
     prompt_set = session.get(PromptSet, set_ids[0]) if len(set_ids) == 1 else None
     if "prompt_set_id" not in errors and (prompt_set is None or prompt_set.kind != PromptSetKind.ranking):
         errors["prompt_set_id"] = "choose a ranking prompt set"
+        prompt_set = None
+    n, reward_id = clean_best_of_n(errors, session, kind=PromptSetKind.ranking, k=prompt_set.k if prompt_set else None,
+                                   n=best_of_n, reward_model_id=best_of_n_reward_model_id)
     raise_for_fields(errors)
     assert model is not None and prompt_set is not None
     session.refresh(prompt_set, with_for_update=True)
     if prompt_set.status == PromptSetStatus.archived:
         raise Conflict(f"The prompt set '{prompt_set.name}' is archived: it takes no new round.")
     prompt_set.generator_model_id = model.id
+    prompt_set.best_of_n, prompt_set.best_of_n_reward_model_id = n, reward_id
     prompt_set.round += 1
     job = queue_generation_if_needed(session, prompt_set=prompt_set, created_by_id=user_id)
     session.commit()

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, exists, func, select
+from sqlalchemy import case, exists, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
 } | {"kind": PromptSetKind.ranking, "instructions": "", "top_k": None}
 
 GENERATOR_KINDS = (ModelKind.sft, ModelKind.policy)
+MAX_BEST_OF_N = 32  # samples per prompt of a best-of-N round (the table's best_of_n_range check)
 MAX_NAME_CHARS = 200
 MAX_INSTRUCTIONS_CHARS = 50_000
 MAX_OVERLAP = 100
@@ -237,6 +238,28 @@ def _clean_generator(errors: dict[str, str], session: Session, raw: Any) -> int 
     return model.id
 
 
+def clean_best_of_n(errors: dict[str, str], session: Session, *, kind: PromptSetKind, k: int | None,
+                    n: Any, reward_model_id: Any) -> tuple[int | None, int | None]:
+    """A ranking round's generator mode: (N, reward model id) for best-of-N rounds (the K
+    responses with the highest reward of N samples per prompt), (None, None) for plain
+    rounds (N blank). The reward model defaults to the default one. Errors go under
+    best_of_n and best_of_n_reward_model_id."""
+    if n is None or (isinstance(n, str) and not n.strip()):
+        return None, None
+    if kind != PromptSetKind.ranking:
+        errors["best_of_n"] = "best-of-N rounds are for ranking sets"
+        return None, None
+    clean_n = _as_int(errors, "best_of_n", n, 2, MAX_BEST_OF_N)
+    if clean_n is not None and k is not None and clean_n <= k:
+        errors["best_of_n"] = f"must be more than K ({k}) and at most {MAX_BEST_OF_N}: the round shows the best K of N"
+        clean_n = None
+    from app.services.models import choose_model, default_reward_model  # models imports this module
+
+    model = choose_model(errors, session, "best_of_n_reward_model_id", reward_model_id, (ModelKind.reward,),
+                         default_reward_model(session), "a reward model")
+    return clean_n, model.id if model else None
+
+
 def _clean_kind(errors: dict[str, str], raw: Any) -> PromptSetKind:
     try:
         return PromptSetKind(raw)
@@ -276,6 +299,8 @@ def create_prompt_set(
     model_ids: Any = None,
     source_set_ids: Any = None,
     top_k: int | str | None = None,
+    best_of_n: int | str | None = None,
+    best_of_n_reward_model_id: int | str | None = None,
     created_by_id: int | None = None,
 ) -> PromptSet:
     """Create a draft set. Values may be strings from a form. Raises Invalid with a
@@ -284,7 +309,8 @@ def create_prompt_set(
     `pairwise`: a ranking set with K = 2 labeled on the A/B page. An evaluation set
     (app/services/evaluation.py) takes `model_ids` (two or more) and may take the
     validation prompts of ranking sets (`source_set_ids`); it is always pairwise,
-    K = 2, and every prompt of it is in the validation split."""
+    K = 2, and every prompt of it is in the validation split. `best_of_n` (blank: off)
+    and `best_of_n_reward_model_id`: see clean_best_of_n."""
     errors: dict[str, str] = {}
     name = _clean_name(errors, name)
     instructions = _clean_instructions(errors, instructions)
@@ -312,12 +338,15 @@ def create_prompt_set(
     if pairwise and clean.get("k") not in (None, 2):
         errors["pairwise"] = "the A/B page compares two responses: set K to 2"
     clean_top_k = _clean_top_k(errors, top_k, clean.get("k"))
+    n, reward_id = clean_best_of_n(errors, session, kind=kind, k=clean.get("k"), n=best_of_n,
+                                   reward_model_id=best_of_n_reward_model_id)
     if errors:
         raise Invalid(_summary(errors), errors=errors)
     _check_name_free(session, name)
     prompt_set = PromptSet(
         name=name, instructions=instructions, kind=kind, generator_model_id=model_id, pairwise=pairwise,
-        created_by_id=created_by_id, status=PromptSetStatus.draft, top_k=clean_top_k, **clean,
+        created_by_id=created_by_id, status=PromptSetStatus.draft, top_k=clean_top_k,
+        best_of_n=n, best_of_n_reward_model_id=reward_id, **clean,
     )
     session.add(prompt_set)
     if kind == PromptSetKind.evaluation:
@@ -356,7 +385,8 @@ def update_prompt_set(session: Session, *, prompt_set: PromptSet, **values: Any)
     prompts between splits. top_k may change at any time (each annotation keeps
     the top_k it was made under). Raises Invalid per field, Conflict for a taken
     name or an archived set."""
-    allowed = {"name", "instructions", "generator_model_id", "pairwise", "top_k", *SETTING_FIELDS}
+    allowed = {"name", "instructions", "generator_model_id", "pairwise", "top_k", "best_of_n",
+               "best_of_n_reward_model_id", *SETTING_FIELDS}
     unknown = set(values) - allowed
     if unknown:
         raise Invalid(f"Unknown settings: {', '.join(sorted(unknown))}.",
@@ -395,6 +425,13 @@ def update_prompt_set(session: Session, *, prompt_set: PromptSet, **values: Any)
         # Checked against the new K when both change, and again when only K does.
         new_k = clean.get("k", prompt_set.k)
         changes["top_k"] = _clean_top_k(errors, values.get("top_k", prompt_set.top_k), new_k)
+    if "best_of_n" in values or "best_of_n_reward_model_id" in values or (
+            "k" in clean and prompt_set.best_of_n is not None):
+        # The mode is checked against the new K, and again when only K changes.
+        changes["best_of_n"], changes["best_of_n_reward_model_id"] = clean_best_of_n(
+            errors, session, kind=prompt_set.kind, k=clean.get("k", prompt_set.k),
+            n=values.get("best_of_n", prompt_set.best_of_n),
+            reward_model_id=values.get("best_of_n_reward_model_id", prompt_set.best_of_n_reward_model_id))
     if not errors and any(n in clean and clean[n] != getattr(prompt_set, n) for n in ratio_names):
         if count_prompts(session, prompt_set.id):
             errors["ratios"] = "fixed once prompts are imported (it would move prompts between splits)"
@@ -479,6 +516,27 @@ def counts_for(session: Session, prompt_set_ids: Sequence[int]) -> dict[int, Pro
 
 def counts(session: Session, prompt_set: PromptSet) -> PromptSetCounts:
     return counts_for(session, [prompt_set.id])[prompt_set.id]
+
+
+@dataclass(frozen=True)
+class BestOfNFigures:
+    """A best-of-N round so far: its tasks, the mean reward of the responses shown and of all N."""
+
+    tasks: int
+    shown_reward: float | None
+    mean_reward: float | None
+
+
+def best_of_n_figures(session: Session, prompt_set: PromptSet) -> BestOfNFigures:
+    """From the tasks' records (tasks.selection) of the set's current round."""
+    row = session.execute(text("""
+        SELECT count(DISTINCT t.id), avg(c.reward) FILTER (WHERE tr.response_id IS NOT NULL), avg(c.reward)
+        FROM tasks t
+        CROSS JOIN LATERAL jsonb_to_recordset(t.selection -> 'candidates') AS c(response_id int, reward float)
+        LEFT JOIN task_responses tr ON tr.task_id = t.id AND tr.response_id = c.response_id
+        WHERE t.prompt_set_id = :set_id AND t.round = :round AND t.selection ->> 'mode' = 'best_of_n'
+    """), {"set_id": prompt_set.id, "round": prompt_set.round}).one()
+    return BestOfNFigures(row[0], row[1], row[2])
 
 
 @dataclass

@@ -324,16 +324,17 @@ def start_ppo_job(session: Session, *, user_id: int | None, values: Mapping[str,
 
 def clean_dpo_params(session: Session, *, values: Mapping[str, Any], policy_model_id: Any = None,
                      reference_model_id: Any = None, prompt_set_ids: Any = None, labeler_ids: Any = None,
-                     name: Any = None, flags_from_form: bool = False) -> dict[str, Any]:
-    """Check a DPO run; the job's parameters. Data: the included rankings of the sets (as a
-    reward model's); the reference defaults to the policy (a frozen copy). Raises Invalid per field."""
+                     include_imported: Any = True, name: Any = None, flags_from_form: bool = False) -> dict[str, Any]:
+    """Check a DPO run; the job's parameters. Data: the included rankings of the sets, with or
+    without imported preference data (as a reward model's); the reference defaults to the
+    policy (a frozen copy). Raises Invalid per field."""
     reject_unknown(values, DPOConfig)
     errors: dict[str, str] = {}
     policy = models.choose_model(errors, session, "policy_model_id", policy_model_id, GENERATOR_KINDS,
                                  default_generator_model(session), "an SFT or policy model")
     reference = models.choose_model(errors, session, "reference_model_id", reference_model_id, GENERATOR_KINDS,
                                     policy, "an SFT or policy model")
-    set_ids, user_ids, imported, _ = _ranking_data(errors, session, prompt_set_ids, labeler_ids)
+    set_ids, user_ids, imported, _ = _ranking_data(errors, session, prompt_set_ids, labeler_ids, include_imported)
     config = clean_config(values, DPOConfig, errors, flags_from_form=flags_from_form)
     clean_name = _name(errors, session, name)
     raise_for_fields(errors)
