@@ -172,7 +172,7 @@ def ranking_logprobs(model, groups: list[Encoded], pad_id: int, device: torch.de
     N, R = ids.shape
     backbone, head = _parts(model)
     cache = DynamicCache(config=backbone.config)
-    # transformers 5 renames the keyword past_key_values to cache
+    # later transformers 5 releases take the cache as `cache` (past_key_values deprecated), earlier ones not
     passing = {"cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values": cache}
     with autocast(device, mixed_precision):
         prompts = backbone(input_ids=prompt_ids, attention_mask=prompt_mask,
