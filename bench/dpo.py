@@ -157,7 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny (random 2-layer Llama), default (SmolLM2-135M) or a path")
     parser.add_argument("--groups", type=int, default=None, help="rankings of K=4 (default: 256 tiny, 32 default)")
-    parser.add_argument("--quick", action="store_true", help="fewer rankings: 64 instead of 256 (tiny), 12 instead of 32")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rankings: 64 instead of 256 (tiny), 12 instead of 32")
     parser.add_argument("--batch-groups", type=int, default=4, help="rankings per optimizer step (TRL: their pairs)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--beta", type=float, default=0.1)

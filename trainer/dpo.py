@@ -343,8 +343,8 @@ def train_dpo(
             figures["kl"] = sum(s["kl"] for s in drawn) / len(drawn)
         return figures | {"_samples": drawn}
 
-    # 4. the loop: each ranking's prompt once and its K responses after it, in one batch, the loss from their log-probs and
-    # the cached reference's, backward, clip, step, log; evaluate before training and after each epoch.
+    # 4. the loop: each ranking's prompt once and its K responses after it, in one batch; the loss from their
+    # log-probs and the cached reference's, backward, clip, step, log; evaluate before training and after each epoch.
     first = evaluate()
     samples_before = first.pop("_samples")
     report(0, {"epoch": 0, **first})
