@@ -3,24 +3,27 @@
 Usage (from the repository root):
 
     .venv/bin/python -m bench.dpo                         # tiny random model, CPU
-    .venv/bin/python -m bench.dpo --model default         # SmolLM2-135M-Instruct
+    .venv/bin/python -m bench.dpo --model default         # SmolLM2-135M-Instruct (32 rankings, a few minutes)
+    .venv/bin/python -m bench.dpo --model default --quick # the same, 12 rankings (a quick look, noisier)
     .venv/bin/python -m bench.dpo --model default --device cuda
 
 All three train one epoch on the same rankings of K = 4 responses (synthetic
-word soup, tests/factories/synthetic.py), with the same model, beta, learning
-rate, max length and optimizer step size in comparisons (a step of B rankings
-for ours is a step of those rankings' pairs for TRL). Ours sends the K
-responses of a ranking through the policy once, whatever the loss (sigmoid:
-the mean of the ranking's pairwise DPO losses; listwise: Plackett-Luce over
-the ranking); TRL takes the rankings expanded into their K(K-1)/2 pairs and
-runs each pair's two sequences, so a response goes through the policy K - 1
-times per epoch. The reference's log-probabilities are computed before
-training in all three (ours always; TRL with precompute_ref_log_probs=True),
-so the timed part is the policy's forward and backward passes.
+word soup, tests/factories/synthetic.py; ties allowed), with the same model
+(float32 weights), beta, learning rate, max length, optimizer step size in
+comparisons (a step of B rankings for ours is a step of those rankings' pairs
+for TRL), no gradient checkpointing (TRL's default turns it on) and torch's
+default threads. Ours sends each ranking's prompt through the policy once and
+its K responses after it, whatever the loss (sigmoid: the mean of the
+ranking's pairwise DPO losses; listwise: Plackett-Luce over the ranking); TRL
+takes the rankings expanded into their pairs (tied responses form none) and
+runs each pair's two sequences, prompt included. The reference's
+log-probabilities are computed before training in all three (ours always; TRL
+with precompute_ref_log_probs=True).
 
 Comparisons/s is counted between the end of the first optimizer step and the
-end of the last (loading, tokenising, the reference pass and the first step's
-warm-up are not timed). Peak memory: the process's peak resident memory on CPU
+end of the last (loading, tokenising, evaluation and the first step's warm-up
+are not timed); "with it" adds the reference pass (timed in both trainers) to
+an epoch at that rate. Peak memory: the process's peak resident memory on CPU
 (each trainer runs in its own subprocess), peak allocated CUDA memory on a GPU.
 `trl` is an optional dependency (pip install 'rlhf-workbench[bench]'); without
 it only our figures are printed, with the reason. The load average is printed
@@ -48,9 +51,34 @@ def _pairs(ranks) -> int:
     return sum(1 for a in ranks for b in ranks if a < b)
 
 
+def _timed(function, seconds: list[float]):
+    """function, adding the seconds each call takes to `seconds` (the reference pass, in both trainers)."""
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    return timed
+
+
+def _figures(comparisons: int, sequences: int, ends: list[float], reference_s: float, device) -> dict:
+    """Rates from the end times of the optimizer steps: the steps after the first (warm-up) give the
+    training rate; with the reference pass, the whole epoch at that rate plus the reference pass."""
+    import torch
+
+    steps = len(ends)
+    per_s = comparisons * (steps - 1) / steps / (ends[-1] - ends[0])
+    return {"comparisons": comparisons, "steps": steps, "sequences": sequences, "comparisons_per_s": per_s,
+            "reference_s": reference_s, "with_reference_per_s": comparisons / (comparisons / per_s + reference_s),
+            "peak_mib": peak_memory_mib(device), "threads": torch.get_num_threads()}
+
+
 def run_ours(args, loss: str) -> dict:
     import torch
 
+    from trainer import dpo
     from trainer.dpo import DPOConfig, train_dpo
     from trainer.models import pick_device
 
@@ -60,6 +88,7 @@ def run_ours(args, loss: str) -> dict:
                        lr_schedule="constant", warmup_ratio=0.0, max_length=args.max_length, device=args.device,
                        validation_samples=0, mixed_precision=device.type == "cuda", seed=0)
     ends: list[float] = []
+    reference_seconds: list[float] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -67,13 +96,12 @@ def run_ours(args, loss: str) -> dict:
         if "loss" in metrics:
             ends.append(time.perf_counter())
 
+    dpo._cached_logprobs = _timed(dpo._cached_logprobs, reference_seconds)
     with tempfile.TemporaryDirectory() as tmp:
         result = train_dpo(config, train, train[:2], policy_path=args.model_path, reference_path=args.model_path,
                            output_dir=Path(tmp) / "policy", on_step=on_step)
-    total = sum(_pairs(g.ranks) for g in train)
-    steps = len(ends)
-    return {"comparisons": total, "steps": steps, "sequences": result.metrics["policy_sequences"],
-            "comparisons_per_s": total * (steps - 1) / steps / (ends[-1] - ends[0]), "peak_mib": peak_memory_mib(device)}
+    return _figures(sum(_pairs(g.ranks) for g in train), result.metrics["policy_sequences"], ends,
+                    sum(reference_seconds), device)
 
 
 def run_trl(args) -> dict:
@@ -98,6 +126,8 @@ def run_trl(args) -> dict:
                     rows.append({"prompt": prompt, "chosen": responses[i], "rejected": responses[j]})
     pairs_per_step = round(len(rows) / len(train) * args.batch_groups)  # same comparisons per optimizer step
     ends: list[float] = []
+    reference_seconds: list[float] = []
+    DPOTrainer._precompute_ref_logps = _timed(DPOTrainer._precompute_ref_logps, reference_seconds)
 
     class Timer(TrainerCallback):
         def on_step_end(self, *_, **__):
@@ -108,6 +138,7 @@ def run_trl(args) -> dict:
             output_dir=tmp, per_device_train_batch_size=pairs_per_step, num_train_epochs=1, beta=args.beta,
             loss_type=["sigmoid"], learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
             max_length=args.max_length, precompute_ref_log_probs=True, report_to=[], save_strategy="no",
+            gradient_checkpointing=False,  # TRL's default is True; ours keeps the activations, so TRL does too
             logging_strategy="no", seed=0, data_seed=0, use_cpu=device.type == "cpu", bf16=device.type == "cuda",
             dataloader_num_workers=0,
             # float32 weights as ours (autocast does bf16 on CUDA): since transformers 5 a model loaded by name
@@ -119,16 +150,15 @@ def run_trl(args) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.train()
-    steps = len(ends)
-    return {"comparisons": len(rows), "steps": steps, "sequences": 2 * len(rows),
-            "comparisons_per_s": len(rows) * (steps - 1) / steps / (ends[-1] - ends[0]),
-            "peak_mib": peak_memory_mib(device)}
+    return _figures(len(rows), 2 * len(rows), ends, sum(reference_seconds), device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny (random 2-layer Llama), default (SmolLM2-135M) or a path")
     parser.add_argument("--groups", type=int, default=None, help="rankings of K=4 (default: 256 tiny, 32 default)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rankings: 64 instead of 256 (tiny), 12 instead of 32")
     parser.add_argument("--batch-groups", type=int, default=4, help="rankings per optimizer step (TRL: their pairs)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -148,7 +178,7 @@ def main() -> None:
 
     default_dir = Settings().artifacts_path / DEFAULT_MODEL_DIR
     default_dir = default_dir if default_dir.is_absolute() else ROOT / default_dir
-    groups = args.groups or (256 if args.model == "tiny" else 32)
+    groups = args.groups or ((64, 12) if args.quick else (256, 32))[args.model != "tiny"]
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "tiny":
@@ -176,7 +206,8 @@ def main() -> None:
     print(f"{'':26}" + "".join(f"{headers[w]:>18}" for w in RUNS))
     for key, label in (("comparisons", "comparisons"), ("steps", "optimizer steps"),
                        ("sequences", "policy sequences"), ("comparisons_per_s", "comparisons/s"),
-                       ("peak_mib", "peak memory (MiB)")):
+                       ("reference_s", "reference pass (s)"), ("with_reference_per_s", "  with it, comparisons/s"),
+                       ("peak_mib", "peak memory (MiB)"), ("threads", "torch threads")):
         cells = [(f"{r[key]:.0f}" if r[key] >= 100 else f"{r[key]:.3g}") if isinstance(r.get(key), float)
                  else str(r.get(key, "-")) for r in results.values()]
         print(f"{label:26}" + "".join(f"{c:>18}" for c in cells))
@@ -186,8 +217,10 @@ def main() -> None:
     if "comparisons_per_s" in results["trl"]:
         for which in ("listwise", "sigmoid"):
             if "comparisons_per_s" in results[which]:
-                ratio = results[which]["comparisons_per_s"] / results["trl"]["comparisons_per_s"]
-                print(f"{headers[which]} / TRL: {ratio:.2f}x")
+                ratio, with_reference = (results[which][key] / results["trl"][key]
+                                         for key in ("comparisons_per_s", "with_reference_per_s"))
+                print(f"{headers[which]} / TRL: {ratio:.2f}x comparisons/s ({with_reference:.2f}x with the "
+                      f"reference pass)")
     print(f"load average {os.getloadavg()[0]:.1f} after")
 
 

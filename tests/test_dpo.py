@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.factories import synthetic
 from trainer.common import CONFIG_FILE, Cancelled, encode_prompt, encode_response, prepare_tokenizer
-from trainer.dpo import DPOConfig, dpo_loss, listwise_loss, sequence_logprobs, train_dpo
+from trainer.dpo import DPOConfig, dpo_loss, encode_group, listwise_loss, ranking_logprobs, train_dpo
 from trainer.models import load_causal_lm, load_tokenizer
 from trainer.reward import RankedGroup
 
@@ -62,18 +62,42 @@ def test_ipo_loss_by_hand():
     assert loss.item() == pytest.approx((1.5 - 1 / (2 * beta)) ** 2)
 
 
-def test_batched_log_probs_equal_single_sequences(tiny_model_dir):
+def test_shared_prompt_log_probs_and_gradients_equal_whole_sequences(tiny_model_dir):
+    # Two rankings with prompts of different lengths (left padding) and responses of different
+    # lengths (right padding): each prompt runs once, its responses read its keys and values. The
+    # log-probs, and the gradients through the shared prompt, are those of each sequence run alone.
     tokenizer = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)))
     model = load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32).eval()
-    prompt = encode_prompt(tokenizer, synthetic.prompt(0))
-    responses = [encode_response(tokenizer, t) for t in ("good apple", "river stone good lamp tree")]
-    seqs, starts = [prompt + r for r in responses], [len(prompt)] * 2
-    with torch.no_grad():
-        batched = sequence_logprobs(model, seqs, starts, tokenizer.pad_token_id, torch.device("cpu"))
-        for row, seq in enumerate(seqs):
-            logits = model(torch.tensor([seq])).logits[0, :-1]
-            logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)
-            torch.testing.assert_close(batched[row], logp[len(prompt) - 1:].sum(), atol=1e-4, rtol=1e-5)
+    groups = [RankedGroup(synthetic.prompt(0), ["good apple", "river stone good lamp tree"], [1, 2]),
+              RankedGroup([{"role": "user", "content": "A much longer prompt, about trains and the sea."}],
+                          ["lamp", "tree good", "bread bread stone"], [2, 1, 3])]
+    encoded = [encode_group(tokenizer, g, 128) for g in groups]
+    weights = torch.tensor([0.7, -1.3, 0.4, 2.0, -0.6])
+    shared = ranking_logprobs(model, encoded, tokenizer.pad_token_id, torch.device("cpu"))
+    (shared * weights).sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone = []
+    for g in encoded:
+        for response in g.responses:
+            seq = torch.tensor([g.prompt + response])
+            logp = torch.log_softmax(model(seq).logits[0, :-1], -1).gather(-1, seq[0, 1:].unsqueeze(-1)).squeeze(-1)
+            alone.append(logp[len(g.prompt) - 1:].sum())
+    alone = torch.stack(alone)
+    (alone * weights).sum().backward()
+    torch.testing.assert_close(shared.detach(), alone.detach(), atol=1e-4, rtol=1e-5)
+    for got, want in zip(shared_grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-3)
+
+
+def test_a_ranking_shares_one_prompt_cut_for_its_longest_response(tiny_model_dir):
+    tokenizer = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)))
+    group = RankedGroup(synthetic.prompt(0), ["good", " ".join(["apple"] * 40)], [1, 2])
+    prompt = encode_prompt(tokenizer, group.messages)
+    encoded = encode_group(tokenizer, group, 50)
+    assert encoded.prompt == prompt[-25:]  # down to half of max_length, the end kept
+    assert encoded.responses[0] == encode_response(tokenizer, "good")
+    assert len(encoded.responses[1]) == 25 and encoded.ranks == [1, 2]
 
 
 # ---- learning a known rule ----------------------------------------------------------------

@@ -22,10 +22,12 @@ and every loss is computed from those K log-probabilities:
   (neither is in the other's set). For K = 2 it is the sigmoid loss.
 
 TRL's DPOTrainer takes pairs: a ranking of K costs it K(K-1) policy sequences
-(and as many reference ones); here it costs K policy sequences, and the
-reference's log-probabilities are computed once per response before training
-and cached for the run (the reference model is then freed unless the KL
-estimate needs it). Only the response tokens' logits are computed.
+(and as many reference ones), each with its prompt; here it costs the prompt
+once and K responses after it (the responses attend to the prompt's keys and
+values, and gradients flow back through them), and the reference's
+log-probabilities are computed once per response before training and cached
+for the run (the reference model is then freed unless the KL estimate needs
+it). Only the response tokens' logits are computed.
 
 Curves: per step loss, implicit-reward accuracy and margin, the log-probs of
 the preferred and dispreferred side of each pair; per evaluation (before
@@ -34,6 +36,7 @@ prompts), and the KL from the reference of samples drawn on validation
 prompts (per response, summed over tokens, at the sampling temperature).
 """
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -43,6 +46,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from trainer.common import (
     Cancelled,
@@ -84,10 +88,10 @@ class DPOResult:
 
 
 class Encoded(NamedTuple):
-    """One ranking, tokenised: K sequences (prompt + response + EOS), where each response starts, the ranks."""
+    """One ranking, tokenised: the prompt once, its K responses (each ending with EOS), the ranks."""
 
-    seqs: list[list[int]]
-    starts: list[int]
+    prompt: list[int]
+    responses: list[list[int]]
     ranks: list[int]
 
 
@@ -138,17 +142,14 @@ def dpo_loss(logratios: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor, 
 # ---- log-probabilities of responses ----------------------------------------------------
 
 def encode_group(tokenizer, group: RankedGroup, max_length: int) -> Encoded:
-    """Tokenise a ranking; a long prompt loses its start (down to half of max_length), then a long
-    response its end."""
+    """Tokenise a ranking; its responses share one prompt. When prompt + longest response exceed
+    max_length, the prompt loses its start (down to half of max_length), then each long response
+    its end."""
     prompt = encode_prompt(tokenizer, group.messages)
-    seqs, starts = [], []
-    for text in group.responses:
-        response = encode_response(tokenizer, text)
-        keep = min(len(prompt), max(max_length // 2, max_length - len(response)))
-        p = prompt[len(prompt) - keep:]
-        seqs.append(p + response[:max_length - len(p)])
-        starts.append(len(p))
-    return Encoded(seqs, starts, [int(r) for r in group.ranks])
+    responses = [encode_response(tokenizer, text) for text in group.responses]
+    keep = min(len(prompt), max(max_length // 2, max_length - max(len(r) for r in responses)))
+    return Encoded(prompt[len(prompt) - keep:], [r[:max_length - keep] for r in responses],
+                   [int(r) for r in group.ranks])
 
 
 def _parts(model):
@@ -157,23 +158,35 @@ def _parts(model):
     return core.base_model, core.get_output_embeddings()
 
 
-def sequence_logprobs(model, seqs: list[list[int]], starts: list[int], pad_id: int, device: torch.device,
-                      mixed_precision: bool = False) -> torch.Tensor:
-    """Sum of the response tokens' log-probabilities of each sequence: (N,). The LM head runs on
-    the response positions only (a (N, T, V) logits tensor is most of the memory otherwise)."""
-    ids, mask = pad_right(seqs, pad_id)  # (N, T)
-    ids, mask = ids.to(device), mask.to(device)
-    N, T = ids.shape
-    columns = torch.arange(T, device=device).expand(N, T)
-    targets = (columns >= torch.tensor(starts, device=device).unsqueeze(1)) & mask.bool()  # (N, T)
-    predicting = targets[:, 1:]  # (N, T - 1): the hidden state at t predicts token t + 1
+def ranking_logprobs(model, groups: list[Encoded], pad_id: int, device: torch.device,
+                     mixed_precision: bool = False) -> torch.Tensor:
+    """Sum of the response tokens' log-probabilities of every response of the rankings, one
+    ranking after the other: (N,). Each ranking's prompt goes through the model once (its keys and
+    values are then shared by its K responses, and gradients flow back through them), the
+    responses after it; the LM head runs on the response tokens only (a (N, T, V) logits tensor is
+    most of the memory otherwise)."""
+    counts = torch.tensor([len(g.responses) for g in groups], device=device)  # (B,)
+    owner = torch.repeat_interleave(torch.arange(len(groups), device=device), counts)  # (N,): ranking of a response
+    prompt_ids, prompt_mask = (t.to(device) for t in pad_left([g.prompt for g in groups], pad_id))  # (B, P)
+    ids, mask = (t.to(device) for t in pad_right([r for g in groups for r in g.responses], pad_id))  # (N, R)
+    N, R = ids.shape
     backbone, head = _parts(model)
+    cache = DynamicCache(config=backbone.config)
+    # later transformers 5 releases take the cache as `cache` (past_key_values deprecated), earlier ones not
+    passing = {"cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values": cache}
     with autocast(device, mixed_precision):
-        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask),
-                          use_cache=False).last_hidden_state  # (N, T, D)
-        logits = head(hidden[:, :-1][predicting])  # (M, V), M response tokens in all
-    nll = F.cross_entropy(logits.float(), ids[:, 1:][predicting], reduction="none")  # (M,)
-    rows = torch.arange(N, device=device).unsqueeze(1).expand(N, T - 1)[predicting]  # (M,)
+        prompts = backbone(input_ids=prompt_ids, attention_mask=prompt_mask,
+                           position_ids=position_ids_from(prompt_mask), use_cache=True, **passing)
+        cache.batch_select_indices(owner)  # (N, heads, P, d) per layer: each response reads its ranking's prompt
+        positions = prompt_mask.sum(1)[owner].unsqueeze(1) + torch.arange(R, device=device)  # (N, R)
+        hidden = backbone(input_ids=ids, attention_mask=torch.cat([prompt_mask[owner], mask], 1),
+                          position_ids=positions, use_cache=True, **passing).last_hidden_state  # (N, R, D)
+        # the prompt's last state predicts the first response token, response column t the token t + 1
+        before = torch.cat([prompts.last_hidden_state[owner, -1:], hidden[:, :-1]], 1)  # (N, R, D)
+        real = mask.bool()  # (N, R)
+        logits = head(before[real])  # (M, V), M response tokens in all
+    nll = F.cross_entropy(logits.float(), ids[real], reduction="none")  # (M,)
+    rows = torch.arange(N, device=device).unsqueeze(1).expand(N, R)[real]  # (M,)
     return torch.zeros(N, device=device).index_add(0, rows, -nll)  # (N,)
 
 
@@ -183,12 +196,8 @@ def _cached_logprobs(model, groups: list[Encoded], pad_id: int, device: torch.de
     out: list[torch.Tensor] = []
     for i in range(0, len(groups), config.eval_batch_size):
         batch = groups[i:i + config.eval_batch_size]
-        flat = sequence_logprobs(model, [s for g in batch for s in g.seqs], [s for g in batch for s in g.starts],
-                                 pad_id, device, config.mixed_precision).cpu()
-        start = 0
-        for g in batch:
-            out.append(flat[start:start + len(g.seqs)])
-            start += len(g.seqs)
+        flat = ranking_logprobs(model, batch, pad_id, device, config.mixed_precision).cpu()
+        out.extend(flat.split([len(g.responses) for g in batch]))
     return out
 
 
@@ -317,8 +326,7 @@ def train_dpo(
         loss_sum, correct, pairs, margin, chosen, rejected = 0.0, 0, 0, 0.0, 0.0, 0.0
         for i in range(0, len(val_groups), config.eval_batch_size):
             batch = val_groups[i:i + config.eval_batch_size]
-            flat = sequence_logprobs(policy, [s for g in batch for s in g.seqs], [s for g in batch for s in g.starts],
-                                     pad_id, device, config.mixed_precision)
+            flat = ranking_logprobs(policy, batch, pad_id, device, config.mixed_precision)
             logps, ranks, valid = as_ranking_batch(flat, batch)
             refs, _, _ = as_ranking_batch(torch.cat(ref_val[i:i + len(batch)]).to(device), batch)
             loss, stats = dpo_loss(logps - refs, ranks, valid, beta=config.beta, loss=config.loss)
@@ -335,8 +343,8 @@ def train_dpo(
             figures["kl"] = sum(s["kl"] for s in drawn) / len(drawn)
         return figures | {"_samples": drawn}
 
-    # 4. the loop: all K responses of each ranking in one forward pass, the loss from their log-probs and
-    # the cached reference's, backward, clip, step, log; evaluate before training and after each epoch.
+    # 4. the loop: each ranking's prompt once and its K responses after it, in one batch; the loss from their
+    # log-probs and the cached reference's, backward, clip, step, log; evaluate before training and after each epoch.
     first = evaluate()
     samples_before = first.pop("_samples")
     report(0, {"epoch": 0, **first})
@@ -350,8 +358,7 @@ def train_dpo(
         for start in range(0, len(order), config.batch_size):
             indices = order[start:start + config.batch_size]
             batch = [train_groups[i] for i in indices]
-            flat = sequence_logprobs(policy, [s for g in batch for s in g.seqs], [s for g in batch for s in g.starts],
-                                     pad_id, device, config.mixed_precision)  # (N,)
+            flat = ranking_logprobs(policy, batch, pad_id, device, config.mixed_precision)  # (N,)
             sequences += len(flat)
             logps, ranks, valid = as_ranking_batch(flat, batch)  # (B, K)
             refs, _, _ = as_ranking_batch(torch.cat([ref_train[i] for i in indices]).to(device), batch)  # (B, K)

@@ -198,15 +198,15 @@ def _encode(tokenizer, groups: list[RankedGroup], max_length: int, name: str) ->
 
 def as_ranking_batch(flat: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sequence values (N,), the groups' responses one after another, laid out per ranking:
-    (values, ranks, valid), each (B, K); `groups` have `.seqs` and `.ranks`, shorter ones padded (not valid)."""
-    B, K = len(groups), max(len(g.seqs) for g in groups)
+    (values, ranks, valid), each (B, K); `groups` have `.ranks`, shorter ones padded (not valid)."""
+    B, K = len(groups), max(len(g.ranks) for g in groups)
     device = flat.device
     values = flat.new_zeros((B, K))
     ranks = torch.zeros((B, K), dtype=torch.long, device=device)
     valid = torch.zeros((B, K), dtype=torch.bool, device=device)
     start = 0
     for row, g in enumerate(groups):
-        k = len(g.seqs)
+        k = len(g.ranks)
         values[row, :k] = flat[start:start + k]
         ranks[row, :k] = torch.tensor(g.ranks, device=device)
         valid[row, :k] = True
