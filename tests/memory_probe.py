@@ -1,0 +1,51 @@
+"""Measure a training run's peak memory on the CPU, in a process of its own:
+
+    python tests/memory_probe.py KIND MODEL_DIR BATCH_SIZE MAX_LENGTH [LORA_R]
+
+KIND is sft or reward. Prints one JSON line: the resident memory before the model
+is loaded (the tokenizer library loaded once already), the peak resident memory of the process (ru_maxrss) and their difference,
+in bytes, and the prompt's tokens. Every sequence is longer than MAX_LENGTH, so every batch is full."""
+
+import json
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trainer.common import encode_prompt
+from trainer.configs import RewardConfig, SFTConfig
+from trainer.models import load_tokenizer
+from trainer.reward import RankedGroup, train_reward_model
+from trainer.sft import SFTExample, train_sft
+
+
+def resident() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: int = 0) -> None:
+    torch.set_num_threads(1)
+    words = " ".join(f"word{i}" for i in range(max_length))  # more tokens than max_length
+    out = Path(tempfile.mkdtemp()) / "run"
+    load_tokenizer(model_dir)  # the tokenizer library's first load (about 130 MB of its own) is not the run's
+    baseline = resident()
+    if kind == "sft":
+        train = [SFTExample([{"role": "user", "content": f"Question {i}"}], words) for i in range(2 * batch_size)]
+        config = SFTConfig(batch_size=batch_size, max_length=max_length, lora_r=lora_r, eval_batch_size=1,
+                           device="cpu")
+        train_sft(config, train, train[:1], base_path=model_dir, output_dir=out)
+    else:
+        groups = [RankedGroup([{"role": "user", "content": f"Question {i}"}], [words, "a " + words], [1, 2])
+                  for i in range(2 * batch_size)]
+        config = RewardConfig(epochs=1, batch_size=batch_size, max_length=max_length, lora_r=lora_r,
+                              eval_batch_size=1, learning_curve=False, probe_init=False, device="cpu")
+        train_reward_model(config, groups, groups[:1], model_path=model_dir, output_dir=out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    prompt = len(encode_prompt(load_tokenizer(model_dir), [{"role": "user", "content": "Question 0"}]))
+    print(json.dumps({"baseline": baseline, "peak": peak, "delta": peak - baseline, "prompt_tokens": prompt}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
