@@ -120,8 +120,8 @@ def read_architecture(path: str | Path) -> Architecture:
         return Architecture.from_config(json.loads(file.read_text()))
     except FileNotFoundError as error:
         raise ValueError(f"{file} does not exist: the model's size is unknown") from error
-    except (json.JSONDecodeError, TypeError, AttributeError) as error:
-        raise ValueError(f"{file} is not a transformers config: {error}") from error
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{file} is not a transformers config ({error}): the model's size is unknown") from error
 
 
 @dataclass(frozen=True)
