@@ -103,3 +103,45 @@ def test_a_config_without_sizes_is_a_clear_error(tmp_path):
         read_architecture(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         read_architecture(tmp_path / "missing")
+
+
+def test_gradient_checkpointing_keeps_less_for_the_backward_pass_of_a_model_in_eval_mode_same_gradients(
+        tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.common import apply_gradient_checkpointing
+
+    ids = torch.arange(5, 69).unsqueeze(0)  # (1, 64)
+    grads, kept = [], []
+    for setting in ("off", "on"):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+        assert apply_gradient_checkpointing(model, setting) == (setting == "on")
+        saved = [0]
+
+        def pack(tensor):
+            saved[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model.model(input_ids=ids).last_hidden_state.pow(2).mean()  # the decoder layers only
+        loss.backward()
+        kept.append(saved[0])
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad)
+        assert not model.model.layers[0].mlp.training  # dropout and the like stay off
+    assert kept[1] < kept[0] / 2, kept  # each layer's input only, the rest recomputed
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert apply_gradient_checkpointing(model, "auto") is False  # "auto": only models over 1B weights
+
+
+def test_8bit_adamw_without_bitsandbytes_is_a_clear_error(tiny_model_dir, tmp_path):
+    import importlib.util
+
+    from trainer.sft import SFTExample, train_sft
+
+    if importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed here")
+    examples = [SFTExample([{"role": "user", "content": f"Question {i}"}], "An answer.") for i in range(2)]
+    with pytest.raises(RuntimeError, match="needs the optional package bitsandbytes"):
+        train_sft(SFTConfig(adam_8bit=True, device="cpu"), examples, examples[:1], base_path=tiny_model_dir,
+                  output_dir=tmp_path / "x")

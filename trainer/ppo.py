@@ -40,11 +40,13 @@ import torch
 from trainer.common import (
     Messages,
     add_lora,
+    apply_gradient_checkpointing,
     autocast,
     encode_prompt,
     encode_response,
     generate_exactly,
     lr_lambda,
+    make_adamw,
     masked_mean,
     masked_whiten,
     pad_left,
@@ -58,7 +60,7 @@ from trainer.common import (
 )
 from trainer.configs import PPOConfig
 from trainer.distributed import runtime
-from trainer.models import load_causal_lm, load_tokenizer
+from trainer.models import load_causal_lm, load_tokenizer, pick_dtype
 from trainer.reward import load_reward_model, reward_normalisation, sequence_scores, token_scores
 
 log = logging.getLogger(__name__)
@@ -227,11 +229,13 @@ def train_ppo(
 
     # 1. models: policy (trained), reference (frozen), reward model (frozen), value model (trained, from the RM)
     tokenizer = prepare_tokenizer(load_tokenizer(str(policy_path)))  # a pad distinct from EOS
-    policy = load_causal_lm(str(policy_path), device, torch.float32)
+    # Trained weights float32 (autocast does bf16 on CUDA); frozen ones (reference, reward model, the base
+    # under LoRA) bf16 on CUDA, float32 elsewhere.
+    policy = load_causal_lm(str(policy_path), device, pick_dtype(device) if use_lora else torch.float32)
     # With LoRA on the same weights, the reference is the policy with its adapters switched off.
     shared_reference = use_lora and Path(reference_path).resolve() == Path(policy_path).resolve()
-    reference = None if shared_reference else load_causal_lm(str(reference_path), device, torch.float32)
-    reward_model, reward_tokenizer = load_reward_model(reward_path, device)
+    reference = None if shared_reference else load_causal_lm(str(reference_path), device, pick_dtype(device))
+    reward_model, reward_tokenizer = load_reward_model(reward_path, device, pick_dtype(device))
     assert reward_tokenizer.get_vocab() == tokenizer.get_vocab(), \
         "the reward model and the policy must share a tokenizer: responses are scored token for token"
     rm_mean, rm_std = reward_normalisation(reward_model)
@@ -251,6 +255,8 @@ def train_ppo(
     for model in (policy, reference, reward_model, value_model):
         if model is not None:
             model.eval()
+    for trained in (policy, value_model):
+        apply_gradient_checkpointing(trained, config.gradient_checkpointing)
     rt.sync_parameters(policy, value_model)
     if rt.distributed:
         torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each process samples its own responses
@@ -271,7 +277,8 @@ def train_ppo(
 
     # 3. optimizer over policy and value; lr annealed to 0 over every gradient step of the run
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay)
+    optimizer = make_adamw(params, lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay,
+                           adam_8bit=config.adam_8bit, device=device)
     minibatches = config.batch_size // config.mini_batch_size
     total_updates = config.steps * config.ppo_epochs * minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app import queue
 from app.db.enums import DemonstrationStatus, JobKind, ModelKind, PromptSetKind, PromptSetStatus, Split
 from app.db.models import Annotation, Demonstration, Job, Model, Prompt, PromptSet, Response, Task, User
-from app.services import export, models
+from app.services import export, models, run_memory
 from app.services.errors import raise_for_fields
 from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model
@@ -178,7 +178,9 @@ def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: It
     clean_name = _name(errors, session, name)
     raise_for_fields(errors)
     assert model is not None
-    return {"base_model_id": model.id, "prompt_set_ids": set_ids, "name": clean_name, "config": config}
+    params = {"base_model_id": model.id, "prompt_set_ids": set_ids, "name": clean_name, "config": config}
+    run_memory.check_fits(session, "sft", params)
+    return params
 
 
 def start_sft_job(session: Session, *, user_id: int | None, base_model_id: Any, prompt_set_ids: Iterable[Any],
@@ -240,8 +242,10 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
     clean_name = _name(errors, session, name)
     raise_for_fields(errors)
     assert base is not None
-    return {"base_model_id": base.id, "prompt_set_ids": set_ids, "labeler_ids": user_ids or None,
-            "include_imported": imported, "name": clean_name, "config": config}
+    params = {"base_model_id": base.id, "prompt_set_ids": set_ids, "labeler_ids": user_ids or None,
+              "include_imported": imported, "name": clean_name, "config": config}
+    run_memory.check_fits(session, "reward", params)
+    return params
 
 
 def _yes_no(errors: dict[str, str], field: str, raw: Any) -> bool | None:
@@ -285,8 +289,10 @@ def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_mode
     clean_name = _name(errors, session, name)
     raise_for_fields(errors)
     assert policy is not None and reference is not None and reward is not None
-    return {"policy_model_id": policy.id, "reference_model_id": reference.id, "reward_model_id": reward.id,
-            "prompt_set_ids": set_ids, "sft_set_ids": sft_ids, "name": clean_name, "config": config}
+    params = {"policy_model_id": policy.id, "reference_model_id": reference.id, "reward_model_id": reward.id,
+              "prompt_set_ids": set_ids, "sft_set_ids": sft_ids, "name": clean_name, "config": config}
+    run_memory.check_fits(session, "ppo", params)
+    return params
 
 
 def start_reward_job(session: Session, *, user_id: int | None, values: Mapping[str, Any],
@@ -319,8 +325,10 @@ def clean_dpo_params(session: Session, *, values: Mapping[str, Any], policy_mode
     clean_name = _name(errors, session, name)
     raise_for_fields(errors)
     assert policy is not None and reference is not None
-    return {"policy_model_id": policy.id, "reference_model_id": reference.id, "prompt_set_ids": set_ids,
-            "labeler_ids": user_ids or None, "include_imported": imported, "name": clean_name, "config": config}
+    params = {"policy_model_id": policy.id, "reference_model_id": reference.id, "prompt_set_ids": set_ids,
+              "labeler_ids": user_ids or None, "include_imported": imported, "name": clean_name, "config": config}
+    run_memory.check_fits(session, "dpo", params)
+    return params
 
 
 def start_dpo_job(session: Session, *, user_id: int | None, values: Mapping[str, Any],
