@@ -10,7 +10,7 @@ What a run holds, per device:
   scalar head; PPO: policy, reference, reward model and value model; DPO: policy
   and reference). Trained weights are float32 (the optimizer's master copy);
   frozen models and the frozen base under LoRA take the run's weight dtype (bf16
-  on CUDA, float32 on CPU). With LoRA and one base, PPO's and DPO's reference is
+  on CUDA, float32 on CPU; the reward trainer's LoRA base stays float32). With LoRA and one base, PPO's and DPO's reference is
   the policy with its adapters off: no second copy.
 - grads: one per trained weight, float32; with tied input and output embeddings
   their two gradients are summed, so one more embedding-sized gradient at a time.
@@ -219,7 +219,8 @@ def estimate(arch: Architecture, run: Run) -> Estimate:
 
     weight_shards = run.devices if run.strategy in SHARD_WEIGHTS else 1
     state_shards = run.devices if run.strategy in SHARD_STATE else 1
-    weights = (trained * 4 + frozen * low) / weight_shards
+    frozen_bytes = 4 if run.kind == "reward" else low  # the reward trainer keeps its LoRA base float32
+    weights = (trained * 4 + frozen * frozen_bytes) / weight_shards
     if weight_shards > 1:  # one layer's full weights gathered for its forward and backward
         weights += sum(a * b for a, b in arch.linear_shapes()) * low
     grads = trained * 4 / state_shards
