@@ -213,6 +213,9 @@ class PPOConfig:
     mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
     gradient_checkpointing: str = gradient_checkpointing_setting()
     adam_8bit: bool = adam_8bit_setting()
+    # auto: vLLM on CUDA when it is installed (the policy's weights loaded into it each step), else transformers
+    rollout_engine: str = setting("auto", label="Rollout engine", choices=("auto", "transformers", "vllm"),
+                                  help="auto: vLLM on CUDA when installed, else transformers")
     # 0: full fine-tuning; > 0: LoRA on policy and value (needs peft)
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -260,6 +263,7 @@ class PPOConfig:
             "validation_samples": self.validation_samples >= 0,
             "lora_r": self.lora_r >= 0,
             "gradient_checkpointing": self.gradient_checkpointing in CHECKPOINTING,
+            "rollout_engine": self.rollout_engine in ("auto", "transformers", "vllm"),
         }
         check_settings(self, checks, "PPO", joint)
 

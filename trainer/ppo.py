@@ -62,6 +62,7 @@ from trainer.configs import PPOConfig
 from trainer.distributed import runtime
 from trainer.models import load_causal_lm, load_tokenizer, pick_dtype
 from trainer.reward import load_reward_model, reward_normalisation, sequence_scores, token_scores
+from trainer.vllm_engine import VllmRollouts, choose_engine
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ def train_ppo(
         raise ValueError(f"with {rt.world} processes, batch_size ({config.batch_size}) and mini_batch_size"
                          f" ({config.mini_batch_size}) must be multiples of {rt.world}: each process takes an"
                          " equal share of every minibatch")
+    engine = choose_engine(config.rollout_engine, device)  # before any model is loaded: vLLM may be missing
     seed_everything(config.seed)
     use_lora = config.lora_r > 0
 
@@ -274,6 +276,11 @@ def train_ppo(
         r = r[:config.max_new_tokens]
         sft_encoded.append((p + r, [0] * len(p) + [1] * len(r)))
     generation_config = _generation_config(config, tokenizer)
+    # The policy's rollouts on vLLM (trainer/vllm_engine.py) when chosen; the log-probs are the trainer's.
+    rollouts = None
+    if engine == "vllm":
+        rollouts = VllmRollouts(str(policy_path), temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                                pad_id=tokenizer.pad_token_id, seed=config.seed + rt.rank)
 
     # 3. optimizer over policy and value; lr annealed to 0 over every gradient step of the run
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
@@ -291,8 +298,11 @@ def train_ppo(
         and the sequences the reward model reads ("scored", "scored_mask": query + response + EOS)."""
         query, query_mask = pad_left([ids[i] for i in indices], tokenizer.pad_token_id)  # (B, P)
         query, query_mask = query.to(device), query_mask.to(device)
-        with autocast(device, config.mixed_precision):
-            responses = _generate(policy if model is None else model, query, query_mask, generation_config)  # (B, R)
+        if rollouts is not None and model is None:
+            responses = rollouts.generate(query, query_mask)  # (B, R)
+        else:
+            with autocast(device, config.mixed_precision):
+                responses = _generate(policy if model is None else model, query, query_mask, generation_config)
         responses, response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         scored, scored_mask = ended_with_eos(responses, response_mask, ended, tokenizer.eos_token_id,
                                              tokenizer.pad_token_id)  # (B, R + 1)
@@ -370,6 +380,8 @@ def train_ppo(
 
         # 1. generate: sample responses from the policy for a batch of left-padded prompts
         indices = rt.shard([next(stream) for _ in range(config.batch_size)])  # the same stream everywhere
+        if rollouts is not None:
+            rollouts.sync(policy)  # this step's weights
         rollout = sample_responses(indices, prompt_ids)
         query, responses = rollout["query"], rollout["responses"]  # (B, P), (B, R)
         response_mask, ended = rollout["response_mask"], rollout["ended"]  # (B, R), (B,)
