@@ -35,19 +35,19 @@ def main() -> None:
                         help="KIND:BATCH_SIZE:MAX_LENGTH[:LORA_R], comma-separated")
     args = parser.parse_args()
 
-    from app.config import Settings
-    from bench.reward import tiny_model
     from trainer.configs import RewardConfig, SFTConfig
     from trainer.memory import estimate, read_architecture, run_of
-    from trainer.models import DEFAULT_MODEL_DIR
 
-    default_dir = Settings().artifacts_path / DEFAULT_MODEL_DIR
-    default_dir = default_dir if default_dir.is_absolute() else ROOT / default_dir
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model == "tiny":
-            model = tiny_model(Path(tmp) / "tiny", default_dir)
-        else:
-            model = default_dir if args.model == "default" else Path(args.model)
+        model = Path(args.model)
+        if args.model in ("tiny", "default"):  # the web app's settings say where the default model is
+            from app.config import Settings
+            from bench.reward import tiny_model
+            from trainer.models import DEFAULT_MODEL_DIR
+
+            default_dir = Settings().artifacts_path / DEFAULT_MODEL_DIR
+            default_dir = default_dir if default_dir.is_absolute() else ROOT / default_dir
+            model = tiny_model(Path(tmp) / "tiny", default_dir) if args.model == "tiny" else default_dir
         arch = read_architecture(model)
         print(f"model {args.model} ({arch.parameters() / 1e6:.1f} M weights), device {args.device}")
         print(f"{'run':28}{'estimate MiB':>14}{'w/o runtime':>13}{'measured MiB':>14}{'estimate/measured':>19}")

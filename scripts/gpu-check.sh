@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: the trainer's tests and the benchmarks on CUDA, in at most 8
-# minutes (the steps' limits add up to 7 and a half). Run it on any machine with an NVIDIA GPU after `scripts/setup.sh`
+# minutes (the steps' limits add up to 7 min 40 s). Run it on any machine with an NVIDIA GPU after `scripts/setup.sh`
 # (or with PYTHON naming an interpreter that has the project's packages):
 #
 #     scripts/gpu-check.sh [MODEL_DIR]
@@ -52,7 +52,7 @@ step "reward model: ours vs TRL" 50 "$PY" -m bench.reward --device cuda --model 
 step "PPO: where the time goes (transformers rollouts)" 60 "$PY" -m bench.ppo --device cuda --model "$MODEL" \
   --batch-size 16 --max-new-tokens 64 --steps 4 --rollout-engine transformers
 if "$PY" -c "import vllm" 2>/dev/null; then
-  step "PPO: where the time goes (vLLM rollouts)" 90 "$PY" -m bench.ppo --device cuda --model "$MODEL" \
+  step "PPO: where the time goes (vLLM rollouts)" 80 "$PY" -m bench.ppo --device cuda --model "$MODEL" \
     --batch-size 16 --max-new-tokens 64 --steps 4 --rollout-engine vllm
 else
   echo; echo "==> PPO with vLLM rollouts: skipped (vLLM is not installed)"

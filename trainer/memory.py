@@ -331,35 +331,36 @@ REFERENCE_MODELS = {
 }
 
 
-def cheapest_layout(arch: Architecture, run: Run, gpu_bytes: int) -> tuple[str, Estimate] | None:
-    """The fewest 80 GB GPUs (then the least change) that hold the run: full fine-tuning first, then LoRA."""
+def fewest_gpus(arch: Architecture, run: Run, gpu_bytes: int) -> tuple[str, Estimate] | None:
+    """The fewest GPUs of gpu_bytes (up to 64) that hold the run, with the least sharding that does."""
     for devices in (1, 2, 4, 8, 16, 32, 64):
-        for lora in (0, 16):
-            for strategy in (("single",) if devices == 1 else ("ddp", "zero2", "zero3")):
-                candidate = replace(run, devices=devices, strategy=strategy, lora_r=lora,
-                                    separate_reference=run.separate_reference and not lora)
-                result = estimate(arch, candidate)
-                if result.total <= gpu_bytes:
-                    label = f"{devices} GPU{'s' if devices > 1 else ''}, {strategy}" + (", LoRA r=16" if lora else "")
-                    return label, result
+        for strategy in (("single",) if devices == 1 else ("ddp", "zero2", "zero3")):
+            result = estimate(arch, replace(run, devices=devices, strategy=strategy))
+            if result.total <= gpu_bytes:
+                return f"{devices} × {strategy}", result
     return None
 
 
 def scaling_table(gpu_gib: float = 80.0) -> str:
-    """A markdown table: for each model size and job kind, the fewest GPUs of gpu_gib that hold it (bf16,
-    gradient checkpointing, the trainers' default batches at 1024 tokens) and the memory per GPU."""
+    """A markdown table: for each model size and job kind, the fewest GPUs of gpu_gib that hold it with full
+    fine-tuning and with LoRA (rank 16; PPO's reference is the policy with its adapters off), with the
+    memory per GPU. bf16 frozen weights and activations, gradient checkpointing on, the trainers' default
+    batches; SFT and reward model at 1024 tokens, PPO with 512-token prompts and responses."""
     from trainer.configs import PPOConfig, RewardConfig, SFTConfig
 
-    rows = ["| Model | Parameters | SFT | Reward model | PPO |", "|---|---|---|---|---|"]
+    kinds = (("sft", SFTConfig(max_length=1024)), ("reward", RewardConfig(max_length=1024)),
+             ("ppo", PPOConfig(max_new_tokens=512, max_prompt_length=512)))
+    rows = ["| Model | Training | SFT | Reward model | PPO |", "|---|---|---|---|---|"]
     for name, arch in REFERENCE_MODELS.items():
-        cells = []
-        for kind, config in (("sft", SFTConfig(max_length=1024)), ("reward", RewardConfig(max_length=1024)),
-                             ("ppo", PPOConfig(max_new_tokens=512, max_prompt_length=512))):
-            run = replace(run_of(kind, config, dtype="bf16", parameters=arch.parameters()),
-                          gradient_checkpointing=True)
-            found = cheapest_layout(arch, run, int(gpu_gib * GiB))
-            cells.append(f"{found[0]} ({found[1].total / GiB:.0f} GiB)" if found else "more than 64 GPUs")
-        rows.append(f"| {name} | {arch.parameters() / 1e9:.1f} B | {' | '.join(cells)} |")
+        for lora in (0, 16):
+            cells = []
+            for kind, config in kinds:
+                run = replace(run_of(kind, config, dtype="bf16", parameters=arch.parameters()), device="cuda",
+                              gradient_checkpointing=True, lora_r=lora, separate_reference=not lora)
+                found = fewest_gpus(arch, run, int(gpu_gib * GiB))
+                cells.append(f"{found[0]} ({found[1].total / GiB:.0f} GiB)" if found else "over 64 GPUs")
+            training = "LoRA r=16" if lora else "full"
+            rows.append(f"| {name} ({arch.parameters() / 1e9:.1f} B) | {training} | {' | '.join(cells)} |")
     return "\n".join(rows)
 
 
