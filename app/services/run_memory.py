@@ -21,7 +21,6 @@ from app.services.errors import Invalid
 from trainer.memory import GiB, Architecture, Estimate, alternatives, estimate, read_architecture, refusal, run_of
 from trainer.models import resolve_model_path
 
-KINDS = ("sft", "reward", "ppo", "dpo")
 
 
 @dataclass(frozen=True)
