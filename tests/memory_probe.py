@@ -2,12 +2,13 @@
 
     python tests/memory_probe.py KIND MODEL_DIR BATCH_SIZE MAX_LENGTH [LORA_R [DEVICE]]
 
-KIND is sft or reward, DEVICE cpu (the default) or cuda. Prints one JSON line: on the
+KIND is sft, reward or ppo (prompts and responses of MAX_LENGTH tokens), DEVICE cpu (the default) or cuda. Prints one JSON line: on the
 CPU the resident memory before the model is loaded (the tokenizer library loaded once
 already), the peak resident memory of the process (ru_maxrss) and their difference; on
 CUDA the peak of torch's allocations as the difference; in bytes, and the prompt's
 tokens. Every sequence is longer than MAX_LENGTH, so every batch is full."""
 
+import gc
 import json
 import resource
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from trainer.common import encode_prompt
-from trainer.configs import RewardConfig, SFTConfig
+from trainer.configs import PPOConfig, RewardConfig, SFTConfig
 from trainer.models import load_tokenizer
 from trainer.reward import RankedGroup, train_reward_model
 from trainer.sft import SFTExample, train_sft
@@ -38,6 +39,21 @@ def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: in
         config = SFTConfig(batch_size=batch_size, max_length=max_length, lora_r=lora_r, eval_batch_size=1,
                            device=device)
         train_sft(config, train, train[:1], base_path=model_dir, output_dir=out)
+    elif kind == "ppo":  # one minibatch per step; prompts and responses max_length tokens each
+        from transformers import AutoModelForSequenceClassification
+
+        from trainer.ppo import train_ppo
+
+        reward = out.parent / "reward"  # an untrained reward head on the same model
+        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).save_pretrained(reward)
+        load_tokenizer(model_dir).save_pretrained(reward)
+        gc.collect()
+        baseline = resident()
+        config = PPOConfig(steps=2, batch_size=batch_size, mini_batch_size=batch_size, ppo_epochs=1,
+                           max_new_tokens=max_length, max_prompt_length=max_length, normalisation_prompts=0,
+                           validation_samples=0, lora_r=lora_r, device=device)
+        train_ppo(config, [[{"role": "user", "content": words}]] * batch_size, policy_path=model_dir,
+                  reference_path=model_dir, reward_path=reward, output_dir=out)
     else:
         groups = [RankedGroup([{"role": "user", "content": f"Question {i}"}], [words, "a " + words], [1, 2])
                   for i in range(2 * batch_size)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import default_model_dir
-from trainer.configs import RewardConfig, SFTConfig
+from trainer.configs import PPOConfig, RewardConfig, SFTConfig
 from trainer.memory import GiB, REFERENCE_MODELS, Architecture, Run, estimate, read_architecture, refusal, run_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,14 +23,18 @@ def measured_and_estimated(model_dir: Path, kind: str, batch_size: int, max_leng
                            str(batch_size), str(max_length)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
-    config = (SFTConfig if kind == "sft" else RewardConfig)(batch_size=batch_size, max_length=max_length)
+    if kind == "ppo":  # one minibatch a step, prompts and responses of max_length tokens
+        config = PPOConfig(batch_size=batch_size, mini_batch_size=batch_size, max_new_tokens=max_length,
+                           max_prompt_length=max_length)
+    else:
+        config = (SFTConfig if kind == "sft" else RewardConfig)(batch_size=batch_size, max_length=max_length)
     run = run_of(kind, config)
     if kind == "sft":  # the loss covers the response: every token after the prompt
         run = replace(run, loss_tokens=max_length - probe["prompt_tokens"])
     return probe["delta"], estimate(read_architecture(model_dir), run).total
 
 
-@pytest.mark.parametrize("kind, batch_size, max_length", [("sft", 4, 128), ("reward", 8, 256)])
+@pytest.mark.parametrize("kind, batch_size, max_length", [("sft", 4, 128), ("reward", 8, 256), ("ppo", 8, 128)])
 def test_the_estimate_is_within_20_percent_of_the_measured_peak_of_the_tiny_model(
         tiny_model_dir, kind, batch_size, max_length):
     measured, estimated = measured_and_estimated(tiny_model_dir, kind, batch_size, max_length)

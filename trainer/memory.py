@@ -177,20 +177,19 @@ class Estimate:
 def _layer_activations(arch: Architecture, tokens: int, dtype_bytes: int, checkpointing: bool) -> int:
     """Bytes one forward pass over `tokens` keeps for the backward pass in the decoder layers."""
     h, q, kv, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
-    # Per token and layer: two norms' inputs and outputs (4h), q, k, v and their rotated copies (2q + 4kv:
-    # k and v repeated to every head for attention), attention output and o_proj output (q + h), residual sum (h),
-    # the gated MLP's gate, up, silu(gate) and product (4i), down_proj output (h).
+    # Per token and layer: the two norms' inputs and outputs (4h), the residual sums and o_proj's output (3h);
+    # q projected, rotated and attended (3q); k and v projected, k rotated, the rotation's temporary (4kv); the
+    # gated MLP's gate, up, silu(gate) and their product (4i).
     full_layer = (7 * h + 3 * q + 4 * kv + 4 * i) * tokens * dtype_bytes
     if checkpointing:
         return arch.layers * h * tokens * dtype_bytes + full_layer  # each layer's input, one layer recomputed
     return arch.layers * full_layer
 
 
-def _head_activations(arch: Architecture, rows: int, loss_tokens: int, entropy: bool) -> int:
-    """Logits over the vocabulary for the loss tokens, float32: at the start of the backward pass the
-    log-softmax, the loss's gradient and the log-softmax's gradient; PPO's entropy (its probabilities and
-    their product) two more."""
-    copies = 3 + (2 if entropy else 0)
+def _head_activations(arch: Architecture, rows: int, loss_tokens: int, copies: int = 3) -> int:
+    """Logits over the vocabulary for the loss tokens, float32: three copies at the start of the backward
+    pass (the log-softmax, the loss's gradient and the log-softmax's gradient); PPO's scoring pass without
+    gradients holds five (logits, scaled logits, log-softmax, and the entropy's probabilities and product)."""
     return copies * rows * loss_tokens * arch.vocab * 4
 
 
@@ -232,17 +231,15 @@ def estimate(arch: Architecture, run: Run) -> Estimate:
     checkpointing = run.gradient_checkpointing
     if run.kind == "reward":
         activations = _layer_activations(arch, tokens, low, checkpointing)
-    elif run.kind == "sft":
+    elif run.kind in ("sft", "dpo"):  # DPO's reference log-probs come without gradients, one batch at a time
         activations = (_layer_activations(arch, tokens, low, checkpointing)
-                       + _head_activations(arch, run.rows, run.loss_tokens, entropy=False))
-    elif run.kind == "dpo":  # the reference's log-probs come without gradients, one batch at a time
-        activations = (_layer_activations(arch, tokens, low, checkpointing)
-                       + _head_activations(arch, run.rows, run.loss_tokens, entropy=False))
-    else:  # ppo: the policy's and the value model's passes, or the rollout's KV cache and logits
-        train = (2 * _layer_activations(arch, tokens, low, checkpointing)
-                 + _head_activations(arch, run.rows, run.loss_tokens, entropy=True))
+                       + _head_activations(arch, run.rows, run.loss_tokens))
+    else:  # ppo: the policy's and the value model's passes, the scoring of a minibatch, or the rollouts' KV cache
+        train = 2 * _layer_activations(arch, tokens, low, checkpointing) + _head_activations(arch, run.rows,
+                                                                                             run.loss_tokens)
+        scoring = _head_activations(arch, run.rows, run.loss_tokens, copies=5)
         rollout = run.rollout_rows * (2 * arch.layers * arch.kv_dim * run.length * low + 2 * arch.vocab * 4)
-        activations = max(train, rollout)
+        activations = max(train, scoring, rollout)
     return Estimate(weights=math.ceil(weights), grads=math.ceil(grads), optimizer=math.ceil(optimizer),
                     activations=math.ceil(activations), runtime=RUNTIME[run.device])
 

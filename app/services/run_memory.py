@@ -22,7 +22,6 @@ from trainer.memory import GiB, Architecture, Estimate, alternatives, estimate, 
 from trainer.models import resolve_model_path
 
 
-
 @dataclass(frozen=True)
 class Budget:
     """Memory per device of the workers."""
