@@ -31,11 +31,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny (random 2-layer Llama), default (SmolLM2-135M) or a path")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--runs", default="sft:4:256,reward:4:256",
-                        help="KIND:BATCH_SIZE:MAX_LENGTH[:LORA_R], comma-separated")
+    parser.add_argument("--runs", default="sft:4:128,reward:8:256,ppo:8:128",
+                        help="KIND:BATCH_SIZE:MAX_LENGTH[:LORA_R], comma-separated; KIND sft, reward or ppo")
     args = parser.parse_args()
 
-    from trainer.configs import RewardConfig, SFTConfig
+    from trainer.configs import PPOConfig, RewardConfig, SFTConfig
     from trainer.memory import estimate, read_architecture, run_of
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,11 +61,16 @@ def main() -> None:
                 print(f"{spec:28} failed: {done.stderr.strip().splitlines()[-1]}")
                 continue
             probe = json.loads(done.stdout.strip().splitlines()[-1])
-            config = (SFTConfig if kind == "sft" else RewardConfig)(batch_size=int(batch), max_length=int(length),
-                                                                    lora_r=lora_r)
+            if kind == "ppo":  # one minibatch a step, prompts and responses of LENGTH tokens (tests/memory_probe.py)
+                config = PPOConfig(batch_size=int(batch), mini_batch_size=int(batch), max_new_tokens=int(length),
+                                   max_prompt_length=int(length), lora_r=lora_r)
+            else:
+                config = (SFTConfig if kind == "sft" else RewardConfig)(batch_size=int(batch),
+                                                                        max_length=int(length), lora_r=lora_r)
             run = run_of(kind, config, dtype="bf16" if args.device == "cuda" else "fp32", parameters=arch.parameters())
-            run = replace(run, device=args.device,
-                          loss_tokens=int(length) - probe["prompt_tokens"] if kind == "sft" else 0)
+            run = replace(run, device=args.device)
+            if kind == "sft":  # the loss covers the response: every token after the prompt
+                run = replace(run, loss_tokens=int(length) - probe["prompt_tokens"])
             found = estimate(arch, run)
             compared = found.total if args.device == "cpu" else found.total - found.runtime
             print(f"{spec:28}{found.total / MiB:>14.0f}{(found.total - found.runtime) / MiB:>13.0f}"
