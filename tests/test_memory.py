@@ -42,7 +42,7 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak_of_the_tiny_mode
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, batch_size, max_length", [("sft", 2, 128), ("reward", 2, 128)])
+@pytest.mark.parametrize("kind, batch_size, max_length", [("sft", 2, 128), ("reward", 2, 128), ("ppo", 2, 64)])
 def test_the_estimate_is_within_20_percent_of_the_measured_peak_of_the_default_model(kind, batch_size, max_length):
     measured, estimated = measured_and_estimated(default_model_dir(), kind, batch_size, max_length)
     assert 0.8 <= estimated / measured <= 1.2, (kind, measured / 2**20, estimated / 2**20)
