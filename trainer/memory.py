@@ -10,7 +10,8 @@ What a run holds, per device:
   scalar head; PPO: policy, reference, reward model and value model; DPO: policy
   and reference). Trained weights are float32 (the optimizer's master copy);
   frozen models and the frozen base under LoRA take the run's weight dtype (bf16
-  on CUDA, float32 on CPU; the reward trainer's LoRA base stays float32). With LoRA and one base, PPO's and DPO's reference is
+  on CUDA, float32 on CPU; the LoRA base of a reward or value model stays
+  float32). With LoRA and one base, PPO's and DPO's reference is
   the policy with its adapters off: no second copy.
 - grads: one per trained weight, float32; with tied input and output embeddings
   their two gradients are summed, so one more embedding-sized gradient at a time.
@@ -199,27 +200,18 @@ def estimate(arch: Architecture, run: Run) -> Estimate:
     lm, scored = arch.parameters("lm"), arch.parameters("score")
     lora = arch.lora_parameters(run.lora_r) if run.lora_r else 0
 
-    # (trained weights, frozen weights) of each model the run holds
-    if run.kind == "sft":
-        held = [(lm, 0)] if not lora else [(lora, lm)]
-    elif run.kind == "reward":
-        held = [(scored, 0)] if not lora else [(lora + arch.hidden, scored - arch.hidden)]
-    elif run.kind == "dpo":
-        policy = (lm, 0) if not lora else (lora, lm)
-        reference = (0, lm) if (run.separate_reference or not lora) else (0, 0)
-        held = [policy, reference]
-    else:  # ppo: policy, reference, reward model, value model (from the reward model)
-        policy = (lm, 0) if not lora else (lora, lm)
-        reference = (0, lm) if (run.separate_reference or not lora) else (0, 0)
-        value = (scored, 0) if not lora else (lora + arch.hidden, scored - arch.hidden)
-        held = [policy, reference, (0, scored), value]
-    trained = sum(t for t, _ in held)
-    frozen = sum(f for _, f in held)
+    # (trained weights, frozen weights in the run's dtype, frozen float32 weights) of each model the run holds;
+    # a scalar-head model under LoRA keeps its base float32 (its head is trained in it)
+    policy = (lm, 0, 0) if not lora else (lora, lm, 0)
+    scalar = (scored, 0, 0) if not lora else (lora + arch.hidden, 0, scored - arch.hidden)
+    reference = (0, lm, 0) if (run.separate_reference or not lora) else (0, 0, 0)
+    held = {"sft": [policy], "reward": [scalar], "dpo": [policy, reference],
+            "ppo": [policy, reference, (0, scored, 0), scalar]}[run.kind]  # PPO's value model: from the RM
+    trained, frozen, frozen_fp32 = (sum(parts) for parts in zip(*held))
 
     weight_shards = run.devices if run.strategy in SHARD_WEIGHTS else 1
     state_shards = run.devices if run.strategy in SHARD_STATE else 1
-    frozen_bytes = 4 if run.kind == "reward" else low  # the reward trainer keeps its LoRA base float32
-    weights = (trained * 4 + frozen * frozen_bytes) / weight_shards
+    weights = (trained * 4 + frozen * low + frozen_fp32 * 4) / weight_shards
     if weight_shards > 1:  # one layer's full weights gathered for its forward and backward
         weights += sum(a * b for a, b in arch.linear_shapes()) * low
     grads = trained * 4 / state_shards
