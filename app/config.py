@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # Worker: queues to listen on, device (auto = cuda > mps > cpu).
     worker_queues: str = Field(default="default,gpu", validation_alias="RLHF_WORKER_QUEUES")
     device: str = Field(default="auto", validation_alias="RLHF_DEVICE")
+    # Memory of each of the workers' GPUs (GiB): training runs that cannot fit are refused before they are
+    # queued (app/services/run_memory.py). Unset: CPU workers with this machine's memory.
+    worker_gpu_memory_gib: float | None = Field(default=None, gt=0, validation_alias="RLHF_WORKER_GPU_MEMORY_GIB")
     # Worker timing. Tests shrink these to seconds; the defaults suit production.
     # Seconds between polls for new jobs (LISTEN/NOTIFY usually wakes workers sooner).
     worker_poll_interval_s: float = Field(default=5.0, validation_alias="RLHF_WORKER_POLL_INTERVAL_S")

@@ -5,6 +5,7 @@ Usage (from the repository root):
     .venv/bin/python -m bench.ppo                      # tiny random policy, CPU, about a minute
     .venv/bin/python -m bench.ppo --model default      # SmolLM2-135M-Instruct as policy, reference and RM base
     .venv/bin/python -m bench.ppo --model default --batch-size 16 --max-new-tokens 64 --device cuda
+    .venv/bin/python -m bench.ppo --model default --device cuda --rollout-engine vllm   # rollouts on vLLM
 
 The reward model is trained first (one short epoch on synthetic rankings,
 tests/factories/synthetic.py) from the same model, then PPO runs --steps steps. The
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--ppo-epochs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rollout-engine", default="transformers", choices=("auto", "transformers", "vllm"))
     args = parser.parse_args()
 
     from app.config import Settings
@@ -74,7 +76,7 @@ def main() -> None:
             model_path=model, output_dir=tmp / "rm")
         config = PPOConfig(steps=args.steps, batch_size=args.batch_size, mini_batch_size=args.mini_batch_size,
                            ppo_epochs=args.ppo_epochs, max_new_tokens=args.max_new_tokens,
-                           learning_rate=1e-4 if tiny else 1e-6, device=args.device)
+                           learning_rate=1e-4 if tiny else 1e-6, device=args.device, rollout_engine=args.rollout_engine)
         started = time.perf_counter()
         result = train_ppo(config, [synthetic.prompt(i) for i in range(64)], policy_path=model,
                            reference_path=model, reward_path=reward.output_dir, output_dir=tmp / "policy")
@@ -84,7 +86,8 @@ def main() -> None:
     split = {k: statistics.mean(h[k] for h in timed) for k in ("generation_s", "scoring_s", "update_s")}
     step_s = sum(split.values())
     print(f"model {args.model}, {args.steps} steps x {args.batch_size} samples, {args.max_new_tokens} new tokens max, "
-          f"{args.ppo_epochs} PPO epochs, minibatch {args.mini_batch_size}, device {args.device}")
+          f"{args.ppo_epochs} PPO epochs, minibatch {args.mini_batch_size}, device {args.device},"
+          f" rollouts on {args.rollout_engine}")
     print(f"{'':28}{'ours':>12}{'TRL PPO':>12}")
     print(f"{'samples/s':28}{args.batch_size / step_s:>12.2f}{'-':>12}")
     print(f"{'mean response tokens':28}{statistics.mean(h['response_length'] for h in timed):>12.1f}{'-':>12}")

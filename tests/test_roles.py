@@ -24,6 +24,7 @@ ROUTES: dict[str, str] = {
     "POST /api/v1/training/ppo": "engineer",
     "POST /api/v1/training/dpo": "engineer",
     "POST /api/v1/training/best-of-n": "engineer",
+    "POST /api/v1/training/estimate": "engineer",
     "GET /api/v1/models": "engineer",
     "GET /api/v1/models/{model_id}": "engineer",
     "GET /api/v1/models/{model_id}/samples": "engineer",

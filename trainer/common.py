@@ -297,3 +297,37 @@ def read_workbench_json(path: Path) -> dict:
     file = Path(path) / CONFIG_FILE
     return json.loads(file.read_text()) if file.exists() else {}
 
+
+
+def apply_gradient_checkpointing(model, setting: str) -> bool:
+    """Recompute each decoder layer's activations in the backward pass (setting "on", or "auto" for models
+    over 1B parameters: trainer.memory's rule). Our trainers keep their models in eval mode (no dropout),
+    where transformers skips checkpointing; only the decoder layers themselves are marked as training, so
+    dropout stays off. Call after the trainer's last eval(). Returns whether it is on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from trainer.memory import CHECKPOINTING_ABOVE
+
+    on = setting == "on" or (setting == "auto" and sum(p.numel() for p in model.parameters()) > CHECKPOINTING_ABOVE)
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in model.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.training = True  # this module only: its dropout children keep their mode
+    return on
+
+
+def make_adamw(params, *, lr: float, weight_decay: float, adam_8bit: bool, device: torch.device, **options):
+    """torch's AdamW (options such as eps, fused), or bitsandbytes' 8-bit AdamW (2 bytes of state per
+    weight instead of 8) when adam_8bit; a clear error when that cannot run here."""
+    if not adam_8bit:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **options)
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise RuntimeError("8-bit AdamW (adam_8bit) needs the optional package bitsandbytes:"
+                           " pip install bitsandbytes") from error
+    if device.type != "cuda":
+        raise RuntimeError(f"8-bit AdamW (adam_8bit) runs on CUDA only; this run is on {device.type}")
+    options.pop("fused", None)
+    return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, **options)

@@ -14,12 +14,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
+CHECKPOINTING = ("auto", "on", "off")
 
 
 def setting(default: Any, *, label: str = "", help: str = "", ge: float | None = None, le: float | None = None,
             choices: tuple[str, ...] = ()) -> Any:
     """A field a user may set: a number in [ge, le], one of `choices`, or a flag."""
     return field(default=default, metadata={"label": label, "help": help, "ge": ge, "le": le, "choices": choices})
+
+
+def gradient_checkpointing_setting() -> Any:
+    """Recompute each layer's activations in the backward pass instead of keeping them (every trainer;
+    trainer/common.py applies it, trainer/memory.py estimates it)."""
+    return setting("auto", label="Gradient checkpointing", choices=CHECKPOINTING,
+                   help="keep only each layer's input and recompute the rest in the backward pass (slower, much"
+                        " less memory); auto: on for models over 1B parameters")
+
+
+def adam_8bit_setting() -> Any:
+    """AdamW's two moments in 8 bits (bitsandbytes): 2 bytes per trained weight instead of 8."""
+    return setting(False, label="8-bit AdamW", help="optimizer state in 8 bits; needs bitsandbytes and CUDA")
 
 
 def check_settings(config: Any, checks: dict[str, bool], what: str, hints: dict[str, str] | None = None) -> None:
@@ -43,6 +57,7 @@ def epoch_training_checks(config: Any) -> dict[str, bool]:
         "max_length": config.max_length >= 8,
         "eval_batch_size": config.eval_batch_size >= 1,
         "lora_r": config.lora_r >= 0,
+        "gradient_checkpointing": config.gradient_checkpointing in CHECKPOINTING,
     }
 
 
@@ -65,6 +80,8 @@ class SFTConfig:
     seed: int = setting(0, ge=0, le=2**31 - 1)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
     mixed_precision: bool = True  # bf16 autocast on CUDA; ignored elsewhere
+    gradient_checkpointing: str = gradient_checkpointing_setting()
+    adam_8bit: bool = adam_8bit_setting()
     # 0: train every weight; > 0: LoRA of that rank (needs peft), merged into the saved weights
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -112,6 +129,8 @@ class RewardConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
     # bf16 autocast on CUDA; ignored elsewhere
     mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
+    gradient_checkpointing: str = gradient_checkpointing_setting()
+    adam_8bit: bool = adam_8bit_setting()
     # 0: train every weight; > 0: LoRA of that rank (needs peft)
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -192,6 +211,11 @@ class PPOConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda ...
     # bf16 autocast on CUDA; ignored elsewhere
     mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
+    gradient_checkpointing: str = gradient_checkpointing_setting()
+    adam_8bit: bool = adam_8bit_setting()
+    # auto: vLLM on CUDA when it is installed (the policy's weights loaded into it each step), else transformers
+    rollout_engine: str = setting("auto", label="Rollout engine", choices=("auto", "transformers", "vllm"),
+                                  help="auto: vLLM on CUDA when installed, else transformers")
     # 0: full fine-tuning; > 0: LoRA on policy and value (needs peft)
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -238,6 +262,8 @@ class PPOConfig:
             "normalisation_prompts": self.normalisation_prompts >= 0,
             "validation_samples": self.validation_samples >= 0,
             "lora_r": self.lora_r >= 0,
+            "gradient_checkpointing": self.gradient_checkpointing in CHECKPOINTING,
+            "rollout_engine": self.rollout_engine in ("auto", "transformers", "vllm"),
         }
         check_settings(self, checks, "PPO", joint)
 
@@ -272,6 +298,8 @@ class DPOConfig:
     seed: int = setting(0, ge=0, le=2**31 - 1)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda ...
     mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
+    gradient_checkpointing: str = gradient_checkpointing_setting()
+    adam_8bit: bool = adam_8bit_setting()
     # 0: full fine-tuning; > 0: LoRA (needs peft); with the policy's own weights as reference, the reference
     # is the policy with its adapters off
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
@@ -293,6 +321,7 @@ class DPOConfig:
             "max_new_tokens": self.max_new_tokens >= 1,
             "temperature": self.temperature > 0,
             "lora_r": self.lora_r >= 0,
+            "gradient_checkpointing": self.gradient_checkpointing in CHECKPOINTING,
         }, "DPO")
 
 

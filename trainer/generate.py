@@ -19,7 +19,6 @@ constraints make a second writer harmless).
 """
 
 import hashlib
-import importlib.util
 import logging
 import random
 import time
@@ -40,6 +39,7 @@ from app.services import active_learning
 from trainer.common import generate_exactly
 from trainer.jobs import JobCancelled, JobContext, JobFailed, handler
 from trainer.models import load_causal_lm, load_tokenizer, resolve_model_path
+from trainer.vllm_engine import choose_engine
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,7 @@ class TransformersSampler:
 
 
 class VllmSampler:
-    """The same interface on vLLM, used on CUDA when vLLM is installed (untested
-    on machines without a GPU)."""
+    """The same interface on vLLM, used on CUDA when vLLM is installed (scripts/gpu-check.sh runs it)."""
 
     engine = "vllm"
 
@@ -226,10 +225,19 @@ class VllmSampler:
 
 
 def load_sampler(path: str, device: torch.device, dtype: torch.dtype, engine: str = "auto"):
-    """vLLM on CUDA when it is installed (engine="auto"), else transformers."""
-    if engine == "vllm" or (engine == "auto" and device.type == "cuda" and importlib.util.find_spec("vllm")):
+    """vLLM on CUDA when it is installed (engine="auto"), else transformers (trainer/vllm_engine.py).
+    Raises ValueError when vLLM is asked for and cannot run here."""
+    if choose_engine(engine, device) == "vllm":
         return VllmSampler(path, dtype)
     return TransformersSampler(path, device, dtype)
+
+
+def job_sampler(ctx: JobContext, path: str, engine: str):
+    """load_sampler on the job's device; an engine that cannot run here fails the job with the reason."""
+    try:
+        return load_sampler(path, ctx.device, ctx.dtype, engine)
+    except ValueError as error:
+        raise JobFailed(str(error)) from error
 
 
 def sample_batch(sampler, items: Sequence[tuple[list, int, Sequence[int], Sequence[str]]],
@@ -434,7 +442,7 @@ def generate_evaluation(ctx: JobContext, prompt_set_id: int) -> dict[str, Any]:
         path = resolve_model_path(model_path, ctx.settings.artifacts_path)
         log.info("evaluation %s: %d responses of %s (%s) on %s", prompt_set_id, len(todo[pos]), model_name,
                  path, ctx.device)
-        sampler = load_sampler(path, ctx.device, ctx.dtype, engine)
+        sampler = job_sampler(ctx, path, engine)
         sampling = {**settings.as_dict(), "model": model_name, "engine": sampler.engine}
         for start in range(0, len(todo[pos]), batch_size):
             ctx.check_cancelled()
@@ -537,7 +545,7 @@ def generate_job(ctx: JobContext) -> dict[str, Any]:
     log.info("generating %d x %d responses for set %s with %s (%s) on %s",
              total, k, prompt_set_id, model_name, path, ctx.device)
     ctx.check_cancelled(force=True)
-    sampler = load_sampler(path, ctx.device, ctx.dtype, engine)
+    sampler = job_sampler(ctx, path, engine)
     ranker = None
     if mode is not None:
         from trainer.best_of_n import RewardRanker, TokenizerMismatch

@@ -40,11 +40,13 @@ import torch
 from trainer.common import (
     Messages,
     add_lora,
+    apply_gradient_checkpointing,
     autocast,
     encode_prompt,
     encode_response,
     generate_exactly,
     lr_lambda,
+    make_adamw,
     masked_mean,
     masked_whiten,
     pad_left,
@@ -58,8 +60,9 @@ from trainer.common import (
 )
 from trainer.configs import PPOConfig
 from trainer.distributed import runtime
-from trainer.models import load_causal_lm, load_tokenizer
+from trainer.models import load_causal_lm, load_tokenizer, pick_dtype
 from trainer.reward import load_reward_model, reward_normalisation, sequence_scores, token_scores
+from trainer.vllm_engine import VllmRollouts, choose_engine
 
 log = logging.getLogger(__name__)
 
@@ -222,16 +225,19 @@ def train_ppo(
         raise ValueError(f"with {rt.world} processes, batch_size ({config.batch_size}) and mini_batch_size"
                          f" ({config.mini_batch_size}) must be multiples of {rt.world}: each process takes an"
                          " equal share of every minibatch")
+    engine = choose_engine(config.rollout_engine, device)  # before any model is loaded: vLLM may be missing
     seed_everything(config.seed)
     use_lora = config.lora_r > 0
 
     # 1. models: policy (trained), reference (frozen), reward model (frozen), value model (trained, from the RM)
     tokenizer = prepare_tokenizer(load_tokenizer(str(policy_path)))  # a pad distinct from EOS
-    policy = load_causal_lm(str(policy_path), device, torch.float32)
+    # Trained weights float32 (autocast does bf16 on CUDA); frozen ones (reference, reward model, the base
+    # under LoRA) bf16 on CUDA, float32 elsewhere.
+    policy = load_causal_lm(str(policy_path), device, pick_dtype(device) if use_lora else torch.float32)
     # With LoRA on the same weights, the reference is the policy with its adapters switched off.
     shared_reference = use_lora and Path(reference_path).resolve() == Path(policy_path).resolve()
-    reference = None if shared_reference else load_causal_lm(str(reference_path), device, torch.float32)
-    reward_model, reward_tokenizer = load_reward_model(reward_path, device)
+    reference = None if shared_reference else load_causal_lm(str(reference_path), device, pick_dtype(device))
+    reward_model, reward_tokenizer = load_reward_model(reward_path, device, pick_dtype(device))
     assert reward_tokenizer.get_vocab() == tokenizer.get_vocab(), \
         "the reward model and the policy must share a tokenizer: responses are scored token for token"
     rm_mean, rm_std = reward_normalisation(reward_model)
@@ -251,6 +257,8 @@ def train_ppo(
     for model in (policy, reference, reward_model, value_model):
         if model is not None:
             model.eval()
+    for trained in (policy, value_model):
+        apply_gradient_checkpointing(trained, config.gradient_checkpointing)
     rt.sync_parameters(policy, value_model)
     if rt.distributed:
         torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each process samples its own responses
@@ -268,10 +276,16 @@ def train_ppo(
         r = r[:config.max_new_tokens]
         sft_encoded.append((p + r, [0] * len(p) + [1] * len(r)))
     generation_config = _generation_config(config, tokenizer)
+    # The policy's rollouts on vLLM (trainer/vllm_engine.py) when chosen; the log-probs are the trainer's.
+    rollouts = None
+    if engine == "vllm":
+        rollouts = VllmRollouts(str(policy_path), temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                                pad_id=tokenizer.pad_token_id, seed=config.seed + rt.rank)
 
     # 3. optimizer over policy and value; lr annealed to 0 over every gradient step of the run
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay)
+    optimizer = make_adamw(params, lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay,
+                           adam_8bit=config.adam_8bit, device=device)
     minibatches = config.batch_size // config.mini_batch_size
     total_updates = config.steps * config.ppo_epochs * minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -284,8 +298,11 @@ def train_ppo(
         and the sequences the reward model reads ("scored", "scored_mask": query + response + EOS)."""
         query, query_mask = pad_left([ids[i] for i in indices], tokenizer.pad_token_id)  # (B, P)
         query, query_mask = query.to(device), query_mask.to(device)
-        with autocast(device, config.mixed_precision):
-            responses = _generate(policy if model is None else model, query, query_mask, generation_config)  # (B, R)
+        if rollouts is not None and model is None:
+            responses = rollouts.generate(query, query_mask)  # (B, R)
+        else:
+            with autocast(device, config.mixed_precision):
+                responses = _generate(policy if model is None else model, query, query_mask, generation_config)
         responses, response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         scored, scored_mask = ended_with_eos(responses, response_mask, ended, tokenizer.eos_token_id,
                                              tokenizer.pad_token_id)  # (B, R + 1)
@@ -363,6 +380,8 @@ def train_ppo(
 
         # 1. generate: sample responses from the policy for a batch of left-padded prompts
         indices = rt.shard([next(stream) for _ in range(config.batch_size)])  # the same stream everywhere
+        if rollouts is not None:
+            rollouts.sync(policy)  # this step's weights
         rollout = sample_responses(indices, prompt_ids)
         query, responses = rollout["query"], rollout["responses"]  # (B, P), (B, R)
         response_mask, ended = rollout["response_mask"], rollout["ended"]  # (B, R), (B,)

@@ -39,11 +39,13 @@ import torch.nn.functional as F
 from trainer.common import (
     Messages,
     add_lora,
+    apply_gradient_checkpointing,
     autocast,
     encode_prompt,
     encode_response,
     last_token_index,
     lr_lambda,
+    make_adamw,
     pad_right,
     position_ids_from,
     prepare_tokenizer,
@@ -443,6 +445,7 @@ def train_reward_model(
         model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, task_type="SEQ_CLS")
     # eval(): dropout off for the whole run (TRL's disable_dropout); gradients flow all the same.
     model.eval()
+    apply_gradient_checkpointing(model, config.gradient_checkpointing)
     rt.sync_parameters(model)
 
     # 3. optimizer and schedule
@@ -454,10 +457,10 @@ def train_reward_model(
     head = [p for n, p in named if _is_head(n)]
     trunk = [p for n, p in named if not _is_head(n)]
     assert head, "the scalar head is not trainable"
-    optimizer = torch.optim.AdamW(
+    optimizer = make_adamw(
         [{"params": trunk, "lr": config.learning_rate},
          {"params": head, "lr": config.learning_rate * config.head_lr_multiplier}],
-        weight_decay=config.weight_decay)
+        lr=config.learning_rate, weight_decay=config.weight_decay, adam_8bit=config.adam_8bit, device=device)
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
     shuffle = torch.Generator().manual_seed(config.seed)

@@ -39,9 +39,11 @@ import torch.nn.functional as F
 from trainer.common import (
     Messages,
     add_lora,
+    apply_gradient_checkpointing,
     autocast,
     encode_prompt,
     lr_lambda,
+    make_adamw,
     prepare_tokenizer,
     read_workbench_json,
     save_checkpoint,
@@ -50,7 +52,7 @@ from trainer.common import (
 )
 from trainer.configs import SFTConfig
 from trainer.distributed import Runtime, runtime
-from trainer.models import load_tokenizer
+from trainer.models import load_tokenizer, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +321,17 @@ def train_sft(
     rows = len(pack_rows(train, config.max_length, list(range(len(train))))) if config.packing else len(train)
     micro_batches = -(-rows // config.batch_size)
 
-    # 2. model: float32 weights (autocast does bf16 on CUDA), optional LoRA
+    # 2. model: float32 trained weights (autocast does bf16 on CUDA); under LoRA the frozen base is bf16 on
+    # CUDA (peft keeps the adapters float32)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
+    dtype = pick_dtype(device) if config.lora_r > 0 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype).to(device)
     if config.lora_r > 0:
         model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                          task_type="CAUSAL_LM")
     model.train()
+    apply_gradient_checkpointing(model, config.gradient_checkpointing)
     rt.sync_parameters(model)
 
     # 3. optimizer and schedule
@@ -334,8 +339,8 @@ def train_sft(
     total_steps = steps_per_epoch * config.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel: one pass over the weights instead of several (7x faster on CPU for 135M weights).
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
+    optimizer = make_adamw(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                           adam_8bit=config.adam_8bit, device=device, fused=device.type in ("cpu", "cuda"))
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
 

@@ -1,5 +1,5 @@
 """JSON API of training runs: start SFT, reward-model, PPO, DPO and best-of-N jobs (follow them with
-/api/v1/jobs), and the settings each accepts with their defaults."""
+/api/v1/jobs), the settings each accepts with their defaults, and the memory a run would need."""
 
 from collections.abc import Sequence
 
@@ -11,6 +11,8 @@ from app.schemas.jobs import JobOut, job_out
 from app.schemas.training import (
     BestOfNRunIn,
     DPORunIn,
+    EstimateIn,
+    EstimateOut,
     PPORunIn,
     RewardRunIn,
     SettingOut,
@@ -22,7 +24,9 @@ from app.services.run_settings import Setting
 
 router = APIRouter(prefix="/training", tags=["training"])
 
-_422 = {422: problem_response("Nothing queued; `errors` names each bad field.")}
+_422 = {422: problem_response("Nothing queued; `errors` names each bad field (`memory`: the run cannot fit the"
+                                 " workers' devices, with settings that would).")}
+_422_ESTIMATE = {422: problem_response("`errors` names each bad field.")}
 
 
 def _settings_out(settings: Sequence[Setting]) -> list[SettingOut]:
@@ -37,6 +41,14 @@ def settings(user: EngineerUser):
     return TrainingSettingsOut(sft=_settings_out(training.SFT_SETTINGS), reward=_settings_out(training.REWARD_SETTINGS),
                                ppo=_settings_out(training.PPO_SETTINGS), dpo=_settings_out(training.DPO_SETTINGS),
                                best_of_n=_settings_out(training.BEST_OF_N_SETTINGS))
+
+
+@router.post("/estimate", response_model=EstimateOut, responses=_422_ESTIMATE)
+def estimate(body: EstimateIn, session: SessionDep, user: EngineerUser):
+    """The peak memory per device a run would need on the workers, before it is queued; the start
+    endpoints refuse a run that does not fit, with the same message."""
+    return training.estimate_memory(session, kind=body.kind, values=body.config, model_id=body.model_id,
+                                    reference_model_id=body.reference_model_id, prompt_set_ids=body.prompt_set_ids)
 
 
 @router.post("/sft", response_model=JobOut, status_code=status.HTTP_201_CREATED, responses=_422)

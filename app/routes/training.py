@@ -51,9 +51,13 @@ class RunForm:
     start: Callable[..., Any]
     what: str  # the job's name in the flash message
     block: str = "run_form"  # the form's block, what an htmx post gets back with the errors
+    memory: str | None = None  # the kind of run whose memory the form shows (training.ESTIMATED)
+
+    def _memory(self, session, form: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"memory": training.form_estimate(session, self.memory, form) if self.memory else None}
 
     def page(self, request: Request, session) -> Response:
-        return render(request, self.template, self.context(session))
+        return render(request, self.template, self.context(session) | self._memory(session))
 
     def submit(self, request: Request, session, user, data: FormData) -> Response:
         """Queue the run and go to its job page, or show the form again with each error beside its field."""
@@ -62,8 +66,8 @@ class RunForm:
         try:
             job = self.start(session, user_id=user.id, values=values, flags_from_form=True, **choices)
         except Invalid as exc:
-            return render_form_errors(request, exc, self.template, self.context(session, form=values | choices),
-                                      block=self.block, status_code=422)
+            context = self.context(session, form=values | choices) | self._memory(session, values | choices)
+            return render_form_errors(request, exc, self.template, context, block=self.block, status_code=422)
         flash(request, f"Queued {self.what} job #{job.id}.", "success")
         return redirect(request, f"/jobs/{job.id}")
 
@@ -90,7 +94,7 @@ def _sft_context(session, *, form: dict[str, Any] | None = None) -> dict[str, An
 
 SFT_FORM = RunForm(template="pages/sft.html", context=_sft_context,
                    settings=training.SFT_SETTINGS, choice_names=SFT_CHOICES,
-                   start=training.start_sft_job, what="SFT", block="sft_form")
+                   start=training.start_sft_job, what="SFT", block="sft_form", memory="sft")
 
 
 @sft_router.get("")
@@ -125,7 +129,7 @@ def _reward_context(session, *, form: dict[str, Any] | None = None) -> dict[str,
 
 REWARD_FORM = RunForm(template="pages/training_reward.html", context=_reward_context,
                       settings=training.REWARD_SETTINGS, choice_names=REWARD_CHOICES,
-                      start=training.start_reward_job, what="reward-model")
+                      start=training.start_reward_job, what="reward-model", memory="reward")
 
 
 @router.get("/reward")
@@ -165,7 +169,7 @@ def _ppo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, An
 
 PPO_FORM = RunForm(template="pages/training_ppo.html", context=_ppo_context,
                    settings=training.PPO_SETTINGS, choice_names=PPO_CHOICES,
-                   start=training.start_ppo_job, what="PPO")
+                   start=training.start_ppo_job, what="PPO", memory="ppo")
 
 
 @router.get("/ppo")
@@ -199,7 +203,7 @@ def _dpo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, An
 
 DPO_FORM = RunForm(template="pages/training_dpo.html", context=_dpo_context,
                    settings=training.DPO_SETTINGS, choice_names=DPO_CHOICES,
-                   start=training.start_dpo_job, what="DPO")
+                   start=training.start_dpo_job, what="DPO", memory="dpo")
 
 
 @router.get("/dpo")

@@ -108,3 +108,29 @@ class TrainingSettingsOut(BaseModel):
     ppo: list[SettingOut]
     dpo: list[SettingOut]
     best_of_n: list[SettingOut]
+
+
+class EstimateIn(BaseModel):
+    """A run to estimate: its kind, model (default: the default SFT model), reference (PPO, DPO; default:
+    the model itself), ranking sets (reward model, DPO: their K sets the batch) and settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["sft", "reward", "ppo", "dpo"]
+    model_id: Id | None = None
+    reference_model_id: Id | None = None
+    prompt_set_ids: list[Id] | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class EstimateOut(BaseModel):
+    """Expected peak memory per device (GiB) on the workers' devices, and whether the run fits; when it
+    does not, `message` says why and `alternatives` lists settings that would fit."""
+
+    per_device_gib: dict[str, float]  # weights, grads, optimizer, activations, runtime, total
+    device: Literal["cuda", "cpu"]
+    limit_gib: float
+    parameters: int
+    fits: bool
+    message: str | None
+    alternatives: list[str]

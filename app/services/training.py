@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 from app import queue
 from app.db.enums import DemonstrationStatus, JobKind, ModelKind, PromptSetKind, PromptSetStatus, Split, UserKind
 from app.db.models import Annotation, Demonstration, Job, Model, Prompt, PromptSet, Response, Task, User
-from app.services import export, models, worker_devices
-from app.services.errors import raise_for_fields
+from app.services import export, models, run_memory, worker_devices
+from app.services.errors import Invalid, raise_for_fields
 from app.services.jobs import enqueue_job
 from app.services.prompt_sets import GENERATOR_KINDS, default_generator_model
 from app.services.run_settings import clean_config, parse_ids, reject_unknown, settings_of
@@ -181,8 +181,10 @@ def clean_sft_params(session: Session, *, base_model_id: Any, prompt_set_ids: It
     count = worker_devices.clean_processes(errors, session, processes, queue_name)
     raise_for_fields(errors)
     assert model is not None
-    return {"base_model_id": model.id, "prompt_set_ids": set_ids, "name": clean_name, "processes": count,
-            "config": config}
+    params = {"base_model_id": model.id, "prompt_set_ids": set_ids, "name": clean_name, "processes": count,
+              "config": config}
+    run_memory.check_fits(session, "sft", params)
+    return params
 
 
 def start_sft_job(session: Session, *, user_id: int | None, base_model_id: Any, prompt_set_ids: Iterable[Any],
@@ -252,8 +254,11 @@ def clean_reward_params(session: Session, *, values: Mapping[str, Any], base_mod
     count = worker_devices.clean_processes(errors, session, processes, queue_name)
     raise_for_fields(errors)
     assert base is not None
-    return {"base_model_id": base.id, "prompt_set_ids": set_ids, "labeler_ids": user_ids or None,
-            "include_imported": imported, "include_ai": ai, "name": clean_name, "processes": count, "config": config}
+    params = {"base_model_id": base.id, "prompt_set_ids": set_ids, "labeler_ids": user_ids or None,
+              "include_imported": imported, "include_ai": ai, "name": clean_name, "processes": count,
+              "config": config}
+    run_memory.check_fits(session, "reward", params)
+    return params
 
 
 def _yes_no(errors: dict[str, str], field: str, raw: Any) -> bool | None:
@@ -303,9 +308,11 @@ def clean_ppo_params(session: Session, *, values: Mapping[str, Any], policy_mode
                 errors[field] = f"must be a multiple of the {count} processes"
     raise_for_fields(errors)
     assert policy is not None and reference is not None and reward is not None
-    return {"policy_model_id": policy.id, "reference_model_id": reference.id, "reward_model_id": reward.id,
-            "prompt_set_ids": set_ids, "sft_set_ids": sft_ids, "name": clean_name, "processes": count,
-            "config": config}
+    params = {"policy_model_id": policy.id, "reference_model_id": reference.id, "reward_model_id": reward.id,
+              "prompt_set_ids": set_ids, "sft_set_ids": sft_ids, "name": clean_name, "processes": count,
+              "config": config}
+    run_memory.check_fits(session, "ppo", params)
+    return params
 
 
 def start_reward_job(session: Session, *, user_id: int | None, values: Mapping[str, Any],
@@ -339,8 +346,10 @@ def clean_dpo_params(session: Session, *, values: Mapping[str, Any], policy_mode
     clean_name = _name(errors, session, name)
     raise_for_fields(errors)
     assert policy is not None and reference is not None
-    return {"policy_model_id": policy.id, "reference_model_id": reference.id, "prompt_set_ids": set_ids,
-            "labeler_ids": user_ids or None, "include_imported": imported, "name": clean_name, "config": config}
+    params = {"policy_model_id": policy.id, "reference_model_id": reference.id, "prompt_set_ids": set_ids,
+              "labeler_ids": user_ids or None, "include_imported": imported, "name": clean_name, "config": config}
+    run_memory.check_fits(session, "dpo", params)
+    return params
 
 
 def start_dpo_job(session: Session, *, user_id: int | None, values: Mapping[str, Any],
@@ -397,6 +406,56 @@ def start_best_of_n_job(session: Session, *, user_id: int | None, values: Mappin
     """Queue a best_of_n job (see clean_best_of_n_params). Commits; nothing is queued on Invalid."""
     params = clean_best_of_n_params(session, values=values, **choices)
     return _enqueue_run(session, JobKind.best_of_n, params, user_id=user_id, queue_name=queue_name)
+
+
+# ---- memory ---------------------------------------------------------------------------
+
+# The runs whose memory is estimated: their config and the field naming the trained model.
+ESTIMATED = {"sft": (SFTConfig, "base_model_id"), "reward": (RewardConfig, "base_model_id"),
+             "ppo": (PPOConfig, "policy_model_id"), "dpo": (DPOConfig, "policy_model_id")}
+
+
+def estimate_memory(session: Session, *, kind: Any, values: Mapping[str, Any], model_id: Any = None,
+                    reference_model_id: Any = None, prompt_set_ids: Any = None,
+                    flags_from_form: bool = False) -> dict[str, Any]:
+    """The memory per device a run would need on the workers (app/services/run_memory.py): the model
+    (default: the default SFT model), its reference (PPO, DPO; default: the same model), the ranking sets
+    (their K responses per ranking make the reward model's and DPO's batches) and the settings. Raises
+    Invalid per field (kind, model_id, reference_model_id, prompt_set_ids, each setting)."""
+    if kind not in ESTIMATED:
+        raise_for_fields({"kind": f"one of {', '.join(ESTIMATED)}"})
+    config_class, _ = ESTIMATED[kind]
+    reject_unknown(values, config_class)
+    errors: dict[str, str] = {}
+    model = models.choose_model(errors, session, "model_id", model_id, GENERATOR_KINDS,
+                                default_generator_model(session), "an SFT or policy model")
+    reference = model
+    if kind in ("ppo", "dpo"):
+        reference = models.choose_model(errors, session, "reference_model_id", reference_model_id, GENERATOR_KINDS,
+                                        model, "an SFT or policy model")
+    set_ids = _sets(errors, session, "prompt_set_ids", prompt_set_ids, PromptSetKind.ranking, required=False) \
+        if kind != "sft" else []
+    config = clean_config(values, config_class, errors, flags_from_form=flags_from_form)
+    raise_for_fields(errors)
+    assert model is not None and reference is not None
+    found = run_memory.estimate_run(kind, model, config, separate_reference=reference.id != model.id,
+                                    responses=run_memory.responses_per_ranking(session, set_ids))
+    if found is None:
+        raise_for_fields({"model_id": "its config.json cannot be read on this machine: its size is unknown"})
+    return found
+
+
+def form_estimate(session: Session, kind: str, form: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """estimate_memory for a training form's fields (the defaults when None); None while they make no run."""
+    form = form or {}
+    config_class, model_field = ESTIMATED[kind]
+    known = {s.name for s in settings_of(config_class)}
+    try:
+        return estimate_memory(session, kind=kind, values={k: v for k, v in form.items() if k in known},
+                               model_id=form.get(model_field), reference_model_id=form.get("reference_model_id"),
+                               prompt_set_ids=form.get("prompt_set_ids") or None, flags_from_form=bool(form))
+    except Invalid:
+        return None
 
 
 # ---- the data a job reads (in the worker) ---------------------------------------------

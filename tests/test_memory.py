@@ -1,0 +1,151 @@
+"""The memory estimator (trainer/memory.py) against peaks measured on the CPU, and its refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import default_model_dir
+from trainer.configs import PPOConfig, RewardConfig, SFTConfig
+from trainer.memory import GiB, REFERENCE_MODELS, Architecture, Run, estimate, read_architecture, refusal, run_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def measured_and_estimated(model_dir: Path, kind: str, batch_size: int, max_length: int) -> tuple[int, int]:
+    """(peak bytes measured over a real run of a few steps in its own process, the estimator's total)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), kind, str(model_dir),
+                           str(batch_size), str(max_length)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    if kind == "ppo":  # one minibatch a step, prompts and responses of max_length tokens
+        config = PPOConfig(batch_size=batch_size, mini_batch_size=batch_size, max_new_tokens=max_length,
+                           max_prompt_length=max_length)
+    else:
+        config = (SFTConfig if kind == "sft" else RewardConfig)(batch_size=batch_size, max_length=max_length)
+    run = run_of(kind, config)
+    if kind == "sft":  # the loss covers the response: every token after the prompt
+        run = replace(run, loss_tokens=max_length - probe["prompt_tokens"])
+    return probe["delta"], estimate(read_architecture(model_dir), run).total
+
+
+@pytest.mark.parametrize("kind, batch_size, max_length", [("sft", 4, 128), ("reward", 8, 256), ("ppo", 8, 128)])
+def test_the_estimate_is_within_20_percent_of_the_measured_peak_of_the_tiny_model(
+        tiny_model_dir, kind, batch_size, max_length):
+    measured, estimated = measured_and_estimated(tiny_model_dir, kind, batch_size, max_length)
+    assert 0.8 <= estimated / measured <= 1.2, (kind, measured / 2**20, estimated / 2**20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, batch_size, max_length", [("sft", 2, 128), ("reward", 2, 128), ("ppo", 2, 64)])
+def test_the_estimate_is_within_20_percent_of_the_measured_peak_of_the_default_model(kind, batch_size, max_length):
+    measured, estimated = measured_and_estimated(default_model_dir(), kind, batch_size, max_length)
+    assert 0.8 <= estimated / measured <= 1.2, (kind, measured / 2**20, estimated / 2**20)
+
+
+def test_parameters_counted_from_the_config_are_the_models(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    arch = read_architecture(tiny_model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    assert arch.parameters("lm") == sum(p.numel() for p in lm.parameters())
+    scored = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    assert arch.parameters("score") == sum(p.numel() for p in scored.parameters())
+    default = read_architecture(default_model_dir())
+    assert 134e6 < default.parameters() < 135e6  # SmolLM2-135M
+
+
+def test_strategies_shard_what_they_should():
+    arch = REFERENCE_MODELS["8B"]
+    single = estimate(arch, Run(kind="sft", rows=1, length=512, loss_tokens=512, dtype="bf16", device="cuda"))
+    ddp = estimate(arch, Run(kind="sft", rows=1, length=512, loss_tokens=512, dtype="bf16", device="cuda",
+                             strategy="ddp", devices=4))
+    zero2 = estimate(arch, Run(kind="sft", rows=1, length=512, loss_tokens=512, dtype="bf16", device="cuda",
+                               strategy="zero2", devices=4))
+    zero3 = estimate(arch, Run(kind="sft", rows=1, length=512, loss_tokens=512, dtype="bf16", device="cuda",
+                               strategy="zero3", devices=4))
+    assert ddp == single  # replicated
+    assert zero2.weights == single.weights and zero2.optimizer * 4 == pytest.approx(single.optimizer, abs=4)
+    assert zero3.weights < single.weights / 3 and zero3.grads == zero2.grads
+    eight_bit = estimate(arch, Run(kind="sft", rows=1, length=512, loss_tokens=512, adam_8bit=True))
+    assert eight_bit.optimizer * 4 == pytest.approx(single.optimizer, abs=4)
+    lora = estimate(arch, Run(kind="ppo", rows=1, length=512, loss_tokens=256, lora_r=16, separate_reference=False))
+    full = estimate(arch, Run(kind="ppo", rows=1, length=512, loss_tokens=256))
+    assert lora.optimizer < full.optimizer / 100 and lora.weights < full.weights * 0.8  # no second policy
+
+
+def test_checkpointing_keeps_only_each_layers_input():
+    arch = REFERENCE_MODELS["1B"]
+    run = Run(kind="reward", rows=8, length=1024, loss_tokens=0, dtype="bf16")
+    assert estimate(arch, replace(run, gradient_checkpointing=True)).activations < \
+        estimate(arch, run).activations / 4
+
+
+def test_an_impossible_run_is_refused_with_settings_that_would_fit():
+    arch = REFERENCE_MODELS["70B"]
+    run = run_of("sft", SFTConfig(batch_size=8, max_length=1024), dtype="bf16", parameters=arch.parameters())
+    run = replace(run, device="cuda")
+    message = refusal(arch, run, 80 * GiB, "each GPU of the workers")
+    assert message is not None and "needs about" in message and "has 80.0 GiB" in message
+    assert "ZeRO-3 over 8 GPUs" in message or "LoRA rank 16 with gradient checkpointing and ZeRO-3" in message
+    # On a small machine nothing fits a 70B model: the message says so.
+    assert "choose a smaller model" in refusal(arch, run, 4 * GiB, "this machine")
+    # A run that fits is not refused.
+    small = Architecture(vocab=1000, hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, head_dim=16)
+    assert refusal(small, run, 80 * GiB, "each GPU") is None
+
+
+def test_a_config_without_sizes_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="config.json has none of hidden_size"):
+        read_architecture(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_architecture(tmp_path / "missing")
+
+
+def test_gradient_checkpointing_keeps_less_for_the_backward_pass_of_a_model_in_eval_mode_same_gradients(
+        tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.common import apply_gradient_checkpointing
+
+    ids = torch.arange(5, 69).unsqueeze(0)  # (1, 64)
+    grads, kept = [], []
+    for setting in ("off", "on"):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+        assert apply_gradient_checkpointing(model, setting) == (setting == "on")
+        saved = [0]
+
+        def pack(tensor):
+            saved[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model.model(input_ids=ids).last_hidden_state.pow(2).mean()  # the decoder layers only
+        loss.backward()
+        kept.append(saved[0])
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad)
+        assert not model.model.layers[0].mlp.training  # dropout and the like stay off
+    assert kept[1] < kept[0] / 2, kept  # each layer's input only, the rest recomputed
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert apply_gradient_checkpointing(model, "auto") is False  # "auto": only models over 1B weights
+
+
+def test_8bit_adamw_without_bitsandbytes_is_a_clear_error(tiny_model_dir, tmp_path):
+    import importlib.util
+
+    from trainer.sft import SFTExample, train_sft
+
+    if importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed here")
+    examples = [SFTExample([{"role": "user", "content": f"Question {i}"}], "An answer.") for i in range(2)]
+    with pytest.raises(RuntimeError, match="needs the optional package bitsandbytes"):
+        train_sft(SFTConfig(adam_8bit=True, device="cpu"), examples, examples[:1], base_path=tiny_model_dir,
+                  output_dir=tmp_path / "x")
