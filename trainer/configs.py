@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
+# How a run launched as several processes spreads the trained models (trainer/distributed.py): single: one
+# process only; ddp: a full copy each; fsdp: weights, gradients and optimizer state sharded; zero2, zero3:
+# DeepSpeed ZeRO (needs deepspeed). One process trains the same way whichever is chosen (but single).
+STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3")
+
+
+def strategy_setting() -> Any:
+    return setting("ddp", label="Distributed strategy", choices=STRATEGIES,
+                   help="when launched as several processes: ddp copies the model, fsdp and zero3 shard it")
 
 
 def setting(default: Any, *, label: str = "", help: str = "", ge: float | None = None, le: float | None = None,
@@ -43,6 +52,7 @@ def epoch_training_checks(config: Any) -> dict[str, bool]:
         "max_length": config.max_length >= 8,
         "eval_batch_size": config.eval_batch_size >= 1,
         "lora_r": config.lora_r >= 0,
+        "strategy": config.strategy in STRATEGIES,
     }
 
 
@@ -65,6 +75,7 @@ class SFTConfig:
     seed: int = setting(0, ge=0, le=2**31 - 1)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
     mixed_precision: bool = True  # bf16 autocast on CUDA; ignored elsewhere
+    strategy: str = strategy_setting()
     # 0: train every weight; > 0: LoRA of that rank (needs peft), merged into the saved weights
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -112,6 +123,7 @@ class RewardConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
     # bf16 autocast on CUDA; ignored elsewhere
     mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
+    strategy: str = strategy_setting()
     # 0: train every weight; > 0: LoRA of that rank (needs peft)
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -192,6 +204,7 @@ class PPOConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda ...
     # bf16 autocast on CUDA; ignored elsewhere
     mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
+    strategy: str = strategy_setting()
     # 0: full fine-tuning; > 0: LoRA on policy and value (needs peft)
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -238,6 +251,7 @@ class PPOConfig:
             "normalisation_prompts": self.normalisation_prompts >= 0,
             "validation_samples": self.validation_samples >= 0,
             "lora_r": self.lora_r >= 0,
+            "strategy": self.strategy in STRATEGIES,
         }
         check_settings(self, checks, "PPO", joint)
 
