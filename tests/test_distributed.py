@@ -55,7 +55,8 @@ def ranking_rows(groups) -> list[dict]:
 
 # ---- two processes against one ------------------------------------------------------
 
-def test_reward_model_on_two_processes_matches_one_process(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("launcher,strategy", [("accelerate", "ddp"), ("torchrun", "fsdp")])
+def test_reward_model_on_two_processes_matches_one_process(launcher, strategy, tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "rankings.jsonl", ranking_rows(synthetic.ranked_groups(range(0, 200), k=4, seed=1)))
     validation = write_jsonl(tmp_path / "val.jsonl",
                              ranking_rows(synthetic.ranked_groups(range(1000, 1040), k=4, seed=2)))
@@ -63,7 +64,7 @@ def test_reward_model_on_two_processes_matches_one_process(tiny_model_dir, tmp_p
     common = ["reward", "--model", str(tiny_model_dir), "--data", str(data), "--validation", str(validation), *settings]
 
     runs = tmp_path / "runs"
-    result = launch("accelerate", [*common, "--output", str(runs / "rm2")])
+    result = launch(launcher, [*common, "--strategy", strategy, "--output", str(runs / "rm2")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert cli_train.main([*common, "--output", str(runs / "rm1")]) == 0  # one process, in this one
     one = printed_metrics(capsys.readouterr().out)[0]
@@ -85,7 +86,8 @@ def test_reward_model_on_two_processes_matches_one_process(tiny_model_dir, tmp_p
     assert two["reward_mean"] == pytest.approx(one["reward_mean"], rel=1e-3, abs=1e-3)
 
 
-def test_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("launcher,strategy", [("torchrun", "ddp"), ("accelerate", "fsdp")])
+def test_sft_on_two_processes_matches_one_process(launcher, strategy, tiny_model_dir, tmp_path, capsys):
     # The split column decides validation (as the exports mark it); 5 rows per batch do not halve evenly.
     rows = [{"messages": [*m, {"role": "assistant", "content": t}], "split": "validation" if i % 8 == 0 else "train"}
             for i, (m, t) in enumerate(synthetic.sft_examples(48))]
@@ -93,7 +95,7 @@ def test_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path, caps
     common = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--learning-rate", "1e-3",
               "--batch-size", "5", "--gradient-accumulation-steps", "2", "--epochs", "2", "--max-length", "128"]
 
-    result = launch("torchrun", [*common, "--output", str(tmp_path / "sft2")])
+    result = launch(launcher, [*common, "--strategy", strategy, "--output", str(tmp_path / "sft2")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert cli_train.main([*common, "--output", str(tmp_path / "sft1")]) == 0
     one = printed_metrics(capsys.readouterr().out)[0]
