@@ -153,18 +153,20 @@ class Runtime:
     # ---- the engine ---------------------------------------------------------------
 
     def prepare(self, models: dict[str, torch.nn.Module], make_optimizer: Callable[[], torch.optim.Optimizer], *,
-                unused_parameters: bool = False) -> torch.optim.Optimizer:
+                max_grad_norm: float, accumulation: int = 1, unused_parameters: bool = False) -> torch.optim.Optimizer:
         """Spread the trained models over the processes by the strategy; returns make_optimizer()'s
         optimizer, made after the wrapping (FSDP replaces the weights by their shards).
-        unused_parameters: some steps leave a trained model without a gradient (DDP must look for them)."""
+        max_grad_norm, accumulation: the trainer's clipping and backward passes per optimizer step
+        (DeepSpeed clips and steps inside its backward); unused_parameters: some steps leave a
+        trained model without a gradient (DDP must look for them)."""
         self._models = dict(models)
         bundle = Bundle(models)
         self._module = bundle
         if not self.distributed:
             return make_optimizer()
         if self.strategy == "fsdp":
-            # Empty copies (no weights) to put the full weights back into at the end (unwrapped).
-            self._skeletons = {name: copy.deepcopy(m).to("meta") for name, m in models.items()}
+            # Copies without weights to put the full weights back into at the end (unwrapped).
+            self._skeletons = {name: _skeleton(m) for name, m in models.items()}
             _fully_shard(bundle)
             return make_optimizer()
         from accelerate import Accelerator
@@ -175,10 +177,16 @@ class Runtime:
         if self.strategy in ("zero2", "zero3"):
             from accelerate.utils import DeepSpeedPlugin
 
+            if accumulation > 1:
+                raise ValueError(f"strategy {self.strategy} steps after every backward pass: set"
+                                 " gradient_accumulation_steps to 1 (a larger batch_size instead)")
             plugin = DeepSpeedPlugin(zero_stage=int(self.strategy[-1]), gradient_accumulation_steps=1,
-                                     zero3_init_flag=False)
+                                     gradient_clipping=max_grad_norm, zero3_init_flag=False,
+                                     zero3_save_16bit_model=True)
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1  # batches are the trainers' own
             self._accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[ddp])
+            if self.strategy == "zero3":
+                self._skeletons = {name: _skeleton(m) for name, m in models.items()}
             self._module, optimizer = self._accelerator.prepare(bundle, make_optimizer())
             return optimizer
         self._accelerator = Accelerator(cpu=self.device.type == "cpu", kwargs_handlers=[ddp])
@@ -224,15 +232,22 @@ class Runtime:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def unwrapped(self, name: str) -> torch.nn.Module:
-        """The trained model `name` as a plain model with all its weights, in every process (to save
-        or keep using). Every process must call it."""
+        """The trained model `name` as a plain model with all its weights (to save or keep using), in
+        every process; under ZeRO-3 in the main process only (the others get it without weights, on
+        the meta device). Every process must call it."""
         model = self._models[name]
         if not self._skeletons:
             return self._accelerator.unwrap_model(self._module).get_submodule(name) if self._accelerator else model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         plain = self._skeletons[name]
+        if self.strategy == "zero3":  # DeepSpeed gathers the 16-bit weights in the main process
+            bundle = self._accelerator.get_state_dict(self._module) or {}
+            if not self.main:
+                return plain
+            full = {key[len(name) + 1:]: value for key, value in bundle.items() if key.startswith(name + ".")}
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         plain.load_state_dict(full, assign=True)
         live = dict(model.named_buffers())
         for key, buffer in list(plain.named_buffers()):
@@ -268,6 +283,14 @@ class Runtime:
         if int(flag.item()):
             raise Cancelled(message)
 
+
+
+def _skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of model without its weights (on the meta device), to load the full weights into."""
+    memo: dict[int, Any] = {id(b): torch.empty_like(b, device="meta") for b in model.buffers()}
+    memo.update({id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                 for p in model.parameters()})
+    return copy.deepcopy(model, memo)
 
 
 def _fully_shard(bundle: torch.nn.Module) -> None:

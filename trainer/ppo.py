@@ -279,7 +279,7 @@ def train_ppo(
     optimizer = rt.prepare({"policy": policy, "value": value_model},
                            lambda: torch.optim.AdamW(trained(), lr=config.learning_rate, eps=1e-5,
                                                      weight_decay=config.weight_decay),
-                           unused_parameters=config.value_warmup_steps > 0)
+                           max_grad_norm=config.max_grad_norm, unused_parameters=config.value_warmup_steps > 0)
     params = trained()
     minibatches = config.batch_size // config.mini_batch_size
     total_updates = config.steps * config.ppo_epochs * minibatches

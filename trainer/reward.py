@@ -463,7 +463,8 @@ def train_reward_model(
              {"params": head, "lr": config.learning_rate * config.head_lr_multiplier}],
             weight_decay=config.weight_decay)
 
-    optimizer = rt.prepare({"model": model}, make_optimizer)
+    optimizer = rt.prepare({"model": model}, make_optimizer, max_grad_norm=config.max_grad_norm,
+                           accumulation=config.gradient_accumulation_steps)
     named = trained()
     params = [p for _, p in named]
     warmup = int(config.warmup_ratio * total_steps)

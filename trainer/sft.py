@@ -340,7 +340,8 @@ def train_sft(
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                  weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
 
-    optimizer = rt.prepare({"model": model}, make_optimizer)
+    optimizer = rt.prepare({"model": model}, make_optimizer, max_grad_norm=config.max_grad_norm,
+                           accumulation=config.gradient_accumulation_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
