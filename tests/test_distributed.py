@@ -2,6 +2,7 @@
 train the same number of steps to the same figures as one process, save once, and say how many
 processes took part; the file formats of `python -m trainer.cli_train`."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -55,7 +56,8 @@ def ranking_rows(groups) -> list[dict]:
 
 # ---- two processes against one ------------------------------------------------------
 
-def test_reward_model_on_two_processes_matches_one_process(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("launcher,strategy", [("accelerate", "ddp"), ("torchrun", "fsdp")])
+def test_reward_model_on_two_processes_matches_one_process(launcher, strategy, tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "rankings.jsonl", ranking_rows(synthetic.ranked_groups(range(0, 200), k=4, seed=1)))
     validation = write_jsonl(tmp_path / "val.jsonl",
                              ranking_rows(synthetic.ranked_groups(range(1000, 1040), k=4, seed=2)))
@@ -63,7 +65,7 @@ def test_reward_model_on_two_processes_matches_one_process(tiny_model_dir, tmp_p
     common = ["reward", "--model", str(tiny_model_dir), "--data", str(data), "--validation", str(validation), *settings]
 
     runs = tmp_path / "runs"
-    result = launch("accelerate", [*common, "--output", str(runs / "rm2")])
+    result = launch(launcher, [*common, "--strategy", strategy, "--output", str(runs / "rm2")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert cli_train.main([*common, "--output", str(runs / "rm1")]) == 0  # one process, in this one
     one = printed_metrics(capsys.readouterr().out)[0]
@@ -85,7 +87,8 @@ def test_reward_model_on_two_processes_matches_one_process(tiny_model_dir, tmp_p
     assert two["reward_mean"] == pytest.approx(one["reward_mean"], rel=1e-3, abs=1e-3)
 
 
-def test_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("launcher,strategy", [("torchrun", "ddp"), ("accelerate", "fsdp")])
+def test_sft_on_two_processes_matches_one_process(launcher, strategy, tiny_model_dir, tmp_path, capsys):
     # The split column decides validation (as the exports mark it); 5 rows per batch do not halve evenly.
     rows = [{"messages": [*m, {"role": "assistant", "content": t}], "split": "validation" if i % 8 == 0 else "train"}
             for i, (m, t) in enumerate(synthetic.sft_examples(48))]
@@ -93,7 +96,7 @@ def test_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path, caps
     common = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--learning-rate", "1e-3",
               "--batch-size", "5", "--gradient-accumulation-steps", "2", "--epochs", "2", "--max-length", "128"]
 
-    result = launch("torchrun", [*common, "--output", str(tmp_path / "sft2")])
+    result = launch(launcher, [*common, "--strategy", strategy, "--output", str(tmp_path / "sft2")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert cli_train.main([*common, "--output", str(tmp_path / "sft1")]) == 0
     one = printed_metrics(capsys.readouterr().out)[0]
@@ -106,6 +109,14 @@ def test_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path, caps
     assert two["initial_val_loss"] == pytest.approx(one["initial_val_loss"], rel=1e-5)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
     assert two["val_loss"] < two["initial_val_loss"]
+    # The saved weights are the trained ones, whole (FSDP gathers its shards to save).
+    from safetensors.torch import load_file
+
+    saved_one, saved_two = (load_file(tmp_path / name / "model.safetensors") for name in ("sft1", "sft2"))
+    assert saved_one.keys() == saved_two.keys()
+    for name, weight in saved_one.items():
+        assert saved_two[name].shape == weight.shape, name
+        assert (saved_two[name] - weight).abs().max() < 1e-4, name
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +135,29 @@ def test_ppo_on_two_processes(tiny_model_dir, reward_model_dir, tmp_path):
     demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": m, "completion": t} for m, t in synthetic.sft_examples(8)])
     common = ["ppo", "--policy", str(tiny_model_dir), "--reward", str(reward_model_dir), "--prompts", str(prompts),
               "--steps", "2", "--ppo-epochs", "1", "--max-new-tokens", "6", "--learning-rate", "1e-4"]
+    full = [*common, "--batch-size", "4", "--mini-batch-size", "2", "--ptx-coef", "0.5", "--sft-data", str(demos),
+            "--validation-prompts", str(held_out)]
 
-    result = launch("torchrun", [*common, "--batch-size", "4", "--mini-batch-size", "2", "--ptx-coef", "0.5",
-                                 "--sft-data", str(demos), "--validation-prompts", str(held_out),
-                                 "--output", str(tmp_path / "policy")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    saved = json.loads((tmp_path / "policy" / CONFIG_FILE).read_text())
-    assert printed_metrics(result.stdout) == [saved["metrics"]]
-    metrics = saved["metrics"]
+    runs = {}
+    for launcher, strategy in (("torchrun", "ddp"), ("accelerate", "fsdp")):
+        result = launch(launcher, [*full, "--strategy", strategy, "--output", str(tmp_path / strategy)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        saved = json.loads((tmp_path / strategy / CONFIG_FILE).read_text())
+        assert printed_metrics(result.stdout) == [saved["metrics"]]
+        assert saved["config"]["strategy"] == strategy
+        assert (tmp_path / strategy / "model.safetensors").exists()
+        runs[strategy] = saved["metrics"]
+    metrics = runs["ddp"]
     assert metrics["processes"] == 2 and metrics["steps"] == 2
     assert metrics["ptx_loss"] > 0 and metrics["response_length"] > 0
     assert "validation_reward_after" in metrics  # the 5 held-out prompts, sampled by both processes
-    assert (tmp_path / "policy" / "model.safetensors").exists()
+    # Each process samples its own responses (its own random stream), so two processes do not sample what
+    # one does; sharding the weights (FSDP) instead of copying them (DDP) changes nothing: the same samples,
+    # the same updates.
+    for name in ("reward", "kl", "policy_loss", "value_loss", "ptx_loss", "entropy", "validation_reward_after"):
+        assert runs["fsdp"][name] == pytest.approx(metrics[name], rel=1e-3, abs=1e-4), name
+    for name in ("response_length", "validation_reward_before"):
+        assert runs["fsdp"][name] == metrics[name], name
 
     # Each process takes an equal share of every minibatch: a minibatch of one rollout cannot be shared.
     refused = launch("torchrun", [*common, "--batch-size", "4", "--mini-batch-size", "1",
@@ -143,6 +165,20 @@ def test_ppo_on_two_processes(tiny_model_dir, reward_model_dir, tmp_path):
     assert refused.returncode != 0
     assert "must be multiples of 2" in refused.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_strategies_that_cannot_run_are_refused_clearly(monkeypatch):
+    from trainer.distributed import runtime
+
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ValueError, match="strategy zero3 .DeepSpeed ZeRO. needs the deepspeed package"):
+            runtime("cpu", "zero3")
+    with pytest.raises(ValueError, match="strategy must be one of single, ddp, fsdp, zero2, zero3, not 'tp'"):
+        runtime("cpu", "tp")
+    assert runtime("cpu", "fsdp").world == 1  # one process: trains as single does
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="strategy single trains in one process, but the launcher started 2"):
+        runtime("cpu", "single")
 
 
 # ---- the file formats -----------------------------------------------------------------

@@ -97,3 +97,15 @@ def test_the_web_app_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
                           env=os.environ | {"PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_every_trainer_has_the_distributed_strategy_setting():
+    for config_class in (SFTConfig, RewardConfig, PPOConfig):
+        (strategy,) = [s for s in settings_of(config_class) if s.name == "strategy"]
+        assert (strategy.default, strategy.choices) == ("ddp", ("single", "ddp", "fsdp", "zero2", "zero3"))
+        errors: dict[str, str] = {}
+        assert clean_config({"strategy": " fsdp "}, config_class, errors)["strategy"] == "fsdp" and errors == {}
+        clean_config({"strategy": "zero4"}, config_class, errors)
+        assert errors == {"strategy": "one of single, ddp, fsdp, zero2, zero3"}
+        with pytest.raises(ValueError, match=r"strategy='megatron'"):
+            config_class(strategy="megatron")

@@ -15,6 +15,15 @@ from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINTING = ("auto", "on", "off")
+# How a run launched as several processes spreads the trained models (trainer/distributed.py): single: one
+# process only; ddp: a full copy each; fsdp: weights, gradients and optimizer state sharded; zero2, zero3:
+# DeepSpeed ZeRO (needs deepspeed). One process trains the same way whichever is chosen (but single).
+STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3")
+
+
+def strategy_setting() -> Any:
+    return setting("ddp", label="Distributed strategy", choices=STRATEGIES,
+                   help="when launched as several processes: ddp copies the model, fsdp and zero3 shard it")
 
 
 def setting(default: Any, *, label: str = "", help: str = "", ge: float | None = None, le: float | None = None,
@@ -58,6 +67,7 @@ def epoch_training_checks(config: Any) -> dict[str, bool]:
         "eval_batch_size": config.eval_batch_size >= 1,
         "lora_r": config.lora_r >= 0,
         "gradient_checkpointing": config.gradient_checkpointing in CHECKPOINTING,
+        "strategy": config.strategy in STRATEGIES,
     }
 
 
@@ -82,6 +92,7 @@ class SFTConfig:
     mixed_precision: bool = True  # bf16 autocast on CUDA; ignored elsewhere
     gradient_checkpointing: str = gradient_checkpointing_setting()
     adam_8bit: bool = adam_8bit_setting()
+    strategy: str = strategy_setting()
     # 0: train every weight; > 0: LoRA of that rank (needs peft), merged into the saved weights
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -131,6 +142,7 @@ class RewardConfig:
     mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
     gradient_checkpointing: str = gradient_checkpointing_setting()
     adam_8bit: bool = adam_8bit_setting()
+    strategy: str = strategy_setting()
     # 0: train every weight; > 0: LoRA of that rank (needs peft)
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -216,6 +228,7 @@ class PPOConfig:
     # auto: vLLM on CUDA when it is installed (the policy's weights loaded into it each step), else transformers
     rollout_engine: str = setting("auto", label="Rollout engine", choices=("auto", "transformers", "vllm"),
                                   help="auto: vLLM on CUDA when installed, else transformers")
+    strategy: str = strategy_setting()
     # 0: full fine-tuning; > 0: LoRA on policy and value (needs peft)
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
     lora_alpha: int = setting(16, label="LoRA alpha", ge=1, le=4096)
@@ -264,6 +277,7 @@ class PPOConfig:
             "lora_r": self.lora_r >= 0,
             "gradient_checkpointing": self.gradient_checkpointing in CHECKPOINTING,
             "rollout_engine": self.rollout_engine in ("auto", "transformers", "vllm"),
+            "strategy": self.strategy in STRATEGIES,
         }
         check_settings(self, checks, "PPO", joint)
 

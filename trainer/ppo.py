@@ -178,9 +178,12 @@ def _generation_config(config: PPOConfig, tokenizer):
 
 
 @torch.no_grad()
-def _generate(policy, query: torch.Tensor, query_mask: torch.Tensor, generation_config) -> torch.Tensor:
-    """Sampled responses to left-padded prompts: (B, R), R <= max_new_tokens."""
-    output = generate_exactly(policy, generation_config, input_ids=query, attention_mask=query_mask)
+def _generate(policy, query: torch.Tensor, query_mask: torch.Tensor, generation_config,
+              synced_gpus: bool = False) -> torch.Tensor:
+    """Sampled responses to left-padded prompts: (B, R), R <= max_new_tokens. synced_gpus: every process
+    steps until all are done (their weights are sharded: each step gathers them from every process)."""
+    output = generate_exactly(policy, generation_config, input_ids=query, attention_mask=query_mask,
+                              synced_gpus=synced_gpus)
     return output[:, query.shape[1]:]  # (B, R)
 
 
@@ -219,7 +222,7 @@ def train_ppo(
         raise ValueError("ptx_coef > 0 needs sft_data (SFT demonstrations for the pretraining-loss term)")
 
     # 0. seed and device; under a multi-process launch, this process's rank and device
-    rt = runtime(config.device)
+    rt = runtime(config.device, config.strategy)
     device = rt.device
     if rt.distributed and (config.batch_size % rt.world or config.mini_batch_size % rt.world):
         raise ValueError(f"with {rt.world} processes, batch_size ({config.batch_size}) and mini_batch_size"
@@ -257,9 +260,8 @@ def train_ppo(
     for model in (policy, reference, reward_model, value_model):
         if model is not None:
             model.eval()
-    for trained in (policy, value_model):
-        apply_gradient_checkpointing(trained, config.gradient_checkpointing)
-    rt.sync_parameters(policy, value_model)
+    for trained_model in (policy, value_model):
+        apply_gradient_checkpointing(trained_model, config.gradient_checkpointing)
     if rt.distributed:
         torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each process samples its own responses
 
@@ -282,10 +284,17 @@ def train_ppo(
         rollouts = VllmRollouts(str(policy_path), temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                                 pad_id=tokenizer.pad_token_id, seed=config.seed + rt.rank)
 
-    # 3. optimizer over policy and value; lr annealed to 0 over every gradient step of the run
-    params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay,
-                           adam_8bit=config.adam_8bit, device=device)
+    # 3. optimizer over policy and value, spread over the processes by the strategy (the first steps that
+    # train the value model alone leave the policy without gradients); lr annealed to 0 over every gradient step
+    def trained() -> list[torch.nn.Parameter]:
+        return [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+
+    optimizer = rt.prepare({"policy": policy, "value": value_model},
+                           lambda: make_adamw(trained(), lr=config.learning_rate, eps=1e-5,
+                                              weight_decay=config.weight_decay, adam_8bit=config.adam_8bit,
+                                              device=device),
+                           max_grad_norm=config.max_grad_norm, unused_parameters=config.value_warmup_steps > 0)
+    params = trained()
     minibatches = config.batch_size // config.mini_batch_size
     total_updates = config.steps * config.ppo_epochs * minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -302,7 +311,11 @@ def train_ppo(
             responses = rollouts.generate(query, query_mask)  # (B, R)
         else:
             with autocast(device, config.mixed_precision):
-                responses = _generate(policy if model is None else model, query, query_mask, generation_config)
+                if model is None or model is policy:
+                    responses = rt.run(_generate, policy, query, query_mask, generation_config,
+                                       rt.shards_weights)  # (B, R)
+                else:
+                    responses = _generate(model, query, query_mask, generation_config)  # (B, R)
         responses, response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         scored, scored_mask = ended_with_eos(responses, response_mask, ended, tokenizer.eos_token_id,
                                              tokenizer.pad_token_id)  # (B, R + 1)
@@ -326,13 +339,13 @@ def train_ppo(
         if not validation_prompts:
             return []
         ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in validation_prompts]
-        mine = rt.shard(list(range(len(ids))))  # every prompt in one process
         samples = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed + 1 + rt.rank)  # the same draws before and after training
-            for start in range(0, len(mine), config.batch_size):
-                indices = mine[start:start + config.batch_size]
+            for indices, real in rt.batches(list(range(len(ids))), config.batch_size):  # all prompts in one process
                 rollout = sample_responses(indices, ids)
+                if not real:
+                    continue
                 raw = rm_scores(rollout["scored"], rollout["scored_mask"])
                 for row, i in enumerate(indices):
                     tokens = rollout["responses"][row][rollout["response_mask"][row].bool()]
@@ -349,12 +362,12 @@ def train_ppo(
     # sampled with other settings (length, temperature), which shifts every score PPO sees.
     if config.normalisation_prompts > 0:
         order = torch.randperm(len(prompt_ids), generator=torch.Generator().manual_seed(config.seed + 2)).tolist()
-        picks = rt.shard([order[i % len(order)] for i in range(config.normalisation_prompts)])
+        picks = [order[i % len(order)] for i in range(config.normalisation_prompts)]
         raw = []
-        for start in range(0, len(picks), max(1, config.batch_size // rt.world)):
-            rollout = sample_responses(picks[start:start + config.batch_size // rt.world], prompt_ids,
+        for chunk, real in rt.batches(picks, max(1, config.batch_size // rt.world)):
+            rollout = sample_responses(chunk, prompt_ids,
                                        model=reference)  # the SFT model; None: the policy without adapters
-            raw += rm_scores(rollout["scored"], rollout["scored_mask"]).tolist()
+            raw += rm_scores(rollout["scored"], rollout["scored_mask"]).tolist() if real else []
         raw = torch.tensor([x for part in rt.gather(raw) for x in part])  # (N,)
         rm_mean = raw.mean().item()
         rm_std = raw.std().item() if len(raw) > 1 and raw.std().item() > 1e-6 else 1.0
@@ -394,13 +407,13 @@ def train_ppo(
         # 2. score: old log-probs, reference log-probs, values and reward-model scores, in minibatch chunks
         with torch.no_grad(), autocast(device, config.mixed_precision):
             chunks = [slice(i, i + mb) for i in range(0, B, mb)]
-            old = [response_logprobs(policy, query_response[c], attention[c], P, config.temperature, with_entropy=True)
-                   for c in chunks]
+            old = [rt.run(response_logprobs, policy, query_response[c], attention[c], P, config.temperature,
+                          with_entropy=True) for c in chunks]
             logprobs = torch.cat([lp for lp, _ in old])  # (B, R)
             entropy = torch.cat([e for _, e in old])  # (B, R)
-            ref_logprobs = torch.cat([reference_logprobs(policy, reference, query_response[c], attention[c], P,
-                                                         config.temperature) for c in chunks])  # (B, R)
-            values = torch.cat([value_scores(query_response[c], attention[c], P) for c in chunks])  # (B, R)
+            ref_logprobs = torch.cat([rt.run(reference_logprobs, policy, reference, query_response[c], attention[c],
+                                             P, config.temperature) for c in chunks])  # (B, R)
+            values = torch.cat([rt.run(value_scores, query_response[c], attention[c], P) for c in chunks])  # (B, R)
             raw_score = torch.cat([rm_scores(rollout["scored"][c], rollout["scored_mask"][c]) for c in chunks])  # (B,)
         score = (raw_score - rm_mean) / rm_std  # (B,): SFT samples have mean 0, std 1
         penalised = score_with_penalty(score, ended, config.missing_eos_penalty)  # (B,)
@@ -443,9 +456,19 @@ def train_ppo(
                 if rt.distributed:
                     tokens, ptx_tokens = rt.sum([float(m.sum()),
                                                  float(loss_mask.sum()) if config.ptx_coef > 0 and train_policy else 0.0])
-                with autocast(device, config.mixed_precision):
-                    new_logprobs, _ = response_logprobs(policy, query_response[idx], attention[idx], P, config.temperature)
-                    vpred = value_scores(query_response[idx], attention[idx], P)  # (mb, R)
+                ptx = config.ptx_coef > 0 and train_policy
+
+                def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    """The minibatch's passes through policy and value, in one call of the engine."""
+                    with autocast(device, config.mixed_precision):
+                        new_logprobs, _ = response_logprobs(policy, query_response[idx], attention[idx], P,
+                                                            config.temperature)
+                        vpred = value_scores(query_response[idx], attention[idx], P)  # (mb, R)
+                        ptx_loss = sequence_nll(policy, ids.to(device), ptx_attention.to(device),
+                                                loss_mask.to(device)) if ptx else None
+                    return new_logprobs, vpred, ptx_loss
+
+                new_logprobs, vpred, ptx_loss = rt.run(forward)
                 vpred_clipped = values[idx] + (vpred - values[idx]).clamp(-config.cliprange_value, config.cliprange_value)
                 vf_losses = torch.max((vpred - returns[idx]) ** 2, (vpred_clipped - returns[idx]) ** 2)  # (mb, R)
                 value_loss = 0.5 * token_mean(vf_losses, m, tokens)
@@ -455,16 +478,13 @@ def train_ppo(
                 pg_losses_clipped = -advantages[idx] * ratio.clamp(1 - config.cliprange, 1 + config.cliprange)
                 policy_loss = token_mean(torch.max(pg_losses, pg_losses_clipped), m, tokens)
                 loss = config.vf_coef * value_loss + (policy_loss if train_policy else 0.0)
-                if config.ptx_coef > 0 and train_policy:
-                    with autocast(device, config.mixed_precision):
-                        ptx_loss = sequence_nll(policy, ids.to(device), ptx_attention.to(device), loss_mask.to(device))
+                if ptx:
                     if rt.distributed:  # this process's part of the token mean over every process's picks
                         ptx_loss = ptx_loss * (float(loss_mask.sum()) / max(1.0, ptx_tokens))
                     loss = loss + config.ptx_coef * ptx_loss
                     stats["ptx_loss"].append(ptx_loss.item())
-                loss.backward()
-                rt.reduce_gradients(params)
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                rt.backward(loss)
+                rt.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -539,7 +559,7 @@ def train_ppo(
         # paired: the same prompts before and after, so the change's interval is narrower than either's
         final["validation_reward_change"], final["validation_reward_change_ci"] = mean_and_interval(
             [a - b for a, b in zip(after, before, strict=True)])
-    policy = unwrap_lora(policy)
+    policy = unwrap_lora(rt.unwrapped("policy"))
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     policy.generation_config.eos_token_id = tokenizer.eos_token_id
     if rt.main:

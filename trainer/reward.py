@@ -229,18 +229,20 @@ def _forward_groups(model, batch: list[_Encoded], pad_id: int, device: torch.dev
 @torch.no_grad()
 def _evaluate(model, groups: list[_Encoded], pad_id: int, device: torch.device, config: RewardConfig,
               rt: Runtime | None = None) -> dict[str, float]:
-    """Loss and accuracy over all groups; with several processes each scores its shard and the sums are reduced."""
-    local = rt.shard(groups) if rt is not None else groups
+    """Loss and accuracy over all groups; with several processes each scores its shard through the
+    engine and the sums are reduced."""
+    rt = rt if rt is not None else Runtime(1, 0, device)
     losses, correct, pairs = [], 0, 0
-    for i in range(0, len(local), config.eval_batch_size):
-        batch = local[i:i + config.eval_batch_size]
-        rewards, ranks, valid = _forward_groups(model, batch, pad_id, device, config.mixed_precision)
+    for batch, real in rt.batches(groups, config.eval_batch_size):
+        rewards, ranks, valid = rt.run(_forward_groups, model, batch, pad_id, device, config.mixed_precision)
+        if not real:
+            continue
         loss, c, p = ranking_loss(rewards, ranks, valid)
         losses.append(loss.item() * len(batch))
         correct += int(c)
         pairs += int(p)
     loss_sum = sum(losses)
-    if rt is not None:
+    if rt.distributed:
         loss_sum, correct, pairs = rt.sum([loss_sum, correct, pairs])
         correct, pairs = int(correct), int(pairs)
     return {"loss": loss_sum / max(1, len(groups)), "accuracy": correct / max(1, pairs), "correct": correct,
@@ -389,7 +391,7 @@ def train_reward_model(
     history: list[dict[str, float]] = []
 
     # 0. seed and device; under a multi-process launch, this process's rank and device
-    rt = runtime(config.device)
+    rt = runtime(config.device, config.strategy)
     device = rt.device
     seed_everything(config.seed)  # the same seed everywhere: same head init, same shuffle
 
@@ -446,21 +448,28 @@ def train_reward_model(
     # eval(): dropout off for the whole run (TRL's disable_dropout); gradients flow all the same.
     model.eval()
     apply_gradient_checkpointing(model, config.gradient_checkpointing)
-    rt.sync_parameters(model)
 
-    # 3. optimizer and schedule
+    # 3. optimizer and schedule; the model spread over the processes by the strategy
     micro_batches = -(-len(train_groups) // config.batch_size)
     steps_per_epoch = -(-micro_batches // config.gradient_accumulation_steps)
     total_steps = steps_per_epoch * config.epochs
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def trained() -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        head = [p for n, p in trained() if _is_head(n)]
+        trunk = [p for n, p in trained() if not _is_head(n)]
+        assert head, "the scalar head is not trainable"
+        return make_adamw(
+            [{"params": trunk, "lr": config.learning_rate},
+             {"params": head, "lr": config.learning_rate * config.head_lr_multiplier}],
+            lr=config.learning_rate, weight_decay=config.weight_decay, adam_8bit=config.adam_8bit, device=device)
+
+    optimizer = rt.prepare({"model": model}, make_optimizer, max_grad_norm=config.max_grad_norm,
+                           accumulation=config.gradient_accumulation_steps)
+    named = trained()
     params = [p for _, p in named]
-    head = [p for n, p in named if _is_head(n)]
-    trunk = [p for n, p in named if not _is_head(n)]
-    assert head, "the scalar head is not trainable"
-    optimizer = make_adamw(
-        [{"params": trunk, "lr": config.learning_rate},
-         {"params": head, "lr": config.learning_rate * config.head_lr_multiplier}],
-        lr=config.learning_rate, weight_decay=config.weight_decay, adam_8bit=config.adam_8bit, device=device)
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -502,21 +511,26 @@ def train_reward_model(
             window_start = micro // config.gradient_accumulation_steps * window_size
             in_window = len(order[window_start:window_start + window_size])  # fewer in the last window
             batch = [train_groups[i] for i in rt.shard(full)]
-            if batch:  # a process gets nothing when a last micro-batch is smaller than the number of processes
-                rewards, ranks, valid = _forward_groups(model, batch, pad_id, device, config.mixed_precision)  # (B, K)
+            last_micro = micro == micro_batches - 1
+            ends_window = (micro + 1) % config.gradient_accumulation_steps == 0 or last_micro
+            # A process gets nothing when a last micro-batch is smaller than the number of processes: it
+            # passes a stand-in ranking weighed 0 (every process makes the same forward and backward passes).
+            stand_in = not batch
+            with rt.no_sync(not ends_window):  # the gradients are reduced once per step
+                rewards, ranks, valid = rt.run(_forward_groups, model, batch or [train_groups[full[0]]], pad_id,
+                                               device, config.mixed_precision)  # (B, K)
                 loss, correct, pairs = ranking_loss(rewards, ranks, valid, config.label_smoothing)
-                share = len(batch) / in_window
-                (loss * share).backward()
+                share = 0.0 if stand_in else len(batch) / in_window
+                rt.backward(loss * share)
+            if not stand_in:
                 window_loss += loss.item() * share
                 window_correct += int(correct)
                 window_pairs += int(pairs)
-            last_micro = micro == micro_batches - 1
-            if (micro + 1) % config.gradient_accumulation_steps != 0 and not last_micro:
+            if not ends_window:
                 continue
-            rt.reduce_gradients(params)
             window_loss, window_correct, window_pairs = rt.sum([window_loss, window_correct, window_pairs])
             window_correct, window_pairs = int(window_correct), int(window_pairs)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            grad_norm = rt.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -551,14 +565,17 @@ def train_reward_model(
     else:
         sft_seqs = [s for g in train_groups for s in g.seqs]
     if rt.distributed:  # each process scores its shard; the statistics are over all of them
-        shards = rt.gather(_raw_scores(model, rt.shard(sft_seqs), pad_id, device, config).tolist())
-        raw = torch.tensor([x for shard in shards for x in shard], dtype=torch.float32)  # (S,)
+        scores = []
+        for seqs, real in rt.batches(sft_seqs, config.eval_batch_size * 2):
+            part = rt.run(_raw_scores, model, seqs, pad_id, device, config)
+            scores += part.tolist() if real else []
+        raw = torch.tensor([x for shard in rt.gather(scores) for x in shard], dtype=torch.float32)  # (S,)
     else:
         raw = _raw_scores(model, sft_seqs, pad_id, device, config)  # (S,)
     mean = raw.mean().item()
     std = raw.std().item() if len(raw) > 1 else 1.0
     std = std if std > 1e-6 else 1.0  # a constant reward cannot be scaled; leave it
-    model = unwrap_lora(model)
+    model = unwrap_lora(rt.unwrapped("model"))
     model.config.reward_mean = mean
     model.config.reward_std = std
 

@@ -238,15 +238,17 @@ def response_nll_sum(model, batch: Batch, device: torch.device, mixed_precision:
 def evaluate_loss(model, examples: list[Tokenised], pad_id: int, device: torch.device,
                   batch_size: int, mixed_precision: bool = False, rt: Runtime | None = None) -> float:
     """Mean negative log-likelihood per response token over all examples (token-weighted).
-    With several processes (rt), each scores its shard and the sums are reduced."""
+    With several processes (rt), each scores its shard through the engine and the sums are reduced."""
     was_training = model.training
     model.eval()
-    local = rt.shard(examples) if rt is not None else examples
+    rt = rt if rt is not None else Runtime(1, 0, device)
     total, tokens = 0.0, 0
-    for i in range(0, len(local), batch_size):
-        batch = pad_batch(local[i:i + batch_size], pad_id)
-        total += response_nll_sum(model, batch, device, mixed_precision).item()
-        tokens += batch.tokens
+    for rows, real in rt.batches(examples, batch_size):
+        batch = pad_batch(rows, pad_id)
+        nll = rt.run(response_nll_sum, model, batch, device, mixed_precision).item()
+        if real:
+            total += nll
+            tokens += batch.tokens
     model.train(was_training)
     if rt is not None:
         total, tokens = rt.sum([total, tokens])
@@ -279,7 +281,7 @@ def train_sft(
     history: list[dict[str, float]] = []
 
     # 0. seed and device; under a multi-process launch, this process's rank and device
-    rt = runtime(config.device)
+    rt = runtime(config.device, config.strategy)
     device = rt.device
     seed_everything(config.seed)  # the same seed everywhere: the same shuffle in every process
 
@@ -310,12 +312,13 @@ def train_sft(
             rows = [train[j] for j in order]
         return [rows[i:i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
 
-    def collate(rows: list[Row]) -> Batch | None:
-        """This process's shard of a micro-batch as tensors (None when its shard is empty)."""
+    def collate(rows: list[Row]) -> tuple[Batch, float]:
+        """This process's shard of a micro-batch as tensors, with its loss weight: when the shard is
+        empty, a stand-in row weighed 0 (every process makes the same forward and backward passes)."""
         local = rt.shard(rows)
-        if not local:
-            return None
-        return packed_batch(local, pad_id) if config.packing else pad_batch(local, pad_id)
+        weight = 1.0 if local else 0.0
+        local = local or rows[:1]
+        return (packed_batch(local, pad_id) if config.packing else pad_batch(local, pad_id)), weight
 
     # First fit decreasing gives the same number of rows whatever the order of the examples.
     rows = len(pack_rows(train, config.max_length, list(range(len(train))))) if config.packing else len(train)
@@ -332,15 +335,20 @@ def train_sft(
                          task_type="CAUSAL_LM")
     model.train()
     apply_gradient_checkpointing(model, config.gradient_checkpointing)
-    rt.sync_parameters(model)
 
-    # 3. optimizer and schedule
+    # 3. optimizer and schedule; the model spread over the processes by the strategy
     steps_per_epoch = -(-micro_batches // config.gradient_accumulation_steps)
     total_steps = steps_per_epoch * config.epochs
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        # The fused kernel: one pass over the weights instead of several (7x faster on CPU for 135M weights).
+        return make_adamw([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                          weight_decay=config.weight_decay, adam_8bit=config.adam_8bit, device=device,
+                          fused=device.type in ("cpu", "cuda"))
+
+    optimizer = rt.prepare({"model": model}, make_optimizer, max_grad_norm=config.max_grad_norm,
+                           accumulation=config.gradient_accumulation_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    # The fused kernel: one pass over the weights instead of several (7x faster on CPU for 135M weights).
-    optimizer = make_adamw(params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                           adam_8bit=config.adam_8bit, device=device, fused=device.type in ("cpu", "cuda"))
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
 
@@ -350,7 +358,7 @@ def train_sft(
 
     # 4. the loop: forward, summed response NLL / tokens of the step, backward, clip, step, log; evaluate each epoch.
     # Several processes: each takes its shard of every micro-batch; the denominator is the response tokens of the
-    # whole step, so the summed gradients are those of the whole step.
+    # whole step, so the summed gradients (Runtime.backward) are those of the whole step.
     step, tokens_seen, train_seconds = 0, 0, 0.0
     val_loss = initial_val_loss
     epoch_loss = 0.0
@@ -365,15 +373,15 @@ def train_sft(
             window = batches[first:first + config.gradient_accumulation_steps]
             t0 = time.perf_counter()
             window_nll = 0.0
-            for batch in window:
-                if batch is None or batch.tokens == 0:
-                    continue  # every response cut away by max_length (or no rows here): nothing to learn
-                nll = response_nll_sum(model, batch, device, config.mixed_precision)
-                (nll / window_tokens).backward()
-                window_nll += nll.item()
-            rt.reduce_gradients(params)
+            for i, (batch, weight) in enumerate(window):
+                if batch.tokens == 0 and not rt.distributed:
+                    continue  # every response cut away by max_length: nothing to learn
+                with rt.no_sync(i < len(window) - 1):  # the gradients are reduced once per step
+                    nll = rt.run(response_nll_sum, model, batch, device, config.mixed_precision)
+                    rt.backward(nll / max(1, window_tokens) if weight else nll * 0.0)
+                window_nll += nll.item() * weight
             (window_nll,) = rt.sum([window_nll])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            grad_norm = rt.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -392,7 +400,7 @@ def train_sft(
         log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch, epoch_loss, val_loss)
 
     # 5. save: LoRA merged in, weights, config, tokenizer, our settings and metrics
-    model = unwrap_lora(model)
+    model = unwrap_lora(rt.unwrapped("model"))
     model.eval()
     model.generation_config.pad_token_id = pad_id
     metrics = {
