@@ -5,7 +5,6 @@ import math
 from datetime import timedelta
 
 import pytest
-import torch
 from sqlalchemy import func, select
 
 from app.config import Settings
@@ -122,28 +121,9 @@ def test_a_new_reward_model_rescores_the_sets_that_follow_the_newest(session):
     assert active_learning.scoring_model(session, fixed).id == chosen.id
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir, tmp_path_factory):
-    """A reward model of the tiny model's family with a random head (any scores will do here)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from trainer.common import prepare_tokenizer
-    from trainer.models import load_tokenizer
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1, dtype=torch.float32)
-    torch.nn.init.normal_(model.score.weight, std=1.0)
-    tokenizer = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    path = tmp_path_factory.mktemp("al-rm")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_score_tasks_job_stores_each_open_tasks_margin(committed, reward_dir):
+def test_score_tasks_job_stores_each_open_tasks_margin(committed, tiny_reward_dir):
     with new_session() as session:
-        rm = make_model(session, reward_dir, name="tiny-rm", kind=ModelKind.reward)
+        rm = make_model(session, tiny_reward_dir, name="tiny-rm", kind=ModelKind.reward)
         prompt_set = make_prompt_set(session, k=3, overlap=1)
         open_tasks = [make_task(session, prompt_set, texts=[f"good river {i}", f"lamp {i}", f"good good {i}"])
                       for i in range(5)]
@@ -155,7 +135,7 @@ def test_score_tasks_job_stores_each_open_tasks_margin(committed, reward_dir):
         expected = {t.id: (t.prompt.messages, [(i.response_id, i.response.text) for i in t.items])
                     for t in open_tasks}
     execute_job(ids["job"], settings=Settings(device="cpu"))
-    model, tokenizer = load_reward_model(reward_dir)
+    model, tokenizer = load_reward_model(tiny_reward_dir)
     with new_session() as session:
         job = session.get(Job, ids["job"])
         assert job.status == JobStatus.succeeded, job.traceback
