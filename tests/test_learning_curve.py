@@ -60,7 +60,7 @@ def test_verdict_needs_enough_points():
 
 def annotation(prompt_id: int, ranks: list[int], responses=("a", "b", "c")):
     return SimpleNamespace(prompt_id=prompt_id, responses=list(responses), ranks=ranks, top_k=None, all_bad=False,
-                           source=None)
+                           source=None, ai=False)
 
 
 def test_ranking_agreement_counts_strict_pairs_of_annotations_on_the_same_prompt():
@@ -72,3 +72,7 @@ def test_ranking_agreement_counts_strict_pairs_of_annotations_on_the_same_prompt
     ]
     assert ranking_agreement(items) == (pytest.approx(5 / 6), 6)
     assert ranking_agreement([annotation(1, [1, 2, 3])]) == (None, 0)
+    # Imported and AI judgements are not the labelers' agreement: beside a labeler they compare nothing.
+    imported, ai = annotation(3, [3, 2, 1]), annotation(3, [3, 2, 1])
+    imported.source, ai.ai = "hh-rlhf", True
+    assert ranking_agreement([*items, imported, ai]) == (pytest.approx(5 / 6), 6)
