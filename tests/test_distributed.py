@@ -4,7 +4,9 @@ processes took part; the file formats of `python -m trainer.cli_train`."""
 
 import importlib.util
 import json
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -116,6 +118,55 @@ def test_sft_on_two_processes_matches_one_process(launcher, strategy, tiny_model
     assert saved_one.keys() == saved_two.keys()
     for name, weight in saved_one.items():
         assert saved_two[name].shape == weight.shape, name
+        assert (saved_two[name] - weight).abs().max() < 1e-4, name
+
+
+def logged_losses(text: str) -> dict[int, float]:
+    """The per-step training loss from the main process's "step N: epoch E, loss X, ..." log lines."""
+    found = re.findall(r"step (\d+): epoch \d+, loss ([-\d.e+]+)", text)
+    return {int(step): float(loss) for step, loss in found}
+
+
+@pytest.mark.parametrize("launcher,strategy", [("torchrun", "ddp"), ("accelerate", "fsdp")])
+def test_dpo_on_two_processes_matches_one_process(launcher, strategy, tiny_model_dir, tmp_path, capsys, caplog):
+    # about 30 rankings, 8 per step: the last step's do not halve evenly; 3 held-out prompts sampled by both
+    data = write_jsonl(tmp_path / "rankings.jsonl", ranking_rows(synthetic.ranked_groups(range(0, 30), k=3, seed=1)))
+    validation = write_jsonl(tmp_path / "val.jsonl", ranking_rows(synthetic.ranked_groups(range(1000, 1010), k=3)))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {i}"} for i in range(3)])
+    common = ["dpo", "--policy", str(tiny_model_dir), "--data", str(data), "--validation", str(validation),
+              "--validation-prompts", str(prompts), "--max-new-tokens", "4", "--learning-rate", "1e-3",
+              "--batch-size", "8", "--eval-batch-size", "4", "--epochs", "1", "--warmup-ratio", "0"]
+
+    result = launch(launcher, [*common, "--strategy", strategy, "--output", str(tmp_path / "dpo2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    with caplog.at_level(logging.INFO, logger="trainer.cli_train"):
+        assert cli_train.main([*common, "--output", str(tmp_path / "dpo1")]) == 0
+    one = printed_metrics(capsys.readouterr().out)[0]
+
+    two = json.loads((tmp_path / "dpo2" / CONFIG_FILE).read_text())["metrics"]
+    assert printed_metrics(result.stdout) == [two]
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["steps"] == one["steps"] == 4
+    assert two["train_rankings"] == one["train_rankings"]
+    # every response once per epoch, over both processes
+    assert two["policy_sequences"] == one["policy_sequences"] == 3 * one["train_rankings"]
+    # Every step's loss (each process its shard, the gradients summed) is the one-process step's.
+    losses_one, losses_two = logged_losses(caplog.text), logged_losses(result.stderr)
+    assert sorted(losses_one) == sorted(losses_two) == [1, 2, 3, 4]
+    for step, loss in losses_one.items():
+        assert losses_two[step] == pytest.approx(loss, rel=2e-3, abs=1e-5), step
+    assert two["val_pairs"] == one["val_pairs"]
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+    assert two["val_accuracy"] == pytest.approx(one["val_accuracy"], abs=1e-6)
+    assert "kl" in two  # the held-out prompts, sampled by both processes
+    from safetensors.torch import load_file
+
+    saved_one, saved_two = (load_file(tmp_path / name / "model.safetensors") for name in ("dpo1", "dpo2"))
+    assert saved_one.keys() == saved_two.keys()
+    start = load_file(tiny_model_dir / "model.safetensors")
+    moved = max((weight - start[name]).abs().max() for name, weight in saved_one.items() if name in start)
+    assert moved > 1e-4  # the policy trained
+    for name, weight in saved_one.items():
         assert (saved_two[name] - weight).abs().max() < 1e-4, name
 
 

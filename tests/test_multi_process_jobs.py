@@ -285,3 +285,21 @@ def test_the_api_and_the_form_refuse_more_processes_than_a_worker_offers(reward_
     assert api.post("/training/reward", data=form).status_code == 303
     with new_session() as session:
         assert session.scalar(select(Job.queue)) == "gpu-2p"
+
+
+def test_dpo_runs_take_processes_on_the_api_and_the_form(reward_data, api):
+    quick = {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "max_length": 96, "validation_samples": 0}
+    advertise(2)
+    response = api.post("/api/v1/training/dpo", json={"prompt_set_ids": [reward_data["set"]], "processes": 4,
+                                                      "config": quick})
+    assert response.status_code == 422
+    assert "at most 2 processes" in response.json()["errors"]["processes"]
+
+    page = api.get("/training/dpo")
+    assert 'name="processes"' in page.text and "offer up to 2" in page.text
+    form = {"csrf_token": csrf_of_page(api, "/training/dpo"), "prompt_set_ids": str(reward_data["set"]),
+            "processes": "2", **{k: str(v) for k, v in quick.items()}}
+    assert api.post("/training/dpo", data=form).status_code == 303
+    with new_session() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.kind, job.queue, job.params["processes"]) == (JobKind.train_dpo, "gpu-2p", 2)

@@ -3,6 +3,7 @@
     python -m trainer.cli_train reward --model SFT_DIR --data rankings.jsonl [--validation val.jsonl] --output DIR
     python -m trainer.cli_train sft --model BASE_DIR --data demos.jsonl [--validation val.jsonl] --output DIR
     python -m trainer.cli_train ppo --policy SFT_DIR --reward RM_DIR --prompts prompts.jsonl --output DIR
+    python -m trainer.cli_train dpo --policy SFT_DIR --data rankings.jsonl [--validation val.jsonl] --output DIR
 
 Several processes (see trainer/distributed.py for what is sharded):
 
@@ -13,10 +14,10 @@ Several processes (see trainer/distributed.py for what is sharded):
 
 Every field of the trainer's config is an option: --epochs 2 --batch-size 16
 --learning-rate 1e-5 --no-mixed-precision ... (trainer.reward.RewardConfig,
-trainer.sft.SFTConfig, trainer.ppo.PPOConfig).
+trainer.sft.SFTConfig, trainer.ppo.PPOConfig, trainer.dpo.DPOConfig).
 
 Input files are JSON lines:
-- rankings (reward): the annotations export (app/services/export.py, format
+- rankings (reward, dpo): the annotations export (app/services/export.py, format
   jsonl: {"prompt": [messages], "ratings": [{"rank", "text"}, ...], "is_gold",
   "all_bad"}; gold and "all bad" annotations are skipped, as in training from the
   dashboard; a partial ranking's unranked responses carry rank top_k + 1, tied
@@ -189,6 +190,7 @@ def _config(config_class, args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainer.dpo import DPOConfig
     from trainer.ppo import PPOConfig
     from trainer.reward import RewardConfig
     from trainer.sft import SFTConfig
@@ -223,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--sft-data", type=Path, help="demonstrations for the ptx term (--ptx-coef), JSONL")
     ppo.add_argument("--output", required=True, type=Path, help="checkpoint directory (must not exist or be empty)")
     _add_config_options(ppo, PPOConfig)
+
+    dpo = commands.add_parser("dpo", help="DPO of a policy on rankings")
+    dpo.add_argument("--policy", required=True, type=Path, help="the SFT model to optimise")
+    dpo.add_argument("--reference", type=Path, help="the reference (default: --policy)")
+    dpo.add_argument("--data", required=True, type=Path, help="rankings, JSONL")
+    dpo.add_argument("--validation", type=Path, help="validation rankings, JSONL (default: rows of split validation)")
+    dpo.add_argument("--validation-prompts", type=Path, help="prompts sampled before and after training, JSONL")
+    dpo.add_argument("--output", required=True, type=Path, help="checkpoint directory (must not exist or be empty)")
+    _add_config_options(dpo, DPOConfig)
     return parser
 
 
@@ -244,6 +255,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config = _config(SFTConfig, args)
         train, validation = train_and_validation(args.data, args.validation, demonstration_of)
         result = train_sft(config, train, validation, base_path=args.model, output_dir=args.output, on_step=_log_step)
+    elif args.command == "dpo":
+        from trainer.dpo import DPOConfig, train_dpo
+
+        config = _config(DPOConfig, args)
+        train, validation = train_and_validation(args.data, args.validation, ranking_of)
+        prompts = (load(args.validation_prompts, lambda row, where: _prompt_of(row, where))[0]
+                   if args.validation_prompts else None)
+        result = train_dpo(config, train, validation, policy_path=args.policy,
+                           reference_path=args.reference or args.policy, output_dir=args.output,
+                           validation_prompts=prompts, on_step=_log_step)
     else:
         from trainer.ppo import PPOConfig, train_ppo
 

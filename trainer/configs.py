@@ -314,6 +314,7 @@ class DPOConfig:
     mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
     gradient_checkpointing: str = gradient_checkpointing_setting()
     adam_8bit: bool = adam_8bit_setting()
+    strategy: str = strategy_setting()
     # 0: full fine-tuning; > 0: LoRA (needs peft); with the policy's own weights as reference, the reference
     # is the policy with its adapters off
     lora_r: int = setting(0, label="LoRA rank", help="0 = full fine-tuning", ge=0, le=1024)
@@ -336,6 +337,7 @@ class DPOConfig:
             "temperature": self.temperature > 0,
             "lora_r": self.lora_r >= 0,
             "gradient_checkpointing": self.gradient_checkpointing in CHECKPOINTING,
+            "strategy": self.strategy in STRATEGIES,
         }, "DPO")
 
 

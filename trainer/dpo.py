@@ -49,7 +49,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from trainer.common import (
-    Cancelled,
     Messages,
     add_lora,
     autocast,
@@ -227,19 +226,20 @@ def train_dpo(
     implicit reward). validation_prompts: held-out prompts sampled before and
     after each epoch (the first config.validation_samples): the samples side
     by side and the KL estimate. Raises ValueError for data without a
-    preference, Cancelled when should_stop() says so (nothing saved).
+    preference, Cancelled when should_stop() says so (nothing saved). Under a
+    launcher with several processes each trains on its shard of every step's
+    rankings (trainer/distributed.py); rank 0 alone calls on_step and
+    should_stop and saves.
     """
     started = time.perf_counter()
-    rt = runtime(config.device)
-    if rt.distributed:
-        raise ValueError("DPO runs in one process; launch it without several processes")
+    rt = runtime(config.device, config.strategy)
     device = rt.device
-    seed_everything(config.seed)
+    seed_everything(config.seed)  # the same seed everywhere: the same shuffle
     history: list[dict[str, float]] = []
 
     def report(step: int, metrics: dict[str, float]) -> None:
         history.append({"step": step, **metrics})
-        if on_step is not None:
+        if on_step is not None and rt.main:
             on_step(step, metrics)
 
     # 1. data: every ranking tokenised once; all-tied rankings compare nothing and are dropped
@@ -252,7 +252,8 @@ def train_dpo(
     if not val_groups:
         raise ValueError("no validation ranking has two responses of different rank")
 
-    # 2. models: the policy (trained); the reference's log-probs of every response, computed once here.
+    # 2. models: the policy (trained); the reference's log-probs of every response, computed once here (in
+    # every process, for all rankings: each then reads those of its shard).
     # With LoRA on the reference's own weights the reference is the policy with its adapters off; else a
     # frozen copy, kept only while the KL estimate needs it.
     policy = load_causal_lm(str(policy_path), device, torch.float32)
@@ -276,11 +277,16 @@ def train_dpo(
                           task_type="CAUSAL_LM")
     policy.eval()  # dropout off throughout (TRL's disable_dropout); gradients flow all the same
 
-    # 3. optimizer and schedule
+    # 3. optimizer and schedule; the policy spread over the processes by the strategy
     steps_per_epoch = -(-len(train_groups) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                 weight_decay=config.weight_decay)
+
+    optimizer = rt.prepare({"policy": policy}, make_optimizer, max_grad_norm=config.max_grad_norm)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.lr_schedule, int(config.warmup_ratio * total_steps), total_steps))
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -293,48 +299,61 @@ def train_dpo(
         min_new_tokens=0, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id)
 
+    def draw(query: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Responses sampled from the policy to left-padded prompts (B, P), with their KL from the
+        reference (log pi - log ref summed over the response's tokens): (responses, mask, ended, kl)."""
+        with autocast(device, config.mixed_precision):
+            raw = generate_exactly(policy, generation_config, input_ids=query, attention_mask=query_mask,
+                                   synced_gpus=rt.shards_weights)[:, query.shape[1]:]  # (B, R)
+        responses, response_mask, ended = truncate_after_eos(raw, tokenizer.eos_token_id, pad_id)
+        query_response = torch.cat([query, responses], 1)
+        attention = torch.cat([query_mask, response_mask], 1)
+        P = query.shape[1]
+        with autocast(device, config.mixed_precision):
+            logprobs, _ = response_logprobs(policy, query_response, attention, P, config.temperature)
+            ref = reference_logprobs(policy, reference, query_response, attention, P, config.temperature)
+        return responses, response_mask, ended, ((logprobs - ref) * response_mask).sum(1)
+
     @torch.no_grad()
     def samples() -> list[dict]:
-        """The validation prompts sampled from the policy with a fixed seed, each with its KL from the
-        reference (log pi - log ref summed over the response's tokens)."""
-        out: list[dict] = []
+        """The validation prompts sampled from the policy with a fixed seed (per process: each samples
+        its shard of the prompts), each with its KL from the reference."""
+        out: list[tuple[int, dict]] = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(config.seed + 1)  # the same draws at every evaluation
-            for start in range(0, len(prompt_ids), config.eval_batch_size):
-                chunk = prompt_ids[start:start + config.eval_batch_size]
-                query, query_mask = (t.to(device) for t in pad_left(chunk, pad_id))  # (B, P)
-                with autocast(device, config.mixed_precision):
-                    raw = generate_exactly(policy, generation_config, input_ids=query,
-                                           attention_mask=query_mask)[:, query.shape[1]:]  # (B, R)
-                responses, response_mask, ended = truncate_after_eos(raw, tokenizer.eos_token_id, pad_id)
-                query_response = torch.cat([query, responses], 1)
-                attention = torch.cat([query_mask, response_mask], 1)
-                P = query.shape[1]
-                with autocast(device, config.mixed_precision):
-                    logprobs, _ = response_logprobs(policy, query_response, attention, P, config.temperature)
-                    ref = reference_logprobs(policy, reference, query_response, attention, P, config.temperature)
-                kl = ((logprobs - ref) * response_mask).sum(1)  # (B,)
-                for row in range(len(chunk)):
+            torch.manual_seed(config.seed + 1 + rt.rank)  # the same draws at every evaluation
+            for indices, real in rt.batches(list(range(len(prompt_ids))), config.eval_batch_size):
+                query, query_mask = (t.to(device) for t in pad_left([prompt_ids[i] for i in indices], pad_id))
+                responses, response_mask, ended, kl = rt.run(draw, query, query_mask)
+                if not real:
+                    continue
+                for row, i in enumerate(indices):
                     tokens = responses[row][response_mask[row].bool()]
-                    out.append({"prompt": prompts[start + row],
-                                "response": tokenizer.decode(tokens, skip_special_tokens=True),
-                                "reward": None, "ended": bool(ended[row]), "kl": float(kl[row])})
-        return out
+                    out.append((i, {"prompt": prompts[i],
+                                    "response": tokenizer.decode(tokens, skip_special_tokens=True),
+                                    "reward": None, "ended": bool(ended[row]), "kl": float(kl[row])}))
+        everyone = [pair for part in rt.gather(out) for pair in part]
+        return [sample for _, sample in sorted(everyone, key=lambda pair: pair[0])]
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         loss_sum, correct, pairs, margin, chosen, rejected = 0.0, 0, 0, 0.0, 0.0, 0.0
-        for i in range(0, len(val_groups), config.eval_batch_size):
-            batch = val_groups[i:i + config.eval_batch_size]
-            flat = ranking_logprobs(policy, batch, pad_id, device, config.mixed_precision)
+        # each process its shard of the rankings; the sums over all of them
+        for indices, real in rt.batches(list(range(len(val_groups))), config.eval_batch_size):
+            batch = [val_groups[i] for i in indices]
+            flat = rt.run(ranking_logprobs, policy, batch, pad_id, device, config.mixed_precision)
+            if not real:
+                continue
             logps, ranks, valid = as_ranking_batch(flat, batch)
-            refs, _, _ = as_ranking_batch(torch.cat(ref_val[i:i + len(batch)]).to(device), batch)
+            refs, _, _ = as_ranking_batch(torch.cat([ref_val[i] for i in indices]).to(device), batch)
             loss, stats = dpo_loss(logps - refs, ranks, valid, beta=config.beta, loss=config.loss)
             loss_sum += loss.item() * len(batch)
             correct, pairs, margin = correct + int(stats["correct"]), pairs + int(stats["pairs"]), \
                 margin + float(stats["margin_sum"])
             c, r = _pair_figures(logps, ranks, valid)
             chosen, rejected = chosen + c, rejected + r
+        loss_sum, correct, pairs, margin, chosen, rejected = rt.sum([loss_sum, correct, pairs, margin, chosen,
+                                                                    rejected])
+        pairs = int(pairs)
         figures = {"val_loss": loss_sum / len(val_groups), "val_accuracy": correct / max(1, pairs),
                    "val_margin": margin / max(1, pairs), "val_chosen_logp": chosen / max(1, pairs),
                    "val_rejected_logp": rejected / max(1, pairs), "val_pairs": pairs}
@@ -345,6 +364,8 @@ def train_dpo(
 
     # 4. the loop: each ranking's prompt once and its K responses after it, in one batch; the loss from their
     # log-probs and the cached reference's, backward, clip, step, log; evaluate before training and after each epoch.
+    # With several processes each takes its shard of the step's rankings, its mean loss weighed by the shard's
+    # share of them: the step's gradient is that of the mean loss over all of its rankings.
     first = evaluate()
     samples_before = first.pop("_samples")
     report(0, {"epoch": 0, **first})
@@ -356,29 +377,37 @@ def train_dpo(
         order = torch.randperm(len(train_groups), generator=shuffle).tolist()
         train_loss_sum, train_seen = 0.0, 0
         for start in range(0, len(order), config.batch_size):
-            indices = order[start:start + config.batch_size]
+            full = order[start:start + config.batch_size]
+            indices = rt.shard(full)
+            # A process gets nothing when a last batch is smaller than the number of processes: it passes a
+            # stand-in ranking weighed 0 (every process makes the same forward and backward passes).
+            stand_in = not indices
+            indices = indices or full[:1]
             batch = [train_groups[i] for i in indices]
-            flat = ranking_logprobs(policy, batch, pad_id, device, config.mixed_precision)  # (N,)
-            sequences += len(flat)
+            flat = rt.run(ranking_logprobs, policy, batch, pad_id, device, config.mixed_precision)  # (N,)
             logps, ranks, valid = as_ranking_batch(flat, batch)  # (B, K)
             refs, _, _ = as_ranking_batch(torch.cat([ref_train[i] for i in indices]).to(device), batch)  # (B, K)
             loss, stats = dpo_loss(logps - refs, ranks, valid, beta=config.beta, loss=config.loss)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            share = 0.0 if stand_in else len(batch) / len(full)
+            rt.backward(loss * share)
+            grad_norm = rt.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            pairs = max(1, int(stats["pairs"]))
-            chosen, rejected = _pair_figures(logps.detach(), ranks, valid)
-            train_loss_sum += loss.item() * len(batch)
-            train_seen += len(batch)
-            report(step, {"epoch": epoch, "loss": loss.item(), "accuracy": int(stats["correct"]) / pairs,
-                          "margin": float(stats["margin_sum"].detach()) / pairs, "chosen_logp": chosen / pairs,
-                          "rejected_logp": rejected / pairs, "grad_norm": float(grad_norm), "lr": lr})
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"DPO stopped at step {step}")
+            chosen, rejected = _pair_figures(logps.detach(), ranks, valid) if not stand_in else (0.0, 0.0)
+            mine = [] if stand_in else [loss.item() * share, int(stats["correct"]), int(stats["pairs"]),
+                                        float(stats["margin_sum"].detach()), chosen, rejected, len(flat)]
+            step_loss, correct, pairs, margin, chosen, rejected, seqs = rt.sum(mine or [0.0] * 7)
+            sequences += int(seqs)
+            pairs = max(1, int(pairs))
+            train_loss_sum += step_loss * len(full)
+            train_seen += len(full)
+            report(step, {"epoch": epoch, "loss": step_loss, "accuracy": correct / pairs, "margin": margin / pairs,
+                          "chosen_logp": chosen / pairs, "rejected_logp": rejected / pairs,
+                          "grad_norm": float(grad_norm), "lr": lr})
+            rt.agree_to_stop(should_stop, f"DPO stopped at step {step}")
         last_eval = evaluate()
         drawn = last_eval.pop("_samples")
         report(step, {"epoch": epoch, "train_loss": train_loss_sum / max(1, train_seen), **last_eval})
@@ -395,19 +424,21 @@ def train_dpo(
         "val_pairs": last_eval["val_pairs"], "train_loss": train_loss_sum / max(1, train_seen),
         "kl": last_eval.get("kl", 0.0), "steps": step, "epochs": config.epochs, "loss": config.loss,
         "train_rankings": len(train_groups), "val_rankings": len(val_groups), "comparisons": comparisons,
-        "policy_sequences": sequences,
+        "policy_sequences": sequences, "processes": rt.world,
         "comparisons_per_s": comparisons * config.epochs / max(loop_seconds, 1e-9),
         "seconds": time.perf_counter() - started,
     }
-    policy = unwrap_lora(policy)
-    policy.generation_config.pad_token_id = pad_id
-    policy.generation_config.eos_token_id = tokenizer.eos_token_id
-    save_checkpoint(policy, tokenizer, output_dir, {
-        "kind": "policy", "policy_path": str(policy_path), "reference_path": str(reference_path),
-        "config": asdict(config), "metrics": metrics,
-        "sampling": {"temperature": config.temperature, "top_k": 0, "top_p": 1.0,
-                     "max_new_tokens": config.max_new_tokens},
-    })
+    policy = unwrap_lora(rt.unwrapped("policy"))
+    if rt.main:
+        policy.generation_config.pad_token_id = pad_id
+        policy.generation_config.eos_token_id = tokenizer.eos_token_id
+        save_checkpoint(policy, tokenizer, output_dir, {
+            "kind": "policy", "policy_path": str(policy_path), "reference_path": str(reference_path),
+            "config": asdict(config), "metrics": metrics,
+            "sampling": {"temperature": config.temperature, "top_k": 0, "top_p": 1.0,
+                         "max_new_tokens": config.max_new_tokens},
+        })
+    rt.barrier()  # the checkpoint is in place when any process returns
     return DPOResult(output_dir=Path(output_dir), metrics=metrics, history=history,
                      samples_before=samples_before, samples_after=samples_after)
 

@@ -6,7 +6,8 @@ validation prompts' samples before and after training, as a PPO policy's.
 Parameters (app/services/training.clean_dpo_params): policy_model_id,
 reference_model_id, prompt_set_ids, labeler_ids (None: all), include_imported
 (whether the sets' imported preference data trains too), name (or None),
-config (trainer.configs.DPOConfig's fields).
+processes (training processes; with several, the main process alone writes to
+the database: progress, registration), config (trainer.configs.DPOConfig's fields).
 
 The data is the reward model's (training.reward_data): the training split's
 rankings train, the validation split's (held-out prompts) validate.

@@ -57,6 +57,8 @@ class DPORunIn(BaseModel):
     # Train on the sets' imported preference data (annotations of a source) too.
     include_imported: bool = True
     name: Text | None = None
+    # Training processes (GPUs; CPU processes on a worker without CUDA), up to what a running worker offers.
+    processes: int = 1
     config: dict[str, Any] = Field(default_factory=dict)
 
 
