@@ -180,36 +180,47 @@ def reward_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_ppo_on_two_processes(tiny_model_dir, reward_model_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ppo_on_two_processes_matches_one_process(strategy, tiny_model_dir, reward_model_dir, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": synthetic.prompt(i)[0]["content"]} for i in range(16)])
     held_out = write_jsonl(tmp_path / "held.jsonl", [{"messages": synthetic.prompt(i)} for i in range(100, 105)])
     demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": m, "completion": t} for m, t in synthetic.sft_examples(8)])
     common = ["ppo", "--policy", str(tiny_model_dir), "--reward", str(reward_model_dir), "--prompts", str(prompts),
               "--steps", "2", "--ppo-epochs", "1", "--max-new-tokens", "6", "--learning-rate", "1e-4"]
     full = [*common, "--batch-size", "4", "--mini-batch-size", "2", "--ptx-coef", "0.5", "--sft-data", str(demos),
-            "--validation-prompts", str(held_out)]
+            "--validation-prompts", str(held_out), "--adaptive-kl"]
 
-    runs = {}
-    for launcher, strategy in (("torchrun", "ddp"), ("accelerate", "fsdp")):
-        result = launch(launcher, [*full, "--strategy", strategy, "--output", str(tmp_path / strategy)])
-        assert result.returncode == 0, result.stderr[-3000:]
-        saved = json.loads((tmp_path / strategy / CONFIG_FILE).read_text())
-        assert printed_metrics(result.stdout) == [saved["metrics"]]
-        assert saved["config"]["strategy"] == strategy
-        assert (tmp_path / strategy / "model.safetensors").exists()
-        runs[strategy] = saved["metrics"]
-    metrics = runs["ddp"]
-    assert metrics["processes"] == 2 and metrics["steps"] == 2
-    assert metrics["ptx_loss"] > 0 and metrics["response_length"] > 0
-    assert "validation_reward_after" in metrics  # the 5 held-out prompts, sampled by both processes
-    # Each process samples its own responses (its own random stream), so two processes do not sample what
-    # one does; sharding the weights (FSDP) instead of copying them (DDP) changes nothing: the same samples,
-    # the same updates.
-    for name in ("reward", "kl", "policy_loss", "value_loss", "ptx_loss", "entropy", "validation_reward_after"):
-        assert runs["fsdp"][name] == pytest.approx(metrics[name], rel=1e-3, abs=1e-4), name
-    for name in ("response_length", "validation_reward_before"):
-        assert runs["fsdp"][name] == metrics[name], name
+    result = launch("accelerate", [*full, "--strategy", strategy, "--output", str(tmp_path / "ppo2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli_train.main([*full, "--output", str(tmp_path / "ppo1")]) == 0  # one process, in this one
+    one = printed_metrics(capsys.readouterr().out)[0]
+    two = json.loads((tmp_path / "ppo2" / CONFIG_FILE).read_text())
+    assert printed_metrics(result.stdout) == [two["metrics"]]
+    assert two["config"]["strategy"] == strategy
+    two = two["metrics"]
+    assert two["processes"] == 2 and one["processes"] == 1 and two["steps"] == 2
+    assert two["ptx_loss"] > 0 and two["response_length"] > 0
+    assert "validation_reward_after" in two  # the 5 held-out prompts, sampled by both processes
+    # Every rollout is drawn from its own seed, whichever process samples it, and every figure over the batch
+    # is taken over all processes' rollouts: two processes sample the same responses as one and train alike.
+    for name in ("response_length", "eos_fraction"):
+        assert two[name] == one[name], name
+    for name in ("reward", "reward_unnormalised", "kl", "kl_coef", "total_reward", "policy_loss", "value_loss",
+                 "ptx_loss", "entropy", "approx_kl", "clip_frac", "normalisation_mean", "normalisation_std",
+                 "validation_reward_before", "validation_reward_after"):
+        assert two[name] == pytest.approx(one[name], rel=1e-3, abs=1e-4), name
+    from safetensors.torch import load_file
 
+    saved_one, saved_two = (load_file(tmp_path / name / "model.safetensors") for name in ("ppo1", "ppo2"))
+    assert saved_one.keys() == saved_two.keys()
+    for name, weight in saved_one.items():
+        assert (saved_two[name] - weight).abs().max() < 1e-5, name
+
+
+def test_ppo_refuses_minibatches_that_do_not_split_over_the_processes(tiny_model_dir, reward_model_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": synthetic.prompt(i)[0]["content"]} for i in range(4)])
+    common = ["ppo", "--policy", str(tiny_model_dir), "--reward", str(reward_model_dir), "--prompts", str(prompts),
+              "--steps", "1", "--max-new-tokens", "6"]
     # Each process takes an equal share of every minibatch: a minibatch of one rollout cannot be shared.
     refused = launch("torchrun", [*common, "--batch-size", "4", "--mini-batch-size", "1",
                                   "--output", str(tmp_path / "refused")])

@@ -126,16 +126,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  across: Callable[[list[float]], list[float]] | None = None) -> torch.Tensor:
-    """Zero mean, unit variance over the real tokens only (padding would drag both).
-
-    across: sums a list of numbers over the processes of a data-parallel run
-    (trainer.distributed.Runtime.sum); the statistics are then those of every
-    process's tokens together.
-    """
-    if across is not None:
-        return _masked_whiten_across(x, mask, shift_mean, across)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Zero mean, unit variance over the real tokens only (padding would drag both)."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     n = mask.sum()
@@ -145,21 +137,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask.to(x.dtype)
-
-
-def _masked_whiten_across(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool,
-                          across: Callable[[list[float]], list[float]]) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    total, n = across([float((x * m).sum()), float(m.sum())])
-    mean = total / max(1.0, n)
-    (squares,) = across([float((((x - mean) ** 2) * m).sum())])
-    var = squares / max(1.0, n)
-    if n > 1:
-        var = var * n / (n - 1)
-    whitened = (x - mean) / math.sqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * m
 
 
 def response_logprobs(model, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,

@@ -60,6 +60,7 @@ from trainer.common import (
 )
 from trainer.configs import PPOConfig
 from trainer.distributed import runtime
+from trainer.generate import SeededSampler, derive_seed
 from trainer.models import load_causal_lm, load_tokenizer, pick_dtype
 from trainer.reward import load_reward_model, reward_normalisation, sequence_scores, token_scores
 from trainer.vllm_engine import VllmRollouts, choose_engine
@@ -168,21 +169,25 @@ def reference_logprobs(policy, reference, query_response: torch.Tensor, attentio
 def _generation_config(config: PPOConfig, tokenizer):
     from transformers import GenerationConfig
 
-    # Plain softmax(logits / T), the distribution the log-probs assume: top_k=0 (transformers' default is 50);
-    # generate_exactly keeps the checkpoint's generation_config.json out of it.
+    # The tokens are drawn by SeededSampler (plain softmax(logits / T), the distribution the log-probs assume)
+    # and picked greedily; generate_exactly keeps the checkpoint's generation_config.json out of it.
     return GenerationConfig(
-        do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, max_new_tokens=config.max_new_tokens,
-        min_new_tokens=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+        do_sample=False, max_new_tokens=config.max_new_tokens, min_new_tokens=0, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
 
 
 @torch.no_grad()
-def _generate(policy, query: torch.Tensor, query_mask: torch.Tensor, generation_config,
-              synced_gpus: bool = False) -> torch.Tensor:
-    """Sampled responses to left-padded prompts: (B, R), R <= max_new_tokens. synced_gpus: every process
-    steps until all are done (their weights are sharded: each step gathers them from every process)."""
+def _generate(policy, query: torch.Tensor, query_mask: torch.Tensor, generation_config, seeds: list[int],
+              temperature: float, synced_gpus: bool = False) -> torch.Tensor:
+    """Sampled responses to left-padded prompts: (B, R), R <= max_new_tokens. Row i draws from its own
+    stream seeded seeds[i], so its tokens do not depend on the other rows or on the process that samples
+    it. synced_gpus: every process steps until all are done (their weights are sharded: each step gathers
+    them from every process)."""
+    from transformers import LogitsProcessorList
+
     output = generate_exactly(policy, generation_config, input_ids=query, attention_mask=query_mask,
+                              logits_processor=LogitsProcessorList([SeededSampler(seeds, temperature, 1.0)]),
                               synced_gpus=synced_gpus)
     return output[:, query.shape[1]:]  # (B, R)
 
@@ -209,12 +214,14 @@ def train_ppo(
 
     Under a launcher with N processes, batch_size and mini_batch_size count
     rollouts of all processes together (both must be multiples of N): each
-    process samples its share of every step's prompts with its own random
-    stream, and the losses are token means over the whole minibatch. The
-    advantages are whitened with the statistics of every process's tokens,
-    the KL controller sees the mean KL over all processes, and the logged
-    metrics are means over all rollouts. Rank 0 alone calls on_step and
-    should_stop and saves (trainer/distributed.py).
+    process samples and scores its share of every step's prompts (rows rank,
+    rank + N, ...), every row from its own seed (config.seed, step, row), then
+    every process holds the whole batch: advantages, whitening, the KL
+    controller and the logged metrics are those of one process. Each
+    minibatch is drawn from the whole batch, each process computing the
+    losses of its share of it, token means over the whole minibatch. So N
+    processes train as one does. Rank 0 alone calls on_step and should_stop
+    and saves (trainer/distributed.py).
     """
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
@@ -262,8 +269,6 @@ def train_ppo(
             model.eval()
     for trained_model in (policy, value_model):
         apply_gradient_checkpointing(trained_model, config.gradient_checkpointing)
-    if rt.distributed:
-        torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each process samples its own responses
 
     # 2. data: prompts tokenised once; a seeded endless stream of shuffled prompt indices
     prompt_ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
@@ -302,20 +307,21 @@ def train_ppo(
     kl_controller = (AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
                      if config.adaptive_kl else FixedKLController(config.kl_coef))
 
-    def sample_responses(indices: list[int], ids: list[list[int]], model=None) -> dict:
-        """Left-pad the prompts, sample (from the policy unless told), truncate after the first EOS,
-        and the sequences the reward model reads ("scored", "scored_mask": query + response + EOS)."""
-        query, query_mask = pad_left([ids[i] for i in indices], tokenizer.pad_token_id)  # (B, P)
+    def sample_responses(query: torch.Tensor, query_mask: torch.Tensor, seeds: list[int], model=None) -> dict:
+        """Sample responses to left-padded prompts, row i from seeds[i] (from the policy unless told),
+        truncate after the first EOS, and the sequences the reward model reads ("scored", "scored_mask":
+        query + response + EOS)."""
         query, query_mask = query.to(device), query_mask.to(device)
         if rollouts is not None and model is None:
             responses = rollouts.generate(query, query_mask)  # (B, R)
         else:
             with autocast(device, config.mixed_precision):
                 if model is None or model is policy:
-                    responses = rt.run(_generate, policy, query, query_mask, generation_config,
-                                       rt.shards_weights)  # (B, R)
+                    responses = rt.run(_generate, policy, query, query_mask, generation_config, seeds,
+                                       config.temperature, rt.shards_weights)  # (B, R)
                 else:
-                    responses = _generate(model, query, query_mask, generation_config)  # (B, R)
+                    responses = _generate(model, query, query_mask, generation_config, seeds,
+                                          config.temperature)  # (B, R)
         responses, response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         scored, scored_mask = ended_with_eos(responses, response_mask, ended, tokenizer.eos_token_id,
                                              tokenizer.pad_token_id)  # (B, R + 1)
@@ -340,21 +346,21 @@ def train_ppo(
             return []
         ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in validation_prompts]
         samples = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(config.seed + 1 + rt.rank)  # the same draws before and after training
-            for indices, real in rt.batches(list(range(len(ids))), config.batch_size):  # all prompts in one process
-                rollout = sample_responses(indices, ids)
-                if not real:
-                    continue
-                raw = rm_scores(rollout["scored"], rollout["scored_mask"])
-                for row, i in enumerate(indices):
-                    tokens = rollout["responses"][row][rollout["response_mask"][row].bool()]
-                    samples.append((i, {
-                        "prompt": validation_prompts[i],
-                        "response": tokenizer.decode(tokens, skip_special_tokens=True),
-                        "reward": (raw[row].item() - rm_mean) / rm_std,
-                        "ended": bool(rollout["ended"][row]),
-                    }))
+        for indices, real in rt.batches(list(range(len(ids))), config.batch_size):  # all prompts in one process
+            # the same seeds before and after training
+            rollout = sample_responses(*pad_left([ids[i] for i in indices], tokenizer.pad_token_id),
+                                       [derive_seed(config.seed, "validation", i) for i in indices])
+            if not real:
+                continue
+            raw = rm_scores(rollout["scored"], rollout["scored_mask"])
+            for row, i in enumerate(indices):
+                tokens = rollout["responses"][row][rollout["response_mask"][row].bool()]
+                samples.append((i, {
+                    "prompt": validation_prompts[i],
+                    "response": tokenizer.decode(tokens, skip_special_tokens=True),
+                    "reward": (raw[row].item() - rm_mean) / rm_std,
+                    "ended": bool(rollout["ended"][row]),
+                }))
         everyone = [pair for part in rt.gather(samples) for pair in part]
         return [sample for _, sample in sorted(everyone, key=lambda pair: pair[0])]
 
@@ -364,8 +370,9 @@ def train_ppo(
         order = torch.randperm(len(prompt_ids), generator=torch.Generator().manual_seed(config.seed + 2)).tolist()
         picks = [order[i % len(order)] for i in range(config.normalisation_prompts)]
         raw = []
-        for chunk, real in rt.batches(picks, max(1, config.batch_size // rt.world)):
-            rollout = sample_responses(chunk, prompt_ids,
+        for chunk, real in rt.batches(list(range(len(picks))), max(1, config.batch_size // rt.world)):
+            rollout = sample_responses(*pad_left([prompt_ids[picks[j]] for j in chunk], tokenizer.pad_token_id),
+                                       [derive_seed(config.seed, "normalisation", j) for j in chunk],
                                        model=reference)  # the SFT model; None: the policy without adapters
             raw += rm_scores(rollout["scored"], rollout["scored_mask"]).tolist() if real else []
         raw = torch.tensor([x for part in rt.gather(raw) for x in part])  # (N,)
@@ -377,8 +384,23 @@ def train_ppo(
     # 4. the loop
     history: list[dict[str, float]] = []
     started = time.perf_counter()
-    # B, mb: this process's rollouts per step and per minibatch (all of them in one process)
-    B, mb = config.batch_size // rt.world, config.mini_batch_size // rt.world
+    # B, mb: the rollouts per step and per minibatch, of all processes together
+    B, mb = config.batch_size, config.mini_batch_size
+
+    def whole_batch(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every process's rows of the step's batch, in the batch's order (row j was sampled by process
+        j % world), the (rows, R) tensors right-padded to the longest response."""
+        if not rt.distributed:
+            return parts
+        everyone = rt.gather({name: t.cpu() for name, t in parts.items()})
+        R = max(part["responses"].shape[1] for part in everyone)
+        out = {}
+        for name in parts:
+            pad = tokenizer.pad_token_id if name == "responses" else 0
+            rows = [t if t.dim() == 1 else torch.nn.functional.pad(t, (0, R - t.shape[1]), value=pad)
+                    for t in (part[name] for part in everyone)]
+            out[name] = torch.stack(rows, 1).flatten(0, 1).to(device)  # (B/world, world, ...) -> (B, ...)
+        return out
 
     def token_mean(x: torch.Tensor, m: torch.Tensor, tokens: float) -> torch.Tensor:
         """Mean over the minibatch's real tokens; with several processes, this process's part of
@@ -391,30 +413,45 @@ def train_ppo(
         t0 = time.perf_counter()
         assert not policy.training and not value_model.training, "dropout must stay off"
 
-        # 1. generate: sample responses from the policy for a batch of left-padded prompts
-        indices = rt.shard([next(stream) for _ in range(config.batch_size)])  # the same stream everywhere
+        # 1. generate: sample responses from the policy for a batch of left-padded prompts, each process
+        # its rows of it, row j from a seed of its own
+        indices = [next(stream) for _ in range(config.batch_size)]  # the same stream everywhere
+        query, query_mask = pad_left([prompt_ids[i] for i in indices], tokenizer.pad_token_id)  # (B, P)
+        query, query_mask = query.to(device), query_mask.to(device)
         if rollouts is not None:
             rollouts.sync(policy)  # this step's weights
-        rollout = sample_responses(indices, prompt_ids)
-        query, responses = rollout["query"], rollout["responses"]  # (B, P), (B, R)
-        response_mask, ended = rollout["response_mask"], rollout["ended"]  # (B, R), (B,)
+        rollout = sample_responses(query[rt.rank::rt.world], query_mask[rt.rank::rt.world],
+                                   rt.shard([derive_seed(config.seed, "rollout", step, j) for j in range(B)]))
+        local_query_response = torch.cat([rollout["query"], rollout["responses"]], 1)  # (B / world, P + R)
+        local_attention = torch.cat([rollout["query_mask"], rollout["response_mask"]], 1)  # (B / world, P + R)
         P = query.shape[1]
-        query_response = torch.cat([query, responses], 1)  # (B, P + R)
-        attention = torch.cat([rollout["query_mask"], response_mask], 1)  # (B, P + R)
-        mask = response_mask.bool()  # (B, R)
         t1 = time.perf_counter()
 
-        # 2. score: old log-probs, reference log-probs, values and reward-model scores, in minibatch chunks
+        # 2. score this process's rows: old log-probs, reference log-probs, values and reward-model scores,
+        # in minibatch chunks; then every process has the whole batch's
         with torch.no_grad(), autocast(device, config.mixed_precision):
-            chunks = [slice(i, i + mb) for i in range(0, B, mb)]
-            old = [rt.run(response_logprobs, policy, query_response[c], attention[c], P, config.temperature,
-                          with_entropy=True) for c in chunks]
-            logprobs = torch.cat([lp for lp, _ in old])  # (B, R)
-            entropy = torch.cat([e for _, e in old])  # (B, R)
-            ref_logprobs = torch.cat([rt.run(reference_logprobs, policy, reference, query_response[c], attention[c],
-                                             P, config.temperature) for c in chunks])  # (B, R)
-            values = torch.cat([rt.run(value_scores, query_response[c], attention[c], P) for c in chunks])  # (B, R)
-            raw_score = torch.cat([rm_scores(rollout["scored"][c], rollout["scored_mask"][c]) for c in chunks])  # (B,)
+            chunks = [slice(i, i + mb // rt.world) for i in range(0, B // rt.world, mb // rt.world)]
+            old = [rt.run(response_logprobs, policy, local_query_response[c], local_attention[c], P,
+                          config.temperature, with_entropy=True) for c in chunks]
+            batch = whole_batch({
+                "responses": rollout["responses"], "response_mask": rollout["response_mask"],
+                "ended": rollout["ended"],
+                "logprobs": torch.cat([lp for lp, _ in old]).float(),
+                "entropy": torch.cat([e for _, e in old]).float(),
+                "ref_logprobs": torch.cat([rt.run(reference_logprobs, policy, reference, local_query_response[c],
+                                                  local_attention[c], P, config.temperature)
+                                           for c in chunks]).float(),
+                "values": torch.cat([rt.run(value_scores, local_query_response[c], local_attention[c], P)
+                                     for c in chunks]),
+                "raw_score": torch.cat([rm_scores(rollout["scored"][c], rollout["scored_mask"][c])
+                                        for c in chunks]).float(),
+            })
+        logprobs, entropy, ref_logprobs = batch["logprobs"], batch["entropy"], batch["ref_logprobs"]  # (B, R) each
+        values, raw_score = batch["values"], batch["raw_score"]  # (B, R), (B,)
+        responses, response_mask, ended = batch["responses"], batch["response_mask"], batch["ended"]  # (B, R), (B,)
+        query_response = torch.cat([query, responses], 1)  # (B, P + R)
+        attention = torch.cat([query_mask, response_mask], 1)  # (B, P + R)
+        mask = response_mask.bool()  # (B, R)
         score = (raw_score - rm_mean) / rm_std  # (B,): SFT samples have mean 0, std 1
         penalised = score_with_penalty(score, ended, config.missing_eos_penalty)  # (B,)
         t2 = time.perf_counter()
@@ -433,7 +470,7 @@ def train_ppo(
 
         # 5. whiten advantages over the real tokens
         if config.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, across=rt.sum if rt.distributed else None)
+            advantages = masked_whiten(advantages, mask)
 
         # 6. PPO epochs: clipped policy and value losses over shuffled minibatches
         stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": [],
@@ -443,7 +480,7 @@ def train_ppo(
         for _ in range(config.ppo_epochs):
             order = torch.randperm(B, generator=shuffle).tolist()
             for start in range(0, B, mb):
-                idx = torch.tensor(order[start:start + mb], device=device)
+                idx = torch.tensor(rt.shard(order[start:start + mb]), device=device)  # this process's share
                 m = mask[idx]  # (mb, R)
                 if config.ptx_coef > 0 and train_policy:
                     # InstructGPT's PPO-ptx: keep the likelihood of SFT data up while optimising the reward.
@@ -504,8 +541,6 @@ def train_ppo(
 
         # 7. KL controller: move beta toward the target KL (no-op when fixed)
         mean_kl = kl_k1.sum(1).mean().item()
-        if rt.distributed:
-            (mean_kl,) = rt.mean([mean_kl])  # every process has as many rollouts
         kl_controller.update(mean_kl, config.batch_size)
 
         # 8. log and check for cancellation
@@ -529,13 +564,6 @@ def train_ppo(
         }
         if stats["ptx_loss"]:
             metrics["ptx_loss"] = _mean(stats["ptx_loss"])
-        if rt.distributed:  # means over every process's rollouts (each has as many)
-            per_rollout = ["reward", "reward_unnormalised", "total_reward", "response_length", "eos_fraction",
-                           "cut_fraction"]
-            for name, value in zip(per_rollout, rt.mean([metrics[name] for name in per_rollout])):
-                metrics[name] = value
-            entropy_sum, entropy_tokens = rt.sum([float((entropy * mask).sum()), float(mask.sum())])
-            metrics["entropy"] = entropy_sum / max(1.0, entropy_tokens)
         history.append({"step": step, **metrics})
         if on_step is not None and rt.main:
             on_step(step, metrics)
