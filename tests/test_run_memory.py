@@ -66,6 +66,11 @@ def test_the_api_estimates_a_run_per_gpu(client, session, data, gpus_of_80_gib):
     bigger = client.post("/api/v1/training/estimate", json={"kind": "reward", "config": {"batch_size": 64}}).json()
     assert bigger["per_device_gib"]["activations"] > body["per_device_gib"]["activations"]
 
+    # Per GPU of a run of 2 processes: fsdp shards the weights, ddp copies them.
+    ddp, fsdp = (client.post("/api/v1/training/estimate", json={
+        "kind": "sft", "model_id": data["huge"], "processes": 2, "config": {"strategy": strategy}}).json()
+        for strategy in ("ddp", "fsdp"))
+    assert fsdp["per_device_gib"]["weights"] < ddp["per_device_gib"]["weights"] / 1.5, (ddp, fsdp)
     huge = client.post("/api/v1/training/estimate", json={"kind": "sft", "model_id": data["huge"]}).json()
     assert not huge["fits"] and "needs about" in huge["message"] and "has 80.0 GiB" in huge["message"]
     assert any("ZeRO-3" in a for a in huge["alternatives"])
@@ -91,7 +96,8 @@ def test_bad_estimate_requests_name_the_field(client, session, data):
                         ({"kind": "sft", "model_id": 999_999}, "model_id"),
                         ({"kind": "ppo", "reference_model_id": 999_999}, "reference_model_id"),
                         ({"kind": "dpo", "prompt_set_ids": [data["demos"]]}, "prompt_set_ids"),
-                        ({"kind": "sft", "config": {"bacth_size": 2}}, "config.bacth_size")]:
+                        ({"kind": "sft", "config": {"bacth_size": 2}}, "config.bacth_size"),
+                        ({"kind": "sft", "processes": 0}, "processes")]:
         response = client.post("/api/v1/training/estimate", json=body)
         assert response.status_code == 422 and field in response.json()["errors"], (body, response.text)
     assert client.post("/api/v1/training/estimate", json={"kind": "best_of_n"}).status_code == 422
