@@ -1,8 +1,10 @@
 """Measure a training run's peak memory on the CPU, in a process of its own:
 
-    python tests/memory_probe.py KIND MODEL_DIR BATCH_SIZE MAX_LENGTH [LORA_R [DEVICE]]
+    python tests/memory_probe.py KIND MODEL_DIR BATCH_SIZE MAX_LENGTH [LORA_R [DEVICE [STRATEGY]]]
 
-KIND is sft, reward or ppo (prompts and responses of MAX_LENGTH tokens), DEVICE cpu (the default) or cuda. Prints one JSON line: on the
+KIND is sft, reward or ppo (prompts and responses of MAX_LENGTH tokens), DEVICE cpu (the default) or cuda,
+STRATEGY the run's strategy (under a launcher of several processes each prints its own line). Prints one JSON
+line: on the
 CPU the resident memory before the model is loaded (the tokenizer library loaded once
 already), the peak resident memory of the process (ru_maxrss) and their difference; on
 CUDA the peak of torch's allocations as the difference; in bytes, and the prompt's
@@ -28,7 +30,8 @@ def resident() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
-def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: int = 0, device: str = "cpu") -> None:
+def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: int = 0, device: str = "cpu",
+         strategy: str = "single") -> None:
     torch.set_num_threads(1)
     words = " ".join(f"word{i}" for i in range(max_length))  # more tokens than max_length
     out = Path(tempfile.mkdtemp()) / "run"
@@ -37,7 +40,7 @@ def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: in
     if kind == "sft":
         train = [SFTExample([{"role": "user", "content": f"Question {i}"}], words) for i in range(2 * batch_size)]
         config = SFTConfig(batch_size=batch_size, max_length=max_length, lora_r=lora_r, eval_batch_size=1,
-                           device=device)
+                           device=device, strategy=strategy)
         train_sft(config, train, train[:1], base_path=model_dir, output_dir=out)
     elif kind == "ppo":  # one minibatch per step; prompts and responses max_length tokens each
         from transformers import AutoModelForSequenceClassification
@@ -51,14 +54,15 @@ def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: in
         baseline = resident()
         config = PPOConfig(steps=2, batch_size=batch_size, mini_batch_size=batch_size, ppo_epochs=1,
                            max_new_tokens=max_length, max_prompt_length=max_length, normalisation_prompts=0,
-                           validation_samples=0, lora_r=lora_r, device=device)
+                           validation_samples=0, lora_r=lora_r, device=device, strategy=strategy)
         train_ppo(config, [[{"role": "user", "content": words}]] * batch_size, policy_path=model_dir,
                   reference_path=model_dir, reward_path=reward, output_dir=out)
     else:
         groups = [RankedGroup([{"role": "user", "content": f"Question {i}"}], [words, "a " + words], [1, 2])
                   for i in range(2 * batch_size)]
         config = RewardConfig(epochs=1, batch_size=batch_size, max_length=max_length, lora_r=lora_r,
-                              eval_batch_size=1, learning_curve=False, probe_init=False, device=device)
+                              eval_batch_size=1, learning_curve=False, probe_init=False, device=device,
+                              strategy=strategy)
         train_reward_model(config, groups, groups[:1], model_path=model_dir, output_dir=out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device == "cuda":
@@ -68,4 +72,4 @@ def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: in
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), *sys.argv[6:7])
+    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), *sys.argv[6:8])

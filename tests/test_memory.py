@@ -16,19 +16,32 @@ from trainer.memory import GiB, REFERENCE_MODELS, Architecture, Run, estimate, r
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measured_and_estimated(model_dir: Path, kind: str, batch_size: int, max_length: int) -> tuple[int, int]:
-    """(peak bytes measured over a real run of a few steps in its own process, the estimator's total)."""
+def measured_and_estimated(model_dir: Path, kind: str, batch_size: int, max_length: int,
+                           strategy: str = "single", processes: int = 1) -> tuple[int, int]:
+    """(peak bytes measured over a real run of a few steps in its own process, the estimator's total); with
+    several processes (launched on the CPU as tests/test_distributed.py does) the largest of their peaks."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), kind, str(model_dir),
-                           str(batch_size), str(max_length)], capture_output=True, text=True, env=env, timeout=600)
+    command = [sys.executable]
+    if processes > 1:
+        from tests.test_distributed import _free_port
+
+        command += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(_free_port())]
+        env |= {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([*command, str(ROOT / "tests" / "memory_probe.py"), kind, str(model_dir),
+                           str(batch_size), str(max_length), "0", "cpu", strategy],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    probes = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(probes) == processes, done.stdout
+    probe = max(probes, key=lambda p: p["delta"])
     if kind == "ppo":  # one minibatch a step, prompts and responses of max_length tokens
         config = PPOConfig(batch_size=batch_size, mini_batch_size=batch_size, max_new_tokens=max_length,
                            max_prompt_length=max_length)
     else:
         config = (SFTConfig if kind == "sft" else RewardConfig)(batch_size=batch_size, max_length=max_length)
-    run = run_of(kind, config)
+    run = run_of(kind, config, strategy=strategy, devices=processes)
     if kind == "sft":  # the loss covers the response: every token after the prompt
         run = replace(run, loss_tokens=max_length - probe["prompt_tokens"])
     return probe["delta"], estimate(read_architecture(model_dir), run).total
@@ -46,6 +59,24 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak_of_the_tiny_mode
 def test_the_estimate_is_within_20_percent_of_the_measured_peak_of_the_default_model(kind, batch_size, max_length):
     measured, estimated = measured_and_estimated(default_model_dir(), kind, batch_size, max_length)
     assert 0.8 <= estimated / measured <= 1.2, (kind, measured / 2**20, estimated / 2**20)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind, batch_size, max_length", [("sft", 4, 128), ("reward", 8, 256)])
+def test_the_estimate_is_within_20_percent_of_each_process_peak_of_the_tiny_model_on_two_processes(
+        tiny_model_dir, kind, batch_size, max_length, strategy):
+    measured, estimated = measured_and_estimated(tiny_model_dir, kind, batch_size, max_length, strategy, 2)
+    assert 0.8 <= estimated / measured <= 1.2, (kind, strategy, measured / 2**20, estimated / 2**20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.xfail(
+    reason="on the CPU fsdp's peak on SmolLM2 is about ddp's (SFT: 2876 MiB measured, 1775 MiB estimated)"))])
+@pytest.mark.parametrize("kind, batch_size, max_length", [("sft", 2, 128), ("reward", 2, 128)])
+def test_the_estimate_is_within_20_percent_of_each_process_peak_of_the_default_model_on_two_processes(
+        kind, batch_size, max_length, strategy):
+    measured, estimated = measured_and_estimated(default_model_dir(), kind, batch_size, max_length, strategy, 2)
+    assert 0.8 <= estimated / measured <= 1.2, (kind, strategy, measured / 2**20, estimated / 2**20)
 
 
 def test_parameters_counted_from_the_config_are_the_models(tiny_model_dir):
@@ -70,9 +101,10 @@ def test_strategies_shard_what_they_should():
                                strategy="zero2", devices=4))
     zero3 = estimate(arch, Run(kind="sft", rows=1, length=512, loss_tokens=512, dtype="bf16", device="cuda",
                                strategy="zero3", devices=4))
-    assert ddp == single  # replicated
+    assert replace(ddp, grads=single.grads) == single  # replicated, with DDP's buckets: a copy of the gradients
+    assert ddp.grads == pytest.approx(2 * single.grads, abs=4)
     assert zero2.weights == single.weights and zero2.optimizer * 4 == pytest.approx(single.optimizer, abs=4)
-    assert zero3.weights < single.weights / 3 and zero3.grads == zero2.grads
+    assert zero3.weights < single.weights / 3 and zero2.grads < zero3.grads < single.grads / 1.5
     eight_bit = estimate(arch, Run(kind="sft", rows=1, length=512, loss_tokens=512, adam_8bit=True))
     assert eight_bit.optimizer * 4 == pytest.approx(single.optimizer, abs=4)
     lora = estimate(arch, Run(kind="ppo", rows=1, length=512, loss_tokens=256, lora_r=16, separate_reference=False))

@@ -9,6 +9,7 @@ from app.config import get_settings
 from app.db.enums import ModelKind, PromptSetKind, Role
 from app.db.models import Job
 from app.services import demonstrations as demos
+from app.services.errors import Invalid
 from app.db.base import utcnow
 from tests.factories import add_prompt, make_model, make_prompt_set, make_user, ranked_set
 from tests.test_api_training import bearer
@@ -65,6 +66,11 @@ def test_the_api_estimates_a_run_per_gpu(client, session, data, gpus_of_80_gib):
     bigger = client.post("/api/v1/training/estimate", json={"kind": "reward", "config": {"batch_size": 64}}).json()
     assert bigger["per_device_gib"]["activations"] > body["per_device_gib"]["activations"]
 
+    # Per GPU of a run of 2 processes: fsdp shards the weights, ddp copies them.
+    ddp, fsdp = (client.post("/api/v1/training/estimate", json={
+        "kind": "sft", "model_id": data["huge"], "processes": 2, "config": {"strategy": strategy}}).json()
+        for strategy in ("ddp", "fsdp"))
+    assert fsdp["per_device_gib"]["weights"] < ddp["per_device_gib"]["weights"] / 1.5, (ddp, fsdp)
     huge = client.post("/api/v1/training/estimate", json={"kind": "sft", "model_id": data["huge"]}).json()
     assert not huge["fits"] and "needs about" in huge["message"] and "has 80.0 GiB" in huge["message"]
     assert any("ZeRO-3" in a for a in huge["alternatives"])
@@ -90,7 +96,8 @@ def test_bad_estimate_requests_name_the_field(client, session, data):
                         ({"kind": "sft", "model_id": 999_999}, "model_id"),
                         ({"kind": "ppo", "reference_model_id": 999_999}, "reference_model_id"),
                         ({"kind": "dpo", "prompt_set_ids": [data["demos"]]}, "prompt_set_ids"),
-                        ({"kind": "sft", "config": {"bacth_size": 2}}, "config.bacth_size")]:
+                        ({"kind": "sft", "config": {"bacth_size": 2}}, "config.bacth_size"),
+                        ({"kind": "sft", "processes": 0}, "processes")]:
         response = client.post("/api/v1/training/estimate", json=body)
         assert response.status_code == 422 and field in response.json()["errors"], (body, response.text)
     assert client.post("/api/v1/training/estimate", json={"kind": "best_of_n"}).status_code == 422
@@ -115,3 +122,34 @@ def test_the_forms_show_the_estimate_and_the_refusal(client_as, session, data):
     assert refused.status_code == 422 and "this run needs about" in refused.text
     assert "choose a smaller model" in refused.text  # a 70B model on a CPU worker
     assert "too much" in refused.text  # beside the estimate
+
+
+def test_the_estimate_and_refusal_use_the_runs_strategy_and_processes(session, data, monkeypatch):
+    from dataclasses import asdict
+
+    from app.db.models import Model
+    from app.services import run_memory
+    from trainer.configs import SFTConfig
+
+    huge = session.get(Model, data["huge"])
+    per_gpu = {}
+    for strategy in ("ddp", "fsdp"):
+        config = asdict(SFTConfig(strategy=strategy))
+        found = run_memory.estimate_run("sft", huge, config, processes=2,
+                                        budget=run_memory.Budget(10**15, "cuda", "each GPU"))
+        per_gpu[strategy] = found["per_device_gib"]["total"]
+    one = run_memory.estimate_run("sft", huge, asdict(SFTConfig(strategy="fsdp")),
+                                  budget=run_memory.Budget(10**15, "cuda", "each GPU"))["per_device_gib"]["total"]
+    assert per_gpu["fsdp"] < per_gpu["ddp"] / 1.5 and per_gpu["fsdp"] < one / 1.5, per_gpu  # weights sharded
+    # Workers whose GPUs hold the fsdp run but not the ddp one: a checked job's params are refused or not by them.
+    monkeypatch.setenv("RLHF_WORKER_GPU_MEMORY_GIB", str((per_gpu["fsdp"] + per_gpu["ddp"]) / 2))
+    get_settings.cache_clear()
+    try:
+        params = {"base_model_id": huge.id, "processes": 2}
+        run_memory.check_fits(session, "sft", params | {"config": asdict(SFTConfig(strategy="fsdp"))})
+        with pytest.raises(Invalid) as refused:
+            run_memory.check_fits(session, "sft", params | {"config": asdict(SFTConfig(strategy="ddp"))})
+        assert "needs about" in refused.value.errors["memory"]
+    finally:
+        monkeypatch.delenv("RLHF_WORKER_GPU_MEMORY_GIB")
+        get_settings.cache_clear()

@@ -24,9 +24,12 @@ What a run holds, per device:
   gradient checkpointing, plus one layer recomputed), and the float32 logits,
   log-softmax and their gradients over the vocabulary for the tokens that carry
   a loss; PPO's rollouts hold a KV cache instead, whichever is larger counts.
-- strategies: single and ddp hold everything on each device; zero2 shards grads
-  and optimizer state over the devices; fsdp and zero3 shard weights too (the
-  frozen models as well, and one layer's weights gathered at a time).
+- strategies: single and ddp hold everything on each device (ddp on several
+  also a bucketed copy of the gradients to all-reduce), each process taking its
+  share of every batch; zero2 shards grads and optimizer state over the devices;
+  fsdp and zero3 shard weights too (the frozen models as well), gathering one
+  layer's weights at a time besides the embeddings, whose full gradient and its
+  reduce-scatter copy are held until they are sharded.
 """
 
 from __future__ import annotations
@@ -212,9 +215,17 @@ def estimate(arch: Architecture, run: Run) -> Estimate:
     weight_shards = run.devices if run.strategy in SHARD_WEIGHTS else 1
     state_shards = run.devices if run.strategy in SHARD_STATE else 1
     weights = (trained * 4 + frozen * low + frozen_fp32 * 4) / weight_shards
-    if weight_shards > 1:  # one layer's full weights gathered for its forward and backward
-        weights += sum(a * b for a, b in arch.linear_shapes()) * low
     grads = trained * 4 / state_shards
+    # The unit of weights outside the decoder layers: the embeddings (and an untied output head).
+    outer = arch.vocab * arch.hidden * (1 if arch.tied_embeddings or run.kind == "reward" else 2)
+    if weight_shards > 1:
+        # Gathered in full for the forward and backward: one layer's weights at a time, and the outer unit
+        # (FSDP's root, not resharded until the step ends); its full gradient with the reduce-scatter's copy.
+        weights += (sum(a * b for a, b in arch.linear_shapes()) + outer) * low
+        if not lora:
+            grads += 2 * outer * 4
+    elif run.strategy == "ddp" and run.devices > 1:  # DDP's buckets: a copy of every gradient to all-reduce
+        grads += trained * 4
     if arch.tied_embeddings and run.kind in ("sft", "dpo", "ppo") and not lora:  # the summed embedding gradient
         grads += arch.vocab * arch.hidden * 4
     optimizer = trained * (2 if run.adam_8bit else 8) / state_shards
@@ -239,8 +250,9 @@ def estimate(arch: Architecture, run: Run) -> Estimate:
 def run_of(kind: str, config: Any, *, responses: int = 2, dtype: str = "fp32", strategy: str = "single",
            devices: int = 1, parameters: int | None = None, separate_reference: bool = True) -> Run:
     """The Run of a trainer config (trainer.configs' SFTConfig, RewardConfig, PPOConfig, DPOConfig or a
-    mapping of their fields). responses: how many responses each ranking holds (reward model, DPO).
-    parameters: the model's size, for gradient checkpointing's "auto"."""
+    mapping of their fields) on `devices` processes, each taking its share of every batch.
+    responses: how many responses each ranking holds (reward model, DPO). parameters: the model's size, for
+    gradient checkpointing's "auto"."""
     get = config.get if isinstance(config, Mapping) else lambda name, default=None: getattr(config, name, default)
     checkpointing = get("gradient_checkpointing", "auto")
     if checkpointing == "auto":
@@ -248,18 +260,22 @@ def run_of(kind: str, config: Any, *, responses: int = 2, dtype: str = "fp32", s
     common = dict(kind=kind, dtype=dtype, strategy=strategy, devices=devices, lora_r=int(get("lora_r", 0)),
                   gradient_checkpointing=bool(checkpointing) and checkpointing != "off",
                   adam_8bit=bool(get("adam_8bit", False)), separate_reference=separate_reference)
+
+    def share(name: str) -> int:  # this process's rows of a batch (trainer/distributed.py's shard)
+        return -(-int(get(name)) // devices)
+
     if kind == "sft":
         length = int(get("max_length"))
-        return Run(rows=int(get("batch_size")), length=length, loss_tokens=length, **common)
+        return Run(rows=share("batch_size"), length=length, loss_tokens=length, **common)
     if kind == "reward":
-        return Run(rows=int(get("batch_size")) * responses, length=int(get("max_length")), loss_tokens=0, **common)
+        return Run(rows=share("batch_size") * responses, length=int(get("max_length")), loss_tokens=0, **common)
     if kind == "dpo":
         length = int(get("max_length"))
-        return Run(rows=int(get("batch_size")) * responses, length=length, loss_tokens=length, **common)
+        return Run(rows=share("batch_size") * responses, length=length, loss_tokens=length, **common)
     if kind == "ppo":
         response = int(get("max_new_tokens"))
-        return Run(rows=int(get("mini_batch_size")), length=int(get("max_prompt_length", 256)) + response,
-                   loss_tokens=response + 1, rollout_rows=int(get("batch_size")), **common)
+        return Run(rows=share("mini_batch_size"), length=int(get("max_prompt_length", 256)) + response,
+                   loss_tokens=response + 1, rollout_rows=share("batch_size"), **common)
     raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
 
 

@@ -48,7 +48,8 @@ def estimate(body: EstimateIn, session: SessionDep, user: EngineerUser):
     """The peak memory per device a run would need on the workers, before it is queued; the start
     endpoints refuse a run that does not fit, with the same message."""
     return training.estimate_memory(session, kind=body.kind, values=body.config, model_id=body.model_id,
-                                    reference_model_id=body.reference_model_id, prompt_set_ids=body.prompt_set_ids)
+                                    reference_model_id=body.reference_model_id, prompt_set_ids=body.prompt_set_ids,
+                                    processes=body.processes)
 
 
 @router.post("/sft", response_model=JobOut, status_code=status.HTTP_201_CREATED, responses=_422)

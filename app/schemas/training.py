@@ -114,7 +114,8 @@ class TrainingSettingsOut(BaseModel):
 
 class EstimateIn(BaseModel):
     """A run to estimate: its kind, model (default: the default SFT model), reference (PPO, DPO; default:
-    the model itself), ranking sets (reward model, DPO: their K sets the batch) and settings."""
+    the model itself), ranking sets (reward model, DPO: their K sets the batch), processes (one per GPU; the
+    config's strategy spreads the run over them) and settings."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -122,6 +123,7 @@ class EstimateIn(BaseModel):
     model_id: Id | None = None
     reference_model_id: Id | None = None
     prompt_set_ids: list[Id] | None = None
+    processes: int = 1
     config: dict[str, Any] = Field(default_factory=dict)
 
 

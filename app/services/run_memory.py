@@ -56,15 +56,19 @@ def responses_per_ranking(session: Session, prompt_set_ids: list[int]) -> int:
 
 
 def estimate_run(kind: str, model: Model, config: Mapping[str, Any], *, responses: int = 2,
-                 separate_reference: bool = True, budget: Budget | None = None) -> dict[str, Any] | None:
-    """The estimate per device (GiB) of a run on the workers, whether it fits, and the settings that
-    would make it fit; None when the model's size is unknown."""
+                 separate_reference: bool = True, processes: int = 1,
+                 budget: Budget | None = None) -> dict[str, Any] | None:
+    """The estimate per device (GiB) of a run on the workers as `processes` processes (one per GPU, spread by
+    the config's strategy), whether it fits, and the settings that would make it fit; None when the model's
+    size is unknown."""
     arch = architecture_of(model)
     if arch is None:
         return None
     budget = budget or Budget.of_workers()
+    strategy = str(config.get("strategy", "ddp")) if processes > 1 else "single"
     run = replace(run_of(kind, config, responses=responses, dtype="bf16" if budget.device == "cuda" else "fp32",
-                         parameters=arch.parameters(), separate_reference=separate_reference), device=budget.device)
+                         strategy=strategy, devices=processes, parameters=arch.parameters(),
+                         separate_reference=separate_reference), device=budget.device)
     need: Estimate = estimate(arch, run)
     fits = need.total <= budget.bytes
     return {
@@ -90,5 +94,6 @@ def estimate_of_params(session: Session, kind: str, params: Mapping[str, Any]) -
         return None
     separate = params.get("reference_model_id", model_id) != model_id
     return estimate_run(kind, model, params["config"], separate_reference=separate,
+                        processes=int(params.get("processes") or 1),
                         responses=responses_per_ranking(session, list(params.get("prompt_set_ids") or [])))
 

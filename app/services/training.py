@@ -419,11 +419,12 @@ ESTIMATED = {"sft": (SFTConfig, "base_model_id"), "reward": (RewardConfig, "base
 
 
 def estimate_memory(session: Session, *, kind: Any, values: Mapping[str, Any], model_id: Any = None,
-                    reference_model_id: Any = None, prompt_set_ids: Any = None,
+                    reference_model_id: Any = None, prompt_set_ids: Any = None, processes: Any = None,
                     flags_from_form: bool = False) -> dict[str, Any]:
     """The memory per device a run would need on the workers (app/services/run_memory.py): the model
     (default: the default SFT model), its reference (PPO, DPO; default: the same model), the ranking sets
-    (their K responses per ranking make the reward model's and DPO's batches) and the settings. Raises
+    (their K responses per ranking make the reward model's and DPO's batches), the processes (one per GPU,
+    spread by the config's strategy) and the settings. Raises
     Invalid per field (kind, model_id, reference_model_id, prompt_set_ids, each setting)."""
     if kind not in ESTIMATED:
         raise_for_fields({"kind": f"one of {', '.join(ESTIMATED)}"})
@@ -438,11 +439,12 @@ def estimate_memory(session: Session, *, kind: Any, values: Mapping[str, Any], m
                                         model, "an SFT or policy model")
     set_ids = _sets(errors, session, "prompt_set_ids", prompt_set_ids, PromptSetKind.ranking, required=False) \
         if kind != "sft" else []
+    count = worker_devices.whole_processes(errors, processes)
     config = clean_config(values, config_class, errors, flags_from_form=flags_from_form)
     raise_for_fields(errors)
     assert model is not None and reference is not None
     found = run_memory.estimate_run(kind, model, config, separate_reference=reference.id != model.id,
-                                    responses=run_memory.responses_per_ranking(session, set_ids))
+                                    processes=count, responses=run_memory.responses_per_ranking(session, set_ids))
     if found is None:
         raise_for_fields({"model_id": "its config.json cannot be read on this machine: its size is unknown"})
     return found
@@ -456,7 +458,8 @@ def form_estimate(session: Session, kind: str, form: Mapping[str, Any] | None = 
     try:
         return estimate_memory(session, kind=kind, values={k: v for k, v in form.items() if k in known},
                                model_id=form.get(model_field), reference_model_id=form.get("reference_model_id"),
-                               prompt_set_ids=form.get("prompt_set_ids") or None, flags_from_form=bool(form))
+                               prompt_set_ids=form.get("prompt_set_ids") or None,
+                               processes=form.get("processes"), flags_from_form=bool(form))
     except Invalid:
         return None
 

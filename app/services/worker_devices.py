@@ -62,9 +62,8 @@ def most_processes(session: Session, queue: str) -> int:
     return max([1, *(w.max_processes for w in workers)])
 
 
-def clean_processes(errors: dict[str, str], session: Session, raw: Any, queue: str) -> int:
-    """A run's `processes` (default 1): a whole number from 1 to what a live worker on `queue`
-    advertises; a message in errors["processes"] otherwise."""
+def whole_processes(errors: dict[str, str], raw: Any) -> int:
+    """`processes` (default 1) as a whole number 1..MAX_PROCESSES; a message in errors["processes"] otherwise."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return 1
     try:
@@ -74,7 +73,13 @@ def clean_processes(errors: dict[str, str], session: Session, raw: Any, queue: s
     if number is None or not number.is_integer() or not 1 <= number <= MAX_PROCESSES:
         errors["processes"] = f"must be a whole number 1..{MAX_PROCESSES}"
         return 1
-    processes = int(number)
+    return int(number)
+
+
+def clean_processes(errors: dict[str, str], session: Session, raw: Any, queue: str) -> int:
+    """A run's `processes` (default 1): a whole number from 1 to what a live worker on `queue`
+    advertises; a message in errors["processes"] otherwise."""
+    processes = whole_processes(errors, raw)
     if processes == 1:
         return 1
     workers = live_workers(session, queue=queue)
