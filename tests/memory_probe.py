@@ -4,7 +4,8 @@
 
 KIND is sft, reward or ppo (prompts and responses of MAX_LENGTH tokens), DEVICE cpu (the default) or cuda. Prints one JSON line: on the
 CPU the resident memory before the model is loaded (the tokenizer library loaded once
-already), the peak resident memory of the process (ru_maxrss) and their difference; on
+already), the peak resident memory of the process (VmHWM: not ru_maxrss, which keeps the
+parent's resident memory at the fork across exec) and their difference; on
 CUDA the peak of torch's allocations as the difference; in bytes, and the prompt's
 tokens. Every sequence is longer than MAX_LENGTH, so every batch is full."""
 
@@ -26,6 +27,20 @@ from trainer.sft import SFTExample, train_sft
 
 def resident() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def peak_resident() -> int:
+    """This process's peak resident memory in bytes since it started its program. ru_maxrss
+    would do but for one thing: Linux carries the parent's resident memory at the fork over
+    exec into it, so a probe started by a large pytest process would report the parent's."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere than Linux
 
 
 def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: int = 0, device: str = "cpu") -> None:
@@ -60,7 +75,7 @@ def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: in
         config = RewardConfig(epochs=1, batch_size=batch_size, max_length=max_length, lora_r=lora_r,
                               eval_batch_size=1, learning_curve=False, probe_init=False, device=device)
         train_reward_model(config, groups, groups[:1], model_path=model_dir, output_dir=out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident()
     if device == "cuda":
         baseline, peak = 0, torch.cuda.max_memory_allocated()
     prompt = len(encode_prompt(load_tokenizer(model_dir), [{"role": "user", "content": "Question 0"}]))
