@@ -3,12 +3,10 @@
 import pytest
 from sqlalchemy import func, select
 
-from app.db.enums import JobKind, ModelKind, PromptSetKind, Role
+from app.db.enums import JobKind, ModelKind, Role
 from app.db.models import Job
 from app.services import auth, models
-from app.services import demonstrations as demos
-from app.db.base import utcnow
-from tests.factories import add_prompt, make_model, make_prompt_set, make_user, ranked_set
+from tests.factories import demonstration_set, make_model, make_user, ranked_set
 
 
 def bearer(client, session):
@@ -24,13 +22,7 @@ def data(session, tmp_path):
     sft = make_model(session, tmp_path, name="sft", is_default=True)
     rm = make_model(session, tmp_path, name="rm", kind=ModelKind.reward)
     ranked = ranked_set(session, alice, prompts=10)
-    demo_set = make_prompt_set(session, kind=PromptSetKind.demonstration)
-    for i in range(3):
-        add_prompt(session, demo_set, f"Question {i}?")
-    session.commit()
-    demos.import_demonstrations(session, prompt_set=demo_set, user=alice, now=utcnow(),
-                                data="\n".join(f'{{"prompt": "Question {i}?", "response": "Answer {i}."}}'
-                                               for i in range(3)))
+    demo_set = demonstration_set(session, alice)
     return {"sft": sft.id, "rm": rm.id, "ranked": ranked.id, "demos": demo_set.id, "alice": alice.id}
 
 

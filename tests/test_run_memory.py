@@ -6,12 +6,10 @@ import pytest
 from sqlalchemy import func, select
 
 from app.config import get_settings
-from app.db.enums import ModelKind, PromptSetKind, Role
+from app.db.enums import ModelKind, Role
 from app.db.models import Job
-from app.services import demonstrations as demos
 from app.services.errors import Invalid
-from app.db.base import utcnow
-from tests.factories import add_prompt, make_model, make_prompt_set, make_user, ranked_set
+from tests.factories import demonstration_set, make_model, make_user, ranked_set
 from tests.test_api_training import bearer
 
 LLAMA_70B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "num_hidden_layers": 80,
@@ -44,13 +42,7 @@ def data(session, tmp_path):
     huge = make_model(session, checkpoint(tmp_path, "huge", LLAMA_70B), name="huge")
     make_model(session, tmp_path, name="rm", kind=ModelKind.reward)
     ranked = ranked_set(session, alice, prompts=10)
-    demo_set = make_prompt_set(session, kind=PromptSetKind.demonstration)
-    for i in range(3):
-        add_prompt(session, demo_set, f"Question {i}?")
-    session.commit()
-    demos.import_demonstrations(session, prompt_set=demo_set, user=alice, now=utcnow(),
-                                data="\n".join(f'{{"prompt": "Question {i}?", "response": "Answer {i}."}}'
-                                               for i in range(3)))
+    demo_set = demonstration_set(session, alice)
     return {"small": small.id, "huge": huge.id, "ranked": ranked.id, "demos": demo_set.id}
 
 

@@ -5,7 +5,7 @@
 - demonstrations: a writer's lease and submit (`lease_demo`, `submit_demo`, `LEASE_S`);
 - models: registered models (`make_model`);
 - quality: annotations (`annotate`) and bulk-seeded labeled sets (`bulk_seed`);
-- training: a set ranked by the synthetic rule (`ranked_set`);
+- training: a set ranked by the synthetic rule (`ranked_set`), a small demonstration set (`demonstration_set`);
 - evaluation: evaluation sets with responses and scheduled A/B tasks (`make_evaluation`);
 - synthetic: data with a known rule for the trainer's learning tests (no database).
 Tests import them from here: `from tests.factories import make_prompt_set, make_task`.
@@ -24,11 +24,11 @@ from tests.factories.prompt_sets import (
     task_with_ids,
 )
 from tests.factories.quality import annotate, bulk_seed, bulk_seed_session
-from tests.factories.training import ranked_set
+from tests.factories.training import demonstration_set, ranked_set
 from tests.factories.users import TEST_PASSWORD, make_user
 
 __all__ = [
     "LEASE_S", "TEST_PASSWORD", "add_prompt", "annotate", "bulk_seed", "bulk_seed_session", "create_set", "demo_set",
-    "lease_demo", "make_evaluation", "make_model", "make_prompt_set", "make_task", "make_user", "ranked_set", "response_ids",
+    "demonstration_set", "lease_demo", "make_evaluation", "make_model", "make_prompt_set", "make_task", "make_user", "ranked_set", "response_ids",
     "submit_demo", "task_with_ids",
 ]

@@ -1,12 +1,15 @@
 """A ranking set labeled by the synthetic rule of tests/factories/synthetic.py (more GOOD is
-better), in the database: what the reward-model and PPO jobs read."""
+better), in the database: what the reward-model and PPO jobs read; and a small demonstration
+set, what an SFT run reads."""
 
 from sqlalchemy.orm import Session
 
-from app.db.enums import Split
+from app.db.base import utcnow
+from app.db.enums import PromptSetKind, Split
 from app.db.models import PromptSet, User
+from app.services import demonstrations as demos
 from tests.factories import synthetic
-from tests.factories.prompt_sets import make_prompt_set, make_task, response_ids
+from tests.factories.prompt_sets import add_prompt, make_prompt_set, make_task, response_ids
 from tests.factories.quality import annotate
 
 
@@ -20,4 +23,17 @@ def ranked_set(session: Session, labeler: User, *, prompts: int = 24, k: int = 4
         task = make_task(session, prompt_set, texts=group.responses, messages=group.messages, split=split)
         annotate(session, task, response_ids(task), labeler, group.ranks)
     session.flush()
+    return prompt_set
+
+
+def demonstration_set(session: Session, author: User, *, prompts: int = 3) -> PromptSet:
+    """A demonstration set of `prompts` questions ("Question i?"), each answered by `author`
+    through the import (committed)."""
+    prompt_set = make_prompt_set(session, kind=PromptSetKind.demonstration)
+    for i in range(prompts):
+        add_prompt(session, prompt_set, f"Question {i}?")
+    session.commit()
+    demos.import_demonstrations(session, prompt_set=prompt_set, user=author, now=utcnow(),
+                                data="\n".join(f'{{"prompt": "Question {i}?", "response": "Answer {i}."}}'
+                                               for i in range(prompts)))
     return prompt_set
