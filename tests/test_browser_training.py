@@ -54,9 +54,9 @@ def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_
     # The curves fill in while it runs, without a reload.
     page.wait_for_selector("canvas[data-metric=loss]", timeout=120_000)
     page.wait_for_selector("#job-state:has-text('succeeded')", timeout=180_000)
-    page.wait_for_function("() => Number(document.querySelector('canvas[data-metric=val_accuracy]')?.dataset.points) >= 3",
-                           timeout=15_000)
-    # Each poll appends only the values written since the last: one point per step of the metric.
+    page.wait_for_selector("#job-charts[data-complete=true]", state="attached", timeout=15_000)
+    assert int(page.get_attribute("canvas[data-metric=val_accuracy]", "data-points")) >= 3
+    # Once the job has finished the chart holds one point per step of the metric.
     loss_steps = page.evaluate(
         "async () => (await (await fetch(document.getElementById('job-charts').dataset.metricsUrl)).json())"
         ".filter(m => m.name === 'loss').length")

@@ -20,7 +20,8 @@ def measured_and_estimated(model_dir: Path, kind: str, batch_size: int, max_leng
                            strategy: str = "single", processes: int = 1) -> tuple[int, int]:
     """(peak bytes measured over a real run of a few steps in its own process, the estimator's total); with
     several processes (launched on the CPU as tests/test_distributed.py does) the largest of their peaks."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
     command = [sys.executable]
     if processes > 1:
         from tests.test_distributed import _free_port
@@ -181,3 +182,10 @@ def test_8bit_adamw_without_bitsandbytes_is_a_clear_error(tiny_model_dir, tmp_pa
     with pytest.raises(RuntimeError, match="needs the optional package bitsandbytes"):
         train_sft(SFTConfig(adam_8bit=True, device="cpu"), examples, examples[:1], base_path=tiny_model_dir,
                   output_dir=tmp_path / "x")
+
+
+def test_the_readmes_scaling_up_table_is_what_the_estimator_prints():
+    from trainer.memory import scaling_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert scaling_table().strip() in readme, "update README.md's Scaling up table: python -m trainer.memory"

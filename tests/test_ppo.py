@@ -31,6 +31,13 @@ from trainer.ppo import (
 )
 from trainer.reward import RewardConfig, load_reward_model, score, train_reward_model
 
+def start_kl(cpu: float) -> float:
+    """How far from 0 the KL of a policy from itself may be at the start: on the CPU policy and reference
+    are both float32 and agree to `cpu`; on CUDA the frozen reference is held in bf16 while the policy
+    trains in float32 under bf16 autocast, so they differ by rounding (an H200 gave |kl| up to 0.02)."""
+    return cpu if pick_device("auto").type == "cpu" else 0.05
+
+
 STEP_METRICS = {"reward", "kl", "total_reward", "entropy", "policy_loss", "value_loss", "clip_frac", "approx_kl",
                 "response_length", "lr", "kl_coef"}
 
@@ -165,7 +172,7 @@ def test_ppo_raises_the_reward_within_a_bounded_kl(word_models, tmp_path):
 
     assert [s for s, _ in seen] == list(range(1, 16))
     assert all(STEP_METRICS <= set(m) for _, m in seen)
-    assert seen[0][1]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+    assert seen[0][1]["kl"] == pytest.approx(0.0, abs=start_kl(1e-5))  # policy == reference at the start
     before, after = result.metrics["validation_reward_before"], result.metrics["validation_reward_after"]
     assert after - before > 0.5, (before, after)  # in units of the SFT samples' reward std
     assert max(m["kl"] for _, m in seen) < 10.0  # nats per response: the penalty keeps it near the reference
@@ -275,8 +282,8 @@ def test_value_warmup_steps_leave_the_policy_unchanged(word_models, tmp_path):
     config = PPOConfig(steps=2, batch_size=2, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-3,
                        max_new_tokens=4, normalisation_prompts=0, value_warmup_steps=1)
     result = _ppo(config, sft, rm, tmp_path / "p")
-    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-5)
-    assert result.history[1]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 1 trained the value model only
+    assert result.history[0]["kl"] == pytest.approx(0.0, abs=start_kl(1e-5))
+    assert result.history[1]["kl"] == pytest.approx(0.0, abs=start_kl(1e-5))  # step 1 trained the value model only
     assert result.history[1]["approx_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -302,7 +309,7 @@ def test_ppo_samples_with_its_own_settings_not_the_checkpoints(word_models, tmp_
     assert [s["response"] for s in leaked.samples_before] == [s["response"] for s in plain.samples_before]
     first = leaked.history[0]
     assert first["approx_kl"] == 0.0 and first["clip_frac"] == 0.0  # ratio exactly 1 everywhere
-    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["kl"] == pytest.approx(0.0, abs=start_kl(1e-6))
 
 
 def test_step_one_rollouts_score_zero_on_the_normalisation_of_their_own_samples(word_models, tmp_path):

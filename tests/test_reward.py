@@ -272,7 +272,10 @@ def test_early_stopping_saves_the_best_epoch_not_the_last(tiny_model_dir, tmp_pa
     assert result.metrics["epochs_run"] == per_epoch[best]["epoch"] + 2 < 6  # stopped early
     model, tokenizer = load_reward_model(result.output_dir)
     saved = evaluate_reward_model(model, tokenizer, opposite)
-    assert saved["loss"] == pytest.approx(losses[best], rel=1e-4)
+    # The saved weights are the best epoch's: their loss is that epoch's (to bf16 rounding on CUDA, where
+    # training runs under autocast and the loaded model is bf16) and nearer it than any other epoch's.
+    assert saved["loss"] == pytest.approx(losses[best], rel=1e-4 if pick_device("auto").type == "cpu" else 5e-3)
+    assert min(range(len(losses)), key=lambda i: abs(losses[i] - saved["loss"])) == best
     assert saved["loss"] < losses[-1] - 1e-3  # not the last epoch's weights
     assert result.metrics["val_loss"] == pytest.approx(losses[best])
 

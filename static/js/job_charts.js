@@ -1,6 +1,7 @@
 // Live curves on a job's page: one small line chart per metric, fed by
 // /api/v1/jobs/{id}/metrics. Polls for values written since the last one it has
-// while the job is queued or running (#job-status data-status), then stops.
+// while the job is queued or running (#job-status data-status); once it has finished, reloads them
+// all and stops (then the section's data-complete is "true").
 // Each canvas's data-points attribute says how many points it draws.
 
 const POLL_MS = 2000;
@@ -69,23 +70,28 @@ function startJobCharts() {
   const charts = new Map();
   let lastId = null;
   async function poll() {
-    const finishedBefore = FINISHED.has(jobStatus());
+    // Once the job has finished, one last poll reloads every value: a value committed after a
+    // later-numbered one (two writers) would otherwise never be fetched by after_id.
+    const final = FINISHED.has(jobStatus());
+    let fetched = false;
     try {
-      const query = lastId === null ? "" : `?after_id=${lastId}`;
+      const query = final || lastId === null ? "" : `?after_id=${lastId}`;
       const response = await fetch(url + query, { headers: { Accept: "application/json" } });
       if (response.ok) {
         const metrics = await response.json();
+        if (final) for (const chart of charts.values()) chart.data.datasets[0].data = [];
         if (metrics.length) {
           lastId = Math.max(lastId ?? 0, ...metrics.map((m) => m.id));
           addPoints(section, charts, metrics);
         }
+        fetched = true;
       }
     } catch (error) {
       // A failed poll is retried at the next tick.
     }
     section.dataset.lastId = String(lastId ?? "");
-    // One more poll after the job finishes picks up its last values.
-    if (!finishedBefore) setTimeout(poll, POLL_MS);
+    if (final && fetched) section.dataset.complete = "true";
+    else setTimeout(poll, POLL_MS);
   }
   poll();
 }
