@@ -121,10 +121,10 @@ def test_sft_on_two_processes_matches_one_process(launcher, strategy, tiny_model
         assert (saved_two[name] - weight).abs().max() < 1e-4, name
 
 
-def logged_losses(text: str) -> dict[int, float]:
-    """The per-step training loss from the main process's "step N: epoch E, loss X, ..." log lines."""
-    found = re.findall(r"step (\d+): epoch \d+, loss ([-\d.e+]+)", text)
-    return {int(step): float(loss) for step, loss in found}
+def logged(text: str, name: str) -> dict[int, float]:
+    """A per-step figure from the main process's "step N: epoch E, loss X, ..., NAME X" log lines."""
+    found = re.findall(rf"step (\d+): epoch \d+, .*\b{name} ([-\d.e+]+)", text)
+    return {int(step): float(value) for step, value in found}
 
 
 @pytest.mark.parametrize("launcher,strategy", [("torchrun", "ddp"), ("accelerate", "fsdp")])
@@ -151,10 +151,13 @@ def test_dpo_on_two_processes_matches_one_process(launcher, strategy, tiny_model
     # every response once per epoch, over both processes
     assert two["policy_sequences"] == one["policy_sequences"] == 3 * one["train_rankings"]
     # Every step's loss (each process its shard, the gradients summed) is the one-process step's.
-    losses_one, losses_two = logged_losses(caplog.text), logged_losses(result.stderr)
-    assert sorted(losses_one) == sorted(losses_two) == [1, 2, 3, 4]
-    for step, loss in losses_one.items():
-        assert losses_two[step] == pytest.approx(loss, rel=2e-3, abs=1e-5), step
+    # So is its gradient's norm before clipping (each process's loss is scaled by the number of processes,
+    # so the sum of their gradients is the whole batch's, not its mean over processes).
+    for name in ("loss", "grad_norm"):
+        one_process, two_processes = logged(caplog.text, name), logged(result.stderr, name)
+        assert sorted(one_process) == sorted(two_processes) == [1, 2, 3, 4], name
+        for step, value in one_process.items():
+            assert two_processes[step] == pytest.approx(value, rel=2e-3, abs=1e-5), (name, step)
     assert two["val_pairs"] == one["val_pairs"]
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
     assert two["val_accuracy"] == pytest.approx(one["val_accuracy"], abs=1e-6)
