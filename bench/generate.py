@@ -7,7 +7,7 @@ Usage (from the repository root, after scripts/setup.sh provisioned the model):
     .venv/bin/python -m bench.generate --model var/artifacts/models/my-policy
 
 It samples one response per prompt with the generate job's own sampler
-(trainer.generate.TransformersSampler: chat template, left padding, per-row
+(trainer.sampling.TransformersSampler: chat template, left padding, per-row
 seeds, stop at end of sequence), first all prompts in one batch, then each
 prompt alone, with the same seeds, and prints responses/s and tokens/s of both.
 Tokens are generated tokens (end-of-sequence not counted). A warm-up call runs
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
-from trainer.generate import SamplingSettings, TransformersSampler, derive_seed
+from trainer.sampling import SamplingSettings, TransformersSampler, derive_seed
 from trainer.models import DEFAULT_MODEL_DIR, pick_device, pick_dtype
 
 PROMPTS = [

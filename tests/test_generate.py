@@ -294,7 +294,7 @@ def test_sampler_ignores_the_sampling_settings_of_the_checkpoint(tiny_model_dir,
     from transformers import GenerationConfig
 
     from tests.factories import synthetic
-    from trainer.generate import SamplingSettings, TransformersSampler
+    from trainer.sampling import SamplingSettings, TransformersSampler
 
     settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=12)
     conversations, seeds = [synthetic.prompt(i) for i in range(4)], [11, 12, 13, 14]
@@ -328,7 +328,7 @@ PINNED_DRAWS = {  # (logit scale, temperature, top_p): picked tokens of rows see
 def draw(seeds, logits, temperature, top_p, steps=3):
     import torch
 
-    from trainer.generate import SeededSampler
+    from trainer.sampling import SeededSampler
 
     sampler = SeededSampler(seeds, temperature, top_p)
     input_ids = torch.zeros(len(seeds), 1, dtype=torch.long)
@@ -372,7 +372,7 @@ def test_sampler_responses_are_pinned_and_do_not_depend_on_the_batch(tiny_model_
     import torch
 
     from tests.factories import synthetic
-    from trainer.generate import SamplingSettings, TransformersSampler
+    from trainer.sampling import SamplingSettings, TransformersSampler
 
     sampler = TransformersSampler(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     conversations, seeds = [synthetic.prompt(i) for i in range(3)], [11, 12, 13]

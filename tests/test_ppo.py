@@ -316,7 +316,7 @@ def test_step_one_rollouts_score_zero_on_the_normalisation_of_their_own_samples(
     """The RM normalised on samples of the SFT model drawn with PPO's settings (as the annotation sampler
     stores them: text, cut ones too) must give PPO's first rollouts a mean reward near 0: the rollouts
     are scored as the RM was trained and normalised (EOS appended to a cut response)."""
-    from trainer.generate import SamplingSettings, TransformersSampler
+    from trainer.sampling import SamplingSettings, TransformersSampler
 
     sft, rm = word_models
     max_new_tokens, temperature = 3, 0.7  # short: most responses are cut at the limit

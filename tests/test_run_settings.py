@@ -99,6 +99,19 @@ def test_the_web_app_imports_no_torch():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_the_trainers_import_neither_the_database_nor_the_web_app():
+    """The training code runs where only torch and transformers are (a GPU machine, `accelerate launch`)."""
+    modules = ["trainer.sft", "trainer.reward", "trainer.ppo", "trainer.dpo", "trainer.sampling",
+               "trainer.distributed", "trainer.memory", "trainer.cli_train"]
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'fastapi', 'app'}); "
+            "assert not bad, bad")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_every_trainer_has_the_distributed_strategy_setting():
     for config_class in (SFTConfig, RewardConfig, PPOConfig):
         (strategy,) = [s for s in settings_of(config_class) if s.name == "strategy"]

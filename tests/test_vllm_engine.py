@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.configs import PPOConfig
-from trainer.generate import load_sampler
+from trainer.sampling import load_sampler
 from trainer.ppo import train_ppo
 from trainer.vllm_engine import choose_engine, vllm_available
 

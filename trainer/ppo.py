@@ -60,7 +60,7 @@ from trainer.common import (
 )
 from trainer.configs import PPOConfig
 from trainer.distributed import runtime
-from trainer.generate import SeededSampler, derive_seed
+from trainer.sampling import SeededSampler, derive_seed
 from trainer.models import load_causal_lm, load_tokenizer, pick_dtype
 from trainer.reward import load_reward_model, reward_normalisation, sequence_scores, token_scores
 from trainer.vllm_engine import VllmRollouts, choose_engine

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _sample_settings():
-    from trainer.generate import SamplingSettings
+    from trainer.sampling import SamplingSettings
 
     return SamplingSettings(temperature=0.7, top_p=0.95, max_new_tokens=64)
 
@@ -89,7 +89,7 @@ def sample_answers(ctx: JobContext, model_path: str, prompts: list[models.Prompt
     (none off the main process of a multi-process run: they are only registered from there)."""
     if not prompts or not ctx.main:
         return []
-    from trainer.generate import TransformersSampler, derive_seed
+    from trainer.sampling import TransformersSampler, derive_seed
 
     sampler = TransformersSampler(model_path, ctx.device, ctx.dtype)
     seeds = [derive_seed("side-by-side", p.prompt_id) for p in prompts]
