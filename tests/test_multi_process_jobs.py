@@ -214,6 +214,19 @@ def test_a_worker_that_shuts_down_stops_the_processes_and_queues_the_job_again(w
     assert worker_row(worker.pid) is None  # a stopped worker no longer advertises its devices
 
 
+def test_the_processes_of_a_killed_worker_stop_by_themselves(workers, reward_data, api):  # noqa: F811
+    # SIGKILL: the worker can stop nothing; its run's processes notice it is gone.
+    worker = start_worker(workers)
+    job_id = start_reward_run(api, reward_data, LONG)
+    wait_for(lambda: metric_count(job_id) > 0, 180, "the job to train", workers)
+    ranks = training_processes(worker.pid)
+    assert len(ranks) == 2
+    worker.kill()
+    worker.wait(10)
+    wait_for(lambda: gone(ranks), 20, "both training processes to end", workers)
+    wait_for(lambda: not all_training_processes(), 20, "the launcher to end", workers)
+
+
 def test_an_error_inside_the_training_processes_fails_the_job_with_that_error(workers, reward_data):  # noqa: F811
     start_worker(workers)
     with new_session() as session:

@@ -11,15 +11,23 @@ by the launcher's rank (trainer/distributed.py). Only rank 0 writes to the job
 writes its outcome to DIR/outcome-<rank>.json: {"result", "model_id"}, or
 {"error", "traceback"} when it failed, or {"cancelled"}; the worker reads them
 when the launcher exits and records the job's outcome itself.
+
+A worker killed outright (SIGKILL, out of memory) cannot stop its runs: each process
+watches the worker that launched it (RLHF_WORKER_PID) and exits when it is gone, so
+no run goes on training beside the one that the job's recovery starts.
 """
 
 import argparse
 import json
 import logging
 import os
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from app.config import get_settings
 from app.db.models import Job
@@ -28,6 +36,8 @@ from app.logs import configure_logging
 from trainer.jobs import JobCancelled, JobContext, JobFailed, resolve_handler
 
 log = logging.getLogger("trainer.job_process")
+
+WORKER_WATCH_S = 1.0  # how often a process checks that its worker is still there
 
 
 def outcome_path(directory: Path, rank: int) -> Path:
@@ -38,6 +48,28 @@ def _write(directory: Path, rank: int, outcome: dict[str, Any]) -> None:
     path = outcome_path(directory, rank)
     path.with_suffix(".tmp").write_text(json.dumps(outcome, default=str))
     path.with_suffix(".tmp").replace(path)  # whole or absent when the worker reads it
+
+
+def exit_with_the_worker(pid: int) -> None:
+    """Exit this process (status 1) as soon as the worker with this pid is gone."""
+    try:
+        worker = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        os._exit(1)
+
+    def alive() -> bool:
+        try:  # is_running compares the start time too: a new process given the id is not the worker
+            return worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(WORKER_WATCH_S)
+        log.warning("the worker (pid %d) that launched this run is gone: stopping", pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="worker-watch", daemon=True).start()
 
 
 def run(job_id: int, outcome_dir: Path) -> int:
@@ -73,6 +105,8 @@ def main() -> None:
     parser.add_argument("--outcome", type=Path, required=True, help="directory for outcome-<rank>.json")
     args = parser.parse_args()
     configure_logging(get_settings().log_level)
+    if worker_pid := os.environ.get("RLHF_WORKER_PID"):
+        exit_with_the_worker(int(worker_pid))
     code = run(args.job_id, args.outcome)
     import torch.distributed as dist
 

@@ -107,7 +107,7 @@ def launch_environment(ctx: JobContext, *, cpu: bool) -> dict[str, str]:
     env = {**os.environ, **ctx.settings.environment(),
            "DATABASE_URL": get_engine().url.render_as_string(hide_password=False),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "RLHF_WORKER_PID": str(os.getpid())}  # trainer/job_process.py watches it
     if cpu:
         env |= {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
         env.setdefault("OMP_NUM_THREADS", "1")
