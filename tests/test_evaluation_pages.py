@@ -24,7 +24,9 @@ def hidden(html: str, name: str) -> str:
 def eval_world(session, prompts=4, overlap=1):
     sft = make_model(session, name=NAMES[0], is_default=True)
     policy = make_model(session, name=NAMES[1], kind=ModelKind.policy)
-    prompt_set = make_evaluation(session, [sft, policy], prompts=prompts, overlap=overlap, name="Blind eval")
+    # Named as engineers name them: after the models. Labelers see "Comparison #id" instead.
+    prompt_set = make_evaluation(session, [sft, policy], prompts=prompts, overlap=overlap,
+                                 name=f"{NAMES[0]} vs {NAMES[1]}")
     session.commit()
     return prompt_set, sft, policy
 
@@ -83,6 +85,8 @@ def test_the_labeler_never_sees_which_model_wrote_which_response(client, session
     # History shows the vote's ranks without ratings.
     history = client.get("/label/history")
     assert history.status_code == 200 and "None/7" not in history.text
+    assert_anonymous(history.text, sft, policy)
+    assert f"Comparison #{prompt_set.id}" in history.text and f"Comparison #{prompt_set.id}" in html
 
 
 def test_a_vote_without_a_choice_is_refused_next_to_the_field(client, session):

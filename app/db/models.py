@@ -181,6 +181,12 @@ class ModelSample(Base):
     )
 
 
+def labeler_set_name(set_id: int, name: str, kind: "PromptSetKind") -> str:
+    """The set's name as labelers see it: an evaluation's own name often names the models it
+    compares ("SFT vs PPO v3"), which would unblind the votes."""
+    return f"Comparison #{set_id}" if kind == PromptSetKind.evaluation else name
+
+
 class PromptSet(Base):
     __tablename__ = "prompt_sets"
 
@@ -242,6 +248,10 @@ class PromptSet(Base):
     best_of_n_reward_model: Mapped[Model | None] = relationship(foreign_keys=[best_of_n_reward_model_id])
     prompts: Mapped[list["Prompt"]] = relationship(back_populates="prompt_set")
     pre_annotator: Mapped[User | None] = relationship(foreign_keys=[pre_annotator_id])
+
+    @property
+    def labeler_name(self) -> str:
+        return labeler_set_name(self.id, self.name, self.kind)
 
     __table_args__ = (
         CheckConstraint("k BETWEEN 2 AND 9", name="k_range"),

@@ -26,7 +26,7 @@ def next_task(session: SessionDep, user: LabelerUser, settings: SettingsDep):
     if lease is not None:
         task = lease.task
         task_out = LabelTaskOut(
-            id=task.id, prompt_set_id=task.prompt_set_id, prompt_set_name=task.prompt_set.name,
+            id=task.id, prompt_set_id=task.prompt_set_id, prompt_set_name=task.prompt_set.labeler_name,
             instructions=task.prompt_set.instructions, messages=task.prompt.messages, k=task.k,
             mode="vote" if task.prompt_set.pairwise else "rank",
             top_k=task.prompt_set.top_k,

@@ -61,6 +61,7 @@ from app.db.models import (
     Task,
     TaskResponse,
     User,
+    labeler_set_name,
 )
 from app.services import trust
 from app.services.assignment import check_lease, load_task, lock_for_submit
@@ -757,7 +758,7 @@ def history(session: Session, *, user: User, now: datetime, limit: int = 50, off
         .correlate(Annotation).scalar_subquery()
     )
     rows = session.execute(
-        select(Annotation, PromptSet.name, Prompt.text, comparison_count)
+        select(Annotation, PromptSet.id, PromptSet.name, PromptSet.kind, Prompt.text, comparison_count)
         .join(Task, Task.id == Annotation.task_id)
         .join(PromptSet, PromptSet.id == Task.prompt_set_id)
         .join(Prompt, Prompt.id == Task.prompt_id)
@@ -778,9 +779,9 @@ def history(session: Session, *, user: User, now: datetime, limit: int = 50, off
         )
     return [
         HistoryItem(
-            annotation=annotation, prompt_set_name=set_name, prompt_text=text,
+            annotation=annotation, prompt_set_name=labeler_set_name(set_id, set_name, kind), prompt_text=text,
             ratings=by_annotation[annotation.id], comparisons=n,
             editable=can_edit(annotation, now), edit_until=edit_deadline(annotation),
         )
-        for annotation, set_name, text, n in rows
+        for annotation, set_id, set_name, kind, text, n in rows
     ]
