@@ -267,6 +267,7 @@ def test_dpo_form_offers_the_losses_queues_a_run_and_names_bad_fields(client, cl
     assert "(6 annotations)" in page.text and 'id="policy-methods"' in page.text  # PPO, DPO, best-of-N side by side
     assert 'href="/training/best-of-n"' in page.text
     assert 'name="include_imported"' in page.text  # imported judgements train by choice, as a reward model's
+    assert 'name="include_ai"' in page.text  # so do AI labelers' rankings
 
     bad = client.post("/training/dpo", data={"csrf_token": token, "beta": "0", "loss": "hinge",
                                              "include_imported": "perhaps"}, headers={"HX-Request": "true"})
@@ -276,14 +277,14 @@ def test_dpo_form_offers_the_losses_queues_a_run_and_names_bad_fields(client, cl
 
     response = client.post("/training/dpo", data={
         "csrf_token": token, "policy_model_id": str(sft.id), "prompt_set_ids": str(prompt_set.id),
-        "include_imported": "no",
+        "include_imported": "no", "include_ai": "yes",
         "loss": "sigmoid", "beta": "0.2", "epochs": "2", "learning_rate": "0.0001", "name": "dpo-1"},
         follow_redirects=False)
     assert response.status_code == 303
     [job] = session.scalars(select(Job).where(Job.kind == JobKind.train_dpo)).all()
     assert response.headers["location"] == f"/jobs/{job.id}"
     assert job.params["reference_model_id"] == sft.id and job.params["name"] == "dpo-1"
-    assert job.params["include_imported"] is False
+    assert job.params["include_imported"] is False and job.params["include_ai"] is True
     assert (job.params["config"]["loss"], job.params["config"]["beta"], job.params["config"]["epochs"]) == ("sigmoid", 0.2, 2)
 
 
@@ -306,7 +307,9 @@ def test_dpo_api_lists_its_settings_and_queues_a_run(client, session, tmp_path):
     created = client.post("/api/v1/training/dpo", json={"prompt_set_ids": [prompt_set.id], "include_imported": False,
                                                         "config": {"beta": 0.5}})
     assert created.status_code == 201 and created.json()["kind"] == "train_dpo"
-    assert created.json()["params"]["include_imported"] is False
+    assert created.json()["params"]["include_imported"] is False and created.json()["params"]["include_ai"] is False
+    with_ai = client.post("/api/v1/training/dpo", json={"prompt_set_ids": [prompt_set.id], "include_ai": True})
+    assert with_ai.status_code == 201 and with_ai.json()["params"]["include_ai"] is True
     refused = client.post("/api/v1/training/dpo", json={"prompt_set_ids": [prompt_set.id], "policy_model_id": 999_999,
                                                         "config": {"beta": -1}})
     assert refused.status_code == 422 and set(refused.json()["errors"]) >= {"policy_model_id", "beta"}

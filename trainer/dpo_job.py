@@ -5,7 +5,8 @@ validation prompts' samples before and after training, as a PPO policy's.
 
 Parameters (app/services/training.clean_dpo_params): policy_model_id,
 reference_model_id, prompt_set_ids, labeler_ids (None: all), include_imported
-(whether the sets' imported preference data trains too), name (or None),
+(whether the sets' imported preference data trains too), include_ai (whether AI
+labelers' rankings do), name (or None),
 processes (training processes; with several, the main process alone writes to
 the database: progress, registration), config (trainer.configs.DPOConfig's fields).
 
@@ -40,7 +41,8 @@ def train_dpo_job(ctx: JobContext) -> dict[str, Any]:
         paths = {"policy": resolve_model_path(policy.path, artifacts),
                  "reference": resolve_model_path(reference.path, artifacts)}
         train_items, val_items = training.reward_data(session, params["prompt_set_ids"], params.get("labeler_ids"),
-                                                     params.get("include_imported", True))
+                                                     params.get("include_imported", True),
+                                                     params.get("include_ai", False))
         sample_rows = training.prompts_of(session, params["prompt_set_ids"], Split.validation,
                                           limit=config.validation_samples)
     train = [RankedGroup(a.messages, a.responses, a.ranks) for a in train_items if len(set(a.ranks)) > 1]
@@ -71,7 +73,7 @@ def train_dpo_job(ctx: JobContext) -> dict[str, Any]:
         config={"dpo": params["config"], "policy_model_id": policy_id,
                 "reference_model_id": int(params["reference_model_id"]), "prompt_set_ids": params["prompt_set_ids"],
                 "labeler_ids": params.get("labeler_ids"), "include_imported": params.get("include_imported", True),
-                "data": snapshot},
+                "include_ai": params.get("include_ai", False), "data": snapshot},
         samples=[("before", result.samples_before), ("after", result.samples_after)], sample_prompts=sample_rows,
     )
     metrics = result.metrics

@@ -83,7 +83,8 @@ def start_dpo(body: DPORunIn, session: SessionDep, user: EngineerUser):
     job = training.start_dpo_job(session, user_id=user.id, values=body.config,
                                  policy_model_id=body.policy_model_id, reference_model_id=body.reference_model_id,
                                  prompt_set_ids=body.prompt_set_ids, labeler_ids=body.labeler_ids,
-                                 include_imported=body.include_imported, name=body.name, processes=body.processes)
+                                 include_imported=body.include_imported, include_ai=body.include_ai, name=body.name,
+                                 processes=body.processes)
     return job_out(job)
 
 

@@ -184,8 +184,8 @@ def start_ppo(request: Request, session: SessionDep, user: EngineerUser, data: F
 
 # ---- DPO ---------------------------------------------------------------------------
 
-DPO_CHOICES = ("policy_model_id", "reference_model_id", "prompt_set_ids", "labeler_ids", "include_imported", "name",
-               "processes")
+DPO_CHOICES = ("policy_model_id", "reference_model_id", "prompt_set_ids", "labeler_ids", "include_imported",
+               "include_ai", "name", "processes")
 
 
 def _dpo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -193,7 +193,8 @@ def _dpo_context(session, *, form: dict[str, Any] | None = None) -> dict[str, An
     sets = training.ranking_sets(session)
     default_form = form_values(training.DPO_SETTINGS) | {
         "policy_model_id": str(policies[0].id) if policies else "", "reference_model_id": "",
-        "prompt_set_ids": [], "labeler_ids": [], "include_imported": "yes", "name": "", "processes": "1"}
+        "prompt_set_ids": [], "labeler_ids": [], "include_imported": "yes", "include_ai": "no", "name": "",
+        "processes": "1"}
     return {
         "form": default_form | (form or {}), "form_errors": {},
         "policies": policies, "sets": sets, "counts": training.annotation_counts(session, [s.id for s in sets]),

@@ -56,6 +56,8 @@ class DPORunIn(BaseModel):
     labeler_ids: list[Id] | None = None
     # Train on the sets' imported preference data (annotations of a source) too.
     include_imported: bool = True
+    # Train on AI labelers' rankings too (app/services/ai_labelers); left out by default.
+    include_ai: bool = False
     name: Text | None = None
     # Training processes (GPUs; CPU processes on a worker without CUDA), up to what a running worker offers.
     processes: int = 1

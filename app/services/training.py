@@ -331,10 +331,11 @@ def start_ppo_job(session: Session, *, user_id: int | None, values: Mapping[str,
 
 def clean_dpo_params(session: Session, *, values: Mapping[str, Any], policy_model_id: Any = None,
                      reference_model_id: Any = None, prompt_set_ids: Any = None, labeler_ids: Any = None,
-                     include_imported: Any = True, name: Any = None, processes: Any = None,
-                     queue_name: str = queue.GPU_QUEUE, flags_from_form: bool = False) -> dict[str, Any]:
+                     include_imported: Any = True, include_ai: Any = False, name: Any = None,
+                     processes: Any = None, queue_name: str = queue.GPU_QUEUE,
+                     flags_from_form: bool = False) -> dict[str, Any]:
     """Check a DPO run; the job's parameters. Data: the included rankings of the sets, with or
-    without imported preference data (as a reward model's); the reference defaults to the
+    without imported preference data and AI labelers' rankings (as a reward model's); the reference defaults to the
     policy (a frozen copy). Raises Invalid per field (processes and each setting too)."""
     reject_unknown(values, DPOConfig)
     errors: dict[str, str] = {}
@@ -342,14 +343,15 @@ def clean_dpo_params(session: Session, *, values: Mapping[str, Any], policy_mode
                                  default_generator_model(session), "an SFT or policy model")
     reference = models.choose_model(errors, session, "reference_model_id", reference_model_id, GENERATOR_KINDS,
                                     policy, "an SFT or policy model")
-    set_ids, user_ids, imported, _ = _ranking_data(errors, session, prompt_set_ids, labeler_ids, include_imported)
+    set_ids, user_ids, imported, ai = _ranking_data(errors, session, prompt_set_ids, labeler_ids, include_imported,
+                                                    include_ai)
     config = clean_config(values, DPOConfig, errors, flags_from_form=flags_from_form)
     clean_name = _name(errors, session, name)
     count = worker_devices.clean_processes(errors, session, processes, queue_name)
     raise_for_fields(errors)
     assert policy is not None and reference is not None
     params = {"policy_model_id": policy.id, "reference_model_id": reference.id, "prompt_set_ids": set_ids,
-              "labeler_ids": user_ids or None, "include_imported": imported, "name": clean_name,
+              "labeler_ids": user_ids or None, "include_imported": imported, "include_ai": ai, "name": clean_name,
               "processes": count, "config": config}
     run_memory.check_fits(session, "dpo", params)
     return params
