@@ -70,8 +70,7 @@ def test_the_estimate_is_within_20_percent_of_each_process_peak_of_the_tiny_mode
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.xfail(
-    reason="on the CPU fsdp's peak on SmolLM2 is about ddp's (SFT: 2876 MiB measured, 1775 MiB estimated)"))])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("kind, batch_size, max_length", [("sft", 2, 128), ("reward", 2, 128)])
 def test_the_estimate_is_within_20_percent_of_each_process_peak_of_the_default_model_on_two_processes(
         kind, batch_size, max_length, strategy):

@@ -235,10 +235,10 @@ class Runtime:
 
     def unwrapped(self, name: str) -> torch.nn.Module:
         """The trained model `name` as a plain model with all its weights (to save or keep using), in
-        every process; under FSDP and ZeRO-3 in the main process only (the others get it without
-        weights, on the meta device). Every process must call it, once training is over: under FSDP
-        the optimizer's state is dropped first, so that the gathered weights take its place rather
-        than adding to the run's peak."""
+        every process; under FSDP and ZeRO-3 in the main process only, in host memory, so that a GPU
+        never holds the whole model (the others get it without weights, on the meta device). Every
+        process must call it, once training is over: under FSDP the optimizer's state is dropped
+        first, so that the gathered weights take its place rather than adding to the run's peak."""
         model = self._models[name]
         if not self._skeletons:
             return self._accelerator.unwrap_model(self._module).get_submodule(name) if self._accelerator else model
@@ -253,8 +253,8 @@ class Runtime:
 
             if self._optimizer is not None:
                 self._optimizer.state.clear()
-            # cpu_offload: each weight gathered in full goes to the main process's host memory, the others
-            # drop theirs at once.
+            # cpu_offload: each weight gathered in full goes to the main process's host memory (DeepSpeed's
+            # gathering does the same), the others drop theirs at once.
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if not self.main:
                 return plain
@@ -266,7 +266,7 @@ class Runtime:
                 plain.get_submodule(owner)._buffers[attr] = live[key].clone()
         if hasattr(plain, "tie_weights"):
             plain.tie_weights()
-        return plain.to(self.device)
+        return plain.cpu()
 
     def agree_to_stop(self, should_stop: Callable[[], bool] | None, message: str) -> None:
         """Ask should_stop() on rank 0 only; raise Cancelled(message) in every process if it says so.
