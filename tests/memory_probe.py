@@ -13,7 +13,8 @@ tokens. Every sequence is longer than MAX_LENGTH, so every batch is full.
 
 With MEMORY_PROBE_TRACE=1 each process also writes to stderr its resident and peak memory (MiB above the
 baseline) at the phases of the run: the models loaded (prepare called), the models spread by the strategy,
-the optimizer made, and the first two forward and backward passes, optimizer steps and unwrappings."""
+the optimizer made, the first two forward and backward passes, optimizer steps and unwrappings, and the
+end of the run."""
 
 import gc
 import json
@@ -55,8 +56,6 @@ def peak_resident() -> int:
 def trace(baseline: int) -> Callable[[str], None]:
     """Wrap the engine's phases (trainer/distributed.py's Runtime) to print the memory after each;
     returns the function that prints it, for the phases outside the engine."""
-    import os
-
     from trainer import distributed
 
     seen: dict[str, int] = {}
