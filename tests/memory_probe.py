@@ -9,16 +9,24 @@ CPU the resident memory before the model is loaded (the tokenizer library loaded
 already), the peak resident memory of the process (VmHWM: not ru_maxrss, which keeps the
 parent's resident memory at the fork across exec) and their difference; on
 CUDA the peak of torch's allocations as the difference; in bytes, and the prompt's
-tokens. Every sequence is longer than MAX_LENGTH, so every batch is full."""
+tokens. Every sequence is longer than MAX_LENGTH, so every batch is full.
+
+With MEMORY_PROBE_TRACE=1 each process also writes to stderr its resident and peak memory (MiB above the
+baseline) at the phases of the run: the models loaded (prepare called), the models spread by the strategy,
+the optimizer made, the first two forward and backward passes, optimizer steps and unwrappings, and the
+end of the run."""
 
 import gc
 import json
+import os
 import resource
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from trainer.common import encode_prompt
 from trainer.configs import PPOConfig, RewardConfig, SFTConfig
@@ -45,6 +53,40 @@ def peak_resident() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere than Linux
 
 
+def trace(baseline: int) -> Callable[[str], None]:
+    """Wrap the engine's phases (trainer/distributed.py's Runtime) to print the memory after each;
+    returns the function that prints it, for the phases outside the engine."""
+    from trainer import distributed
+
+    seen: dict[str, int] = {}
+
+    def mark(phase: str) -> None:
+        seen[phase] = seen.get(phase, 0) + 1
+        if seen[phase] <= 2:
+            print(f"trace rank={os.environ.get('RANK', '0')} {phase}#{seen[phase]}: resident"
+                  f" {(resident() - baseline) / 2**20:.0f} peak {(peak_resident() - baseline) / 2**20:.0f} MiB",
+                  file=sys.stderr, flush=True)
+
+    def after(name: str, phase: str):
+        original = getattr(distributed.Runtime, name)
+
+        def wrapped(self, *args, **kwargs):
+            if name == "prepare":
+                mark("loaded")
+            out = original(self, *args, **kwargs)
+            mark(phase)
+            return out
+        setattr(distributed.Runtime, name, wrapped)
+
+    shard = distributed._fully_shard
+    distributed._fully_shard = lambda bundle: (shard(bundle), mark("sharded"))[0]
+    for name, phase in (("prepare", "optimizer made"), ("run", "forward"), ("backward", "backward"),
+                        ("unwrapped", "unwrapped")):
+        after(name, phase)
+    register_optimizer_step_post_hook(lambda *_: mark("step"))
+    return mark
+
+
 def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: int = 0, device: str = "cpu",
          strategy: str = "single") -> None:
     torch.set_num_threads(1)
@@ -52,6 +94,7 @@ def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: in
     out = Path(tempfile.mkdtemp()) / "run"
     load_tokenizer(model_dir)  # the tokenizer library's first load (about 130 MB of its own) is not the run's
     baseline = resident()
+    mark = trace(baseline) if os.environ.get("MEMORY_PROBE_TRACE") == "1" else lambda phase: None
     if kind == "sft":
         train = [SFTExample([{"role": "user", "content": f"Question {i}"}], words) for i in range(2 * batch_size)]
         config = SFTConfig(batch_size=batch_size, max_length=max_length, lora_r=lora_r, eval_batch_size=1,
@@ -79,6 +122,7 @@ def main(kind: str, model_dir: str, batch_size: int, max_length: int, lora_r: in
                               eval_batch_size=1, learning_curve=False, probe_init=False, device=device,
                               strategy=strategy)
         train_reward_model(config, groups, groups[:1], model_path=model_dir, output_dir=out)
+    mark("trained")
     peak = peak_resident()
     if device == "cuda":
         baseline, peak = 0, torch.cuda.max_memory_allocated()

@@ -88,6 +88,7 @@ class Runtime:
     _models: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
     _skeletons: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
     _accelerator: Any = field(default=None, repr=False)
+    _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
     @property
     def main(self) -> bool:
@@ -168,7 +169,8 @@ class Runtime:
             # Copies without weights to put the full weights back into at the end (unwrapped).
             self._skeletons = {name: _skeleton(m) for name, m in models.items()}
             _fully_shard(bundle)
-            return make_optimizer()
+            self._optimizer = make_optimizer()
+            return self._optimizer
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -233,8 +235,10 @@ class Runtime:
 
     def unwrapped(self, name: str) -> torch.nn.Module:
         """The trained model `name` as a plain model with all its weights (to save or keep using), in
-        every process; under ZeRO-3 in the main process only (the others get it without weights, on
-        the meta device). Every process must call it."""
+        every process; under FSDP and ZeRO-3 in the main process only, in host memory, so that a GPU
+        never holds the whole model (the others get it without weights, on the meta device). Every
+        process must call it, once training is over: under FSDP the optimizer's state is dropped
+        first, so that the gathered weights take its place rather than adding to the run's peak."""
         model = self._models[name]
         if not self._skeletons:
             return self._accelerator.unwrap_model(self._module).get_submodule(name) if self._accelerator else model
@@ -247,7 +251,13 @@ class Runtime:
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            if self._optimizer is not None:
+                self._optimizer.state.clear()
+            # cpu_offload: each weight gathered in full goes to the main process's host memory (DeepSpeed's
+            # gathering does the same), the others drop theirs at once.
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if not self.main:
+                return plain
         plain.load_state_dict(full, assign=True)
         live = dict(model.named_buffers())
         for key, buffer in list(plain.named_buffers()):
@@ -256,7 +266,7 @@ class Runtime:
                 plain.get_submodule(owner)._buffers[attr] = live[key].clone()
         if hasattr(plain, "tie_weights"):
             plain.tie_weights()
-        return plain.to(self.device)
+        return plain.cpu()
 
     def agree_to_stop(self, should_stop: Callable[[], bool] | None, message: str) -> None:
         """Ask should_stop() on rank 0 only; raise Cancelled(message) in every process if it says so.
@@ -291,6 +301,29 @@ def _skeleton(model: torch.nn.Module) -> torch.nn.Module:
     memo.update({id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
                  for p in model.parameters()})
     return copy.deepcopy(model, memo)
+
+
+def _return_large_blocks_when_freed() -> None:
+    """Make glibc's malloc give large blocks their own mappings, returned to the system when freed.
+
+    By default it raises its mmap threshold (up to 32 MiB) to the size of every mapped block freed,
+    so after the first ones FSDP's transient full-size buffers (a layer's gathered weights, its
+    unsharded gradients and their reduce-scatter copy) are served from the heap, between the
+    long-lived shards allocated in the meantime; freeing them there returns nothing, and on the
+    CPU a process's resident memory grows to about a full replica's, which sharding was to avoid.
+    Fixing the threshold at its initial 128 KiB (which stops the adjustment) keeps those buffers
+    mapped; on SmolLM2-135M over two processes it lowers each one's peak from about 2.9 GiB to
+    1.5 GiB at no cost in speed. Elsewhere than glibc there is no mallopt to call, or it ignores
+    the setting."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 128 * 1024)
 
 
 def _fully_shard(bundle: torch.nn.Module) -> None:
@@ -328,7 +361,10 @@ def runtime(device: str = "auto", strategy: str = "ddp") -> Runtime:
     cpu = device == "cpu" or _launcher_wants_cpu() or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     assert state.num_processes == world, f"accelerate sees {state.num_processes} processes, the launcher {world}"
-    return Runtime(state.num_processes, state.process_index, torch.device(state.device), strategy)
+    rt = Runtime(state.num_processes, state.process_index, torch.device(state.device), strategy)
+    if strategy == "fsdp" and rt.device.type == "cpu":  # before the trainer loads the full models
+        _return_large_blocks_when_freed()
+    return rt
 
 
 def shutdown() -> None:

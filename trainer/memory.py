@@ -24,12 +24,20 @@ What a run holds, per device:
   gradient checkpointing, plus one layer recomputed), and the float32 logits,
   log-softmax and their gradients over the vocabulary for the tokens that carry
   a loss; PPO's rollouts hold a KV cache instead, whichever is larger counts.
-- strategies: single and ddp hold everything on each device (ddp on several
-  also a bucketed copy of the gradients to all-reduce), each process taking its
-  share of every batch; zero2 shards grads and optimizer state over the devices;
-  fsdp and zero3 shard weights too (the frozen models as well), gathering one
-  layer's weights at a time besides the embeddings, whose full gradient and its
-  reduce-scatter copy are held until they are sharded.
+- strategies: single and ddp hold everything on each device (ddp on several also
+  a bucketed copy of the gradients to all-reduce), each process taking its share
+  of every batch; zero2 shards grads and optimizer state over the devices; fsdp
+  and zero3 shard weights too (the frozen models as well), gathering one layer's
+  weights at a time besides the embeddings. Their gradients are sharded as the
+  backward pass frees the activations, so it peaks at its start (the activations
+  and the output head's full gradient) or at its end (every gradient shard, the
+  embeddings' full gradient and its reduce-scatter copy), whichever is larger.
+  NCCL and gloo alike reduce-scatter (gloo has reduce_scatter_tensor): the same
+  on CUDA and on the CPU, where fsdp's runtime memory is smaller (malloc's fixed
+  mmap threshold, trainer/distributed.py). At the end the main process gathers
+  the saved model's full weights into host memory after dropping the optimizer's
+  state: on the CPU that is the peak where the state was the smaller (many
+  devices, 8-bit AdamW, LoRA).
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ SHARD_WEIGHTS = ("fsdp", "zero3")
 SHARD_STATE = ("fsdp", "zero2", "zero3")
 BYTES = {"fp32": 4, "bf16": 2}
 RUNTIME = {"cpu": 64 * 1024**2, "cuda": GiB}
+# FSDP on the CPU fixes malloc's mmap threshold (trainer/distributed.py), so the heap keeps less of what was
+# freed: what a process holds besides its shards after fully_shard (36 to 40 MiB, SmolLM2-135M and a tiny Llama).
+RUNTIME_FSDP_CPU = 40 * 1024**2
 CHECKPOINTING_ABOVE = 1_000_000_000  # gradient checkpointing is on by default for models over 1B parameters
 
 
@@ -218,16 +229,21 @@ def estimate(arch: Architecture, run: Run) -> Estimate:
     grads = trained * 4 / state_shards
     # The unit of weights outside the decoder layers: the embeddings (and an untied output head).
     outer = arch.vocab * arch.hidden * (1 if arch.tied_embeddings or run.kind == "reward" else 2)
+    head_grad = arch.vocab * arch.hidden * 4 if run.kind in ("sft", "dpo", "ppo") and not lora else 0
+    end_of_backward = None
     if weight_shards > 1:
         # Gathered in full for the forward and backward: one layer's weights at a time, and the outer unit
-        # (FSDP's root, not resharded until the step ends); its full gradient with the reduce-scatter's copy.
+        # (FSDP's root, not resharded until the step ends).
         weights += (sum(a * b for a, b in arch.linear_shapes()) + outer) * low
         if not lora:
-            grads += 2 * outer * 4
+            # Each unit's gradient is sharded as the backward pass frees the activations it needed; the outer
+            # unit's comes last: its full gradient (the output head's summed in since the start) and the
+            # reduce-scatter's flat copy, beside every other unit's shard.
+            end_of_backward = grads + 2 * outer * 4
     elif run.strategy == "ddp" and run.devices > 1:  # DDP's buckets: a copy of every gradient to all-reduce
         grads += trained * 4
-    if arch.tied_embeddings and run.kind in ("sft", "dpo", "ppo") and not lora:  # the summed embedding gradient
-        grads += arch.vocab * arch.hidden * 4
+    if arch.tied_embeddings and head_grad and end_of_backward is None:  # the summed embedding gradient
+        grads += head_grad
     optimizer = trained * (2 if run.adam_8bit else 8) / state_shards
 
     tokens = run.rows * run.length
@@ -243,8 +259,21 @@ def estimate(arch: Architecture, run: Run) -> Estimate:
         scoring = _head_activations(arch, run.rows, run.loss_tokens, copies=5)
         rollout = run.rollout_rows * (2 * arch.layers * arch.kv_dim * run.length * low + 2 * arch.vocab * 4)
         activations = max(train, scoring, rollout)
+    if end_of_backward is not None:
+        # The backward pass peaks at its start (the activations and the output head's full gradient) or at its
+        # end (the gradients above), not both at once.
+        grads = max(head_grad, end_of_backward - activations)
+    if weight_shards > 1 and run.device == "cpu":
+        # At the end the main process gathers the saved model's weights in full (the first model held) into host
+        # memory, once the optimizer's state, the gradients and the activations are gone (trainer/distributed.py's
+        # unwrapped); on CUDA the GPUs do not hold them.
+        saved_trained, saved_frozen, saved_frozen_fp32 = held[0]
+        saved = saved_trained * 4 + saved_frozen * low + saved_frozen_fp32 * 4
+        weights += max(0, saved - (optimizer + grads + activations))
+    runtime = RUNTIME_FSDP_CPU if run.strategy == "fsdp" and run.devices > 1 and run.device == "cpu" else \
+        RUNTIME[run.device]
     return Estimate(weights=math.ceil(weights), grads=math.ceil(grads), optimizer=math.ceil(optimizer),
-                    activations=math.ceil(activations), runtime=RUNTIME[run.device])
+                    activations=math.ceil(activations), runtime=runtime)
 
 
 def run_of(kind: str, config: Any, *, responses: int = 2, dtype: str = "fp32", strategy: str = "single",
