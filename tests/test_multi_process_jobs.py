@@ -97,6 +97,15 @@ def start_reward_run(api, data, config, processes=2) -> int:
     return response.json()["id"]
 
 
+def training_run(workers, worker, api, data) -> tuple[int, list[psutil.Process]]:  # noqa: F811
+    """A long 2-process reward run started from the API, once it trains: (job id, its training processes)."""
+    job_id = start_reward_run(api, data, LONG)
+    wait_for(lambda: metric_count(job_id) > 0, 180, "the job to train", workers)
+    ranks = training_processes(worker.pid)
+    assert len(ranks) == 2
+    return job_id, ranks
+
+
 def gone(processes: list[psutil.Process]) -> bool:
     def dead(p):
         try:
@@ -167,10 +176,7 @@ def test_a_two_process_sft_run_registers_its_model_and_samples_once(workers, com
 
 def test_cancelling_a_running_two_process_job_stops_both_processes(workers, reward_data, api):  # noqa: F811
     worker = start_worker(workers)
-    job_id = start_reward_run(api, reward_data, LONG)
-    wait_for(lambda: metric_count(job_id) > 0, 180, "the job to train", workers)
-    ranks = training_processes(worker.pid)
-    assert len(ranks) == 2
+    job_id, ranks = training_run(workers, worker, api, reward_data)
 
     response = api.post(f"/api/v1/jobs/{job_id}/cancel")
     assert response.status_code == 200, response.text
@@ -184,10 +190,7 @@ def test_cancelling_a_running_two_process_job_stops_both_processes(workers, rewa
 
 def test_a_killed_training_process_fails_the_job_and_stops_the_other(workers, reward_data, api):  # noqa: F811
     worker = start_worker(workers)
-    job_id = start_reward_run(api, reward_data, LONG)
-    wait_for(lambda: metric_count(job_id) > 0, 180, "the job to train", workers)
-    ranks = training_processes(worker.pid)
-    assert len(ranks) == 2
+    job_id, ranks = training_run(workers, worker, api, reward_data)
     os.kill(ranks[-1].pid, signal.SIGKILL)  # out of memory, say
 
     failed = wait_for(lambda: load_job(job_id).status.finished and load_job(job_id), 60, "the job to fail", workers)
@@ -201,10 +204,7 @@ def test_a_worker_that_shuts_down_stops_the_processes_and_queues_the_job_again(w
     # The job is not cancelled: only the worker's own stop can end these processes.
     worker = workers.start(RLHF_WORKER_SHUTDOWN_TIMEOUT_S="0.5")
     wait_for(lambda: worker_row(worker.pid), 60, "the worker to advertise its devices", workers)
-    job_id = start_reward_run(api, reward_data, LONG)
-    wait_for(lambda: metric_count(job_id) > 0, 180, "the job to train", workers)
-    ranks = training_processes(worker.pid)
-    assert len(ranks) == 2
+    job_id, ranks = training_run(workers, worker, api, reward_data)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
     wait_for(lambda: gone(ranks), 10, "both training processes to end", workers)
@@ -217,10 +217,7 @@ def test_a_worker_that_shuts_down_stops_the_processes_and_queues_the_job_again(w
 def test_the_processes_of_a_killed_worker_stop_by_themselves(workers, reward_data, api):  # noqa: F811
     # SIGKILL: the worker can stop nothing; its run's processes notice it is gone.
     worker = start_worker(workers)
-    job_id = start_reward_run(api, reward_data, LONG)
-    wait_for(lambda: metric_count(job_id) > 0, 180, "the job to train", workers)
-    ranks = training_processes(worker.pid)
-    assert len(ranks) == 2
+    job_id, ranks = training_run(workers, worker, api, reward_data)
     worker.kill()
     worker.wait(10)
     wait_for(lambda: gone(ranks), 20, "both training processes to end", workers)

@@ -89,27 +89,28 @@ def test_rules_between_ppo_settings_are_the_configs_own():
     assert PPOConfig.joint_problems({"batch_size": 6, "mini_batch_size": None}) == {}  # its own check speaks
 
 
-def test_the_web_app_imports_no_torch():
-    code = ("import sys; from app.main import create_app; from app.config import Settings; "
-            "create_app(Settings(secret_key='k')); import app.services.run_settings, app.routes.api_training; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+def assert_runs_in_a_fresh_interpreter(code: str) -> None:
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
                           env=os.environ | {"PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_web_app_imports_no_torch():
+    assert_runs_in_a_fresh_interpreter(
+        "import sys; from app.main import create_app; from app.config import Settings; "
+        "create_app(Settings(secret_key='k')); import app.services.run_settings, app.routes.api_training; "
+        "assert 'torch' not in sys.modules, 'torch imported'")
 
 
 def test_the_trainers_import_neither_the_database_nor_the_web_app():
     """The training code runs where only torch and transformers are (a GPU machine, `accelerate launch`)."""
     modules = ["trainer.sft", "trainer.reward", "trainer.ppo", "trainer.dpo", "trainer.sampling",
                "trainer.distributed", "trainer.memory", "trainer.cli_train"]
-    code = (f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'fastapi', 'app'}); "
-            "assert not bad, bad")
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
-                          env=os.environ | {"PYTHONPATH": str(root)})
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert_runs_in_a_fresh_interpreter(
+        f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'fastapi', 'app'}); "
+        "assert not bad, bad")
 
 
 def test_every_trainer_has_the_distributed_strategy_setting():
