@@ -278,3 +278,18 @@ def test_a_big_export_streams_in_chunks_from_a_server_side_cursor(session):
     assert counter[0] == counts.comparisons == export.count_rows(session, plan)
     groups = sum(1 for _ in export.iter_ranked_groups(session, [ps.id]))
     assert groups == counts.annotations
+
+
+def test_every_export_row_says_whether_an_ai_labeler_made_it(session, labeled, tmp_path):
+    from app.db.enums import UserKind
+    from tests.factories import make_model
+
+    ps, ann, bob, odd, tasks = labeled
+    odd.kind, odd.judge_model_id = UserKind.ai, make_model(session, tmp_path, name="judge").id
+    session.flush()
+    for kind, fmt in (("comparisons", "plain"), ("annotations", "jsonl")):
+        rows = _lines(_run(session, kind, fmt, ps.id)[1])
+        assert {r["labeler_id"] for r in rows if r["ai"]} == {odd.id}, kind
+        assert any(not r["ai"] for r in rows)
+    rows = list(csv.DictReader(io.StringIO(_run(session, "annotations", "csv", ps.id)[1])))
+    assert {r["labeler"] for r in rows if r["ai"] == "True"} == {"x-odd"}

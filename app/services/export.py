@@ -109,12 +109,12 @@ GOLD_RULE = "annotations of gold tasks (labeler tests; see the annotations expor
 
 COMPARISON_COLUMNS = [
     "prompt", "chosen", "rejected", "comparison_id", "annotation_id", "task_id", "prompt_id",
-    "prompt_set_id", "split", "labeler_id", "source", "rank_margin", "rating_margin", "created_at", "review",
+    "prompt_set_id", "split", "labeler_id", "ai", "source", "rank_margin", "rating_margin", "created_at", "review",
     "review_id",
 ]
 ANNOTATION_JSONL_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "source", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason",
+    "labeler", "ai", "source", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason",
     "created_at", "updated_at", "review", "review_id", "prompt", "ratings",
 ]
 VOTE_COLUMNS = [
@@ -124,7 +124,7 @@ VOTE_COLUMNS = [
 ]
 ANNOTATION_CSV_COLUMNS = [
     "annotation_id", "task_id", "prompt_set_id", "prompt_id", "round", "split", "is_gold", "labeler_id",
-    "labeler", "source", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason",
+    "labeler", "ai", "source", "time_spent_s", "prompt_flags", "comment", "top_k", "all_bad", "all_bad_reason",
     "created_at", "updated_at", "review", "review_id", "prompt", "response_id", "position", "likert", "rank",
     "response_flags", "response_text",
 ]
@@ -334,7 +334,8 @@ def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str
         select(
             Comparison.id.label("comparison_id"), Comparison.annotation_id, Comparison.task_id,
             Task.prompt_id, Task.prompt_set_id, Prompt.split, Annotation.user_id.label("labeler_id"),
-            AnnotationSource.name.label("source"), Prompt.messages, Comparison.chosen_response_id,
+            ai_author().label("ai"), AnnotationSource.name.label("source"), Prompt.messages,
+            Comparison.chosen_response_id,
             chosen.text.label("chosen"),
             Comparison.rejected_response_id, rejected.text.label("rejected"),
             Comparison.rank_margin, Comparison.rating_margin, Annotation.created_at,
@@ -357,7 +358,8 @@ def included_comparisons_query(prompt_set_ids: Sequence[int], split: Split | str
         select(
             cast(null(), Integer).label("comparison_id"), cast(null(), Integer).label("annotation_id"),
             TaskReview.task_id, Task.prompt_id, Task.prompt_set_id, Prompt.split,
-            TaskReview.reviewer_id.label("labeler_id"), cast(null(), String).label("source"), Prompt.messages,
+            TaskReview.reviewer_id.label("labeler_id"), literal(False).label("ai"), cast(null(), String).label("source"),
+            Prompt.messages,
             cast(better.c.key, Integer).label("chosen_response_id"), chosen.text.label("chosen"),
             cast(worse.c.key, Integer).label("rejected_response_id"), rejected.text.label("rejected"),
             (cast(worse.c.value, Integer) - cast(better.c.value, Integer)).label("rank_margin"),
@@ -608,7 +610,7 @@ def _comparison_row(row: Any, fmt: str) -> dict[str, Any]:
         "prompt": prompt, "chosen": chosen, "rejected": rejected,
         "comparison_id": row.comparison_id, "annotation_id": row.annotation_id, "task_id": row.task_id,
         "prompt_id": row.prompt_id, "prompt_set_id": row.prompt_set_id, "split": Split(row.split).value,
-        "labeler_id": row.labeler_id, "source": row.source,
+        "labeler_id": row.labeler_id, "ai": bool(row.ai), "source": row.source,
         "rank_margin": row.rank_margin, "rating_margin": row.rating_margin,
         "created_at": _iso(row.created_at), "review": row.review, "review_id": row.review_id,
     }
@@ -661,7 +663,8 @@ def _annotation_head(row: Any) -> dict[str, Any]:
     return {
         "annotation_id": row.annotation_id, "task_id": row.task_id, "prompt_set_id": row.prompt_set_id,
         "prompt_id": row.prompt_id, "round": row.round, "split": Split(row.split).value,
-        "is_gold": row.is_gold, "labeler_id": row.labeler_id, "labeler": row.labeler, "source": row.source,
+        "is_gold": row.is_gold, "labeler_id": row.labeler_id, "labeler": row.labeler, "ai": bool(row.ai),
+        "source": row.source,
         "time_spent_s": row.time_spent_s, "prompt_flags": row.prompt_flags, "comment": row.comment,
         "top_k": row.top_k, "all_bad": row.all_bad, "all_bad_reason": row.all_bad_reason,
         "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
