@@ -69,6 +69,17 @@ def test_leaderboard_orders_the_models_and_anchors_the_default_sft_model(session
     assert leaderboard.sort_by_rating([unrated, weak, sft, good], board) == [good, sft, weak, unrated]
 
 
+def test_the_fit_is_reused_until_a_vote_changes(session, evaluated):
+    sft, good, weak, unrated = evaluated
+    first = leaderboard.model_board(session)
+    assert leaderboard.model_board(session).board is first.board  # the same votes: not fitted again
+    session.execute(text("UPDATE votes SET outcome = CASE outcome WHEN 'a' THEN 'b' ELSE 'a' END"
+                         " WHERE annotation_id = (SELECT min(annotation_id) FROM votes WHERE outcome IN ('a', 'b'))"))
+    changed = leaderboard.model_board(session)
+    assert changed.board is not first.board and changed.board.votes == 150
+    assert changed.entry(good.id).rating.rating != first.entry(good.id).rating.rating
+
+
 def test_leaderboard_page_and_api(client_as, session, evaluated):
     sft, good, weak, unrated = evaluated
     client = client_as(Role.engineer)

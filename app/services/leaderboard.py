@@ -4,10 +4,15 @@ page and the "Make generator" button show.
 Every counted vote of every evaluation set (evaluation.vote_rows_query: no excluded
 labeler, no gold task) enters one Bradley-Terry fit (app/services/ratings.py), anchored
 so the default SFT model is 1000. A vote's lengths are its two responses' characters
-(tokenizer-free, so models with different tokenizers compare). Computed on each request:
-a few thousand votes take tens of milliseconds, 100k about a second (bench/ratings.py).
+(tokenizer-free, so models with different tokenizers compare). The votes are read on
+each request; the fit (with its bootstrap, about a second at 100k votes: bench/ratings.py)
+is kept per process for the last few distinct sets of votes, so views recompute it only
+after a vote changes.
 """
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,12 +64,37 @@ def load_votes(session: Session) -> Votes:
     return Votes.from_keys(a, b, [OUTCOME_SCORE[VoteOutcome(o)] for o in outcome], chars_a, chars_b)
 
 
+FITS_KEPT = 8
+_fits: "OrderedDict[bytes, Leaderboard]" = OrderedDict()
+_fits_lock = threading.Lock()
+
+
+def _fit(votes: Votes, anchor: int | None, seed: int, options: dict[str, int]) -> Leaderboard:
+    """fit_leaderboard, or the board already fitted to exactly these votes and settings."""
+    digest = hashlib.blake2b(repr((votes.models, anchor, seed, sorted(options.items()))).encode(), digest_size=16)
+    for array in (votes.a, votes.b, votes.score, votes.length_a, votes.length_b):
+        digest.update(b"none" if array is None else f"{array.dtype}{array.shape}".encode())
+        if array is not None:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    key = digest.digest()
+    with _fits_lock:
+        if key in _fits:
+            _fits.move_to_end(key)
+            return _fits[key]
+    board = fit_leaderboard(votes, anchor=anchor, seed=seed, **options)
+    with _fits_lock:
+        _fits[key] = board
+        while len(_fits) > FITS_KEPT:
+            _fits.popitem(last=False)
+    return board
+
+
 def model_board(session: Session, *, n_bootstrap: int | None = None, seed: int = 0) -> ModelBoard:
     """The leaderboard of every model with counted votes, the default SFT model at 1000."""
     votes = load_votes(session)
     anchor = models.default_model(session, ModelKind.sft)
     options = {} if n_bootstrap is None else {"n_bootstrap": n_bootstrap}
-    board = fit_leaderboard(votes, anchor=anchor.id if anchor else None, seed=seed, **options)
+    board = _fit(votes, anchor.id if anchor else None, seed, options)
     index = np.concatenate([votes.a, votes.b])
     lengths = np.concatenate([votes.length_a, votes.length_b]) if len(votes) else np.zeros(0)
     mean_chars = np.bincount(index, lengths, len(votes.models)) / np.maximum(np.bincount(index, minlength=len(
