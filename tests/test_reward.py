@@ -20,6 +20,7 @@ from trainer.reward import (
     pairwise,
     ranking_loss,
     score,
+    score_many,
     sequence_scores,
     train_reward_model,
 )
@@ -77,6 +78,19 @@ def _fresh_reward_model(model_dir: Path):
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=torch.float32)
     torch.nn.init.normal_(model.score.weight, std=1.0)
     return model.eval()
+
+
+def test_scoring_many_prompts_at_once_gives_each_prompts_scores_in_its_order(tiny_reward_dir):
+    model, tokenizer = load_reward_model(tiny_reward_dir)
+    groups = [([{"role": "user", "content": f"Question {i}?" + " more" * (5 * i)}],
+               [f"answer {i}-{j}" + " word" * (7 * j) for j in range(k)]) for i, k in enumerate([4, 2, 9, 3])]
+    alone = [score(model, tokenizer, messages, responses) for messages, responses in groups]
+    together = score_many(model, tokenizer, groups, batch_rows=5)  # batches cut across prompts
+    assert [t.shape for t in together] == [(4,), (2,), (9,), (3,)]
+    for one, many in zip(alone, together, strict=True):
+        torch.testing.assert_close(many, one, atol=1e-5, rtol=1e-5)
+    assert len({round(x, 4) for t in together for x in t.tolist()}) == 18  # distinct: no response swapped
+    assert score_many(model, tokenizer, []) == []
 
 
 def test_reward_head_reads_the_last_real_token_whatever_the_padding(tiny_model_dir):

@@ -27,7 +27,9 @@ from trainer.common import Messages, encode_prompt, pad_left, pad_right, prepare
 from trainer.configs import EvalFiguresConfig
 from trainer.distributed import runtime
 from trainer.models import load_causal_lm, load_tokenizer
-from trainer.reward import load_reward_model, score
+from trainer.reward import load_reward_model, score_many
+
+PROMPTS_PER_PASS = 32  # prompts whose responses are scored together (their sequences batched by length)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class StoredResponse:
 
 def reward_scores(config: EvalFiguresConfig, responses: Sequence[StoredResponse], *, reward_path: str,
                   on_done: Callable[[int], None] | None = None) -> dict[int, float]:
-    """{response_id: normalised reward} of every response; on_done(n) after each prompt's responses.
+    """{response_id: normalised reward} of every response; on_done(n) after each pass over PROMPTS_PER_PASS prompts.
     Equal texts to one prompt (models that answer alike) are scored once, so they tie exactly."""
     device = runtime(config.device).device
     model, tokenizer = load_reward_model(reward_path, device)
@@ -53,13 +55,14 @@ def reward_scores(config: EvalFiguresConfig, responses: Sequence[StoredResponse]
         messages_of[key] = r.messages
         by_prompt.setdefault(key, {}).setdefault(r.text, []).append(r.response_id)
     out: dict[int, float] = {}
-    for key, texts in by_prompt.items():
-        unique = list(texts)
-        for start in range(0, len(unique), config.batch_size):
-            chunk = unique[start:start + config.batch_size]
-            rewards = score(model, tokenizer, messages_of[key], chunk, max_length=config.max_length)  # (C,)
-            for text, value in zip(chunk, rewards.tolist(), strict=True):
-                out.update((response_id, float(value)) for response_id in texts[text])
+    keys = list(by_prompt)
+    for start in range(0, len(keys), PROMPTS_PER_PASS):
+        chunk = keys[start:start + PROMPTS_PER_PASS]
+        groups = [(messages_of[key], list(by_prompt[key])) for key in chunk]
+        scored = score_many(model, tokenizer, groups, max_length=config.max_length, batch_rows=config.batch_size)
+        for key, rewards in zip(chunk, scored, strict=True):  # (C,) each
+            for text, value in zip(by_prompt[key], rewards.tolist(), strict=True):
+                out.update((response_id, float(value)) for response_id in by_prompt[key][text])
         if on_done is not None:
             on_done(len(out))
     return out

@@ -28,7 +28,7 @@ normalisation"); PPO reads that normalisation from the checkpoint's config.
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -129,14 +129,34 @@ def load_reward_model(path: str | Path, device: torch.device | str = "cpu", dtyp
 def score(model, tokenizer, messages: Messages, responses: list[str], *, normalise: bool = True,
           max_length: int = 512) -> torch.Tensor:
     """Rewards of responses to one prompt: (K,), normalised so SFT samples have mean 0 / std 1."""
-    seqs = [_join(encode_prompt(tokenizer, messages), encode_response(tokenizer, r), max_length)[0] for r in responses]
+    return score_many(model, tokenizer, [(messages, responses)], normalise=normalise, max_length=max_length,
+                      batch_rows=max(1, len(responses)))[0]
+
+
+@torch.inference_mode()
+def score_many(model, tokenizer, groups: Sequence[tuple[Messages, Sequence[str]]], *, normalise: bool = True,
+               max_length: int = 512, batch_rows: int = 32) -> list[torch.Tensor]:
+    """score() of many prompts' responses: a (K_i,) tensor per (messages, responses) group. The
+    sequences of all groups go through the model batch_rows at a time, those of similar length
+    together, so that a prompt's few responses do not each cost a forward pass of their own."""
+    if not groups:
+        return []
+    seqs, sizes = [], []
+    for messages, responses in groups:
+        prompt = encode_prompt(tokenizer, messages)
+        seqs += [_join(prompt, encode_response(tokenizer, r), max_length)[0] for r in responses]
+        sizes.append(len(responses))
     device = next(model.parameters()).device
-    ids, mask = pad_right(seqs, tokenizer.pad_token_id)  # (K, T)
-    raw = sequence_scores(model, ids.to(device), mask.to(device)).cpu()  # (K,)
-    if not normalise:
-        return raw
-    mean, std = reward_normalisation(model)
-    return (raw - mean) / std
+    raw = torch.empty(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_rows):
+        rows = order[start:start + batch_rows]
+        ids, mask = pad_right([seqs[i] for i in rows], tokenizer.pad_token_id)  # (B, T)
+        raw[rows] = sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
+    if normalise:
+        mean, std = reward_normalisation(model)
+        raw = (raw - mean) / std
+    return list(torch.split(raw, sizes))
 
 
 # ---- the loss ---------------------------------------------------------------------

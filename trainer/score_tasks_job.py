@@ -13,7 +13,7 @@ import torch
 from app.services import active_learning, models
 from trainer.jobs import JobContext, JobFailed
 from trainer.models import resolve_model_path
-from trainer.reward import load_reward_model, score
+from trainer.reward import load_reward_model, score_many
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def score_tasks_job(ctx: JobContext) -> dict[str, Any]:
         ctx.check_cancelled()
         batch = tasks[start:start + BATCH_TASKS]
         scored = []
-        for task in batch:
-            rewards = score(reward_model, tokenizer, task.messages, task.texts)  # (K,)
+        for task, rewards in zip(batch, score_many(reward_model, tokenizer, [(t.messages, t.texts) for t in batch]),
+                                 strict=True):  # (K,) each
             assert torch.isfinite(rewards).all(), f"task {task.task_id}: the reward model gave a non-finite score"
             scored.append((task.task_id, dict(zip(task.response_ids, rewards.tolist(), strict=True))))
         margins += [active_learning.margin(list(r.values())) for _, r in scored]
