@@ -247,6 +247,17 @@ def test_pre_annotation_is_shown_on_a_fixed_half_and_records_shown_and_changed(s
     assert 'id="prefill-study"' in page.text and "pre-ai" in page.text
     assert client.get(f"/api/v1/prompt-sets/{prompt_set.id}/prefill-study").json()["shown"]["annotations"] == n_shown
 
+    # Another pre-annotator starts a fresh study: what labelers did beside the first is not its evidence.
+    other = ai_labelers.create_ai_labeler(session, username="pre-ai-2", judge_model_id=rm.id)
+    for task in tasks:
+        ai_labelers.store_ranking(session, ai_user=other, task_id=task.id, ranks=[3, 2, 1], now=task.created_at)
+    session.commit()
+    ai_labelers.update_ai_settings(session, prompt_set_id=prompt_set.id, pre_annotator_id=other.id)
+    fresh = ai_labelers.prefill_study(session, prompt_set_id=prompt_set.id)
+    assert fresh.pre_annotator == "pre-ai-2"
+    assert (fresh.shown.annotations, fresh.hidden.annotations, fresh.shown.ai_pairs) == (0, 0, 0)
+    assert session.get(Annotation, stored[task_id][0]).prefill_user_id == ai.id
+
 
 def test_a_set_without_pre_annotation_records_nothing(session):
     labeler = make_user(session)

@@ -508,9 +508,11 @@ class Annotation(Base):
     all_bad_reason: Mapped[str | None] = mapped_column(String(500))
     # Pre-annotation study (app/services/ai_labelers): on a set with a pre-annotator,
     # whether its ranking was pre-filled for this labeler (None: the set had none, or
-    # the AI had not labeled the task) and, when shown, whether the labeler changed it.
+    # the AI had not labeled the task) and, when shown, whether the labeler changed it;
+    # prefill_user_id: that pre-annotator (the study compares the current one's only).
     prefill_shown: Mapped[bool | None]
     prefill_changed: Mapped[bool | None]
+    prefill_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = created_at_column()
 
@@ -532,6 +534,7 @@ class Annotation(Base):
         CheckConstraint("all_bad = (all_bad_reason IS NOT NULL)", name="all_bad_has_reason"),
         CheckConstraint("NOT (all_bad AND top_k IS NOT NULL)", name="all_bad_not_ranked"),
         CheckConstraint("prefill_changed IS NULL OR prefill_shown", name="prefill_changed_if_shown"),
+        CheckConstraint("prefill_user_id IS NULL OR prefill_shown IS NOT NULL", name="prefill_user_if_studied"),
     )
 
 

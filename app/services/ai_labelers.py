@@ -204,14 +204,15 @@ class PrefillStudy:
 def prefill_study(session: Session, *, prompt_set_id: int) -> PrefillStudy:
     """Labelers' annotations of the set's pre-annotation study, with and without the AI's
     ranking shown: mean time, how often a shown ranking was changed, and agreement with the
-    pre-annotator's ranking (strict pairs of both). Excluded annotations are left out."""
+    pre-annotator's ranking (strict pairs of both). Only annotations made under the set's current
+    pre-annotator count (choosing another starts a fresh study); excluded ones are left out."""
     prompt_set = get_prompt_set(session, prompt_set_id)
     arms = {True: PrefillArm(), False: PrefillArm()}
     params = {"set_id": prompt_set_id, "ai_id": prompt_set.pre_annotator_id}
     studied = f"""
         SELECT a.id, a.task_id, a.prefill_shown, a.prefill_changed, a.time_spent_s
         FROM annotations a JOIN tasks t ON t.id = a.task_id
-        WHERE t.prompt_set_id = :set_id AND a.prefill_shown IS NOT NULL AND NOT a.excluded AND {HUMAN_AUTHOR}
+        WHERE t.prompt_set_id = :set_id AND a.prefill_user_id = :ai_id AND NOT a.excluded AND {HUMAN_AUTHOR}
     """
     for row in session.execute(text(f"""
         SELECT s.prefill_shown AS shown, count(*) AS n, avg(s.time_spent_s) AS time_s,

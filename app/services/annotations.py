@@ -436,10 +436,10 @@ WITH trust AS (
 ), annotation AS (
     INSERT INTO annotations (task_id, user_id, time_spent_s, prompt_flags, comment, idempotency_key,
                              excluded, quarantined, top_k, all_bad, all_bad_reason, prefill_shown,
-                             prefill_changed, created_at, updated_at)
+                             prefill_changed, prefill_user_id, created_at, updated_at)
     SELECT :task_id, :user_id, :time_spent_s, CAST(:prompt_flags AS jsonb), :comment, :key,
            trust.quarantined, trust.quarantined, :top_k, :all_bad, :all_bad_reason, :prefill_shown,
-           :prefill_changed, :now, :now
+           :prefill_changed, :prefill_user_id, :now, :now
     FROM trust
     RETURNING id, quarantined
 ), ratings AS (
@@ -526,11 +526,12 @@ def submit_annotation(
     clean = clean_any(task, ratings=ratings, ranks=ranks, vote=vote, strength=strength, flags=flags,
                       prompt_flags=prompt_flags, comment=comment, all_bad=all_bad, all_bad_reason=all_bad_reason)
     shown, changed = prefill_outcome(session, task, clean)
+    prefill_user_id = task.prompt_set.pre_annotator_id if shown is not None else None
     annotation = Annotation(
         task_id=task_id, user_id=user.id, time_spent_s=clamp_time_spent(time_spent_s),
         prompt_flags=clean.prompt_flags, comment=clean.comment, idempotency_key=key,
         excluded=False, top_k=clean.top_k, all_bad=clean.all_bad, all_bad_reason=clean.all_bad_reason,
-        prefill_shown=shown, prefill_changed=changed, created_at=now, updated_at=now,
+        prefill_shown=shown, prefill_changed=changed, prefill_user_id=prefill_user_id, created_at=now, updated_at=now,
     )
     _store(session, annotation, task, clean, add=False)
     annotation.id, num_labels, quarantined, submitted = session.execute(_WRITE_SUBMISSION, {
@@ -538,6 +539,7 @@ def submit_annotation(
         "prompt_flags": json.dumps(annotation.prompt_flags), "comment": annotation.comment, "key": key,
         "now": now, "assignment_id": hold.assignment.id, "top_k": clean.top_k, "all_bad": clean.all_bad,
         "all_bad_reason": clean.all_bad_reason, "prefill_shown": shown, "prefill_changed": changed,
+        "prefill_user_id": prefill_user_id,
         "ratings": json.dumps([{"response_id": r.response_id, "likert": r.likert, "rank": r.rank, "flags": r.flags}
                                for r in annotation.ratings]),
         "comparisons": json.dumps([{"chosen": c.chosen_response_id, "rejected": c.rejected_response_id,
