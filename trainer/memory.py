@@ -375,7 +375,10 @@ def fewest_gpus(arch: Architecture, run: Run, gpu_bytes: int) -> tuple[str, Esti
     return None
 
 
-def scaling_table(gpu_gib: float = 80.0) -> str:
+H100_GIB = 81_559 / 1024  # what an "80 GB" H100 reports (nvidia-smi: 81,559 MiB); an A100 80GB has 80 GiB
+
+
+def scaling_table(gpu_gib: float = H100_GIB) -> str:
     """A markdown table: for each model size and job kind, the fewest GPUs of gpu_gib that hold it with full
     fine-tuning and with LoRA (rank 16; PPO's reference is the policy with its adapters off), with the
     memory per GPU. bf16 frozen weights and activations, gradient checkpointing on, the trainers' default
