@@ -105,8 +105,8 @@ def test_the_web_app_imports_no_torch():
 
 def test_the_trainers_import_neither_the_database_nor_the_web_app():
     """The training code runs where only torch and transformers are (a GPU machine, `accelerate launch`)."""
-    modules = ["trainer.sft", "trainer.reward", "trainer.ppo", "trainer.dpo", "trainer.sampling",
-               "trainer.distributed", "trainer.memory", "trainer.cli_train"]
+    modules = ["trainer.sft", "trainer.reward", "trainer.ppo", "trainer.dpo", "trainer.sampling", "trainer.best_of_n",
+               "trainer.models", "trainer.distributed", "trainer.memory", "trainer.cli_train"]
     assert_runs_in_a_fresh_interpreter(
         f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'fastapi', 'app'}); "
