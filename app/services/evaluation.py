@@ -160,7 +160,7 @@ def copy_validation_prompts(session: Session, prompt_set: PromptSet, source_set_
     ]
     if not rows:
         return 0
-    return len(session.scalars(insert_new_prompts().values(rows).returning(Prompt.id)).all())
+    return len(insert_new_prompts(session, rows))
 
 
 def set_models(session: Session, prompt_set_id: int) -> list[Model]:

@@ -452,7 +452,7 @@ def _write(session: Session, prompt_set: PromptSet, source_id: int, batch: list[
     hashes = [prompt_hash(r.messages) for r in batch]
     rows = {h: prompt_row(prompt_set, messages=r.messages, text_hash=h, external_id=None, meta={})
             for h, r in zip(hashes, batch, strict=True)}
-    result.prompts_added += len(session.scalars(insert_new_prompts().returning(Prompt.id), list(rows.values())).all())
+    result.prompts_added += len(insert_new_prompts(session, list(rows.values())))
     prompt_ids = dict(session.execute(select(Prompt.text_hash, Prompt.id).where(
         Prompt.prompt_set_id == prompt_set.id, Prompt.text_hash.in_(list(rows)))).all())
     # Imported tasks take rounds 0, -1, -2 ... of their prompt.

@@ -19,11 +19,12 @@ every other column is kept as metadata. Quoted fields may span lines.
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
+from sqlalchemy import inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -520,11 +521,20 @@ def prompt_row(prompt_set: PromptSet, *, messages: list[dict[str, str]], text_ha
     }
 
 
-def insert_new_prompts():
-    """INSERT of prompt rows that skips those already in their set: ON CONFLICT DO
-    NOTHING (even against an import running at the same moment), so RETURNING
-    tells which rows went in."""
-    return pg_insert(Prompt).on_conflict_do_nothing(index_elements=["prompt_set_id", "text_hash"])
+def insert_new_prompts(session: Session, rows: Sequence[dict[str, Any]], returning: Any = Prompt.id) -> list[Any]:
+    """Insert prompt rows (prompt_row), skipping those already in their set: ON CONFLICT DO
+    NOTHING (even against an import running at the same moment). Returns the `returning`
+    column of the rows that went in (rows keyed by attribute, as the ORM names them). Through
+    the Core connection, which sends the rows as
+    multi-row INSERTs (insertmanyvalues): the ORM's bulk insert runs an ON CONFLICT ...
+    RETURNING insert one row at a time and splices the results quadratically (10k
+    prompts took 20 s)."""
+    if not rows:
+        return []
+    column_of = {attr.key: attr.columns[0].key for attr in inspect(Prompt).column_attrs}  # meta -> "metadata"
+    statement = pg_insert(Prompt).on_conflict_do_nothing(index_elements=["prompt_set_id", "text_hash"])
+    params = [{column_of[key]: value for key, value in row.items()} for row in rows]
+    return list(session.connection().execute(statement.returning(returning), params).scalars())
 
 
 def import_prompts(
@@ -552,7 +562,7 @@ def import_prompts(
             continue
         rows[text_hash] = prompt_row(prompt_set, messages=p.messages, text_hash=text_hash,
                                      external_id=p.external_id, meta=p.meta)
-    added = session.scalars(insert_new_prompts().returning(Prompt.split), list(rows.values())).all() if rows else []
+    added = insert_new_prompts(session, list(rows.values()), Prompt.split)
     result.added = len(added)
     result.duplicates_existing = len(rows) - len(added)
     for split in added:

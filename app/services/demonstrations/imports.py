@@ -203,7 +203,7 @@ def import_demonstrations(session: Session, *, prompt_set: PromptSet, data: byte
         by_hash[h] = p
     rows = [prompt_row(prompt_set, messages=p.messages, text_hash=h, external_id=p.external_id, meta=p.meta)
             for h, p in by_hash.items()]
-    added = session.scalars(insert_new_prompts().returning(Prompt.id), rows).all()
+    added = insert_new_prompts(session, rows)
     result.prompts_added = len(added)
     prompt_ids = dict(session.execute(
         select(Prompt.text_hash, Prompt.id).where(Prompt.prompt_set_id == prompt_set.id,
