@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from sqlalchemy import inspect
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from app.db.bulk import insert_new
 from app.db.enums import PromptSetStatus
 from app.db.models import Prompt, PromptSet
 from app.services.errors import Conflict, Invalid
@@ -522,19 +521,9 @@ def prompt_row(prompt_set: PromptSet, *, messages: list[dict[str, str]], text_ha
 
 
 def insert_new_prompts(session: Session, rows: Sequence[dict[str, Any]], returning: Any = Prompt.id) -> list[Any]:
-    """Insert prompt rows (prompt_row), skipping those already in their set: ON CONFLICT DO
-    NOTHING (even against an import running at the same moment). Returns the `returning`
-    column of the rows that went in (rows keyed by attribute, as the ORM names them). Through
-    the Core connection, which sends the rows as
-    multi-row INSERTs (insertmanyvalues): the ORM's bulk insert runs an ON CONFLICT ...
-    RETURNING insert one row at a time and splices the results quadratically (10k
-    prompts took 20 s)."""
-    if not rows:
-        return []
-    column_of = {attr.key: attr.columns[0].key for attr in inspect(Prompt).column_attrs}  # meta -> "metadata"
-    statement = pg_insert(Prompt).on_conflict_do_nothing(index_elements=["prompt_set_id", "text_hash"])
-    params = [{column_of[key]: value for key, value in row.items()} for row in rows]
-    return list(session.connection().execute(statement.returning(returning), params).scalars())
+    """Insert prompt rows (prompt_row), skipping those already in their set (even against an
+    import running at the same moment); the `returning` column of the rows that went in."""
+    return insert_new(session, Prompt, rows, conflict=["prompt_set_id", "text_hash"], returning=returning)
 
 
 def import_prompts(

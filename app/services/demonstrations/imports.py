@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from app.db.bulk import insert_new
 from app.db.enums import DemonstrationSource, DemonstrationStatus, PromptSetKind, PromptSetStatus
 from app.db.models import Demonstration, Prompt, PromptSet, User
 from app.services.demonstrations.writing import MAX_TEXT_CHARS
@@ -216,11 +216,8 @@ def import_demonstrations(session: Session, *, prompt_set: PromptSet, data: byte
          "created_at": now, "updated_at": now}
         for h, p in by_hash.items()
     ]
-    stored = session.scalars(
-        pg_insert(Demonstration).on_conflict_do_nothing(index_elements=["prompt_id", "user_id"])
-        .returning(Demonstration.id),
-        demo_rows,
-    ).all()
+    stored = insert_new(session, Demonstration, demo_rows, conflict=["prompt_id", "user_id"],
+                        returning=Demonstration.id)
     result.added = len(stored)
     result.duplicates_existing = len(demo_rows) - len(stored)
     session.commit()
