@@ -313,3 +313,48 @@ def test_dpo_runs_take_processes_on_the_api_and_the_form(reward_data, api):
     with new_session() as session:
         job = session.scalars(select(Job)).one()
         assert (job.kind, job.queue, job.params["processes"]) == (JobKind.train_dpo, "gpu-2p", 2)
+
+
+# ---- GPUs of its own for each run -----------------------------------------------------
+
+def test_runs_at_once_get_gpus_of_their_own_and_wait_for_them():
+    import threading
+
+    from trainer.jobs import JobCancelled
+    from trainer.processes import GpuPool
+
+    pool, never = GpuPool(), lambda: None
+    with pool.hold(2, 4, never) as first, pool.hold(2, 4, never) as second:
+        assert sorted(first + second) == [0, 1, 2, 3]
+        got, started = [], threading.Event()
+
+        def third():
+            started.set()
+            with pool.hold(2, 4, never) as gpus:
+                got.append(gpus)
+
+        waiting = threading.Thread(target=third)
+        waiting.start()
+        started.wait()
+        waiting.join(1.5)
+        assert waiting.is_alive() and not got  # all four are held
+
+        def cancelled():
+            raise JobCancelled("Cancelled.")
+        with pytest.raises(JobCancelled), pool.hold(1, 4, cancelled):
+            pass  # a cancelled run stops waiting, holding nothing
+    waiting.join(5)
+    assert len(got) == 1 and len(set(got[0])) == 2  # once they are released, the waiting run takes two
+
+
+def test_a_run_sees_only_its_gpus_numbered_as_the_worker_sees_them(monkeypatch, tmp_path):
+    from trainer.jobs import JobContext
+    from trainer.processes import launch_environment, visible_devices
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_devices([1, 3]) == "1,3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert visible_devices([1, 3]) == "5,7"
+    ctx = JobContext(job_id=1, kind=JobKind.train_reward, params={}, settings=Settings(data_dir=tmp_path))
+    assert launch_environment(ctx, cpu=False, gpus=[0, 2])["CUDA_VISIBLE_DEVICES"] == "4,6"
+    assert launch_environment(ctx, cpu=True)["CUDA_VISIBLE_DEVICES"] == ""

@@ -17,6 +17,8 @@ environment, and watches it:
   memory): every process left is stopped and the job fails with the first
   process's error, or the tail of the run's output when none wrote one;
 - it exits 0: rank 0's result and model become the job's.
+On a GPU worker each run takes GPUs of its own from the worker's (GPUS; a run waits
+while runs going on at once hold them) and sees only those (CUDA_VISIBLE_DEVICES).
 The launcher's training processes run in sessions of their own
 (torch.distributed.elastic starts them so); the watch keeps the ids of all the
 launcher's descendants so that none outlives the run, even when the launcher
@@ -33,7 +35,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -101,9 +106,45 @@ def launch_command(job_id: int, processes: int, outcome_dir: Path) -> list[str]:
             "-m", "trainer.job_process", "--job-id", str(job_id), "--outcome", str(outcome_dir)]
 
 
-def launch_environment(ctx: JobContext, *, cpu: bool) -> dict[str, str]:
-    """The worker's environment with its settings and database, and on CPU what `accelerate
-    launch --cpu` would set (gloo, no GPU), one thread per process."""
+class GpuPool:
+    """The worker's GPUs (indices 0..n-1 of those it sees) handed out to its multi-process runs, so
+    that runs going on at once (--concurrency above 1) each get GPUs of their own."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._busy: set[int] = set()
+
+    @contextmanager
+    def hold(self, count: int, available: int, check: Callable[[], None]) -> Iterator[list[int]]:
+        """`count` of the `available` GPUs for the duration, waiting while others hold them;
+        check() is called every second meanwhile (it raises to give up: JobCancelled)."""
+        with self._changed:
+            while len(free := [i for i in range(available) if i not in self._busy]) < count:
+                self._changed.wait(timeout=1.0)
+                check()
+            taken = free[:count]
+            self._busy.update(taken)
+        try:
+            yield taken
+        finally:
+            with self._changed:
+                self._busy.difference_update(taken)
+                self._changed.notify_all()
+
+
+GPUS = GpuPool()
+
+
+def visible_devices(indices: Sequence[int]) -> str:
+    """CUDA_VISIBLE_DEVICES for the worker's GPUs `indices`: numbered among those the worker
+    itself sees (its own CUDA_VISIBLE_DEVICES, when set, names them)."""
+    own = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return ",".join(own[i] if i < len(own) else str(i) for i in indices)
+
+
+def launch_environment(ctx: JobContext, *, cpu: bool, gpus: Sequence[int] = ()) -> dict[str, str]:
+    """The worker's environment with its settings and database; on CPU what `accelerate
+    launch --cpu` would set (gloo, no GPU), one thread per process; else the run's GPUs."""
     env = {**os.environ, **ctx.settings.environment(),
            "DATABASE_URL": get_engine().url.render_as_string(hide_password=False),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
@@ -111,6 +152,8 @@ def launch_environment(ctx: JobContext, *, cpu: bool) -> dict[str, str]:
     if cpu:
         env |= {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
         env.setdefault("OMP_NUM_THREADS", "1")
+    elif gpus:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus)
     return env
 
 
@@ -186,12 +229,21 @@ def run_processes(ctx: JobContext, processes: int, devices: Devices) -> dict[str
         raise JobFailed(f"The run asks for {processes} processes; this worker has {what}.")
     # CPU processes where the worker has no GPU or the run's own device setting says so.
     cpu = not devices.uses_cuda or str(ctx.params.get("config", {}).get("device") or "auto") == "cpu"
+    if cpu:
+        return _run_group(ctx, processes, launch_environment(ctx, cpu=True))
+    with GPUS.hold(processes, len(devices.cuda), ctx.check_cancelled) as gpus:
+        log.info("job %s: GPUs %s", ctx.job_id, visible_devices(gpus))
+        return _run_group(ctx, processes, launch_environment(ctx, cpu=False, gpus=gpus))
+
+
+def _run_group(ctx: JobContext, processes: int, env: dict[str, str]) -> dict[str, Any]:
+    """Launch the processes with `env`, watch them to their end and read their outcome."""
     outcome_dir = Path(tempfile.mkdtemp(prefix=f"rlhf-job-{ctx.job_id}-"))
     output = outcome_dir / "output.log"
     try:
         with output.open("wb") as sink:
             proc = subprocess.Popen(launch_command(ctx.job_id, processes, outcome_dir), cwd=ROOT,
-                                    env=launch_environment(ctx, cpu=cpu), stdin=subprocess.DEVNULL,
+                                    env=env, stdin=subprocess.DEVNULL,
                                     stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         group = ProcessGroup(proc)
         log.info("job %s: %d processes launched (launcher pid %d)", ctx.job_id, processes, proc.pid)
