@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: the trainer's tests and the benchmarks on CUDA, in at most 8
-# minutes (the steps' limits add up to 7 min 50 s). Run it on any machine with an NVIDIA GPU after `scripts/setup.sh`
+# minutes (the steps' limits add up to 8 min). Run it on any machine with an NVIDIA GPU after `scripts/setup.sh`
 # (or with PYTHON naming an interpreter that has the project's packages):
 #
 #     scripts/gpu-check.sh [MODEL_DIR]
@@ -48,12 +48,14 @@ step "trainer tests on CUDA" 180 "$PY" -m pytest -q -m "not slow" -p no:cachepro
   tests/test_vllm_engine.py
 step "memory: estimate vs measured peak" 60 "$PY" -m bench.memory --device cuda --model "$MODEL" \
   --runs sft:8:512,reward:4:512,sft:8:512:16
-step "generation: batched vs one at a time" 60 "$PY" bench/generate.py --device cuda --model "$MODEL" --prompts 16 --max-new-tokens 32
+step "generation: batched vs one at a time" 45 "$PY" bench/generate.py --device cuda --model "$MODEL" --prompts 16 --max-new-tokens 32
 step "reward model: ours vs TRL" 50 "$PY" -m bench.reward --device cuda --model "$MODEL" --groups 64
-step "PPO: where the time goes (transformers rollouts)" 60 "$PY" -m bench.ppo --device cuda --model "$MODEL" \
+step "scoring stored responses: prompts batched vs one at a time" 25 "$PY" -m bench.scoring --device cuda \
+  --model "$MODEL" --prompts 64
+step "PPO: where the time goes (transformers rollouts)" 55 "$PY" -m bench.ppo --device cuda --model "$MODEL" \
   --batch-size 16 --max-new-tokens 64 --steps 4 --rollout-engine transformers
 if "$PY" -c "import vllm" 2>/dev/null; then
-  step "PPO: where the time goes (vLLM rollouts)" 60 "$PY" -m bench.ppo --device cuda --model "$MODEL" \
+  step "PPO: where the time goes (vLLM rollouts)" 55 "$PY" -m bench.ppo --device cuda --model "$MODEL" \
     --batch-size 16 --max-new-tokens 64 --steps 4 --rollout-engine vllm
 else
   echo; echo "==> PPO with vLLM rollouts: skipped (vLLM is not installed)"
