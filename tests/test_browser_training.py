@@ -19,6 +19,19 @@ from tests.workers import workers  # noqa: F401 (fixture)
 pytestmark = pytest.mark.browser
 
 
+def start_run(page, live_server: str, settings: dict[str, str], shot: str, *, name: str | None = None) -> None:
+    """Fill the run form's settings (and the run's name), screenshot the form, start the run and
+    land on its job page."""
+    for field, value in settings.items():
+        page.fill(f"input[name={field}]", value)
+    if name is not None:
+        page.fill("input[name=name]", name)
+    screenshot(page, shot)
+    page.evaluate("() => window.scrollTo(0, 0)")  # the full-page screenshot leaves the page scrolled oddly
+    page.click("#run-start")
+    page.wait_for_url(f"{live_server}/jobs/*")
+
+
 def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_model_dir):  # noqa: F811
     with session_scope() as s:
         make_user(s, role=Role.engineer, username="eng")
@@ -44,13 +57,8 @@ def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_
     page.click("#run-start")
     page.wait_for_selector("#run-error")
     assert "must be 1..100" in page.inner_text("#run-form")
-    for name, value in {"epochs": "3", "learning_rate": "0.001", "batch_size": "4", "max_length": "96",
-                        "warmup_ratio": "0"}.items():
-        page.fill(f"input[name={name}]", value)
-    page.fill("input[name=name]", "tiny RM")
-    screenshot(page, "reward_form")
-    page.click("#run-start")
-    page.wait_for_url(f"{live_server}/jobs/*")
+    start_run(page, live_server, {"epochs": "3", "learning_rate": "0.001", "batch_size": "4", "max_length": "96",
+                                  "warmup_ratio": "0"}, "reward_form", name="tiny RM")
     # The curves fill in while it runs, without a reload.
     page.wait_for_selector("canvas[data-metric=loss]", timeout=120_000)
     page.wait_for_selector("#job-state:has-text('succeeded')", timeout=180_000)
@@ -78,13 +86,8 @@ def test_reward_model_then_ppo_then_next_round(live_server, page, workers, tiny_
     page.click("nav >> text=PPO")
     page.select_option("select[name=reward_model_id]", label="tiny RM (reward)")
     page.check(f"input[name=prompt_set_ids][value='{set_id}']")
-    for name, value in {"steps": "2", "batch_size": "4", "mini_batch_size": "2", "ppo_epochs": "1",
-                        "learning_rate": "0.0001", "max_new_tokens": "8"}.items():
-        page.fill(f"input[name={name}]", value)
-    page.fill("input[name=name]", "tiny policy")
-    screenshot(page, "ppo_form")
-    page.click("#run-start")
-    page.wait_for_url(f"{live_server}/jobs/*")
+    start_run(page, live_server, {"steps": "2", "batch_size": "4", "mini_batch_size": "2", "ppo_epochs": "1",
+                                  "learning_rate": "0.0001", "max_new_tokens": "8"}, "ppo_form", name="tiny policy")
     page.wait_for_selector("#job-state:has-text('succeeded')", timeout=180_000)
     page.wait_for_selector("canvas[data-metric=kl]")
     screenshot(page, "ppo_job_curves")
@@ -134,13 +137,8 @@ def test_dpo_and_best_of_n_from_the_dashboard_then_a_best_of_n_round(live_server
     page.wait_for_selector("#run-form")
     page.check(f"input[name=prompt_set_ids][value='{set_id}']")
     page.select_option("select[name=include_imported]", "no")
-    for name, value in {"epochs": "1", "batch_size": "4", "learning_rate": "0.0001", "max_length": "96",
-                        "validation_samples": "2", "max_new_tokens": "8"}.items():
-        page.fill(f"input[name={name}]", value)
-    page.fill("input[name=name]", "tiny DPO")
-    screenshot(page, "dpo_form")
-    page.click("#run-start")
-    page.wait_for_url(f"{live_server}/jobs/*")
+    start_run(page, live_server, {"epochs": "1", "batch_size": "4", "learning_rate": "0.0001", "max_length": "96",
+                                  "validation_samples": "2", "max_new_tokens": "8"}, "dpo_form", name="tiny DPO")
     page.wait_for_selector("#job-state:has-text('succeeded')", timeout=180_000)
     page.goto(f"{live_server}/")
     page.locator("#policy-methods a[href='/training/dpo']").click()
@@ -155,12 +153,8 @@ def test_dpo_and_best_of_n_from_the_dashboard_then_a_best_of_n_round(live_server
     page.select_option("select[name=reward_model_id]", label="tiny RM (reward, default)")
     page.check(f"input[name=prompt_set_ids][value='{set_id}']")
     page.select_option("select[name=use]", "report")
-    for name, value in {"n": "4", "max_new_tokens": "8", "max_prompts": "3", "batch_size": "8"}.items():
-        page.fill(f"input[name={name}]", value)
-    screenshot(page, "best_of_n_form")
-    page.evaluate("() => window.scrollTo(0, 0)")  # the full-page screenshot leaves the page scrolled oddly
-    page.click("#run-start")
-    page.wait_for_url(f"{live_server}/jobs/*")
+    start_run(page, live_server, {"n": "4", "max_new_tokens": "8", "max_prompts": "3", "batch_size": "8"},
+              "best_of_n_form")
     page.wait_for_selector("#job-state:has-text('succeeded')", timeout=180_000)
     page.goto(f"{live_server}/training/best-of-n")
     row = page.locator("#runs tbody tr").first

@@ -13,15 +13,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from app.config import Settings
-from app.db.base import utcnow
-from app.db.enums import JobKind, JobStatus, ModelKind, PromptSetKind, Role, Split
+from app.db.enums import JobKind, JobStatus, ModelKind, Role
 from app.db.models import Job, JobMetric, Model, ModelSample, WorkerDevices
 from app.db.session import new_session
-from app.services import demonstrations as demos
 from app.services import jobs, training, worker_devices
 from app.services.errors import Invalid
 from tests.conftest import TEST_PASSWORD, csrf_of_page, login
-from tests.factories import add_prompt, make_model, make_prompt_set, make_user, ranked_set
+from tests.factories import demonstration_set, make_model, make_user, ranked_set
 from tests.workers import load_job, wait_for, workers  # noqa: F401 - the fixture
 
 # Tiny steps; no learning curve (it would train extra models).
@@ -149,14 +147,8 @@ def test_a_two_process_sft_run_registers_its_model_and_samples_once(workers, com
     with new_session() as session:
         admin = make_user(session, role=Role.admin)
         base = make_model(session, tiny_model_dir, name="tiny-base")
-        s = make_prompt_set(session, kind=PromptSetKind.demonstration, name="demos")
-        for i in range(8):
-            add_prompt(session, s, f"Question {i}: what colour is the sky?",
-                       split=Split.validation if i >= 6 else Split.train)
-        session.commit()
-        lines = "\n".join(f'{{"prompt": "Question {i}: what colour is the sky?", "response": "Blue."}}'
-                          for i in range(8))
-        demos.import_demonstrations(session, prompt_set=s, data=lines, user=admin, now=utcnow())
+        s = demonstration_set(session, admin, prompts=8, validation=2, question="Question {i}: what colour is the sky?",
+                              answer="Blue.")
         start_worker(workers)
         job = training.start_sft_job(session, user_id=admin.id, base_model_id=base.id, prompt_set_ids=[s.id],
                                      values={"epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "max_length": 96},

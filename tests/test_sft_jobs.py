@@ -4,16 +4,17 @@ prompts', progress and curves reach the job, the result is registered as an SFT 
 from sqlalchemy import select
 
 from app.config import Settings
-from app.db.base import utcnow
-from app.db.enums import DemonstrationStatus, JobStatus, ModelKind, PromptSetKind, Role, Split
+from app.db.enums import DemonstrationStatus, JobStatus, ModelKind, Role, Split
 from app.db.models import Demonstration, Job, JobMetric, Model
 from app.db.session import new_session
 from app.services import demonstrations as demos
 from app.services import models, training
 from app.services.prompt_sets import GENERATOR_KINDS
-from tests.factories import add_prompt, make_prompt_set, make_user
+from tests.factories import add_prompt, demonstration_set, make_user
 from trainer.sft_job import split_examples
 from trainer.worker import execute_job
+
+SKY = "Question {i}: what colour is the sky?"
 
 
 def item(prompt_id: int, split: Split, text: str = "q") -> demos.AcceptedDemonstration:
@@ -36,14 +37,7 @@ def test_train_sft_job_trains_on_accepted_demonstrations_and_registers_an_sft_mo
         admin, alice = make_user(session, role=Role.admin), make_user(session)
         base = Model(name="tiny-base", kind=ModelKind.sft, path=str(tiny_model_dir), source="test")
         session.add(base)
-        s = make_prompt_set(session, kind=PromptSetKind.demonstration, name="demos")
-        for i in range(6):
-            add_prompt(session, s, f"Question {i}: what colour is the sky?",
-                       split=Split.validation if i >= 4 else Split.train)
-        session.commit()
-        lines = "\n".join(f'{{"prompt": "Question {i}: what colour is the sky?", "response": "Blue."}}'
-                          for i in range(6))
-        demos.import_demonstrations(session, prompt_set=s, data=lines, user=admin, now=utcnow())
+        s = demonstration_set(session, admin, prompts=6, validation=2, question=SKY, answer="Blue.")
         # A labeler's demonstrations that are not accepted never reach training.
         for status in (DemonstrationStatus.submitted, DemonstrationStatus.rejected, DemonstrationStatus.draft):
             prompt = add_prompt(session, s, f"Not accepted: {status.value}")
@@ -75,8 +69,7 @@ def test_train_sft_job_trains_on_accepted_demonstrations_and_registers_an_sft_mo
         assert not any(name == "total_steps" for name, _ in curves)
         # The parent and the new model answered the same validation prompts, kept side by side.
         pairs = models.side_by_side(session, model.id)
-        assert [p.messages[0]["content"] for p in pairs][:2] == [f"Question {i}: what colour is the sky?"
-                                                                for i in (4, 5)]
+        assert [p.messages[0]["content"] for p in pairs][:2] == [SKY.format(i=i) for i in (4, 5)]
         assert all(p.before is not None and p.after is not None and p.after.reward is None for p in pairs)
         # The new model can generate: it is offered as a base model and as a generator.
         assert model.id in [m.id for m in models.models_of(session, GENERATOR_KINDS)]

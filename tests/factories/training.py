@@ -2,6 +2,8 @@
 better), in the database: what the reward-model and PPO jobs read; and a small demonstration
 set, what an SFT run reads."""
 
+import json
+
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -26,14 +28,16 @@ def ranked_set(session: Session, labeler: User, *, prompts: int = 24, k: int = 4
     return prompt_set
 
 
-def demonstration_set(session: Session, author: User, *, prompts: int = 3) -> PromptSet:
-    """A demonstration set of `prompts` questions ("Question i?"), each answered by `author`
-    through the import (committed)."""
+def demonstration_set(session: Session, author: User, *, prompts: int = 3, validation: int = 0,
+                      question: str = "Question {i}?", answer: str = "Answer {i}.") -> PromptSet:
+    """A demonstration set of `prompts` questions (`question` formatted with i), the last
+    `validation` of them in the validation split, each answered (`answer`) by `author` through
+    the import (committed)."""
     prompt_set = make_prompt_set(session, kind=PromptSetKind.demonstration)
     for i in range(prompts):
-        add_prompt(session, prompt_set, f"Question {i}?")
+        add_prompt(session, prompt_set, question.format(i=i),
+                   split=Split.validation if i >= prompts - validation else Split.train)
     session.commit()
-    demos.import_demonstrations(session, prompt_set=prompt_set, user=author, now=utcnow(),
-                                data="\n".join(f'{{"prompt": "Question {i}?", "response": "Answer {i}."}}'
-                                               for i in range(prompts)))
+    lines = [json.dumps({"prompt": question.format(i=i), "response": answer.format(i=i)}) for i in range(prompts)]
+    demos.import_demonstrations(session, prompt_set=prompt_set, user=author, now=utcnow(), data="\n".join(lines))
     return prompt_set
