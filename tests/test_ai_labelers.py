@@ -221,7 +221,8 @@ def test_pre_annotation_is_shown_on_a_fixed_half_and_records_shown_and_changed(s
         ranks = dict(zip(order, [1, 2, 3] if keep else [3, 2, 1]))
         result = annotations.submit_annotation(
             session, user=labeler, task_id=lease.task.id, ratings=dict.fromkeys(order, 4), ranks=ranks,
-            idempotency_key=f"prefill-key-{n}", time_spent_s=10 if annotations.prefill_arm(lease.task.id) else 20)
+            idempotency_key=f"prefill-key-{n}", time_spent_s=10 if annotations.prefill_arm(lease.task.id) else 20,
+            prefill_offered=True)  # as the labeling page submits
         stored[lease.task.id] = (result.annotation.id, keep)
     for task_id, (annotation_id, keep) in stored.items():
         annotation = session.get(Annotation, annotation_id)
@@ -257,6 +258,31 @@ def test_pre_annotation_is_shown_on_a_fixed_half_and_records_shown_and_changed(s
     assert fresh.pre_annotator == "pre-ai-2"
     assert (fresh.shown.annotations, fresh.hidden.annotations, fresh.shown.ai_pairs) == (0, 0, 0)
     assert session.get(Annotation, stored[task_id][0]).prefill_user_id == ai.id
+
+
+def test_an_api_submission_is_no_evidence_for_the_pre_annotation_study(session, client):
+    rm = make_model(session, "models/rm", kind=ModelKind.reward)
+    ai = ai_labelers.create_ai_labeler(session, username="pre-ai-api", judge_model_id=rm.id)
+    labeler = make_user(session)
+    prompt_set = make_prompt_set(session, k=2, overlap=1)
+    task = next(t for t in (make_task(session, prompt_set) for _ in range(8)) if annotations.prefill_arm(t.id))
+    for t in session.scalars(select(Task).where(Task.prompt_set_id == prompt_set.id)):
+        ai_labelers.store_ranking(session, ai_user=ai, task_id=t.id, ranks=[1, 2], now=t.created_at)
+    session.commit()
+    ai_labelers.update_ai_settings(session, prompt_set_id=prompt_set.id, pre_annotator_id=ai.id)
+    client.headers["X-CSRF-Token"] = login(client, labeler)
+    while (nxt := client.get("/api/v1/label/next").json()["task"])["id"] != task.id:  # the shown half's task
+        ids = [r["id"] for r in nxt["responses"]]
+        client.post(f"/api/v1/label/{nxt['id']}", json={"idempotency_key": f"api-{nxt['id']}-key",
+                                                        "ratings": dict.fromkeys(map(str, ids), 4),
+                                                        "ranks": {str(ids[0]): 1, str(ids[1]): 2}})
+    ids = [r["id"] for r in nxt["responses"]]
+    done = client.post(f"/api/v1/label/{task.id}", json={"idempotency_key": "api-shown-key",
+                                                        "ratings": dict.fromkeys(map(str, ids), 4),
+                                                        "ranks": {str(ids[0]): 2, str(ids[1]): 1}})
+    assert done.status_code == 201, done.text
+    stored = session.scalar(select(Annotation).where(Annotation.task_id == task.id, Annotation.user_id == labeler.id))
+    assert (stored.prefill_shown, stored.prefill_changed, stored.prefill_user_id) == (None, None, None)
 
 
 def test_a_set_without_pre_annotation_records_nothing(session):

@@ -99,7 +99,7 @@ def submit(request: Request, session: SessionDep, user: LabelerUser, settings: S
             session, user=user, task_id=task_id, ratings=form.ratings, ranks=form.ranks, flags=form.flags,
             prompt_flags=form.prompt_flags, comment=form.comment, time_spent_s=form.time_spent_s(now),
             idempotency_key=form.idempotency_key, vote=form.vote, strength=form.strength,
-            all_bad=form.all_bad, all_bad_reason=form.all_bad_reason,
+            all_bad=form.all_bad, all_bad_reason=form.all_bad_reason, prefill_offered=True,
         )
     except Invalid as exc:
         task = assignment.labeler_task(session, user=user, task_id=task_id)

@@ -496,7 +496,7 @@ def submit_annotation(
     ranks: Mapping[Any, Any] | None, flags: Mapping[Any, Iterable[str]] | None = None,
     prompt_flags: Iterable[str] | None = None, comment: str | None = "", time_spent_s: Any = None,
     idempotency_key: str | None, now: datetime | None = None, vote: Any = None, strength: Any = None,
-    all_bad: Any = False, all_bad_reason: Any = None,
+    all_bad: Any = False, all_bad_reason: Any = None, prefill_offered: bool = False,
 ) -> Submission:
     """Store the labeler's annotation of a task they hold a live lease on, with its
     ratings and comparisons, in one transaction. A retry with the same key returns
@@ -525,7 +525,9 @@ def submit_annotation(
     now = hold.now
     clean = clean_any(task, ratings=ratings, ranks=ranks, vote=vote, strength=strength, flags=flags,
                       prompt_flags=prompt_flags, comment=comment, all_bad=all_bad, all_bad_reason=all_bad_reason)
-    shown, changed = prefill_outcome(session, task, clean)
+    # The pre-annotation study counts submissions from the labeling page, which offers the pre-fill
+    # (prefill_offered); the API never shows it, so its submissions are no evidence either way.
+    shown, changed = prefill_outcome(session, task, clean) if prefill_offered else (None, None)
     prefill_user_id = task.prompt_set.pre_annotator_id if shown is not None else None
     annotation = Annotation(
         task_id=task_id, user_id=user.id, time_spent_s=clamp_time_spent(time_spent_s),
