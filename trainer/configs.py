@@ -312,7 +312,8 @@ class DPOConfig:
     seed: int = setting(0, ge=0, le=2**31 - 1)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda ...
     mixed_precision: bool = setting(True, label="Mixed precision", help="bf16 on CUDA")
-    gradient_checkpointing: str = gradient_checkpointing_setting()
+    # No gradient checkpointing: the policy runs in eval mode (no dropout), where transformers does not
+    # checkpoint, and the responses read the prompt's cached keys and values, which checkpointing drops.
     adam_8bit: bool = adam_8bit_setting()
     strategy: str = strategy_setting()
     # 0: full fine-tuning; > 0: LoRA (needs peft); with the policy's own weights as reference, the reference
@@ -336,7 +337,6 @@ class DPOConfig:
             "max_new_tokens": self.max_new_tokens >= 1,
             "temperature": self.temperature > 0,
             "lora_r": self.lora_r >= 0,
-            "gradient_checkpointing": self.gradient_checkpointing in CHECKPOINTING,
             "strategy": self.strategy in STRATEGIES,
         }, "DPO")
 

@@ -129,12 +129,6 @@ class Runtime:
         dist.all_reduce(t)
         return t.tolist()
 
-    def mean(self, values: Sequence[float]) -> list[float]:
-        """Elementwise means over the processes."""
-        if not self.distributed:
-            return list(values)
-        return [v / self.world for v in self.sum(values)]
-
     def gather(self, obj: Any) -> list[Any]:
         """Every process's obj, in rank order (picklable objects; [obj] in one process)."""
         if not self.distributed:

@@ -36,6 +36,7 @@ prompts), and the KL from the reference of samples drawn on validation
 prompts (per response, summed over tokens, at the sampling temperature).
 """
 
+import functools
 import inspect
 import logging
 import time
@@ -56,6 +57,7 @@ from trainer.common import (
     encode_response,
     generate_exactly,
     lr_lambda,
+    make_adamw,
     pad_left,
     pad_right,
     position_ids_from,
@@ -157,6 +159,12 @@ def _parts(model):
     return core.base_model, core.get_output_embeddings()
 
 
+@functools.cache
+def _cache_keyword(backbone: type) -> str:
+    """Later transformers 5 releases take the cache as `cache` (past_key_values deprecated), earlier ones not."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
 def ranking_logprobs(model, groups: list[Encoded], pad_id: int, device: torch.device,
                      mixed_precision: bool = False) -> torch.Tensor:
     """Sum of the response tokens' log-probabilities of every response of the rankings, one
@@ -171,8 +179,7 @@ def ranking_logprobs(model, groups: list[Encoded], pad_id: int, device: torch.de
     N, R = ids.shape
     backbone, head = _parts(model)
     cache = DynamicCache(config=backbone.config)
-    # later transformers 5 releases take the cache as `cache` (past_key_values deprecated), earlier ones not
-    passing = {"cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values": cache}
+    passing = {_cache_keyword(type(backbone)): cache}
     with autocast(device, mixed_precision):
         prompts = backbone(input_ids=prompt_ids, attention_mask=prompt_mask,
                            position_ids=position_ids_from(prompt_mask), use_cache=True, **passing)
@@ -282,8 +289,8 @@ def train_dpo(
     total_steps = steps_per_epoch * config.epochs
 
     def make_optimizer() -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
-                                 weight_decay=config.weight_decay)
+        return make_adamw([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                          weight_decay=config.weight_decay, adam_8bit=config.adam_8bit, device=device)
 
     optimizer = rt.prepare({"policy": policy}, make_optimizer, max_grad_norm=config.max_grad_norm)
     params = [p for p in policy.parameters() if p.requires_grad]

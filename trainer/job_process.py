@@ -50,6 +50,15 @@ def _write(directory: Path, rank: int, outcome: dict[str, Any]) -> None:
     path.with_suffix(".tmp").replace(path)  # whole or absent when the worker reads it
 
 
+def running(process: psutil.Process) -> bool:
+    """Still running: not ended, not a zombie (is_running compares the start time too, so a new
+    process given the same id is not this one)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def exit_with_the_worker(pid: int) -> None:
     """Exit this process (status 1) as soon as the worker with this pid is gone."""
     try:
@@ -57,14 +66,8 @@ def exit_with_the_worker(pid: int) -> None:
     except psutil.NoSuchProcess:
         os._exit(1)
 
-    def alive() -> bool:
-        try:  # is_running compares the start time too: a new process given the id is not the worker
-            return worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
     def watch() -> None:
-        while alive():
+        while running(worker):
             time.sleep(WORKER_WATCH_S)
         log.warning("the worker (pid %d) that launched this run is gone: stopping", pid)
         os._exit(1)

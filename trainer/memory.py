@@ -283,7 +283,7 @@ def run_of(kind: str, config: Any, *, responses: int = 2, dtype: str = "fp32", s
     responses: how many responses each ranking holds (reward model, DPO). parameters: the model's size, for
     gradient checkpointing's "auto"."""
     get = config.get if isinstance(config, Mapping) else lambda name, default=None: getattr(config, name, default)
-    checkpointing = get("gradient_checkpointing", "auto")
+    checkpointing = get("gradient_checkpointing", "off" if kind == "dpo" else "auto")  # DPO does not checkpoint
     if checkpointing == "auto":
         checkpointing = parameters is not None and parameters > CHECKPOINTING_ABOVE
     common = dict(kind=kind, dtype=dtype, strategy=strategy, devices=devices, lora_r=int(get("lora_r", 0)),

@@ -47,7 +47,7 @@ from typing import Any
 import psutil
 
 from app.db.session import get_engine
-from trainer.job_process import outcome_path
+from trainer.job_process import outcome_path, running
 from trainer.jobs import JobCancelled, JobContext, JobFailed
 
 log = logging.getLogger(__name__)
@@ -174,16 +174,12 @@ class ProcessGroup:
         for p in found:
             self.known.setdefault(p.pid, p)
 
-    def pids(self) -> list[int]:
-        """Ids of the run's processes still running (the launcher's own included)."""
-        return [pid for pid, p in self.known.items() if _running(p)]
-
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM to every process of the run (the launcher's process group and the training
         processes in their own sessions), SIGKILL to those left after grace_s; waits for them all."""
         self.refresh()
         self._signal_group(signal.SIGTERM)
-        others = [p for pid, p in self.known.items() if pid != self.proc.pid and _running(p)]
+        others = [p for pid, p in self.known.items() if pid != self.proc.pid and running(p)]
         for p in others:
             _signal(p, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -205,13 +201,6 @@ class ProcessGroup:
                 os.killpg(self.proc.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _signal(p: psutil.Process, sig: int) -> None:

@@ -250,8 +250,7 @@ def evaluate_loss(model, examples: list[Tokenised], pad_id: int, device: torch.d
             total += nll
             tokens += batch.tokens
     model.train(was_training)
-    if rt is not None:
-        total, tokens = rt.sum([total, tokens])
+    total, tokens = rt.sum([total, tokens])
     return total / max(1, tokens)
 
 

@@ -44,7 +44,6 @@ def _detail_context(session, prompt_set: PromptSet, **extra: Any) -> dict[str, A
         "ai_labelers": ai_labelers.list_ai_labelers(session, active_only=True), "ai_scopes": ai_labelers.SCOPES,
         "ai_form": {"principles": prompt_set.principles, "pre_annotator_id": str(prompt_set.pre_annotator_id or "")},
         "order": active_learning.order_summary(session, prompt_set),
-        "reward_models": active_learning.reward_models(session),
         "order_form": {"task_order": prompt_set.task_order.value,
                        "order_model_id": str(prompt_set.order_model_id or "")},
     }

@@ -229,9 +229,3 @@ def order_summary(session: Session, prompt_set: PromptSet, *, limit: int = SCORE
                          .order_by(Job.id.desc()).limit(1))
     return OrderSummary(prompt_set.task_order, prompt_set.order_model, scoring_model(session, prompt_set),
                         open_tasks, scored, lowest, job)
-
-
-def reward_models(session: Session) -> list[Model]:
-    """The reward models a set may order by, newest first."""
-    return list(session.scalars(select(Model).where(Model.kind == ModelKind.reward)
-                                .order_by(Model.created_at.desc(), Model.id.desc())))
